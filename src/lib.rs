@@ -1,2 +1,4 @@
 pub mod config;
 pub mod diagnostic;
+pub mod intake_log;
+pub mod metrics;

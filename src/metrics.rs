@@ -1,0 +1,196 @@
+//! Every metric Sluice exports, in one place, with its name, help and labels.
+//!
+//! Label values come from small, fixed sets (routes, outcomes, internal consumer names) or from
+//! configuration (source names); never from request data such as write keys, user ids or event
+//! names. Stages receive the part they update; gauges that describe state (log size, lag) are
+//! read from their owners when `/metrics` is scraped.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The HTTP routes, as a label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Route {
+    Track,
+    Identify,
+    Page,
+    Screen,
+    Group,
+    Alias,
+    Batch,
+    Settings,
+    Preflight,
+    Ops,
+    Other,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Route,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Route,
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// Durably in the log, to be stored and forwarded.
+    Accepted,
+    /// Broke the field rules; durably in the log, marked for the quarantine.
+    Rejected,
+    /// A messageId already accepted within the dedup window; acknowledged, not stored again.
+    Duplicate,
+    /// Refused with 429.
+    RateLimited,
+    /// Refused with 503: the log could not take it.
+    Unavailable,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    pub source: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub consumer: String,
+}
+
+/// Metrics of the HTTP edge and the messages it takes in.
+pub struct IngestMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub messages: Family<MessageLabels, Counter>,
+}
+
+/// Metrics the intake log updates as it writes.
+pub struct LogMetrics {
+    pub fsyncs: Counter,
+    pub fsync_seconds: Histogram,
+    pub group_records: Histogram,
+    pub appended_records: Counter,
+    pub appended_bytes: Counter,
+    pub write_errors: Counter,
+}
+
+/// Metrics read from their owners at scrape time.
+#[derive(Default)]
+pub struct StateGauges {
+    pub log_bytes: Gauge,
+    pub log_segments: Gauge,
+    pub log_end_offset: Gauge,
+    pub consumer_lag: Family<ConsumerLabels, Gauge>,
+    pub dedup_ids: Gauge,
+}
+
+#[derive(Default)]
+pub struct DedupMetrics {
+    pub evicted: Counter,
+}
+
+pub struct Metrics {
+    pub ingest: IngestMetrics,
+    pub log: LogMetrics,
+    pub dedup: DedupMetrics,
+    pub state: StateGauges,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~13 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+}
+
+impl Default for LogMetrics {
+    fn default() -> Self {
+        LogMetrics {
+            fsyncs: Counter::default(),
+            fsync_seconds: latency_histogram(),
+            group_records: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            appended_records: Counter::default(),
+            appended_bytes: Counter::default(),
+            write_errors: Counter::default(),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            ingest: IngestMetrics {
+                requests: Family::default(),
+                request_seconds: Family::new_with_constructor(latency_histogram),
+                messages: Family::default(),
+            },
+            log: LogMetrics::default(),
+            dedup: DedupMetrics::default(),
+            state: StateGauges::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// A registry that exposes these metrics under their public names.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("sluice");
+        let i = &self.ingest;
+        r.register("http_requests", "HTTP requests by route and status code", i.requests.clone());
+        r.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            i.request_seconds.clone(),
+        );
+        r.register(
+            "ingest_messages",
+            "Messages received, by source and what became of them",
+            i.messages.clone(),
+        );
+        let l = &self.log;
+        r.register("log_fsyncs", "Group commits (one fsync each) of the intake log", l.fsyncs.clone());
+        r.register(
+            "log_fsync_duration_seconds",
+            "Time to write and fsync one group commit",
+            l.fsync_seconds.clone(),
+        );
+        r.register(
+            "log_group_commit_records",
+            "Records made durable by one fsync",
+            l.group_records.clone(),
+        );
+        r.register("log_appended_records", "Records appended to the intake log", l.appended_records.clone());
+        r.register("log_appended_bytes", "Bytes appended to the intake log", l.appended_bytes.clone());
+        r.register(
+            "log_write_errors",
+            "Failed writes or fsyncs of the intake log (nothing in a failed group was acknowledged)",
+            l.write_errors.clone(),
+        );
+        let s = &self.state;
+        r.register("log_size_bytes", "Bytes held by the intake log's segments", s.log_bytes.clone());
+        r.register("log_segments", "Segment files of the intake log", s.log_segments.clone());
+        r.register(
+            "log_end_offset",
+            "Offset the next durable record of the intake log will get",
+            s.log_end_offset.clone(),
+        );
+        r.register(
+            "log_consumer_lag_records",
+            "Records of the intake log that a consumer has not yet committed",
+            s.consumer_lag.clone(),
+        );
+        r.register("dedup_ids", "messageIds remembered for deduplication", s.dedup_ids.clone());
+        r.register(
+            "dedup_evicted",
+            "messageIds forgotten before their window ended, to keep memory bounded",
+            self.dedup.evicted.clone(),
+        );
+        r
+    }
+}
