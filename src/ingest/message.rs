@@ -1,0 +1,253 @@
+//! A Segment message as it arrives, read in one pass.
+//!
+//! The object fields (`properties`, `traits`, `context`, `integrations`) and any keys Sluice does
+//! not interpret stay raw JSON: they are checked to be well-formed but not taken apart, which keeps
+//! parsing cheap and passes them on byte for byte. Ids may arrive as strings or numbers (some SDKs
+//! send numeric user ids); numbers are kept as their text.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The six Segment message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageType {
+    Track,
+    Identify,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl MessageType {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "track" => Self::Track,
+            "identify" => Self::Identify,
+            "page" => Self::Page,
+            "screen" => Self::Screen,
+            "group" => Self::Group,
+            "alias" => Self::Alias,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Track => "track",
+            Self::Identify => "identify",
+            Self::Page => "page",
+            Self::Screen => "screen",
+            Self::Group => "group",
+            Self::Alias => "alias",
+        }
+    }
+}
+
+/// A message's fields as sent, before the field rules.
+#[derive(Debug, Default)]
+pub struct RawMessage {
+    pub kind: Option<String>,
+    pub message_id: Option<String>,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub group_id: Option<String>,
+    pub previous_id: Option<String>,
+    pub event: Option<String>,
+    pub name: Option<String>,
+    pub timestamp: Option<String>,
+    pub original_timestamp: Option<String>,
+    pub sent_at: Option<String>,
+    pub properties: Option<Box<RawValue>>,
+    pub traits: Option<Box<RawValue>>,
+    pub context: Option<Box<RawValue>>,
+    pub integrations: Option<Box<RawValue>>,
+    pub write_key: Option<String>,
+    /// Keys Sluice does not interpret (`channel`, `version`, `_metadata`, ...), kept as sent.
+    pub extra: Vec<(String, Box<RawValue>)>,
+}
+
+impl<'de> Deserialize<'de> for RawMessage {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(MessageVisitor)
+    }
+}
+
+struct MessageVisitor;
+
+impl<'de> Visitor<'de> for MessageVisitor {
+    type Value = RawMessage;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMessage, A::Error> {
+        let mut m = RawMessage::default();
+        while let Some(key) = map.next_key::<KeyName<'de>>()? {
+            let key = key.0;
+            match &*key {
+                "type" => m.kind = text(&mut map, "type")?,
+                "messageId" => m.message_id = id(&mut map, "messageId")?,
+                "userId" => m.user_id = id(&mut map, "userId")?,
+                "anonymousId" => m.anonymous_id = id(&mut map, "anonymousId")?,
+                "groupId" => m.group_id = id(&mut map, "groupId")?,
+                "previousId" => m.previous_id = id(&mut map, "previousId")?,
+                "event" => m.event = text(&mut map, "event")?,
+                "name" => m.name = text(&mut map, "name")?,
+                "timestamp" => m.timestamp = text(&mut map, "timestamp")?,
+                "originalTimestamp" => {
+                    m.original_timestamp = text(&mut map, "originalTimestamp")?
+                }
+                "sentAt" => m.sent_at = text(&mut map, "sentAt")?,
+                "properties" => m.properties = object(&mut map, "properties")?,
+                "traits" => m.traits = object(&mut map, "traits")?,
+                "context" => m.context = object(&mut map, "context")?,
+                "integrations" => m.integrations = object(&mut map, "integrations")?,
+                "writeKey" => m.write_key = text(&mut map, "writeKey")?,
+                // Set by the server; whatever the client says is dropped.
+                "receivedAt" => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                _ => {
+                    let value: Box<RawValue> = map.next_value()?;
+                    m.extra.retain(|(k, _)| k != &*key);
+                    m.extra.push((key.into_owned(), value));
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// A key, borrowed from the input when it has no escapes.
+struct KeyName<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for KeyName<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = KeyName<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(KeyName(v.into()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(KeyName(v.to_owned().into()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A string or null.
+fn text<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<String>, A::Error> {
+    map.next_value::<Option<String>>()
+        .map_err(|_| de::Error::custom(format!("`{field}` must be a string")))
+}
+
+/// A string, a number (kept as its text) or null.
+fn id<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<String>, A::Error> {
+    map.next_value::<Option<IdValue>>()
+        .map(|v| v.map(|v| v.0))
+        .map_err(|_| de::Error::custom(format!("`{field}` must be a string")))
+}
+
+/// An object or null; anything else is refused.
+fn object<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    field: &str,
+) -> Result<Option<Box<RawValue>>, A::Error> {
+    let raw: Box<RawValue> = map.next_value()?;
+    match raw.get().as_bytes().first() {
+        Some(b'{') => Ok(Some(raw)),
+        Some(b'n') => Ok(None),
+        _ => Err(de::Error::custom(format!("`{field}` must be an object"))),
+    }
+}
+
+struct IdValue(String);
+
+impl<'de> Deserialize<'de> for IdValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = IdValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IdValue, E> {
+                Ok(IdValue(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<IdValue, E> {
+                Ok(IdValue(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IdValue, E> {
+                Ok(IdValue(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IdValue, E> {
+                Ok(IdValue(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<IdValue, E> {
+                Ok(IdValue(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<RawMessage, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn reads_every_field_and_keeps_the_rest_raw() {
+        let m = parse(
+            r#"{"type":"track","event":"Signed Up","userId":42,"anonymousId":"a1",
+                "messageId":"m1","timestamp":"2026-01-01T00:00:00Z","properties":{"plan":"pro"},
+                "context":{"ip":"1.2.3.4"},"channel":"server","_metadata":{"x":[1,2]},
+                "receivedAt":"ignored","writeKey":"wk"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.kind.as_deref(), Some("track"));
+        assert_eq!(m.event.as_deref(), Some("Signed Up"));
+        assert_eq!(m.user_id.as_deref(), Some("42"));
+        assert_eq!(m.anonymous_id.as_deref(), Some("a1"));
+        assert_eq!(m.properties.unwrap().get(), r#"{"plan":"pro"}"#);
+        assert_eq!(m.write_key.as_deref(), Some("wk"));
+        let extra: Vec<(&str, &str)> = m.extra.iter().map(|(k, v)| (k.as_str(), v.get())).collect();
+        assert_eq!(extra, vec![("channel", "\"server\""), ("_metadata", r#"{"x":[1,2]}"#)]);
+    }
+
+    #[test]
+    fn null_fields_are_absent() {
+        let m = parse(r#"{"userId":null,"properties":null,"event":null}"#).unwrap();
+        assert!(m.user_id.is_none() && m.properties.is_none() && m.event.is_none());
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = parse(r#"{"properties":[1]}"#).unwrap_err().to_string();
+        assert!(e.contains("`properties` must be an object"), "{e}");
+        let e = parse(r#"{"userId":{"a":1}}"#).unwrap_err().to_string();
+        assert!(e.contains("`userId` must be a string"), "{e}");
+        let e = parse(r#"{"event":5}"#).unwrap_err().to_string();
+        assert!(e.contains("`event` must be a string"), "{e}");
+        assert!(parse("[1,2]").is_err());
+    }
+
+    #[test]
+    fn escaped_keys_are_read() {
+        let m = parse(r#"{"user\u0049d":"u1"}"#).unwrap();
+        assert_eq!(m.user_id.as_deref(), Some("u1"));
+    }
+}

@@ -1,0 +1,348 @@
+//! The ingest stage: turns one HTTP request body into durable intake-log records and a verdict.
+//!
+//! It owns the Segment contract that is not HTTP: the write key, the limits on messages and
+//! batches, the field rules, rate limits and dedup. It reads the body it is given (already
+//! decompressed and size-capped by the HTTP edge) and appends to the intake log; it knows nothing
+//! of sockets, headers or status codes (`crate::http` maps [`IngestError`] to those).
+//!
+//! Rejected messages are not dropped: they go to the log marked rejected, with their reason, for
+//! the quarantine. Nothing is acknowledged before the log has fsynced it.
+
+pub mod dedup;
+pub mod message;
+pub mod rate_limit;
+pub mod rules;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::clock::Clock;
+use crate::config::{Config, SourceConfig};
+use crate::entry::{Entry, Status};
+use crate::intake_log::{AppendError, IntakeLog, RecordBatch};
+use crate::metrics::{IngestMetrics, MessageLabels, Outcome};
+use dedup::Dedup;
+use message::{MessageType, RawMessage};
+use rate_limit::RateLimits;
+pub use rules::format_time;
+use rules::BatchDefaults;
+
+/// Segment's limits.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
+pub const MAX_REQUEST_BYTES: usize = 500 * 1024;
+pub const MAX_BATCH_MESSAGES: usize = 2500;
+
+/// Which limit a request broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Message,
+    Request,
+    BatchCount,
+}
+
+impl Limit {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Limit::Message => "message exceeds the 32 KB limit per message",
+            Limit::Request => "request exceeds the 500 KB limit per request (after decompression)",
+            Limit::BatchCount => "batch exceeds the limit of 2500 messages per batch",
+        }
+    }
+}
+
+/// What the request was: one message of a type fixed by its path, or a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Single(MessageType),
+    Batch,
+}
+
+/// One message that broke the field rules.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Rejection {
+    pub index: usize,
+    #[serde(rename = "messageId")]
+    pub message_id: Option<String>,
+    pub error: String,
+}
+
+/// The verdict on a request whose messages were looked at one by one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Durably accepted, duplicates included (they were accepted before).
+    pub accepted: usize,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("every message was rejected")]
+    AllRejected(Report),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{}", .0.describe())]
+    TooLarge(Limit),
+    #[error("{message}")]
+    RateLimited { retry_after: Duration, message: String },
+    #[error("{0}")]
+    Unavailable(AppendError),
+}
+
+pub struct Ingest {
+    sources: Vec<SourceConfig>,
+    limits: RateLimits,
+    dedup: Arc<Dedup>,
+    log: Arc<IntakeLog>,
+    metrics: Arc<IngestMetrics>,
+    clock: Clock,
+}
+
+/// The parts of a batch body Sluice reads; the messages stay raw until each is checked.
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+    #[serde(rename = "sentAt")]
+    sent_at: Option<String>,
+    context: Option<Map<String, Value>>,
+    integrations: Option<Map<String, Value>>,
+}
+
+/// A message on its way to the log.
+enum Verdict<'a> {
+    Accepted(rules::Message),
+    Rejected { raw: &'a [u8], message_id: Option<String>, reason: String },
+}
+
+impl Ingest {
+    pub fn new(
+        config: &Config,
+        dedup: Arc<Dedup>,
+        log: Arc<IntakeLog>,
+        metrics: Arc<IngestMetrics>,
+        clock: Clock,
+    ) -> Self {
+        Ingest {
+            sources: config.sources.clone(),
+            limits: RateLimits::new(&config.sources),
+            dedup,
+            log,
+            metrics,
+            clock,
+        }
+    }
+
+    fn source(&self, key: Option<&str>) -> Result<&SourceConfig, IngestError> {
+        let key = key
+            .filter(|k| !k.is_empty())
+            .ok_or(IngestError::Unauthorized("missing write key"))?;
+        self.sources
+            .iter()
+            .find(|s| s.write_key == key)
+            .ok_or(IngestError::Unauthorized("unknown write key"))
+    }
+
+    /// Checks, stores and answers one request. `basic_key` is the write key from HTTP Basic auth.
+    pub async fn handle(
+        &self,
+        shape: Shape,
+        body: &[u8],
+        basic_key: Option<&str>,
+    ) -> Result<Report, IngestError> {
+        let received_at = (self.clock)();
+        let (source, defaults, raws) = match shape {
+            Shape::Single(_) => {
+                if body.len() > MAX_MESSAGE_BYTES {
+                    return Err(IngestError::TooLarge(Limit::Message));
+                }
+                let raw: &RawValue = serde_json::from_slice(body)
+                    .map_err(|e| IngestError::Malformed(e.to_string()))?;
+                let body_key = if basic_key.is_none() { write_key_of(raw) } else { None };
+                let source = self.source(basic_key.or(body_key.as_deref()))?;
+                (source, BatchDefaults::default(), vec![raw])
+            }
+            Shape::Batch => {
+                let parsed: BatchBody = serde_json::from_slice(body)
+                    .map_err(|e| IngestError::Malformed(e.to_string()))?;
+                let source = self.source(basic_key.or(parsed.write_key.as_deref()))?;
+                let raws = parsed
+                    .batch
+                    .ok_or_else(|| IngestError::Malformed("`batch` is missing".into()))?;
+                if raws.len() > MAX_BATCH_MESSAGES {
+                    return Err(IngestError::TooLarge(Limit::BatchCount));
+                }
+                let sent_at = parsed.sent_at.as_deref().and_then(rules::parse_time);
+                let defaults = BatchDefaults {
+                    sent_at,
+                    context: parsed.context,
+                    integrations: parsed.integrations,
+                };
+                (source, defaults, raws)
+            }
+        };
+        let count = |outcome: Outcome, n: usize| {
+            if n > 0 {
+                self.metrics
+                    .messages
+                    .get_or_create(&MessageLabels {
+                        source: source.name.clone(),
+                        outcome,
+                    })
+                    .inc_by(n as u64);
+            }
+        };
+
+        if let Err(over) = self.limits.check(&source.name, raws.len()) {
+            count(Outcome::RateLimited, raws.len());
+            let message = if over.larger_than_burst {
+                format!("{} messages is more than this source's rate limit allows at once", raws.len())
+            } else {
+                "rate limit exceeded for this source".to_string()
+            };
+            return Err(IngestError::RateLimited {
+                retry_after: over.retry_after,
+                message,
+            });
+        }
+
+        let path_type = match shape {
+            Shape::Single(t) => Some(t),
+            Shape::Batch => None,
+        };
+        let verdicts: Vec<Verdict> = raws
+            .iter()
+            .map(|raw| check(raw, path_type, &defaults, received_at))
+            .collect();
+
+        let keys: Vec<Option<u64>> = verdicts
+            .iter()
+            .map(|v| match v {
+                Verdict::Accepted(m) if !m.message_id_generated => {
+                    Some(dedup::key(&source.name, &m.message_id))
+                }
+                _ => None,
+            })
+            .collect();
+        let (reservation, duplicate) = self.dedup.reserve(&keys, received_at, self.log.end());
+
+        let mut batch = RecordBatch::with_capacity(body.len() + verdicts.len() * 64);
+        let mut report = Report::default();
+        let mut duplicates = 0;
+        for (index, (verdict, dup)) in verdicts.into_iter().zip(duplicate).enumerate() {
+            match verdict {
+                Verdict::Accepted(_) if dup => duplicates += 1,
+                Verdict::Accepted(m) => {
+                    batch.push_with(|out| {
+                        Entry::encode(out, Status::Accepted, received_at, &source.name, &m.message_id, "", |out| {
+                            m.write_json(out)
+                        })
+                    });
+                    report.accepted += 1;
+                }
+                Verdict::Rejected { raw, message_id, reason } => {
+                    batch.push_with(|out| {
+                        Entry::encode(
+                            out,
+                            Status::Rejected,
+                            received_at,
+                            &source.name,
+                            message_id.as_deref().unwrap_or(""),
+                            &reason,
+                            |out| out.extend_from_slice(raw),
+                        )
+                    });
+                    report.rejected.push(Rejection {
+                        index,
+                        message_id,
+                        error: reason,
+                    });
+                }
+            }
+        }
+
+        let stored = report.accepted + report.rejected.len();
+        if let Err(e) = self.log.append(batch).await {
+            drop(reservation);
+            count(Outcome::Unavailable, stored + duplicates);
+            return Err(IngestError::Unavailable(e));
+        }
+        reservation.commit(received_at);
+        count(Outcome::Accepted, report.accepted);
+        count(Outcome::Duplicate, duplicates);
+        count(Outcome::Rejected, report.rejected.len());
+
+        report.accepted += duplicates;
+        if report.accepted == 0 && !report.rejected.is_empty() {
+            return Err(IngestError::AllRejected(report));
+        }
+        Ok(report)
+    }
+}
+
+/// Applies the size limit and the field rules to one raw message.
+fn check<'a>(
+    raw: &'a RawValue,
+    path_type: Option<MessageType>,
+    defaults: &BatchDefaults,
+    received_at: chrono::DateTime<chrono::Utc>,
+) -> Verdict<'a> {
+    let bytes = raw.get().as_bytes();
+    let rejected = |message_id: Option<String>, reason: String| Verdict::Rejected {
+        raw: bytes,
+        message_id,
+        reason,
+    };
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return rejected(message_id_of(raw), Limit::Message.describe().to_string());
+    }
+    match serde_json::from_str::<RawMessage>(raw.get()) {
+        Err(e) => rejected(message_id_of(raw), strip_position(&e)),
+        Ok(parsed) => {
+            let message_id = parsed.message_id.clone();
+            match rules::apply(parsed, path_type, defaults, received_at) {
+                Ok(m) => Verdict::Accepted(m),
+                Err(reason) => rejected(message_id, reason),
+            }
+        }
+    }
+}
+
+/// serde's messages end in "at line 1 column 57", which means nothing to a client that sent a
+/// batch.
+fn strip_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// The messageId of a message that failed to parse as one, if it has a readable one.
+fn message_id_of(raw: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        #[serde(rename = "messageId")]
+        message_id: Option<String>,
+    }
+    serde_json::from_str::<Id>(raw.get()).ok()?.message_id
+}
+
+fn write_key_of(raw: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Key {
+        #[serde(rename = "writeKey")]
+        write_key: Option<String>,
+    }
+    serde_json::from_str::<Key>(raw.get()).ok()?.write_key
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,427 @@
+//! Segment's field rules, and what the server adds to every message it accepts.
+//!
+//! - `type` is one of track, identify, page, screen, group, alias (single-message endpoints set
+//!   it from the path);
+//! - `userId` or `anonymousId` is present, except for alias, which needs `userId` and
+//!   `previousId`; track needs `event`, group needs `groupId`;
+//! - timestamps are ISO-8601 dates.
+//!
+//! The server fills `messageId` when missing, sets `receivedAt`, merges batch-level `context`
+//! and `integrations` into each message (the message's own keys win), and corrects the device
+//! clock: `timestamp = receivedAt - (sentAt - timestamp)`, keeping the device's value as
+//! `originalTimestamp`.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::message::{MessageType, RawMessage};
+
+/// A message that passed the field rules, with everything the server adds.
+#[derive(Debug)]
+pub struct Message {
+    pub kind: MessageType,
+    pub message_id: String,
+    /// The server made the id up, so it cannot be a duplicate of anything.
+    pub message_id_generated: bool,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub group_id: Option<String>,
+    pub previous_id: Option<String>,
+    pub event: Option<String>,
+    pub name: Option<String>,
+    pub timestamp: DateTime<Utc>,
+    pub original_timestamp: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub properties: Option<Box<RawValue>>,
+    pub traits: Option<Box<RawValue>>,
+    pub context: Option<Box<RawValue>>,
+    pub integrations: Option<Box<RawValue>>,
+    pub extra: Vec<(String, Box<RawValue>)>,
+}
+
+/// What a batch says for all of its messages.
+#[derive(Debug, Default)]
+pub struct BatchDefaults {
+    pub sent_at: Option<DateTime<Utc>>,
+    pub context: Option<Map<String, Value>>,
+    pub integrations: Option<Map<String, Value>>,
+}
+
+/// Applies the field rules; the error is the reason the message is rejected.
+pub fn apply(
+    raw: RawMessage,
+    path_type: Option<MessageType>,
+    batch: &BatchDefaults,
+    received_at: DateTime<Utc>,
+) -> Result<Message, String> {
+    let kind = match (path_type, raw.kind.as_deref()) {
+        (Some(kind), _) => kind,
+        (None, Some(text)) => MessageType::parse(text).ok_or_else(|| {
+            format!("`type` must be one of track, identify, page, screen, group, alias, not `{text}`")
+        })?,
+        (None, None) => return Err("`type` is missing".into()),
+    };
+    let present = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let user_id = present(raw.user_id);
+    let anonymous_id = present(raw.anonymous_id);
+    let group_id = present(raw.group_id);
+    let previous_id = present(raw.previous_id);
+    let event = present(raw.event);
+    match kind {
+        MessageType::Alias => {
+            if user_id.is_none() {
+                return Err("alias needs `userId`".into());
+            }
+            if previous_id.is_none() {
+                return Err("alias needs `previousId`".into());
+            }
+        }
+        _ if user_id.is_none() && anonymous_id.is_none() => {
+            return Err("`userId` or `anonymousId` is required".into())
+        }
+        MessageType::Track if event.is_none() => return Err("track needs `event`".into()),
+        MessageType::Group if group_id.is_none() => return Err("group needs `groupId`".into()),
+        _ => {}
+    }
+
+    let device_time = match raw.timestamp.as_deref().or(raw.original_timestamp.as_deref()) {
+        Some(text) => Some(parse_time(text).ok_or_else(|| not_a_date("timestamp", text))?),
+        None => None,
+    };
+    let sent_at = match raw.sent_at.as_deref() {
+        Some(text) => Some(parse_time(text).ok_or_else(|| not_a_date("sentAt", text))?),
+        None => batch.sent_at,
+    };
+    let received_at = to_micros(received_at);
+    let timestamp = match (device_time, sent_at) {
+        (Some(ts), Some(sent)) => to_micros(received_at - (sent - ts)),
+        (Some(ts), None) => ts,
+        (None, _) => received_at,
+    };
+
+    let (message_id, message_id_generated) = match present(raw.message_id) {
+        Some(id) => (id, false),
+        None => (uuid::Uuid::new_v4().to_string(), true),
+    };
+
+    Ok(Message {
+        kind,
+        message_id,
+        message_id_generated,
+        user_id,
+        anonymous_id,
+        group_id,
+        previous_id,
+        event,
+        name: present(raw.name),
+        timestamp,
+        original_timestamp: device_time,
+        sent_at,
+        received_at,
+        properties: raw.properties,
+        traits: raw.traits,
+        context: merge(raw.context, batch.context.as_ref(), "context")?,
+        integrations: merge(raw.integrations, batch.integrations.as_ref(), "integrations")?,
+        extra: raw.extra,
+    })
+}
+
+fn not_a_date(field: &str, text: &str) -> String {
+    format!("`{field}` is not an ISO-8601 date: `{text}`")
+}
+
+/// Reads ISO-8601 dates as SDKs send them: RFC 3339 with an offset, or without one (taken as UTC),
+/// or a bare date.
+pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(to_micros(t.with_timezone(&Utc)));
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(text, format) {
+            return Some(to_micros(t.and_utc()));
+        }
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
+}
+
+/// The lake keeps microseconds; so does everything before it, so that both agree.
+fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Adds the batch's keys that the message lacks.
+fn merge(
+    own: Option<Box<RawValue>>,
+    batch: Option<&Map<String, Value>>,
+    field: &str,
+) -> Result<Option<Box<RawValue>>, String> {
+    let Some(batch) = batch.filter(|b| !b.is_empty()) else {
+        return Ok(own);
+    };
+    let mut merged: Map<String, Value> = match &own {
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|e| format!("`{field}`: {e}"))?,
+        None => Map::new(),
+    };
+    for (key, value) in batch {
+        merged.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    serde_json::value::to_raw_value(&merged)
+        .map(Some)
+        .map_err(|e| format!("`{field}`: {e}"))
+}
+
+impl Message {
+    /// The message as Segment-spec JSON, as stored in the log and sent on to destinations.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut w = ObjectWriter::new(out);
+        w.string("type", self.kind.as_str());
+        w.string("messageId", &self.message_id);
+        w.opt_string("userId", self.user_id.as_deref());
+        w.opt_string("anonymousId", self.anonymous_id.as_deref());
+        w.opt_string("groupId", self.group_id.as_deref());
+        w.opt_string("previousId", self.previous_id.as_deref());
+        w.opt_string("event", self.event.as_deref());
+        w.opt_string("name", self.name.as_deref());
+        w.string("timestamp", &format_time(self.timestamp));
+        if let Some(t) = self.original_timestamp {
+            w.string("originalTimestamp", &format_time(t));
+        }
+        if let Some(t) = self.sent_at {
+            w.string("sentAt", &format_time(t));
+        }
+        w.string("receivedAt", &format_time(self.received_at));
+        for (key, value) in [
+            ("properties", &self.properties),
+            ("traits", &self.traits),
+            ("context", &self.context),
+            ("integrations", &self.integrations),
+        ] {
+            if let Some(v) = value {
+                w.raw(key, v.get());
+            }
+        }
+        for (key, value) in &self.extra {
+            w.raw(key, value.get());
+        }
+        w.finish();
+    }
+}
+
+/// Writes one JSON object key by key, without building a tree.
+struct ObjectWriter<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> ObjectWriter<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        ObjectWriter { out, first: true }
+    }
+
+    fn key(&mut self, key: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        write_json_string(self.out, key);
+        self.out.push(b':');
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        self.key(key);
+        write_json_string(self.out, value);
+    }
+
+    fn opt_string(&mut self, key: &str, value: Option<&str>) {
+        if let Some(v) = value {
+            self.string(key, v);
+        }
+    }
+
+    fn raw(&mut self, key: &str, json: &str) {
+        self.key(key);
+        self.out.extend_from_slice(json.as_bytes());
+    }
+
+    fn finish(self) {
+        self.out.push(b'}');
+    }
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        parse_time(text).unwrap()
+    }
+
+    fn raw(json: &str) -> RawMessage {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn admit(json: &str) -> Result<Message, String> {
+        apply(raw(json), None, &BatchDefaults::default(), at("2026-01-01T12:00:00Z"))
+    }
+
+    fn json_of(m: &Message) -> Value {
+        let mut out = Vec::new();
+        m.write_json(&mut out);
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn each_missing_field_is_named() {
+        let cases = [
+            (r#"{"userId":"u"}"#, "`type` is missing"),
+            (r#"{"type":"shout","userId":"u"}"#, "`type` must be one of"),
+            (r#"{"type":"track","event":"E"}"#, "`userId` or `anonymousId` is required"),
+            (r#"{"type":"track","userId":"","event":"E"}"#, "`userId` or `anonymousId` is required"),
+            (r#"{"type":"track","userId":"u"}"#, "track needs `event`"),
+            (r#"{"type":"group","userId":"u"}"#, "group needs `groupId`"),
+            (r#"{"type":"alias","previousId":"p"}"#, "alias needs `userId`"),
+            (r#"{"type":"alias","userId":"u"}"#, "alias needs `previousId`"),
+            (r#"{"type":"page","userId":"u","timestamp":"yesterday"}"#, "`timestamp` is not an ISO-8601 date"),
+            (r#"{"type":"page","userId":"u","sentAt":"soon"}"#, "`sentAt` is not an ISO-8601 date"),
+        ];
+        for (json, reason) in cases {
+            let err = admit(json).unwrap_err();
+            assert!(err.contains(reason), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn each_valid_type_passes() {
+        for json in [
+            r#"{"type":"track","anonymousId":"a","event":"E"}"#,
+            r#"{"type":"identify","userId":"u","traits":{"email":"x@y.z"}}"#,
+            r#"{"type":"page","anonymousId":"a","name":"Home"}"#,
+            r#"{"type":"screen","userId":"u"}"#,
+            r#"{"type":"group","userId":"u","groupId":"g"}"#,
+            r#"{"type":"alias","userId":"u","previousId":"p"}"#,
+        ] {
+            admit(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_path_sets_the_type() {
+        let m = apply(
+            raw(r#"{"userId":"u","event":"E"}"#),
+            Some(MessageType::Track),
+            &BatchDefaults::default(),
+            Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(m.kind, MessageType::Track);
+    }
+
+    #[test]
+    fn clock_skew_is_corrected_and_the_device_time_kept() {
+        // The device clock is 1 h behind: it says it sent at 11:00:05 an event from 11:00:00; the
+        // server received it at 12:00:00.
+        let m = admit(
+            r#"{"type":"track","userId":"u","event":"E",
+                "timestamp":"2026-01-01T11:00:00Z","sentAt":"2026-01-01T11:00:05Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.timestamp, at("2026-01-01T11:59:55Z"));
+        assert_eq!(m.original_timestamp, Some(at("2026-01-01T11:00:00Z")));
+        assert_eq!(m.received_at, at("2026-01-01T12:00:00Z"));
+        let j = json_of(&m);
+        assert_eq!(j["timestamp"], "2026-01-01T11:59:55Z");
+        assert_eq!(j["originalTimestamp"], "2026-01-01T11:00:00Z");
+        assert_eq!(j["sentAt"], "2026-01-01T11:00:05Z");
+        assert_eq!(j["receivedAt"], "2026-01-01T12:00:00Z");
+    }
+
+    #[test]
+    fn batch_sent_at_applies_and_missing_timestamp_is_received_at() {
+        let batch = BatchDefaults {
+            sent_at: Some(at("2026-01-01T11:00:10Z")),
+            ..Default::default()
+        };
+        let now = at("2026-01-01T12:00:00Z");
+        let m = apply(
+            raw(r#"{"type":"track","userId":"u","event":"E","timestamp":"2026-01-01T11:00:00.250+00:00"}"#),
+            None,
+            &batch,
+            now,
+        )
+        .unwrap();
+        assert_eq!(m.timestamp, at("2026-01-01T11:59:50.250Z"));
+        let m = apply(raw(r#"{"type":"track","userId":"u","event":"E"}"#), None, &batch, now).unwrap();
+        assert_eq!(m.timestamp, now);
+        assert_eq!(m.original_timestamp, None);
+    }
+
+    #[test]
+    fn message_id_is_filled_when_missing() {
+        let m = admit(r#"{"type":"screen","userId":"u"}"#).unwrap();
+        assert!(m.message_id_generated);
+        assert_eq!(m.message_id.len(), 36);
+        let m = admit(r#"{"type":"screen","userId":"u","messageId":"mine"}"#).unwrap();
+        assert!(!m.message_id_generated);
+        assert_eq!(m.message_id, "mine");
+    }
+
+    #[test]
+    fn batch_context_and_integrations_merge_under_the_message() {
+        let batch = BatchDefaults {
+            context: Some(serde_json::from_str(r#"{"library":{"name":"batch"},"ip":"9.9.9.9"}"#).unwrap()),
+            integrations: Some(serde_json::from_str(r#"{"All":false}"#).unwrap()),
+            ..Default::default()
+        };
+        let m = apply(
+            raw(r#"{"type":"track","userId":"u","event":"E","context":{"ip":"1.1.1.1"}}"#),
+            None,
+            &batch,
+            Utc::now(),
+        )
+        .unwrap();
+        let j = json_of(&m);
+        assert_eq!(j["context"]["ip"], "1.1.1.1", "the message's own value wins");
+        assert_eq!(j["context"]["library"]["name"], "batch");
+        assert_eq!(j["integrations"]["All"], false);
+    }
+
+    #[test]
+    fn written_json_keeps_unknown_keys_and_drops_the_write_key() {
+        let m = admit(
+            r#"{"type":"track","userId":"u","event":"Ünïcode \"quoted\"","writeKey":"secret",
+                "properties":{"a":1},"channel":"web"}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        m.write_json(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("secret"));
+        let j: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(j["event"], "Ünïcode \"quoted\"");
+        assert_eq!(j["properties"]["a"], 1);
+        assert_eq!(j["channel"], "web");
+        assert_eq!(j["type"], "track");
+    }
+
+    #[test]
+    fn parses_the_dates_sdks_send() {
+        assert_eq!(at("2026-01-01T00:00:00.123456789Z"), at("2026-01-01T00:00:00.123456Z"));
+        assert_eq!(at("2026-01-01T01:00:00+01:00"), at("2026-01-01T00:00:00Z"));
+        assert_eq!(at("2026-01-01T00:00:00.5"), at("2026-01-01T00:00:00.500Z"));
+        assert_eq!(at("2026-01-01"), at("2026-01-01T00:00:00Z"));
+        assert!(parse_time("01/02/2026").is_none());
+    }
+}
