@@ -108,6 +108,9 @@ mod tests {
     fn display_has_file_line_col() {
         let d = Diagnostic::at(Path::new("x.toml"), "a\nbc", 3, "bad");
         assert_eq!(d.to_string(), "x.toml:2:2: bad");
-        assert_eq!(Diagnostic::file(Path::new("x.toml"), "gone").to_string(), "x.toml: gone");
+        assert_eq!(
+            Diagnostic::file(Path::new("x.toml"), "gone").to_string(),
+            "x.toml: gone"
+        );
     }
 }

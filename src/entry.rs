@@ -105,13 +105,10 @@ impl<'a> Entry<'a> {
         DateTime::from_timestamp_micros(self.received_at_micros).unwrap_or_default()
     }
 
-    /// The entry as one JSON object, as `sluice log dump` prints it. The message is embedded as
-    /// JSON when it is (always, for what the edge writes), else as a string.
+    /// The entry as one JSON object, as `sluice log dump` prints it, with the message embedded
+    /// byte for byte (as a string if it is not JSON, which the edge never writes).
     pub fn to_json_line(&self, offset: u64) -> String {
-        let body = std::str::from_utf8(self.body).unwrap_or("");
-        let message: Box<RawValue> = serde_json::from_str::<Box<RawValue>>(body)
-            .unwrap_or_else(|_| serde_json::value::to_raw_value(&String::from_utf8_lossy(self.body)).unwrap());
-        let mut line = serde_json::json!({
+        let mut head = serde_json::json!({
             "offset": offset,
             "status": self.status.as_str(),
             "source": self.source,
@@ -119,10 +116,22 @@ impl<'a> Entry<'a> {
             "receivedAt": crate::ingest::format_time(self.received_at()),
         });
         if self.status == Status::Rejected {
-            line["reason"] = self.reason.into();
+            head["reason"] = self.reason.into();
         }
-        line["message"] = serde_json::to_value(&message).unwrap_or_default();
-        line.to_string()
+        let mut line = head.to_string();
+        line.pop(); // the closing brace
+        line.push_str(",\"message\":");
+        match std::str::from_utf8(self.body)
+            .ok()
+            .filter(|body| serde_json::from_str::<&RawValue>(body).is_ok())
+        {
+            Some(json) => line.push_str(json),
+            None => {
+                line.push_str(&serde_json::to_string(&String::from_utf8_lossy(self.body)).unwrap())
+            }
+        }
+        line.push('}');
+        line
     }
 }
 
@@ -169,9 +178,15 @@ mod tests {
     fn round_trips() {
         let now = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
         let mut buf = Vec::new();
-        Entry::encode(&mut buf, Status::Rejected, now, "web", "m-1", "track needs `event`", |b| {
-            b.extend_from_slice(br#"{"type":"track"}"#)
-        });
+        Entry::encode(
+            &mut buf,
+            Status::Rejected,
+            now,
+            "web",
+            "m-1",
+            "track needs `event`",
+            |b| b.extend_from_slice(br#"{"type":"track"}"#),
+        );
         let e = Entry::decode(&buf).unwrap();
         assert_eq!(e.status, Status::Rejected);
         assert_eq!(e.received_at(), now);

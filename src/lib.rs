@@ -1,7 +1,25 @@
+//! Sluice: a self-hosted customer data platform and event router.
+//!
+//! Data flows one way through the modules:
+//!
+//! ```text
+//! http  →  ingest  →  intake_log  →  consumers (dedup today; lake, profiles, destinations next)
+//! ```
+//!
+//! - [`http`]: the Segment-compatible HTTP edge and the operations endpoints.
+//! - [`ingest`]: write keys, limits, field rules, rate limits, dedup; turns a body into records.
+//! - [`entry`]: what one record of the log holds (shared by producers and consumers).
+//! - [`intake_log`]: the durable, group-committed, segment-file log with consumer cursors.
+//! - [`app`]: the wiring, and the only module that knows the whole chain.
+//! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`]: around the flow.
+
+pub mod app;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod diagnostic;
 pub mod entry;
+pub mod http;
 pub mod ingest;
 pub mod intake_log;
 pub mod metrics;

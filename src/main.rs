@@ -1,1 +1,151 @@
-fn main() {}
+//! The `sluice` binary: parses the command line, starts logging, and hands over to the library.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice::commands::{self, DumpFrom};
+use sluice::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Customer data platform and event router"
+)]
+struct Cli {
+    /// The config file; relative paths in it resolve from its folder.
+    #[arg(long, global = true, default_value = "sluice.toml")]
+    config: PathBuf,
+    /// How log lines look.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Check the config and print every problem as file:line:col: message.
+    Check,
+    /// Work with the intake log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Print the log's messages as JSON lines.
+    Dump {
+        /// Start at this offset (default: the oldest held).
+        #[arg(long, conflicts_with = "cursor")]
+        from: Option<u64>,
+        /// Start at this consumer's durable cursor.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.config),
+        Command::Check => match commands::check(&cli.config, &mut std::io::stdout()) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => fail(e.into()),
+        },
+        Command::Log {
+            command: LogCommand::Dump { from, cursor },
+        } => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(problems) => return print_problems(&problems),
+            };
+            let from = match (from, cursor) {
+                (Some(n), _) => DumpFrom::Offset(n),
+                (None, Some(name)) => DumpFrom::Cursor(name),
+                (None, None) => DumpFrom::Oldest,
+            };
+            match commands::log_dump(&config.log.dir, from, &mut std::io::stdout()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn serve(config_path: &std::path::Path) -> ExitCode {
+    // A write past a file size limit should fail with EFBIG, which the intake log handles like a
+    // full disk, instead of killing the process.
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(problems) => return print_problems(&problems),
+    };
+    let listener = match TcpListener::bind(config.server.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(anyhow::anyhow!(
+                "cannot listen on {}: {e}",
+                config.server.listen
+            ))
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(e.into()),
+    };
+    match runtime.block_on(sluice::app::run(config, listener, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn print_problems(problems: &sluice::diagnostic::Diagnostics) -> ExitCode {
+    eprintln!("{problems}");
+    ExitCode::FAILURE
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}

@@ -5,7 +5,11 @@
 //! names. Stages receive the part they update; gauges that describe state (log size, lag) are
 //! read from their owners when `/metrics` is scraped.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::sync::Arc;
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,7 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// The HTTP routes, as a label.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Route {
     Track,
     Identify,
@@ -28,6 +32,48 @@ pub enum Route {
     Other,
 }
 
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Track => "track",
+            Route::Identify => "identify",
+            Route::Page => "page",
+            Route::Screen => "screen",
+            Route::Group => "group",
+            Route::Alias => "alias",
+            Route::Batch => "batch",
+            Route::Settings => "settings",
+            Route::Preflight => "preflight",
+            Route::Ops => "ops",
+            Route::Other => "other",
+        }
+    }
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Rejected => "rejected",
+            Outcome::Duplicate => "duplicate",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Label values are written lower-case, as Prometheus users expect.
+macro_rules! label_value_from_as_str {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                encoder.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+label_value_from_as_str!(Route, Outcome);
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: Route,
@@ -40,7 +86,7 @@ pub struct RouteLabels {
 }
 
 /// What became of one message.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Outcome {
     /// Durably in the log, to be stored and forwarded.
     Accepted,
@@ -98,9 +144,9 @@ pub struct DedupMetrics {
 }
 
 pub struct Metrics {
-    pub ingest: IngestMetrics,
-    pub log: LogMetrics,
-    pub dedup: DedupMetrics,
+    pub ingest: Arc<IngestMetrics>,
+    pub log: Arc<LogMetrics>,
+    pub dedup: Arc<DedupMetrics>,
     pub state: StateGauges,
 }
 
@@ -125,13 +171,13 @@ impl Default for LogMetrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            ingest: IngestMetrics {
+            ingest: Arc::new(IngestMetrics {
                 requests: Family::default(),
                 request_seconds: Family::new_with_constructor(latency_histogram),
                 messages: Family::default(),
-            },
-            log: LogMetrics::default(),
-            dedup: DedupMetrics::default(),
+            }),
+            log: Arc::new(LogMetrics::default()),
+            dedup: Arc::new(DedupMetrics::default()),
             state: StateGauges::default(),
         }
     }
@@ -142,7 +188,11 @@ impl Metrics {
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("sluice");
         let i = &self.ingest;
-        r.register("http_requests", "HTTP requests by route and status code", i.requests.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests by route and status code",
+            i.requests.clone(),
+        );
         r.register(
             "http_request_duration_seconds",
             "Time to answer an HTTP request, by route",
@@ -154,7 +204,11 @@ impl Metrics {
             i.messages.clone(),
         );
         let l = &self.log;
-        r.register("log_fsyncs", "Group commits (one fsync each) of the intake log", l.fsyncs.clone());
+        r.register(
+            "log_fsyncs",
+            "Group commits (one fsync each) of the intake log",
+            l.fsyncs.clone(),
+        );
         r.register(
             "log_fsync_duration_seconds",
             "Time to write and fsync one group commit",
@@ -165,16 +219,32 @@ impl Metrics {
             "Records made durable by one fsync",
             l.group_records.clone(),
         );
-        r.register("log_appended_records", "Records appended to the intake log", l.appended_records.clone());
-        r.register("log_appended_bytes", "Bytes appended to the intake log", l.appended_bytes.clone());
+        r.register(
+            "log_appended_records",
+            "Records appended to the intake log",
+            l.appended_records.clone(),
+        );
+        r.register(
+            "log_appended_bytes",
+            "Bytes appended to the intake log",
+            l.appended_bytes.clone(),
+        );
         r.register(
             "log_write_errors",
             "Failed writes or fsyncs of the intake log (nothing in a failed group was acknowledged)",
             l.write_errors.clone(),
         );
         let s = &self.state;
-        r.register("log_size_bytes", "Bytes held by the intake log's segments", s.log_bytes.clone());
-        r.register("log_segments", "Segment files of the intake log", s.log_segments.clone());
+        r.register(
+            "log_size_bytes",
+            "Bytes held by the intake log's segments",
+            s.log_bytes.clone(),
+        );
+        r.register(
+            "log_segments",
+            "Segment files of the intake log",
+            s.log_segments.clone(),
+        );
         r.register(
             "log_end_offset",
             "Offset the next durable record of the intake log will get",
@@ -185,7 +255,11 @@ impl Metrics {
             "Records of the intake log that a consumer has not yet committed",
             s.consumer_lag.clone(),
         );
-        r.register("dedup_ids", "messageIds remembered for deduplication", s.dedup_ids.clone());
+        r.register(
+            "dedup_ids",
+            "messageIds remembered for deduplication",
+            s.dedup_ids.clone(),
+        );
         r.register(
             "dedup_evicted",
             "messageIds forgotten before their window ended, to keep memory bounded",

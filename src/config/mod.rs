@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::diagnostic::{Diagnostic, Diagnostics};
-use reader::{Reader, Section};
 pub use reader::{interpolate, parse_size};
+use reader::{Reader, Section};
 
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
@@ -110,7 +110,10 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, Diagnostics> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Diagnostics(vec![Diagnostic::file(path, format!("cannot read config: {e}"))])
+            Diagnostics(vec![Diagnostic::file(
+                path,
+                format!("cannot read config: {e}"),
+            )])
         })?;
         Self::parse(path, &text, env)
     }
@@ -153,16 +156,21 @@ impl Config {
 fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> Config {
     let server = match r.section(root, "server") {
         Some(mut s) => {
-            let listen = r.string(&mut s, "listen").and_then(|l| match l.value.parse() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    r.error(
-                        l.span,
-                        format!("`server.listen`: `{}` is not an address such as 127.0.0.1:8088", l.value),
-                    );
-                    None
-                }
-            });
+            let listen = r
+                .string(&mut s, "listen")
+                .and_then(|l| match l.value.parse() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => {
+                        r.error(
+                            l.span,
+                            format!(
+                                "`server.listen`: `{}` is not an address such as 127.0.0.1:8088",
+                                l.value
+                            ),
+                        );
+                        None
+                    }
+                });
             let admin_token = r.string(&mut s, "admin_token").map(|t| t.value);
             let workers = r.integer(&mut s, "workers").and_then(|w| {
                 if w.value == 0 || w.value > 1024 {
@@ -200,7 +208,10 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
             match u32::try_from(n.value).ok().and_then(NonZeroU32::new) {
                 Some(v) => Some(v),
                 None => {
-                    r.error(n.span, "`sources.rate_limit` must be between 1 and 4294967295 messages per second");
+                    r.error(
+                        n.span,
+                        "`sources.rate_limit` must be between 1 and 4294967295 messages per second",
+                    );
                     None
                 }
             }
@@ -252,15 +263,15 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         let mut url = None;
         let mut flush_interval = None;
         if let Some(mut s) = r.section(root, "storage") {
-            url = r.string(&mut s, "url").and_then(|u| {
-                match resolve_storage_url(&u.value, base) {
+            url = r
+                .string(&mut s, "url")
+                .and_then(|u| match resolve_storage_url(&u.value, base) {
                     Ok(url) => Some(url),
                     Err(e) => {
                         r.error(u.span, format!("`storage.url`: {e}"));
                         None
                     }
-                }
-            });
+                });
             flush_interval = r.duration(&mut s, "flush_interval");
             r.finish(s);
         }
@@ -275,19 +286,25 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     let log = {
         let (mut dir, mut segment_size, mut max_size) = (None, None, None);
         if let Some(mut s) = r.section(root, "log") {
-            dir = r.string(&mut s, "dir").map(|d| base.join(d.value));
+            dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
             segment_size = r.size(&mut s, "segment_size");
             max_size = r.size(&mut s, "max_size");
-            let (size, max) = (segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE), max_size.unwrap_or(DEFAULT_LOG_MAX_SIZE));
+            let (size, max) = (
+                segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE),
+                max_size.unwrap_or(DEFAULT_LOG_MAX_SIZE),
+            );
             if size < 4096 {
                 r.error(s.span(), "`log.segment_size` must be at least 4096 bytes");
             } else if max < size {
-                r.error(s.span(), "`log.max_size` must be at least `log.segment_size`");
+                r.error(
+                    s.span(),
+                    "`log.max_size` must be at least `log.segment_size`",
+                );
             }
             r.finish(s);
         }
         LogConfig {
-            dir: dir.unwrap_or_else(|| base.join("data/log")),
+            dir: dir.unwrap_or_else(|| resolve(base, "data/log")),
             segment_size: segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE),
             max_size: max_size.unwrap_or(DEFAULT_LOG_MAX_SIZE),
         }
@@ -309,7 +326,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     let schemas = {
         let (mut dir, mut unplanned, mut violations) = (None, None, None);
         if let Some(mut s) = r.section(root, "schemas") {
-            dir = r.string(&mut s, "dir").map(|d| base.join(d.value));
+            dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
             unplanned = r.choice(
                 &mut s,
                 "unplanned",
@@ -323,7 +340,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
             r.finish(s);
         }
         SchemasConfig {
-            dir: dir.unwrap_or_else(|| base.join("schemas")),
+            dir: dir.unwrap_or_else(|| resolve(base, "schemas")),
             unplanned: unplanned.unwrap_or(Unplanned::Allow),
             violations: violations.unwrap_or(Violations::Flag),
         }
@@ -348,12 +365,24 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
 fn read_folder(r: &mut Reader, root: &mut Section, key: &'static str, base: &Path) -> FolderConfig {
     let mut dir = None;
     if let Some(mut s) = r.section(root, key) {
-        dir = r.string(&mut s, "dir").map(|d| base.join(d.value));
+        dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
         r.finish(s);
     }
     FolderConfig {
-        dir: dir.unwrap_or_else(|| base.join(key)),
+        dir: dir.unwrap_or_else(|| resolve(base, key)),
     }
+}
+
+/// `path` taken from the config's folder, without `./` noise.
+fn resolve(base: &Path, path: &str) -> PathBuf {
+    let joined = base.join(path);
+    let mut out = PathBuf::new();
+    for part in joined.components() {
+        if part != std::path::Component::CurDir || out.as_os_str().is_empty() {
+            out.push(part);
+        }
+    }
+    out
 }
 
 const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
@@ -366,7 +395,9 @@ fn default_listen() -> SocketAddr {
 /// Checks the scheme and makes a relative `file://` path absolute against the config's folder.
 fn resolve_storage_url(url: &str, base: &Path) -> Result<String, String> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(format!("`{url}` is not a URL (file://, s3://, gs://, az:// or memory://)"));
+        return Err(format!(
+            "`{url}` is not a URL (file://, s3://, gs://, az:// or memory://)"
+        ));
     };
     match scheme {
         "file" => {

@@ -48,7 +48,11 @@ impl<'s> Reader<'s> {
     }
 
     /// The section at `key` of `parent`, which must be a table if present.
-    pub fn section<'d>(&mut self, parent: &mut Section<'d>, key: &'static str) -> Option<Section<'d>> {
+    pub fn section<'d>(
+        &mut self,
+        parent: &mut Section<'d>,
+        key: &'static str,
+    ) -> Option<Section<'d>> {
         let item = parent.get(key)?;
         let name = parent.child_name(key);
         match item.as_table_like() {
@@ -61,7 +65,11 @@ impl<'s> Reader<'s> {
     }
 
     /// The tables of an array of tables (`[[key]]` or `key = [{...}]`).
-    pub fn sections<'d>(&mut self, parent: &mut Section<'d>, key: &'static str) -> Vec<Section<'d>> {
+    pub fn sections<'d>(
+        &mut self,
+        parent: &mut Section<'d>,
+        key: &'static str,
+    ) -> Vec<Section<'d>> {
         let Some(item) = parent.get(key) else {
             return Vec::new();
         };
@@ -82,12 +90,19 @@ impl<'s> Reader<'s> {
             }
             return out;
         }
-        self.error(item.span(), format!("`{name}` must be an array of tables ([[{name}]])"));
+        self.error(
+            item.span(),
+            format!("`{name}` must be an array of tables ([[{name}]])"),
+        );
         Vec::new()
     }
 
     /// A string, with environment variables interpolated.
-    pub fn string(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<Spanned<String>> {
+    pub fn string(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Spanned<String>> {
         let item = section.get(key)?;
         let name = section.child_name(key);
         let Some(raw) = item.as_str() else {
@@ -107,7 +122,11 @@ impl<'s> Reader<'s> {
     }
 
     /// A non-negative integer that fits `u64`.
-    pub fn integer(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<Spanned<u64>> {
+    pub fn integer(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Spanned<u64>> {
         let item = section.get(key)?;
         let name = section.child_name(key);
         match item.as_integer() {
@@ -155,7 +174,10 @@ impl<'s> Reader<'s> {
                 let name = section.child_name(key);
                 self.error(
                     text.span,
-                    format!("`{name}`: `{}` is not a size (write bytes, or \"64MB\", \"10GiB\")", text.value),
+                    format!(
+                        "`{name}`: `{}` is not a size (write bytes, or \"64MB\", \"10GiB\")",
+                        text.value
+                    ),
                 );
                 None
             }
@@ -177,7 +199,11 @@ impl<'s> Reader<'s> {
         let name = section.child_name(key);
         self.error(
             text.span,
-            format!("`{name}` must be one of {}, not `{}`", words.join(" | "), text.value),
+            format!(
+                "`{name}` must be one of {}, not `{}`",
+                words.join(" | "),
+                text.value
+            ),
         );
         None
     }

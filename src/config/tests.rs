@@ -58,7 +58,10 @@ violations = "block"
     )
     .unwrap();
     assert_eq!(c.server.listen.port(), 9000);
-    assert!(c.server.admin_token.is_none(), "unset token turns admin off");
+    assert!(
+        c.server.admin_token.is_none(),
+        "unset token turns admin off"
+    );
     assert_eq!(c.sources.len(), 2);
     assert_eq!(c.sources[0].write_key, "wk-web");
     assert_eq!(c.sources[0].rate_limit.map(|n| n.get()), Some(5000));
@@ -108,7 +111,10 @@ unplanned = "maybe"
     ];
     assert_eq!(lines.len(), expect.len(), "{lines:#?}");
     for (line, prefix) in lines.iter().zip(expect) {
-        assert!(line.starts_with(prefix), "{line:?} should start with {prefix:?}");
+        assert!(
+            line.starts_with(prefix),
+            "{line:?} should start with {prefix:?}"
+        );
     }
 }
 
@@ -140,11 +146,18 @@ write_key = "k"
 #[test]
 fn a_source_without_a_key_is_an_error() {
     let err = parse("[[sources]]\nname = \"web\"\n").unwrap_err();
-    assert!(err.to_string().contains("a source needs a `write_key`"), "{err}");
+    assert!(
+        err.to_string().contains("a source needs a `write_key`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_file_is_a_clear_error() {
     let err = Config::load(Path::new("/definitely/not/here.toml")).unwrap_err();
-    assert!(err.to_string().starts_with("/definitely/not/here.toml: cannot read config"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("/definitely/not/here.toml: cannot read config"),
+        "{err}"
+    );
 }

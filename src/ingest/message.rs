@@ -99,9 +99,7 @@ impl<'de> Visitor<'de> for MessageVisitor {
                 "event" => m.event = text(&mut map, "event")?,
                 "name" => m.name = text(&mut map, "name")?,
                 "timestamp" => m.timestamp = text(&mut map, "timestamp")?,
-                "originalTimestamp" => {
-                    m.original_timestamp = text(&mut map, "originalTimestamp")?
-                }
+                "originalTimestamp" => m.original_timestamp = text(&mut map, "originalTimestamp")?,
                 "sentAt" => m.sent_at = text(&mut map, "sentAt")?,
                 "properties" => m.properties = object(&mut map, "properties")?,
                 "traits" => m.traits = object(&mut map, "traits")?,
@@ -225,7 +223,10 @@ mod tests {
         assert_eq!(m.properties.unwrap().get(), r#"{"plan":"pro"}"#);
         assert_eq!(m.write_key.as_deref(), Some("wk"));
         let extra: Vec<(&str, &str)> = m.extra.iter().map(|(k, v)| (k.as_str(), v.get())).collect();
-        assert_eq!(extra, vec![("channel", "\"server\""), ("_metadata", r#"{"x":[1,2]}"#)]);
+        assert_eq!(
+            extra,
+            vec![("channel", "\"server\""), ("_metadata", r#"{"x":[1,2]}"#)]
+        );
     }
 
     #[test]

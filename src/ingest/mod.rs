@@ -89,7 +89,10 @@ pub enum IngestError {
     #[error("{}", .0.describe())]
     TooLarge(Limit),
     #[error("{message}")]
-    RateLimited { retry_after: Duration, message: String },
+    RateLimited {
+        retry_after: Duration,
+        message: String,
+    },
     #[error("{0}")]
     Unavailable(AppendError),
 }
@@ -118,8 +121,12 @@ struct BatchBody<'a> {
 
 /// A message on its way to the log.
 enum Verdict<'a> {
-    Accepted(rules::Message),
-    Rejected { raw: &'a [u8], message_id: Option<String>, reason: String },
+    Accepted(Box<rules::Message>),
+    Rejected {
+        raw: &'a [u8],
+        message_id: Option<String>,
+        reason: String,
+    },
 }
 
 impl Ingest {
@@ -165,7 +172,11 @@ impl Ingest {
                 }
                 let raw: &RawValue = serde_json::from_slice(body)
                     .map_err(|e| IngestError::Malformed(e.to_string()))?;
-                let body_key = if basic_key.is_none() { write_key_of(raw) } else { None };
+                let body_key = if basic_key.is_none() {
+                    write_key_of(raw)
+                } else {
+                    None
+                };
                 let source = self.source(basic_key.or(body_key.as_deref()))?;
                 (source, BatchDefaults::default(), vec![raw])
             }
@@ -203,7 +214,10 @@ impl Ingest {
         if let Err(over) = self.limits.check(&source.name, raws.len()) {
             count(Outcome::RateLimited, raws.len());
             let message = if over.larger_than_burst {
-                format!("{} messages is more than this source's rate limit allows at once", raws.len())
+                format!(
+                    "{} messages is more than this source's rate limit allows at once",
+                    raws.len()
+                )
             } else {
                 "rate limit exceeded for this source".to_string()
             };
@@ -241,13 +255,23 @@ impl Ingest {
                 Verdict::Accepted(_) if dup => duplicates += 1,
                 Verdict::Accepted(m) => {
                     batch.push_with(|out| {
-                        Entry::encode(out, Status::Accepted, received_at, &source.name, &m.message_id, "", |out| {
-                            m.write_json(out)
-                        })
+                        Entry::encode(
+                            out,
+                            Status::Accepted,
+                            received_at,
+                            &source.name,
+                            &m.message_id,
+                            "",
+                            |out| m.write_json(out),
+                        )
                     });
                     report.accepted += 1;
                 }
-                Verdict::Rejected { raw, message_id, reason } => {
+                Verdict::Rejected {
+                    raw,
+                    message_id,
+                    reason,
+                } => {
                     batch.push_with(|out| {
                         Entry::encode(
                             out,
@@ -308,7 +332,7 @@ fn check<'a>(
         Ok(parsed) => {
             let message_id = parsed.message_id.clone();
             match rules::apply(parsed, path_type, defaults, received_at) {
-                Ok(m) => Verdict::Accepted(m),
+                Ok(m) => Verdict::Accepted(Box::new(m)),
                 Err(reason) => rejected(message_id, reason),
             }
         }

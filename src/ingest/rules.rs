@@ -59,7 +59,9 @@ pub fn apply(
     let kind = match (path_type, raw.kind.as_deref()) {
         (Some(kind), _) => kind,
         (None, Some(text)) => MessageType::parse(text).ok_or_else(|| {
-            format!("`type` must be one of track, identify, page, screen, group, alias, not `{text}`")
+            format!(
+                "`type` must be one of track, identify, page, screen, group, alias, not `{text}`"
+            )
         })?,
         (None, None) => return Err("`type` is missing".into()),
     };
@@ -86,7 +88,11 @@ pub fn apply(
         _ => {}
     }
 
-    let device_time = match raw.timestamp.as_deref().or(raw.original_timestamp.as_deref()) {
+    let device_time = match raw
+        .timestamp
+        .as_deref()
+        .or(raw.original_timestamp.as_deref())
+    {
         Some(text) => Some(parse_time(text).ok_or_else(|| not_a_date("timestamp", text))?),
         None => None,
     };
@@ -123,7 +129,11 @@ pub fn apply(
         properties: raw.properties,
         traits: raw.traits,
         context: merge(raw.context, batch.context.as_ref(), "context")?,
-        integrations: merge(raw.integrations, batch.integrations.as_ref(), "integrations")?,
+        integrations: merge(
+            raw.integrations,
+            batch.integrations.as_ref(),
+            "integrations",
+        )?,
         extra: raw.extra,
     })
 }
@@ -274,7 +284,12 @@ mod tests {
     }
 
     fn admit(json: &str) -> Result<Message, String> {
-        apply(raw(json), None, &BatchDefaults::default(), at("2026-01-01T12:00:00Z"))
+        apply(
+            raw(json),
+            None,
+            &BatchDefaults::default(),
+            at("2026-01-01T12:00:00Z"),
+        )
     }
 
     fn json_of(m: &Message) -> Value {
@@ -288,14 +303,32 @@ mod tests {
         let cases = [
             (r#"{"userId":"u"}"#, "`type` is missing"),
             (r#"{"type":"shout","userId":"u"}"#, "`type` must be one of"),
-            (r#"{"type":"track","event":"E"}"#, "`userId` or `anonymousId` is required"),
-            (r#"{"type":"track","userId":"","event":"E"}"#, "`userId` or `anonymousId` is required"),
+            (
+                r#"{"type":"track","event":"E"}"#,
+                "`userId` or `anonymousId` is required",
+            ),
+            (
+                r#"{"type":"track","userId":"","event":"E"}"#,
+                "`userId` or `anonymousId` is required",
+            ),
             (r#"{"type":"track","userId":"u"}"#, "track needs `event`"),
             (r#"{"type":"group","userId":"u"}"#, "group needs `groupId`"),
-            (r#"{"type":"alias","previousId":"p"}"#, "alias needs `userId`"),
-            (r#"{"type":"alias","userId":"u"}"#, "alias needs `previousId`"),
-            (r#"{"type":"page","userId":"u","timestamp":"yesterday"}"#, "`timestamp` is not an ISO-8601 date"),
-            (r#"{"type":"page","userId":"u","sentAt":"soon"}"#, "`sentAt` is not an ISO-8601 date"),
+            (
+                r#"{"type":"alias","previousId":"p"}"#,
+                "alias needs `userId`",
+            ),
+            (
+                r#"{"type":"alias","userId":"u"}"#,
+                "alias needs `previousId`",
+            ),
+            (
+                r#"{"type":"page","userId":"u","timestamp":"yesterday"}"#,
+                "`timestamp` is not an ISO-8601 date",
+            ),
+            (
+                r#"{"type":"page","userId":"u","sentAt":"soon"}"#,
+                "`sentAt` is not an ISO-8601 date",
+            ),
         ];
         for (json, reason) in cases {
             let err = admit(json).unwrap_err();
@@ -363,7 +396,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.timestamp, at("2026-01-01T11:59:50.250Z"));
-        let m = apply(raw(r#"{"type":"track","userId":"u","event":"E"}"#), None, &batch, now).unwrap();
+        let m = apply(
+            raw(r#"{"type":"track","userId":"u","event":"E"}"#),
+            None,
+            &batch,
+            now,
+        )
+        .unwrap();
         assert_eq!(m.timestamp, now);
         assert_eq!(m.original_timestamp, None);
     }
@@ -381,7 +420,9 @@ mod tests {
     #[test]
     fn batch_context_and_integrations_merge_under_the_message() {
         let batch = BatchDefaults {
-            context: Some(serde_json::from_str(r#"{"library":{"name":"batch"},"ip":"9.9.9.9"}"#).unwrap()),
+            context: Some(
+                serde_json::from_str(r#"{"library":{"name":"batch"},"ip":"9.9.9.9"}"#).unwrap(),
+            ),
             integrations: Some(serde_json::from_str(r#"{"All":false}"#).unwrap()),
             ..Default::default()
         };
@@ -393,7 +434,10 @@ mod tests {
         )
         .unwrap();
         let j = json_of(&m);
-        assert_eq!(j["context"]["ip"], "1.1.1.1", "the message's own value wins");
+        assert_eq!(
+            j["context"]["ip"], "1.1.1.1",
+            "the message's own value wins"
+        );
         assert_eq!(j["context"]["library"]["name"], "batch");
         assert_eq!(j["integrations"]["All"], false);
     }
@@ -418,7 +462,10 @@ mod tests {
 
     #[test]
     fn parses_the_dates_sdks_send() {
-        assert_eq!(at("2026-01-01T00:00:00.123456789Z"), at("2026-01-01T00:00:00.123456Z"));
+        assert_eq!(
+            at("2026-01-01T00:00:00.123456789Z"),
+            at("2026-01-01T00:00:00.123456Z")
+        );
         assert_eq!(at("2026-01-01T01:00:00+01:00"), at("2026-01-01T00:00:00Z"));
         assert_eq!(at("2026-01-01T00:00:00.5"), at("2026-01-01T00:00:00.500Z"));
         assert_eq!(at("2026-01-01"), at("2026-01-01T00:00:00Z"));

@@ -36,10 +36,14 @@ fn fixture(config_text: &str) -> Fixture {
         &config,
         dedup,
         log.clone(),
-        Arc::new(crate::metrics::Metrics::default().ingest),
+        crate::metrics::Metrics::default().ingest,
         Arc::new(move || now),
     );
-    Fixture { _dir: dir, log, ingest }
+    Fixture {
+        _dir: dir,
+        log,
+        ingest,
+    }
 }
 
 const SOURCES: &str = r#"
@@ -70,10 +74,20 @@ async fn a_single_message_is_stored_enriched() {
     let f = fixture(SOURCES);
     let report = f
         .ingest
-        .handle(Shape::Single(MessageType::Track), br#"{"event":"Clicked","userId":"u1","messageId":"m1"}"#, Some("wk"))
+        .handle(
+            Shape::Single(MessageType::Track),
+            br#"{"event":"Clicked","userId":"u1","messageId":"m1"}"#,
+            Some("wk"),
+        )
         .await
         .unwrap();
-    assert_eq!(report, Report { accepted: 1, rejected: vec![] });
+    assert_eq!(
+        report,
+        Report {
+            accepted: 1,
+            rejected: vec![]
+        }
+    );
     let stored = entries(&f.log);
     assert_eq!(stored.len(), 1);
     let (status, source, _, body) = &stored[0];
@@ -87,12 +101,22 @@ async fn a_single_message_is_stored_enriched() {
 async fn the_write_key_may_come_in_the_body() {
     let f = fixture(SOURCES);
     let single = br#"{"event":"E","userId":"u","writeKey":"wk"}"#;
-    assert!(f.ingest.handle(Shape::Single(MessageType::Track), single, None).await.is_ok());
+    assert!(f
+        .ingest
+        .handle(Shape::Single(MessageType::Track), single, None)
+        .await
+        .is_ok());
     let batch = format!(r#"{{"writeKey":"wk","batch":[{}]}}"#, track("b1"));
-    assert!(f.ingest.handle(Shape::Batch, batch.as_bytes(), None).await.is_ok());
+    assert!(f
+        .ingest
+        .handle(Shape::Batch, batch.as_bytes(), None)
+        .await
+        .is_ok());
     let stored = entries(&f.log);
     assert_eq!(stored.len(), 2);
-    assert!(!serde_json::to_string(&stored[0].3).unwrap().contains("writeKey"));
+    assert!(!serde_json::to_string(&stored[0].3)
+        .unwrap()
+        .contains("writeKey"));
 }
 
 #[tokio::test]
@@ -100,8 +124,15 @@ async fn missing_or_unknown_write_keys_are_unauthorized() {
     let f = fixture(SOURCES);
     let batch = format!(r#"{{"batch":[{}]}}"#, track("x"));
     for key in [None, Some(""), Some("nope")] {
-        let err = f.ingest.handle(Shape::Batch, batch.as_bytes(), key).await.unwrap_err();
-        assert!(matches!(err, IngestError::Unauthorized(_)), "{key:?}: {err}");
+        let err = f
+            .ingest
+            .handle(Shape::Batch, batch.as_bytes(), key)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, IngestError::Unauthorized(_)),
+            "{key:?}: {err}"
+        );
     }
     assert!(entries(&f.log).is_empty());
 }
@@ -118,20 +149,43 @@ async fn a_partial_batch_stores_the_good_and_quarantines_the_bad() {
         track("ok1"),
         track("ok2")
     );
-    let report = f.ingest.handle(Shape::Batch, batch.as_bytes(), Some("wk")).await.unwrap();
+    let report = f
+        .ingest
+        .handle(Shape::Batch, batch.as_bytes(), Some("wk"))
+        .await
+        .unwrap();
     assert_eq!(report.accepted, 2);
     assert_eq!(
         report.rejected,
         vec![
-            Rejection { index: 1, message_id: Some("no-event".into()), error: "track needs `event`".into() },
-            Rejection { index: 3, message_id: Some("big".into()), error: Limit::Message.describe().into() },
+            Rejection {
+                index: 1,
+                message_id: Some("no-event".into()),
+                error: "track needs `event`".into()
+            },
+            Rejection {
+                index: 3,
+                message_id: Some("big".into()),
+                error: Limit::Message.describe().into()
+            },
         ]
     );
     let stored = entries(&f.log);
     let statuses: Vec<Status> = stored.iter().map(|s| s.0).collect();
-    assert_eq!(statuses, vec![Status::Accepted, Status::Rejected, Status::Accepted, Status::Rejected]);
+    assert_eq!(
+        statuses,
+        vec![
+            Status::Accepted,
+            Status::Rejected,
+            Status::Accepted,
+            Status::Rejected
+        ]
+    );
     assert_eq!(stored[1].2, "track needs `event`");
-    assert_eq!(stored[1].3["messageId"], "no-event", "the raw message is kept");
+    assert_eq!(
+        stored[1].3["messageId"], "no-event",
+        "the raw message is kept"
+    );
     assert_eq!(stored[3].3["messageId"], "big");
 }
 
@@ -139,7 +193,11 @@ async fn a_partial_batch_stores_the_good_and_quarantines_the_bad() {
 async fn every_message_rejected_is_an_error_with_the_detail() {
     let f = fixture(SOURCES);
     let batch = r#"{"batch":[{"type":"track","userId":"u"},{"type":"page"}]}"#;
-    match f.ingest.handle(Shape::Batch, batch.as_bytes(), Some("wk")).await {
+    match f
+        .ingest
+        .handle(Shape::Batch, batch.as_bytes(), Some("wk"))
+        .await
+    {
         Err(IngestError::AllRejected(report)) => {
             assert_eq!(report.accepted, 0);
             assert_eq!(report.rejected.len(), 2);
@@ -167,24 +225,63 @@ async fn malformed_json_and_missing_batch_are_refused_and_store_nothing() {
 #[tokio::test]
 async fn limits_on_message_size_and_batch_count() {
     let f = fixture(SOURCES);
-    let big = format!(r#"{{"event":"E","userId":"u","properties":{{"b":"{}"}}}}"#, "x".repeat(MAX_MESSAGE_BYTES));
-    let err = f.ingest.handle(Shape::Single(MessageType::Track), big.as_bytes(), Some("wk")).await.unwrap_err();
+    let big = format!(
+        r#"{{"event":"E","userId":"u","properties":{{"b":"{}"}}}}"#,
+        "x".repeat(MAX_MESSAGE_BYTES)
+    );
+    let err = f
+        .ingest
+        .handle(
+            Shape::Single(MessageType::Track),
+            big.as_bytes(),
+            Some("wk"),
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(err, IngestError::TooLarge(Limit::Message)));
-    let many = format!(r#"{{"batch":[{}]}}"#, vec![r#"{"type":"screen","userId":"u"}"#; MAX_BATCH_MESSAGES + 1].join(","));
-    let err = f.ingest.handle(Shape::Batch, many.as_bytes(), Some("wk")).await.unwrap_err();
+    let many = format!(
+        r#"{{"batch":[{}]}}"#,
+        vec![r#"{"type":"screen","userId":"u"}"#; MAX_BATCH_MESSAGES + 1].join(",")
+    );
+    let err = f
+        .ingest
+        .handle(Shape::Batch, many.as_bytes(), Some("wk"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, IngestError::TooLarge(Limit::BatchCount)));
-    let just = format!(r#"{{"batch":[{}]}}"#, vec![r#"{"type":"screen","userId":"u"}"#; MAX_BATCH_MESSAGES].join(","));
-    assert_eq!(f.ingest.handle(Shape::Batch, just.as_bytes(), Some("wk")).await.unwrap().accepted, MAX_BATCH_MESSAGES);
+    let just = format!(
+        r#"{{"batch":[{}]}}"#,
+        vec![r#"{"type":"screen","userId":"u"}"#; MAX_BATCH_MESSAGES].join(",")
+    );
+    assert_eq!(
+        f.ingest
+            .handle(Shape::Batch, just.as_bytes(), Some("wk"))
+            .await
+            .unwrap()
+            .accepted,
+        MAX_BATCH_MESSAGES
+    );
 }
 
 #[tokio::test]
 async fn duplicates_are_acknowledged_but_stored_once() {
     let f = fixture(SOURCES);
     let batch = format!(r#"{{"batch":[{},{}]}}"#, track("d1"), track("d1"));
-    let report = f.ingest.handle(Shape::Batch, batch.as_bytes(), Some("wk")).await.unwrap();
+    let report = f
+        .ingest
+        .handle(Shape::Batch, batch.as_bytes(), Some("wk"))
+        .await
+        .unwrap();
     assert_eq!(report.accepted, 2);
     let again = format!(r#"{{"batch":[{}]}}"#, track("d1"));
-    assert_eq!(f.ingest.handle(Shape::Batch, again.as_bytes(), Some("wk")).await.unwrap().accepted, 1);
+    assert_eq!(
+        f.ingest
+            .handle(Shape::Batch, again.as_bytes(), Some("wk"))
+            .await
+            .unwrap()
+            .accepted,
+        1
+    );
     assert_eq!(entries(&f.log).len(), 1);
 }
 
@@ -199,10 +296,20 @@ rate_limit = 3
 "#,
     );
     let two = format!(r#"{{"batch":[{},{}]}}"#, track("r1"), track("r2"));
-    assert!(f.ingest.handle(Shape::Batch, two.as_bytes(), Some("wk")).await.is_ok());
-    let err = f.ingest.handle(Shape::Batch, two.as_bytes(), Some("wk")).await.unwrap_err();
+    assert!(f
+        .ingest
+        .handle(Shape::Batch, two.as_bytes(), Some("wk"))
+        .await
+        .is_ok());
+    let err = f
+        .ingest
+        .handle(Shape::Batch, two.as_bytes(), Some("wk"))
+        .await
+        .unwrap_err();
     match err {
-        IngestError::RateLimited { retry_after, .. } => assert!(retry_after <= Duration::from_secs(1)),
+        IngestError::RateLimited { retry_after, .. } => {
+            assert!(retry_after <= Duration::from_secs(1))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(entries(&f.log).len(), 2);
@@ -212,8 +319,16 @@ rate_limit = 3
 async fn a_message_that_is_not_an_object_is_rejected_not_malformed() {
     let f = fixture(SOURCES);
     let batch = format!(r#"{{"batch":[{}, 5, "text"]}}"#, track("o1"));
-    let report = f.ingest.handle(Shape::Batch, batch.as_bytes(), Some("wk")).await.unwrap();
+    let report = f
+        .ingest
+        .handle(Shape::Batch, batch.as_bytes(), Some("wk"))
+        .await
+        .unwrap();
     assert_eq!(report.accepted, 1);
     assert_eq!(report.rejected.len(), 2);
-    assert!(!report.rejected[0].error.contains("line"), "{}", report.rejected[0].error);
+    assert!(
+        !report.rejected[0].error.contains("line"),
+        "{}",
+        report.rejected[0].error
+    );
 }

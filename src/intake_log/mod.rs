@@ -172,6 +172,15 @@ pub struct LogStats {
     pub consumers: Vec<(String, u64)>,
 }
 
+impl LogStats {
+    /// Too close to `max_size` to take a full-size request: a quarter of the limit or 1 MiB,
+    /// whichever is less, is what must be left.
+    pub fn nearly_full(&self) -> bool {
+        let headroom = (self.max_bytes / 4).min(1 << 20);
+        self.bytes + headroom > self.max_bytes
+    }
+}
+
 struct Command {
     batch: RecordBatch,
     reply: oneshot::Sender<Result<Range<u64>, AppendError>>,
@@ -213,7 +222,10 @@ impl IntakeLog {
                     );
                 }
                 last.size = recovered.valid_len;
-                let file = fs::OpenOptions::new().read(true).write(true).open(&last.path)?;
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&last.path)?;
                 (file, last.base + recovered.records)
             }
         };
@@ -231,7 +243,14 @@ impl IntakeLog {
             read_only: false,
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let writer = writer::Writer::new(shared.clone(), options.clone(), active, active_file, end, metrics);
+        let writer = writer::Writer::new(
+            shared.clone(),
+            options.clone(),
+            active,
+            active_file,
+            end,
+            metrics,
+        );
         let handle = std::thread::Builder::new()
             .name("sluice-log-writer".into())
             .spawn(move || writer.run(rx))?;
@@ -248,7 +267,12 @@ impl IntakeLog {
         if self.shared.failed.load(Ordering::Relaxed) {
             return Err(AppendError::Failed);
         }
-        let sender = self.commands.lock().unwrap().clone().ok_or(AppendError::Closed)?;
+        let sender = self
+            .commands
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or(AppendError::Closed)?;
         let (reply, answer) = oneshot::channel();
         sender
             .send(Command { batch, reply })
@@ -282,7 +306,11 @@ impl IntakeLog {
     pub fn stats(&self) -> LogStats {
         let (start, bytes, segments) = {
             let state = self.shared.state.lock().unwrap();
-            (state.segments[0].base, state.total_bytes, state.segments.len())
+            (
+                state.segments[0].base,
+                state.total_bytes,
+                state.segments.len(),
+            )
         };
         let mut consumers: Vec<(String, u64)> = self
             .shared

@@ -70,7 +70,12 @@ impl LogReader {
                 }
                 let i = state.segments.partition_point(|s| s.base <= self.next) - 1;
                 let s = &state.segments[i];
-                (s.base, s.size, i + 1 == state.segments.len(), s.path.clone())
+                (
+                    s.base,
+                    s.size,
+                    i + 1 == state.segments.len(),
+                    s.path.clone(),
+                )
             };
             if self.open.as_ref().map(|(b, _)| *b) != Some(base) {
                 let mut reader = RecordReader::open(&path, base)?;

@@ -123,7 +123,10 @@ pub struct Recovered {
 
 /// Scans the newest segment, cuts off a torn tail and makes the cut durable.
 pub fn recover_tail(segment: &SegmentFile) -> io::Result<Recovered> {
-    let file = OpenOptions::new().read(true).write(true).open(&segment.path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment.path)?;
     let actual_len = file.metadata()?.len();
     let mut reader = RecordReader::new(file.try_clone()?, segment.base)?;
     let mut records = 0;
@@ -209,7 +212,8 @@ impl RecordReader {
             return Ok(Next::End);
         }
         let at = (self.position - self.buf_pos) as usize;
-        let header: [u8; RECORD_HEADER_LEN] = self.buf[at..at + RECORD_HEADER_LEN].try_into().unwrap();
+        let header: [u8; RECORD_HEADER_LEN] =
+            self.buf[at..at + RECORD_HEADER_LEN].try_into().unwrap();
         let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
         if len > MAX_RECORD_LEN {
             return Ok(Next::Corrupt);
@@ -292,7 +296,11 @@ mod tests {
         assert_eq!(r.next(end).unwrap(), Next::Record(8, Vec::new()));
         assert_eq!(r.next(end).unwrap(), Next::Record(9, b"three".to_vec()));
         assert_eq!(r.next(end).unwrap(), Next::End);
-        assert_eq!(r.next(end + 100).unwrap(), Next::End, "a limit past the file is not an error");
+        assert_eq!(
+            r.next(end + 100).unwrap(),
+            Next::End,
+            "a limit past the file is not an error"
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ fn options(dir: &Path) -> LogOptions {
 
 fn open(dir: &Path) -> (IntakeLog, Arc<LogMetrics>) {
     let metrics = Arc::new(LogMetrics::default());
-    (IntakeLog::open(options(dir), metrics.clone()).unwrap(), metrics)
+    (
+        IntakeLog::open(options(dir), metrics.clone()).unwrap(),
+        metrics,
+    )
 }
 
 fn batch(payloads: &[String]) -> RecordBatch {
@@ -29,7 +32,9 @@ fn texts(records: &[Record]) -> Vec<String> {
 }
 
 fn payloads(range: Range<u32>) -> Vec<String> {
-    range.map(|i| format!("message number {i:05} {}", "padding ".repeat(10))).collect()
+    range
+        .map(|i| format!("message number {i:05} {}", "padding ".repeat(10)))
+        .collect()
 }
 
 #[tokio::test]
@@ -41,7 +46,10 @@ async fn appends_get_consecutive_offsets_and_read_back() {
     assert_eq!(log.end(), 5);
     let mut reader = log.reader(1);
     let records = reader.read(10).unwrap();
-    assert_eq!(records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
     assert_eq!(texts(&records), payloads(1..5));
     assert!(reader.read(10).unwrap().is_empty());
 }
@@ -78,9 +86,16 @@ async fn concurrent_appends_share_fsyncs() {
         }
     }
     offsets.sort();
-    assert_eq!(offsets, (0..1280).collect::<Vec<u64>>(), "every offset given exactly once");
+    assert_eq!(
+        offsets,
+        (0..1280).collect::<Vec<u64>>(),
+        "every offset given exactly once"
+    );
     let fsyncs = metrics.fsyncs.get();
-    assert!(fsyncs < 1280, "64 concurrent writers should share fsyncs, got {fsyncs} for 1280 appends");
+    assert!(
+        fsyncs < 1280,
+        "64 concurrent writers should share fsyncs, got {fsyncs} for 1280 appends"
+    );
     let all = log.reader(0).read(2000).unwrap();
     assert_eq!(all.len(), 1280);
 }
@@ -91,7 +106,9 @@ async fn reads_across_segments_and_survives_a_restart() {
     {
         let (log, _) = open(dir.path());
         for chunk in 0..20 {
-            log.append(batch(&payloads(chunk * 10..chunk * 10 + 10))).await.unwrap();
+            log.append(batch(&payloads(chunk * 10..chunk * 10 + 10)))
+                .await
+                .unwrap();
         }
         assert!(log.stats().segments > 3, "4 KiB segments should roll");
     }
@@ -99,7 +116,10 @@ async fn reads_across_segments_and_survives_a_restart() {
     assert_eq!(log.end(), 200);
     let records = log.reader(0).read(1000).unwrap();
     assert_eq!(texts(&records), payloads(0..200));
-    assert_eq!(log.append(batch(&payloads(200..201))).await.unwrap(), 200..201);
+    assert_eq!(
+        log.append(batch(&payloads(200..201))).await.unwrap(),
+        200..201
+    );
     let records = log.reader(150).read(1000).unwrap();
     assert_eq!(texts(&records), payloads(150..201));
 }
@@ -162,17 +182,26 @@ async fn consumers_resume_at_their_cursor_and_release_segments() {
         let mut slow = log.consumer("slow").unwrap();
         let mut fast = log.consumer("fast").unwrap();
         for chunk in 0..20 {
-            log.append(batch(&payloads(chunk * 10..chunk * 10 + 10))).await.unwrap();
+            log.append(batch(&payloads(chunk * 10..chunk * 10 + 10)))
+                .await
+                .unwrap();
         }
         let segments_before = log.stats().segments;
         let read = fast.read(1000).unwrap();
         assert_eq!(read.len(), 200);
         fast.commit(200).unwrap();
-        assert_eq!(log.stats().segments, segments_before, "the slow consumer holds every segment");
+        assert_eq!(
+            log.stats().segments,
+            segments_before,
+            "the slow consumer holds every segment"
+        );
         assert_eq!(slow.read(50).unwrap().len(), 50);
         slow.commit(50).unwrap();
         let after = log.stats();
-        assert!(after.segments < segments_before, "segments before offset 50 are deleted");
+        assert!(
+            after.segments < segments_before,
+            "segments before offset 50 are deleted"
+        );
         assert!(after.start <= 50);
         assert!(matches!(log.reader(0).read(1), Err(ReadError::Gone { .. })));
         assert!(slow.commit(10_000).is_err(), "cannot commit past the end");
@@ -214,7 +243,9 @@ async fn read_only_open_reads_what_a_writer_has_written() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = open(dir.path());
     for chunk in 0..5 {
-        log.append(batch(&payloads(chunk * 10..chunk * 10 + 10))).await.unwrap();
+        log.append(batch(&payloads(chunk * 10..chunk * 10 + 10)))
+            .await
+            .unwrap();
     }
     let (factory, start) = open_read_only(dir.path()).unwrap();
     assert_eq!(start, 0);

@@ -135,7 +135,9 @@ impl Writer {
                 }
                 self.shared.end.send_replace(self.next_offset);
                 self.metrics.fsyncs.inc();
-                self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .fsync_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.metrics.group_records.observe(records as f64);
                 self.metrics.appended_records.inc_by(records);
                 self.metrics.appended_bytes.inc_by(pending.bytes);

@@ -419,11 +419,16 @@ pub fn recover(
                     replayed += 1;
                 }
                 Ok(_) => {}
-                Err(err) => tracing::warn!(offset = record.offset, error = %err, "skipping a log record while rebuilding dedup"),
+                Err(err) => {
+                    tracing::warn!(offset = record.offset, error = %err, "skipping a log record while rebuilding dedup")
+                }
             }
         }
     }
-    dedup.expire(&mut dedup.inner.lock().unwrap(), Utc::now().timestamp_micros());
+    dedup.expire(
+        &mut dedup.inner.lock().unwrap(),
+        Utc::now().timestamp_micros(),
+    );
     tracing::info!(ids = dedup.len(), replayed, "dedup state recovered");
     Ok((Arc::new(dedup), consumer))
 }

@@ -48,7 +48,11 @@ fn ids_are_forgotten_after_the_window() {
     for step in 1..=20 {
         accept(&d, &[1000 + step as u64], t(step * 600));
     }
-    assert_eq!(accept(&d, &[1], t(12_001)), vec![false], "an hour later it is new again");
+    assert_eq!(
+        accept(&d, &[1], t(12_001)),
+        vec![false],
+        "an hour later it is new again"
+    );
 }
 
 #[test]
@@ -73,7 +77,11 @@ fn memory_is_bounded_by_max_ids() {
         assert!(d.len() <= 800);
     }
     assert!(metrics.evicted.get() >= 9_000);
-    assert_eq!(accept(&d, &[9_999], t(1)), vec![true], "recent ids are kept");
+    assert_eq!(
+        accept(&d, &[9_999], t(1)),
+        vec![true],
+        "recent ids are kept"
+    );
 }
 
 #[test]
@@ -102,7 +110,9 @@ fn snapshots_round_trip_and_corruption_is_detected() {
     let mut bytes = fs::read(&path).unwrap();
     bytes[20] ^= 1;
     fs::write(&path, &bytes).unwrap();
-    assert!(Dedup::new(&config(3600, 1000), Default::default()).load(&path).is_err());
+    assert!(Dedup::new(&config(3600, 1000), Default::default())
+        .load(&path)
+        .is_err());
     assert!(!Dedup::new(&config(3600, 1000), Default::default())
         .load(&dir.path().join("missing"))
         .unwrap());
@@ -110,7 +120,9 @@ fn snapshots_round_trip_and_corruption_is_detected() {
 
 fn entry(source: &str, id: &str, status: Status) -> Vec<u8> {
     let mut b = Vec::new();
-    Entry::encode(&mut b, status, Utc::now(), source, id, "", |b| b.extend_from_slice(b"{}"));
+    Entry::encode(&mut b, status, Utc::now(), source, id, "", |b| {
+        b.extend_from_slice(b"{}")
+    });
     b
 }
 

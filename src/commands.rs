@@ -1,0 +1,79 @@
+//! The commands other than `serve`: each loads what it needs and prints for a person or a script.
+
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use crate::config::Config;
+use crate::entry::Entry;
+use crate::intake_log;
+
+/// `sluice check`: every problem in the deployment's files, one per line as `file:line:col:
+/// message`. Returns whether everything is fine.
+pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
+    match Config::load(config_path) {
+        Ok(config) => {
+            writeln!(
+                out,
+                "{}: ok ({} source{}, log in {})",
+                config_path.display(),
+                config.sources.len(),
+                if config.sources.len() == 1 { "" } else { "s" },
+                config.log.dir.display()
+            )?;
+            Ok(true)
+        }
+        Err(problems) => {
+            for p in &problems.0 {
+                writeln!(out, "{p}")?;
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Where `sluice log dump` starts.
+#[derive(Debug, Clone)]
+pub enum DumpFrom {
+    Oldest,
+    Offset(u64),
+    Cursor(String),
+}
+
+/// `sluice log dump`: the intake log's records from a point on, one JSON object per line. Safe to
+/// run beside a serving process: it only reads.
+pub fn log_dump(log_dir: &Path, from: DumpFrom, out: &mut dyn Write) -> anyhow::Result<u64> {
+    let (log, oldest) = intake_log::open_read_only(log_dir)?;
+    let start = match from {
+        DumpFrom::Oldest => oldest,
+        DumpFrom::Offset(n) => n,
+        DumpFrom::Cursor(name) => log.cursor(&name)?.ok_or_else(|| {
+            anyhow::anyhow!("no consumer named `{name}` in {}", log_dir.display())
+        })?,
+    };
+    let mut reader = log.reader(start);
+    let mut out = BufWriter::new(out);
+    let mut count = 0;
+    loop {
+        let records = reader.read(1024)?;
+        if records.is_empty() {
+            break;
+        }
+        for record in records {
+            let line = match Entry::decode(&record.payload) {
+                Ok(entry) => entry.to_json_line(record.offset),
+                Err(e) => serde_json::json!({ "offset": record.offset, "error": e.to_string() })
+                    .to_string(),
+            };
+            match writeln!(out, "{line}") {
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(count),
+                other => other?,
+            }
+            count += 1;
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
+    Ok(count)
+}

@@ -1,0 +1,87 @@
+//! The one place where errors become HTTP answers. Every error body is
+//! `{"success":false,"error":"..."}`, with the per-message detail when there is one.
+
+use std::time::Duration;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::ingest::{IngestError, Limit, Report};
+use crate::intake_log::AppendError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{}", .0.describe())]
+    TooLarge(Limit),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// How long a client should wait after a 503: long enough for a stalled disk or a draining log.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Ingest(e) => match e {
+                IngestError::Malformed(_) | IngestError::AllRejected(_) => StatusCode::BAD_REQUEST,
+                IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+                IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        let mut body = json!({ "success": false, "error": self.to_string() });
+        match self {
+            ApiError::Ingest(IngestError::AllRejected(report)) => {
+                body["accepted"] = report.accepted.into();
+                body["rejected"] = serde_json::to_value(&report.rejected).unwrap_or_default();
+            }
+            ApiError::Ingest(IngestError::RateLimited { retry_after, .. }) => {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                response.insert_header((header::RETRY_AFTER, secs));
+                // analytics.js reads this one.
+                response.insert_header(("X-RateLimit-Reset", secs));
+            }
+            ApiError::Ingest(IngestError::Unavailable(e)) => {
+                response.insert_header((header::RETRY_AFTER, UNAVAILABLE_RETRY_AFTER.as_secs()));
+                if let AppendError::Failed = e {
+                    tracing::error!("refusing messages: the intake log needs a restart");
+                }
+            }
+            _ => {}
+        }
+        response.json(body)
+    }
+}
+
+/// The answer to a request whose messages were all durably handled.
+pub fn accepted(report: &Report) -> HttpResponse {
+    if report.rejected.is_empty() {
+        HttpResponse::Ok().json(json!({ "success": true }))
+    } else {
+        HttpResponse::Ok().json(json!({
+            "success": true,
+            "accepted": report.accepted,
+            "rejected": report.rejected,
+        }))
+    }
+}

@@ -1,0 +1,56 @@
+//! Health, readiness and Prometheus metrics.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+use crate::metrics::ConsumerLabels;
+
+/// The process is up and answering.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// Ready to accept messages: not shutting down, and the intake log can take writes.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let stats = state.log.stats();
+    let problem = if state.is_shutting_down() {
+        Some("shutting down")
+    } else if stats.failed {
+        Some("intake log failed; restart to recover")
+    } else if stats.nearly_full() {
+        Some("intake log is full")
+    } else {
+        None
+    };
+    match problem {
+        None => HttpResponse::Ok().json(json!({ "status": "ready" })),
+        Some(reason) => HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(json!({ "status": "unavailable", "reason": reason })),
+    }
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let stats = state.log.stats();
+    let gauges = &state.metrics.state;
+    gauges.log_bytes.set(stats.bytes as i64);
+    gauges.log_segments.set(stats.segments as i64);
+    gauges.log_end_offset.set(stats.end as i64);
+    for (consumer, cursor) in &stats.consumers {
+        gauges
+            .consumer_lag
+            .get_or_create(&ConsumerLabels {
+                consumer: consumer.clone(),
+            })
+            .set(stats.end.saturating_sub(*cursor) as i64);
+    }
+    gauges.dedup_ids.set(state.dedup.len() as i64);
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+        return HttpResponse::InternalServerError().body(e.to_string());
+    }
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(text)
+}

@@ -1,0 +1,107 @@
+//! The `sluice` commands other than serving, run as a user would run them.
+
+use std::process::Command;
+
+use crate::support::*;
+
+fn sluice(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_accepts_the_shipped_demo_config() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/sluice.toml");
+    let out = sluice(&["--config", path, "check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+#[test]
+fn check_prints_every_problem_with_its_place_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"nowhere\"\ntypo = 1\n\n[[sources]]\nname = \"web\"\n\n[log]\nmax_size = \"lots\"\n",
+    )
+    .unwrap();
+    let out = sluice(&["--config", path.to_str().unwrap(), "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let p = path.display();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[0].starts_with(&format!("{p}:2:10: `server.listen`")),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{p}:3:1: unknown key `server.typo`")),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{p}:5:1: a source needs a `write_key`")),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with(&format!("{p}:9:12: `log.max_size`")),
+        "{text}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_broken_config_with_the_same_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, "[server\n").unwrap();
+    let out = sluice(&["--config", path.to_str().unwrap(), "serve"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains(&format!("{}:1:", path.display())), "{err}");
+    let out = sluice(&["--config", "/no/such/sluice.toml", "serve"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config"));
+}
+
+#[test]
+fn log_dump_prints_json_lines_from_an_offset_or_a_cursor() {
+    let server = Server::start("");
+    let ids: Vec<String> = (0..5).map(|i| format!("dump-{i}")).collect();
+    server.send("/v1/batch", &batch_of(&ids));
+    let config = server.dir.path().join("sluice.toml");
+    let config = config.to_str().unwrap();
+
+    let out = sluice(&["--config", config, "log", "dump"]);
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["offset"], 0);
+    assert_eq!(lines[4]["messageId"], "dump-4");
+    assert_eq!(lines[2]["message"]["properties"]["order_id"], "o-dump-2");
+
+    let out = sluice(&["--config", config, "log", "dump", "--from", "3"]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
+
+    // The dedup consumer's cursor has not moved yet: from it, everything.
+    let out = sluice(&["--config", config, "log", "dump", "--cursor", "dedup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 5);
+    let out = sluice(&["--config", config, "log", "dump", "--cursor", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no consumer named `nobody`"));
+}
