@@ -33,9 +33,15 @@ fn parse_and_rules(c: &mut Criterion) {
             let raw: RawMessage = serde_json::from_str(&text).unwrap();
             let m = rules::apply(raw, None, &defaults, Utc::now()).unwrap();
             out.clear();
-            Entry::encode(&mut out, Status::Accepted, m.received_at, "web", &m.message_id, "", |o| {
-                m.write_json(o)
-            });
+            Entry::encode(
+                &mut out,
+                Status::Accepted,
+                m.received_at,
+                "web",
+                &m.message_id,
+                "",
+                |o| m.write_json(o),
+            );
             out.len()
         })
     });
@@ -53,12 +59,21 @@ fn log_append(c: &mut Criterion) {
         Arc::new(LogMetrics::default()),
     )
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let payload = {
         let mut out = Vec::new();
-        Entry::encode(&mut out, Status::Accepted, Utc::now(), "web", "bench-1", "", |o| {
-            o.extend_from_slice(message(1).as_bytes())
-        });
+        Entry::encode(
+            &mut out,
+            Status::Accepted,
+            Utc::now(),
+            "web",
+            "bench-1",
+            "",
+            |o| o.extend_from_slice(message(1).as_bytes()),
+        );
         out
     };
     let mut group = c.benchmark_group("log_append_fsync");
@@ -67,7 +82,8 @@ fn log_append(c: &mut Criterion) {
         group.bench_function(format!("group_of_{records}"), |b| {
             b.iter_batched(
                 || {
-                    let mut batch = RecordBatch::with_capacity(payload.len() * records as usize + 64);
+                    let mut batch =
+                        RecordBatch::with_capacity(payload.len() * records as usize + 64);
                     for _ in 0..records {
                         batch.push(&payload);
                     }

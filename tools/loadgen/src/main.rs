@@ -11,10 +11,10 @@
 //! taskset -c 0 sluice-loadgen --mode batch --batch 100 --connections 32 --duration 60
 //! ```
 
+use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,7 +52,13 @@ fn parse_options() -> Options {
         warmup: Duration::from_secs(2),
         rate: None,
         pid: None,
-        run_id: format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()),
+        run_id: format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros()
+        ),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -60,15 +66,21 @@ fn parse_options() -> Options {
         match flag.as_str() {
             "--addr" => o.addr = value().parse().unwrap_or_else(|_| usage()),
             "--write-key" => o.write_key = value(),
-            "--mode" => o.single = match value().as_str() {
-                "batch" => false,
-                "track" => true,
-                _ => usage(),
-            },
+            "--mode" => {
+                o.single = match value().as_str() {
+                    "batch" => false,
+                    "track" => true,
+                    _ => usage(),
+                }
+            }
             "--batch" => o.batch = value().parse().unwrap_or_else(|_| usage()),
             "--connections" => o.connections = value().parse().unwrap_or_else(|_| usage()),
-            "--duration" => o.duration = Duration::from_secs_f64(value().parse().unwrap_or_else(|_| usage())),
-            "--warmup" => o.warmup = Duration::from_secs_f64(value().parse().unwrap_or_else(|_| usage())),
+            "--duration" => {
+                o.duration = Duration::from_secs_f64(value().parse().unwrap_or_else(|_| usage()))
+            }
+            "--warmup" => {
+                o.warmup = Duration::from_secs_f64(value().parse().unwrap_or_else(|_| usage()))
+            }
             "--rate" => o.rate = Some(value().parse().unwrap_or_else(|_| usage())),
             "--pid" => o.pid = Some(value().parse().unwrap_or_else(|_| usage())),
             _ => usage(),
@@ -123,7 +135,11 @@ fn basic(key: &str) -> String {
     let input = format!("{key}:").into_bytes();
     let mut out = String::from("Basic ");
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -143,12 +159,17 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Re
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = std::str::from_utf8(&buf[..end]).unwrap_or("");
-            let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let status = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             let length: usize = head
                 .lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
                 })
                 .unwrap_or(0);
             while buf.len() < end + 4 + length {
@@ -176,7 +197,13 @@ struct Tally {
     errors: u64,
 }
 
-async fn connection(o: Rc<Options>, conn: usize, measure_from: Instant, end: Instant, tally: Rc<RefCell<Tally>>) {
+async fn connection(
+    o: Rc<Options>,
+    conn: usize,
+    measure_from: Instant,
+    end: Instant,
+    tally: Rc<RefCell<Tally>>,
+) {
     let auth = basic(&o.write_key);
     let mut stream = match TcpStream::connect(o.addr).await {
         Ok(s) => s,
@@ -190,8 +217,13 @@ async fn connection(o: Rc<Options>, conn: usize, measure_from: Instant, end: Ins
     let mut buf = Vec::with_capacity(8192);
     let mut seq = 0u64;
     // Open loop: this connection's share of the rate, starting at a staggered offset.
-    let interval = o.rate.map(|r| Duration::from_secs_f64(o.connections as f64 / r));
-    let mut due = Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(conn as f64 / o.connections as f64));
+    let interval = o
+        .rate
+        .map(|r| Duration::from_secs_f64(o.connections as f64 / r));
+    let mut due = Instant::now()
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(conn as f64 / o.connections as f64)
+        });
     while Instant::now() < end {
         if interval.is_some() {
             let now = Instant::now();
@@ -216,7 +248,8 @@ async fn connection(o: Rc<Options>, conn: usize, measure_from: Instant, end: Ins
                 } else {
                     *t.other.entry(status).or_default() += 1;
                 }
-                t.latencies_us.push((done - due).as_micros().min(u32::MAX as u128) as u32);
+                t.latencies_us
+                    .push((done - due).as_micros().min(u32::MAX as u128) as u32);
             }
             Ok(_) => {}
             Err(e) => {
@@ -234,7 +267,14 @@ async fn connection(o: Rc<Options>, conn: usize, measure_from: Instant, end: Ins
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -247,7 +287,10 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 fn main() {
     let o = Rc::new(parse_options());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let tally = Rc::new(RefCell::new(Tally::default()));
     let start = Instant::now();
     let measure_from = start + o.warmup;
@@ -256,7 +299,13 @@ fn main() {
     runtime.block_on(async {
         let local = tokio::task::LocalSet::new();
         for conn in 0..o.connections {
-            local.spawn_local(connection(o.clone(), conn, measure_from, end, tally.clone()));
+            local.spawn_local(connection(
+                o.clone(),
+                conn,
+                measure_from,
+                end,
+                tally.clone(),
+            ));
         }
         let sampler = {
             let o = o.clone();
@@ -273,22 +322,43 @@ fn main() {
                 samples
             }
         };
-        rss = local.run_until(async { 
-            let s = sampler.await; 
-            // Let in-flight requests finish.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            s
-        }).await;
+        rss = local
+            .run_until(async {
+                let s = sampler.await;
+                // Let in-flight requests finish.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                s
+            })
+            .await;
     });
     let mut t = tally.borrow_mut();
     t.latencies_us.sort_unstable();
     let secs = o.duration.as_secs_f64();
     let requests = t.ok as f64 / secs;
-    println!("mode            {}", if o.single { "track (1 message per request)".to_string() } else { format!("batch ({} messages per request)", o.batch) });
+    println!(
+        "mode            {}",
+        if o.single {
+            "track (1 message per request)".to_string()
+        } else {
+            format!("batch ({} messages per request)", o.batch)
+        }
+    );
     println!("connections     {}", o.connections);
-    println!("rate            {}", o.rate.map_or("closed loop".to_string(), |r| format!("{r} requests/s offered")));
-    println!("duration        {secs:.0} s (after {:.0} s warm-up)", o.warmup.as_secs_f64());
-    println!("acknowledged    {:.0} requests/s, {:.0} messages/s", requests, requests * o.batch as f64);
+    println!(
+        "rate            {}",
+        o.rate.map_or("closed loop".to_string(), |r| format!(
+            "{r} requests/s offered"
+        ))
+    );
+    println!(
+        "duration        {secs:.0} s (after {:.0} s warm-up)",
+        o.warmup.as_secs_f64()
+    );
+    println!(
+        "acknowledged    {:.0} requests/s, {:.0} messages/s",
+        requests,
+        requests * o.batch as f64
+    );
     println!(
         "latency ms      p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         percentile(&t.latencies_us, 0.50),
@@ -298,7 +368,10 @@ fn main() {
         percentile(&t.latencies_us, 1.0)
     );
     if !t.other.is_empty() || t.errors > 0 {
-        println!("not 200         {:?}, connection errors {}", t.other, t.errors);
+        println!(
+            "not 200         {:?}, connection errors {}",
+            t.other, t.errors
+        );
     }
     if !rss.is_empty() {
         let mb = |k: u64| k as f64 / 1024.0;
