@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole-server benchmark protocol: sluice (release build) pinned to core 1, the load generator
+# pinned to core 0, loopback, ~420-byte tracks with unique messageIds, a 200 meaning fsynced.
+#
+#   benches/load.sh [SECONDS] [REPEATS]
+#
+# Runs, REPEATS times each on a fresh data folder: /v1/batch (100 per request) and /v1/track at
+# full load (closed loop), then both at half of the contract's targets (open loop) for latency.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-60}"
+repeats="${2:-3}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release --workspace --quiet
+bin="$CARGO_TARGET_DIR/release"
+work="$(mktemp -d)"
+trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT
+port=18088
+cat > "$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[[sources]]
+name = "bench"
+write_key = "demo-server-key"
+[log]
+dir = "data/log"
+TOML
+
+run() {
+  local name="$1"; shift
+  rm -rf "$work/data"
+  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
+  local pid=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  echo "--- $name"
+  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --duration "$seconds" --pid "$pid" "$@"
+  kill -TERM "$pid"; wait "$pid"
+}
+
+for i in $(seq 1 "$repeats"); do
+  run "batch full load #$i" --mode batch --batch 100 --connections 32
+  run "track full load #$i" --mode track --connections 64
+  run "batch half of 120k msg/s #$i" --mode batch --batch 100 --connections 32 --rate 600
+  run "track half of 20k req/s #$i" --mode track --connections 64 --rate 10000
+done
