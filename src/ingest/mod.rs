@@ -165,77 +165,34 @@ impl Ingest {
         basic_key: Option<&str>,
     ) -> Result<Report, IngestError> {
         let received_at = (self.clock)();
-        let (source, defaults, raws) = match shape {
-            Shape::Single(_) => {
-                if body.len() > MAX_MESSAGE_BYTES {
-                    return Err(IngestError::TooLarge(Limit::Message));
-                }
-                let raw: &RawValue = serde_json::from_slice(body)
-                    .map_err(|e| IngestError::Malformed(e.to_string()))?;
-                let body_key = if basic_key.is_none() {
-                    write_key_of(raw)
-                } else {
-                    None
-                };
-                let source = self.source(basic_key.or(body_key.as_deref()))?;
-                (source, BatchDefaults::default(), vec![raw])
-            }
-            Shape::Batch => {
-                let parsed: BatchBody = serde_json::from_slice(body)
-                    .map_err(|e| IngestError::Malformed(e.to_string()))?;
-                let source = self.source(basic_key.or(parsed.write_key.as_deref()))?;
-                let raws = parsed
-                    .batch
-                    .ok_or_else(|| IngestError::Malformed("`batch` is missing".into()))?;
-                if raws.len() > MAX_BATCH_MESSAGES {
-                    return Err(IngestError::TooLarge(Limit::BatchCount));
-                }
-                let sent_at = parsed.sent_at.as_deref().and_then(rules::parse_time);
-                let defaults = BatchDefaults {
-                    sent_at,
-                    context: parsed.context,
-                    integrations: parsed.integrations,
-                };
-                (source, defaults, raws)
-            }
-        };
+        let request = self.read(shape, body, basic_key)?;
+        let source = request.source;
         let count = |outcome: Outcome, n: usize| {
             if n > 0 {
+                let labels = MessageLabels {
+                    source: source.name.clone(),
+                    outcome,
+                };
                 self.metrics
                     .messages
-                    .get_or_create(&MessageLabels {
-                        source: source.name.clone(),
-                        outcome,
-                    })
+                    .get_or_create(&labels)
                     .inc_by(n as u64);
             }
         };
-
-        if let Err(over) = self.limits.check(&source.name, raws.len()) {
-            count(Outcome::RateLimited, raws.len());
-            let message = if over.larger_than_burst {
-                format!(
-                    "{} messages is more than this source's rate limit allows at once",
-                    raws.len()
-                )
-            } else {
-                "rate limit exceeded for this source".to_string()
-            };
-            return Err(IngestError::RateLimited {
-                retry_after: over.retry_after,
-                message,
-            });
+        if let Err(e) = self.check_rate(source, request.messages.len()) {
+            count(Outcome::RateLimited, request.messages.len());
+            return Err(e);
         }
 
         let path_type = match shape {
             Shape::Single(t) => Some(t),
             Shape::Batch => None,
         };
-        let verdicts: Vec<Verdict> = raws
+        let verdicts: Vec<Verdict> = request
+            .messages
             .iter()
-            .map(|raw| check(raw, path_type, &defaults, received_at))
+            .map(|raw| check(raw, path_type, &request.defaults, received_at))
             .collect();
-
         let keys: Vec<Option<u64>> = verdicts
             .iter()
             .map(|v| match v {
@@ -247,20 +204,21 @@ impl Ingest {
             .collect();
         let (reservation, duplicate) = self.dedup.reserve(&keys, received_at, self.log.end());
 
-        let mut batch = RecordBatch::with_capacity(body.len() + verdicts.len() * 64);
+        let mut records = RecordBatch::with_capacity(body.len() + verdicts.len() * 64);
         let mut report = Report::default();
         let mut duplicates = 0;
         for (index, (verdict, dup)) in verdicts.into_iter().zip(duplicate).enumerate() {
             match verdict {
                 Verdict::Accepted(_) if dup => duplicates += 1,
                 Verdict::Accepted(m) => {
-                    batch.push_with(|out| {
+                    records.push_with(|out| {
+                        let id = &m.message_id;
                         Entry::encode(
                             out,
                             Status::Accepted,
                             received_at,
                             &source.name,
-                            &m.message_id,
+                            id,
                             "",
                             |out| m.write_json(out),
                         )
@@ -272,13 +230,14 @@ impl Ingest {
                     message_id,
                     reason,
                 } => {
-                    batch.push_with(|out| {
+                    records.push_with(|out| {
+                        let id = message_id.as_deref().unwrap_or("");
                         Entry::encode(
                             out,
                             Status::Rejected,
                             received_at,
                             &source.name,
-                            message_id.as_deref().unwrap_or(""),
+                            id,
                             &reason,
                             |out| out.extend_from_slice(raw),
                         )
@@ -292,10 +251,9 @@ impl Ingest {
             }
         }
 
-        let stored = report.accepted + report.rejected.len();
-        if let Err(e) = self.log.append(batch).await {
+        if let Err(e) = self.log.append(records).await {
             drop(reservation);
-            count(Outcome::Unavailable, stored + duplicates);
+            count(Outcome::Unavailable, request.messages.len());
             return Err(IngestError::Unavailable(e));
         }
         reservation.commit(received_at);
@@ -309,6 +267,74 @@ impl Ingest {
         }
         Ok(report)
     }
+
+    /// Parses the envelope (one message, or a batch with its shared fields), finds the source and
+    /// applies the request-level limits. The messages stay raw.
+    fn read<'b>(
+        &self,
+        shape: Shape,
+        body: &'b [u8],
+        basic_key: Option<&str>,
+    ) -> Result<Request<'_, 'b>, IngestError> {
+        let malformed = |e: serde_json::Error| IngestError::Malformed(e.to_string());
+        match shape {
+            Shape::Single(_) => {
+                if body.len() > MAX_MESSAGE_BYTES {
+                    return Err(IngestError::TooLarge(Limit::Message));
+                }
+                let raw: &RawValue = serde_json::from_slice(body).map_err(malformed)?;
+                let body_key = match basic_key {
+                    None => peek(raw).write_key,
+                    Some(_) => None,
+                };
+                Ok(Request {
+                    source: self.source(basic_key.or(body_key.as_deref()))?,
+                    defaults: BatchDefaults::default(),
+                    messages: vec![raw],
+                })
+            }
+            Shape::Batch => {
+                let parsed: BatchBody = serde_json::from_slice(body).map_err(malformed)?;
+                let source = self.source(basic_key.or(parsed.write_key.as_deref()))?;
+                let messages = parsed
+                    .batch
+                    .ok_or_else(|| IngestError::Malformed("`batch` is missing".into()))?;
+                if messages.len() > MAX_BATCH_MESSAGES {
+                    return Err(IngestError::TooLarge(Limit::BatchCount));
+                }
+                Ok(Request {
+                    source,
+                    defaults: BatchDefaults {
+                        sent_at: parsed.sent_at.as_deref().and_then(rules::parse_time),
+                        context: parsed.context,
+                        integrations: parsed.integrations,
+                    },
+                    messages,
+                })
+            }
+        }
+    }
+
+    fn check_rate(&self, source: &SourceConfig, messages: usize) -> Result<(), IngestError> {
+        self.limits.check(&source.name, messages).map_err(|over| {
+            let message = if over.larger_than_burst {
+                format!("{messages} messages is more than this source's rate limit allows at once")
+            } else {
+                "rate limit exceeded for this source".to_string()
+            };
+            IngestError::RateLimited {
+                retry_after: over.retry_after,
+                message,
+            }
+        })
+    }
+}
+
+/// A request whose envelope has been read.
+struct Request<'s, 'b> {
+    source: &'s SourceConfig,
+    defaults: BatchDefaults,
+    messages: Vec<&'b RawValue>,
 }
 
 /// Applies the size limit and the field rules to one raw message.
@@ -325,10 +351,10 @@ fn check<'a>(
         reason,
     };
     if bytes.len() > MAX_MESSAGE_BYTES {
-        return rejected(message_id_of(raw), Limit::Message.describe().to_string());
+        return rejected(peek(raw).message_id, Limit::Message.describe().to_string());
     }
     match serde_json::from_str::<RawMessage>(raw.get()) {
-        Err(e) => rejected(message_id_of(raw), strip_position(&e)),
+        Err(e) => rejected(peek(raw).message_id, strip_position(&e)),
         Ok(parsed) => {
             let message_id = parsed.message_id.clone();
             match rules::apply(parsed, path_type, defaults, received_at) {
@@ -349,23 +375,18 @@ fn strip_position(e: &serde_json::Error) -> String {
     }
 }
 
-/// The messageId of a message that failed to parse as one, if it has a readable one.
-fn message_id_of(raw: &RawValue) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Id {
-        #[serde(rename = "messageId")]
-        message_id: Option<String>,
-    }
-    serde_json::from_str::<Id>(raw.get()).ok()?.message_id
+/// The top-level strings Sluice needs before (or without) reading a message in full: the write key
+/// of a single-message call, and the messageId of a message that failed to parse as one.
+#[derive(Deserialize, Default)]
+struct Peek {
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
 }
 
-fn write_key_of(raw: &RawValue) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Key {
-        #[serde(rename = "writeKey")]
-        write_key: Option<String>,
-    }
-    serde_json::from_str::<Key>(raw.get()).ok()?.write_key
+fn peek(raw: &RawValue) -> Peek {
+    serde_json::from_str(raw.get()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -102,7 +102,10 @@ pub fn apply(
     };
     let received_at = to_micros(received_at);
     let timestamp = match (device_time, sent_at) {
-        (Some(ts), Some(sent)) => to_micros(received_at - (sent - ts)),
+        // Dates near the ends of the calendar could overflow; then the device's time stands.
+        (Some(ts), Some(sent)) => received_at
+            .checked_sub_signed(sent - ts)
+            .map_or(ts, to_micros),
         (Some(ts), None) => ts,
         (None, _) => received_at,
     };
@@ -405,6 +408,20 @@ mod tests {
         .unwrap();
         assert_eq!(m.timestamp, now);
         assert_eq!(m.original_timestamp, None);
+    }
+
+    #[test]
+    fn absurd_dates_do_not_panic() {
+        let m = admit(
+            r#"{"type":"track","userId":"u","event":"E",
+                "timestamp":"0001-01-01T00:00:00Z","sentAt":"9999-12-31T23:59:59Z"}"#,
+        )
+        .unwrap();
+        // Ten thousand years of skew is corrected like any other.
+        assert_eq!(
+            m.timestamp,
+            m.received_at - (at("9999-12-31T23:59:59Z") - at("0001-01-01T00:00:00Z"))
+        );
     }
 
     #[test]

@@ -162,3 +162,35 @@ async fn recovers_from_snapshot_plus_log_after_a_restart() {
     let (_r, dups) = dedup.reserve(&keys, now, log.end());
     assert_eq!(dups, vec![true, true, false, false]);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    proptest! {
+        /// Under capacity, a copy within the window is always caught, and an id never accepted is
+        /// never called a duplicate. (Ids older than the window may be remembered a little longer,
+        /// up to one generation.)
+        #[test]
+        fn catches_every_copy_within_the_window(
+            events in proptest::collection::vec((0u64..50, 0i64..600), 1..300)
+        ) {
+            let d = Dedup::new(&config(1000, 1_000_000), Default::default());
+            let mut accepted_at: HashMap<u64, i64> = HashMap::new();
+            let mut now = 0i64;
+            for (key, step) in events {
+                now += step;
+                let dup = accept(&d, &[key], t(now))[0];
+                match accepted_at.get(&key) {
+                    None => prop_assert!(!dup, "never seen, yet a duplicate"),
+                    Some(&first) if now - first <= 1000 => prop_assert!(dup, "seen {}s ago", now - first),
+                    Some(_) => {}
+                }
+                if !dup {
+                    accepted_at.insert(key, now);
+                }
+            }
+        }
+    }
+}

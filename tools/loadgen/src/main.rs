@@ -382,5 +382,11 @@ fn main() {
             mb(*rss.last().unwrap()),
             rss.len()
         );
+        let series: Vec<String> = rss
+            .iter()
+            .step_by(10)
+            .map(|k| format!("{:.0}", mb(*k)))
+            .collect();
+        println!("server RSS MB   every 10 s: {}", series.join(" "));
     }
 }
