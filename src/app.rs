@@ -45,7 +45,7 @@ pub async fn run_with_clock(
     )
     .with_context(|| format!("opening the intake log in {}", config.log.dir.display()))?;
     let log = Arc::new(log);
-    let (dedup, mut dedup_consumer) = {
+    let (dedup, dedup_consumer) = {
         let log = log.clone();
         let config = config.clone();
         let metrics = metrics.dedup.clone();
@@ -95,33 +95,7 @@ pub async fn run_with_clock(
     tracing::info!(%address, workers, log = %config.log.dir.display(), "sluice is serving");
 
     // Dedup snapshots, so that a restart replays only a short stretch of the log.
-    let (stop_checkpoints, mut checkpoints_stopped) = tokio::sync::watch::channel(false);
-    let checkpoints = {
-        let (dedup, log) = (dedup.clone(), log.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(dedup::CHECKPOINT_EVERY);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = checkpoints_stopped.changed() => break,
-                }
-                let (d, l) = (dedup.clone(), log.clone());
-                let mut consumer = dedup_consumer;
-                let (back, result) = tokio::task::spawn_blocking(move || {
-                    let result = dedup::checkpoint(&d, &l, &mut consumer);
-                    (consumer, result)
-                })
-                .await
-                .expect("checkpoint task panicked");
-                dedup_consumer = back;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "dedup checkpoint failed; will retry");
-                }
-            }
-            dedup_consumer
-        })
-    };
+    let checkpoints = dedup::Checkpoints::start(dedup, log.clone(), dedup_consumer)?;
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down: no new connections; finishing requests in flight"),
@@ -135,29 +109,21 @@ pub async fn run_with_clock(
     state.shutting_down.store(true, Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + config.server.shutdown_timeout;
     let mut abandoned = Vec::new();
-    let graceful = server_handle.stop(true);
-    if tokio::time::timeout_at(deadline, graceful).await.is_err() {
+    if tokio::time::timeout_at(deadline, server_handle.stop(true))
+        .await
+        .is_err()
+    {
         abandoned.push("HTTP requests in flight");
     }
-    let closing = {
-        let log = log.clone();
-        tokio::task::spawn_blocking(move || log.close())
-    };
+    let closing = tokio::task::spawn_blocking(move || log.close());
     if tokio::time::timeout_at(deadline, closing).await.is_err() {
         abandoned.push("intake log writes");
     }
-    let _ = stop_checkpoints.send(true);
-    match tokio::time::timeout_at(deadline, checkpoints).await {
-        Ok(Ok(mut consumer)) => {
-            let final_checkpoint =
-                tokio::task::spawn_blocking(move || dedup::checkpoint(&dedup, &log, &mut consumer));
-            match tokio::time::timeout_at(deadline, final_checkpoint).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => {
-                    tracing::error!(error = %e, "final dedup checkpoint failed; the next start replays more of the log")
-                }
-                _ => abandoned.push("dedup checkpoint"),
-            }
+    let final_checkpoint = tokio::task::spawn_blocking(move || checkpoints.finish());
+    match tokio::time::timeout_at(deadline, final_checkpoint).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = %e, "final dedup checkpoint failed; the next start replays more of the log")
         }
         _ => abandoned.push("dedup checkpoint"),
     }

@@ -447,5 +447,42 @@ pub fn checkpoint(dedup: &Dedup, log: &IntakeLog, consumer: &mut Consumer) -> io
 /// How often [`checkpoint`] runs while serving.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
+/// The thread that writes a checkpoint every [`CHECKPOINT_EVERY`].
+pub struct Checkpoints {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
+impl Checkpoints {
+    pub fn start(
+        dedup: Arc<Dedup>,
+        log: Arc<IntakeLog>,
+        mut consumer: Consumer,
+    ) -> io::Result<Self> {
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("sluice-dedup-checkpoints".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(e) = checkpoint(&dedup, &log, &mut consumer) {
+                        tracing::error!(error = %e, "dedup checkpoint failed; will retry");
+                    }
+                }
+                checkpoint(&dedup, &log, &mut consumer)
+            })?;
+        Ok(Checkpoints { stop, thread })
+    }
+
+    /// Stops the loop after one last checkpoint; call once nothing appends any more.
+    pub fn finish(self) -> io::Result<()> {
+        let _ = self.stop.send(());
+        self.thread
+            .join()
+            .map_err(|_| io::Error::other("the dedup checkpoint thread panicked"))?
+    }
+}
+
 #[cfg(test)]
 mod tests;
