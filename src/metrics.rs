@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// The HTTP routes, as a label.
+/// The tracking routes, as a label (short aliases count as their long form).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Route {
     Track,
@@ -26,10 +26,6 @@ pub enum Route {
     Group,
     Alias,
     Batch,
-    Settings,
-    Preflight,
-    Ops,
-    Other,
 }
 
 impl Route {
@@ -42,10 +38,6 @@ impl Route {
             Route::Group => "group",
             Route::Alias => "alias",
             Route::Batch => "batch",
-            Route::Settings => "settings",
-            Route::Preflight => "preflight",
-            Route::Ops => "ops",
-            Route::Other => "other",
         }
     }
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The interop suite: the official Segment clients (segment-analytics-python from PyPI,
-# @segment/analytics-node from npm) send real traffic to the sluice binary over loopback, and
-# `sluice log dump` shows that every message arrived exactly once, intact.
+# @segment/analytics-node from npm, and @segment/analytics-next in headless Chromium on a page of
+# another origin) send real traffic to the sluice binary over loopback, and `sluice log dump` shows
+# that every message arrived exactly once, intact.
 #
 #   tests/interop/run.sh [path/to/sluice]
 #
@@ -27,6 +28,17 @@ fi
 (cd "$here" && npm install --no-audit --no-fund --loglevel=error >/dev/null)
 py="$cache/venv/bin/python"
 
+# Chromium for the analytics.js check, from Debian's packages.
+chromium="${CHROMIUM:-$(command -v chromium || true)}"
+if [ -z "$chromium" ]; then
+  echo "interop: installing chromium"
+  if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; then
+    chromium="$(command -v chromium)"
+  else
+    echo "interop: SKIPPING the browser check: chromium could not be installed (apt-get needs root)" >&2
+  fi
+fi
+
 work="$(mktemp -d)"
 server_pid=""
 cleanup() {
@@ -48,6 +60,10 @@ write_key = "interop-python-key"
 name = "node"
 write_key = "interop-node-key"
 
+[[sources]]
+name = "browser"
+write_key = "interop-browser-key"
+
 [log]
 dir = "data/log"
 TOML
@@ -64,6 +80,22 @@ host="http://127.0.0.1:$port"
 "$py" "$here/send_python.py" --host "$host" --write-key interop-python-key --out "$work/python.jsonl"
 node "$here/send_node.mjs" --host "$host" --write-key interop-node-key --out "$work/node.jsonl"
 
+checks=("python=$work/python.jsonl" "node=$work/node.jsonl")
+if [ -n "$chromium" ]; then
+  # The page is served from another port, so every call to Sluice is cross-origin.
+  mkdir -p "$work/site"
+  cp "$here/browser/page.html" "$work/site/"
+  ln -s "$here/node_modules/@segment/analytics-next/dist/umd" "$work/site/umd"
+  site_port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  "$py" -m http.server "$site_port" --bind 127.0.0.1 --directory "$work/site" >/dev/null 2>&1 &
+  site_pid=$!
+  sleep 0.5
+  CHROMIUM="$chromium" node "$here/browser/run_page.mjs" \
+    "http://127.0.0.1:$site_port/page.html?sluice=$host&writeKey=interop-browser-key"
+  kill "$site_pid" || true
+  checks+=("browser=$here/browser/expected.jsonl")
+fi
+
 # A clean stop: SIGTERM, exit status 0.
 kill -TERM "$server_pid"
 status=0
@@ -76,4 +108,4 @@ if [ "$status" -ne 0 ]; then
 fi
 
 "$bin" --config "$work/sluice.toml" log dump > "$work/log.jsonl"
-"$py" "$here/check.py" "$work/log.jsonl" "python=$work/python.jsonl" "node=$work/node.jsonl"
+"$py" "$here/check.py" "$work/log.jsonl" "${checks[@]}"
