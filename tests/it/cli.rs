@@ -105,3 +105,44 @@ fn log_dump_prints_json_lines_from_an_offset_or_a_cursor() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no consumer named `nobody`"));
 }
+
+#[test]
+fn serve_logs_json_lines_with_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, config_text(&format!("127.0.0.1:{port}"), "")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "--log-format",
+            "json",
+            "--config",
+            path.to_str().unwrap(),
+            "serve",
+        ])
+        .env("SLUICE_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = std::time::Instant::now();
+    while try_request(addr, "GET", "/healthz", &[], b"").is_err() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let messages: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["fields"]["message"].as_str())
+        .collect();
+    assert!(messages.contains(&"sluice is serving"), "{messages:?}");
+    assert!(messages.contains(&"shut down cleanly"), "{messages:?}");
+}
