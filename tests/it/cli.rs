@@ -112,7 +112,7 @@ fn serve_logs_json_lines_with_log_format_json() {
     let port = free_port();
     let path = dir.path().join("sluice.toml");
     std::fs::write(&path, config_text(&format!("127.0.0.1:{port}"), "")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args([
             "--log-format",
             "json",
