@@ -1,6 +1,7 @@
 //! The wiring: the only module that knows the whole chain. It opens the intake log, rebuilds
-//! the dedup state, starts the HTTP edge on the listener it is given, runs the background tasks,
-//! and on shutdown drains the stages in the order data flows through them.
+//! the dedup state, starts the lake writer and the HTTP edge on the listener it is given, runs the
+//! background tasks, and on shutdown drains the stages in the order data flows through them:
+//! edge, log, lake, dedup checkpoint.
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -15,7 +16,10 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingest::{dedup, Ingest};
 use crate::intake_log::{IntakeLog, LogOptions};
+use crate::lake::writer::{FlushPolicy, Stopped};
+use crate::lake::{LakeHandle, LakeStore};
 use crate::metrics::Metrics;
+use crate::query::{QueryEngine, QueryLimits};
 
 /// Runs the server until `shutdown` resolves, then stops it gracefully.
 pub async fn run(
@@ -54,6 +58,26 @@ pub async fn run_with_clock(
             .context("rebuilding the dedup state")?
     };
 
+    // The lake registers its log consumer before anything can trim the log.
+    let lake_store = LakeStore::from_url(&config.storage.url)?;
+    let lake = LakeHandle::start(
+        lake_store.clone(),
+        &log,
+        FlushPolicy {
+            interval: config.storage.flush_interval,
+            ..FlushPolicy::default()
+        },
+        metrics.lake.clone(),
+    )
+    .context("starting the lake writer")?;
+    let query_runtime = QueryRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sluice-query")
+            .enable_all()
+            .build()?,
+    ));
+
     let ingest = Arc::new(Ingest::new(
         &config,
         dedup.clone(),
@@ -69,6 +93,15 @@ pub async fn run_with_clock(
         registry: metrics.registry(),
         metrics: metrics.clone(),
         shutting_down: Default::default(),
+        query: QueryEngine::new(
+            lake_store,
+            QueryLimits {
+                memory: config.query.memory_limit as usize,
+                timeout: config.query.timeout,
+            },
+        ),
+        query_runtime: query_runtime.handle(),
+        query_slots: Arc::new(tokio::sync::Semaphore::new(2)),
     });
 
     let address = listener.local_addr()?;
@@ -119,6 +152,16 @@ pub async fn run_with_clock(
     if tokio::time::timeout_at(deadline, closing).await.is_err() {
         abandoned.push("intake log writes");
     }
+    let lake_done = tokio::task::spawn_blocking(move || lake.finish());
+    match tokio::time::timeout_at(deadline, lake_done).await {
+        Ok(Ok(Ok(Stopped::Flushed))) => {}
+        Ok(Ok(Ok(Stopped::Abandoned))) => abandoned.push("lake flush (storage failing)"),
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = %e, "the lake writer failed; the next start redoes its work from the log")
+        }
+        _ => abandoned.push("lake flush"),
+    }
+    drop(query_runtime);
     let final_checkpoint = tokio::task::spawn_blocking(move || checkpoints.finish());
     match tokio::time::timeout_at(deadline, final_checkpoint).await {
         Ok(Ok(Ok(()))) => {}
@@ -139,4 +182,26 @@ pub async fn run_with_clock(
         );
     }
     Ok(())
+}
+
+/// The runtime admin queries run on; dropping it abandons queries still running (it may be dropped
+/// from async code, where a plain runtime refuses to be dropped).
+struct QueryRuntime(Option<tokio::runtime::Runtime>);
+
+impl QueryRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("present until dropped")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }

@@ -6,6 +6,8 @@ use std::path::Path;
 use crate::config::Config;
 use crate::entry::Entry;
 use crate::intake_log;
+use crate::lake::LakeStore;
+use crate::query::{self, Format, QueryEngine, QueryLimits};
 
 /// `sluice check`: every problem in the deployment's files, one per line as `file:line:col:
 /// message`. Returns whether everything is fine.
@@ -76,4 +78,21 @@ pub fn log_dump(log_dir: &Path, from: DumpFrom, out: &mut dyn Write) -> anyhow::
         other => other?,
     }
     Ok(count)
+}
+
+/// `sluice query`: runs SQL over the lake and prints the result.
+pub async fn query(
+    config: &Config,
+    sql: &str,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let store = LakeStore::from_url(&config.storage.url)?;
+    let limits = QueryLimits {
+        memory: config.query.memory_limit as usize,
+        timeout: config.query.timeout,
+    };
+    let result = QueryEngine::new(store, limits).sql(sql).await?;
+    query::write(&result, format, out)?;
+    Ok(())
 }

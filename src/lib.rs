@@ -22,4 +22,6 @@ pub mod entry;
 pub mod http;
 pub mod ingest;
 pub mod intake_log;
+pub mod lake;
 pub mod metrics;
+pub mod query;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::commands::{self, DumpFrom};
 use sluice::config::Config;
+use sluice::query::Format;
 
 #[derive(Parser)]
 #[command(
@@ -37,11 +38,24 @@ enum Command {
     Serve,
     /// Check the config and print every problem as file:line:col: message.
     Check,
+    /// Run SQL over the lake (tables `events` and `quarantine`, partitioned by `date`).
+    Query {
+        sql: String,
+        #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
+        format: QueryFormat,
+    },
     /// Work with the intake log.
     Log {
         #[command(subcommand)]
         command: LogCommand,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QueryFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +81,26 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(e) => fail(e.into()),
         },
+        Command::Query { sql, format } => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(problems) => return print_problems(&problems),
+            };
+            let format = match format {
+                QueryFormat::Table => Format::Table,
+                QueryFormat::Json => Format::Json,
+                QueryFormat::Csv => Format::Csv,
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => return fail(e.into()),
+            };
+            let mut out = std::io::stdout().lock();
+            match runtime.block_on(commands::query(&config, &sql, format, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::Log {
             command: LogCommand::Dump { from, cursor },
         } => {

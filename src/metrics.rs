@@ -135,10 +135,35 @@ pub struct DedupMetrics {
     pub evicted: Counter,
 }
 
+/// Metrics the lake writer updates.
+pub struct LakeMetrics {
+    pub files_written: Counter,
+    pub bytes_written: Counter,
+    pub rows_written: Counter,
+    /// Accepted entries that could not become event rows and went to the quarantine.
+    pub misfiled: Counter,
+    pub flush_seconds: Histogram,
+    pub flush_errors: Counter,
+}
+
+impl Default for LakeMetrics {
+    fn default() -> Self {
+        LakeMetrics {
+            files_written: Counter::default(),
+            bytes_written: Counter::default(),
+            rows_written: Counter::default(),
+            misfiled: Counter::default(),
+            flush_seconds: latency_histogram(),
+            flush_errors: Counter::default(),
+        }
+    }
+}
+
 pub struct Metrics {
     pub ingest: Arc<IngestMetrics>,
     pub log: Arc<LogMetrics>,
     pub dedup: Arc<DedupMetrics>,
+    pub lake: Arc<LakeMetrics>,
     pub state: StateGauges,
 }
 
@@ -170,6 +195,7 @@ impl Default for Metrics {
             }),
             log: Arc::new(LogMetrics::default()),
             dedup: Arc::new(DedupMetrics::default()),
+            lake: Arc::new(LakeMetrics::default()),
             state: StateGauges::default(),
         }
     }
@@ -256,6 +282,37 @@ impl Metrics {
             "dedup_evicted",
             "messageIds forgotten before their window ended, to keep memory bounded",
             self.dedup.evicted.clone(),
+        );
+        let k = &self.lake;
+        r.register(
+            "lake_files_written",
+            "Parquet files written to the lake",
+            k.files_written.clone(),
+        );
+        r.register(
+            "lake_bytes_written",
+            "Bytes of Parquet written to the lake",
+            k.bytes_written.clone(),
+        );
+        r.register(
+            "lake_rows_written",
+            "Rows written to the lake, all tables",
+            k.rows_written.clone(),
+        );
+        r.register(
+            "lake_misfiled",
+            "Accepted messages that could not become event rows and were filed in the quarantine",
+            k.misfiled.clone(),
+        );
+        r.register(
+            "lake_flush_duration_seconds",
+            "Time to write one flush (all its files) and commit it",
+            k.flush_seconds.clone(),
+        );
+        r.register(
+            "lake_flush_errors",
+            "Lake flushes that failed and are retried (storage unreachable, for one)",
+            k.flush_errors.clone(),
         );
         r
     }

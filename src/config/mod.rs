@@ -30,6 +30,7 @@ pub struct Config {
     pub schemas: SchemasConfig,
     pub segments: FolderConfig,
     pub destinations: FolderConfig,
+    pub query: QueryConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +93,14 @@ pub struct SchemasConfig {
     pub dir: PathBuf,
     pub unplanned: Unplanned,
     pub violations: Violations,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    /// Memory one query may use before it fails.
+    pub memory_limit: u64,
+    /// Time one query may run before it is stopped.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -349,6 +358,19 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     let segments = read_folder(r, root, "segments", base);
     let destinations = read_folder(r, root, "destinations", base);
 
+    let query = {
+        let (mut memory_limit, mut timeout) = (None, None);
+        if let Some(mut s) = r.section(root, "query") {
+            memory_limit = r.size(&mut s, "memory_limit");
+            timeout = r.duration(&mut s, "timeout");
+            r.finish(s);
+        }
+        QueryConfig {
+            memory_limit: memory_limit.unwrap_or(1 << 30),
+            timeout: timeout.unwrap_or(Duration::from_secs(60)),
+        }
+    };
+
     Config {
         path: path.to_path_buf(),
         server,
@@ -359,6 +381,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         schemas,
         segments,
         destinations,
+        query,
     }
 }
 

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::ingest::{IngestError, Limit, Report};
 use crate::intake_log::AppendError;
+use crate::query::QueryError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,7 +20,13 @@ pub enum ApiError {
     #[error("{}", .0.describe())]
     TooLarge(Limit),
     #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Busy(&'static str),
+    #[error(transparent)]
+    Query(#[from] QueryError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
     #[error("internal error: {0}")]
@@ -35,7 +42,14 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Query(e) => match e {
+                QueryError::Invalid(_) => StatusCode::BAD_REQUEST,
+                QueryError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                QueryError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            },
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Ingest(e) => match e {
                 IngestError::Malformed(_) | IngestError::AllRejected(_) => StatusCode::BAD_REQUEST,
@@ -60,6 +74,9 @@ impl ResponseError for ApiError {
                 response.insert_header((header::RETRY_AFTER, secs));
                 // analytics.js reads this one.
                 response.insert_header(("X-RateLimit-Reset", secs));
+            }
+            ApiError::Busy(_) => {
+                response.insert_header((header::RETRY_AFTER, 1));
             }
             ApiError::Ingest(IngestError::Unavailable(e)) => {
                 response.insert_header((header::RETRY_AFTER, UNAVAILABLE_RETRY_AFTER.as_secs()));

@@ -2,6 +2,7 @@
 //! endpoints. It reads requests and writes answers; what a body means and where it goes is the
 //! ingest stage's job (`crate::ingest`), and `error` is the one place errors become statuses.
 
+mod admin;
 mod body;
 mod error;
 mod ops;
@@ -23,6 +24,7 @@ use crate::ingest::message::MessageType;
 use crate::ingest::{Ingest, Shape};
 use crate::intake_log::IntakeLog;
 use crate::metrics::{Metrics, RequestLabels, Route, RouteLabels};
+use crate::query::QueryEngine;
 pub use error::ApiError;
 
 /// What the handlers share.
@@ -34,6 +36,11 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub shutting_down: AtomicBool,
+    pub query: QueryEngine,
+    /// Where admin queries run, away from the HTTP workers.
+    pub query_runtime: tokio::runtime::Handle,
+    /// Admin queries allowed to run at once.
+    pub query_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -113,6 +120,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/projects/{write_key}/settings")
             .route(web::get().to(settings::project_settings))
             .route(web::method(Method::OPTIONS).to(preflight)),
+    )
+    .service(
+        web::resource("/admin/query")
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(1 << 20)
+                    .content_type_required(false)
+                    .error_handler(|e, _| {
+                        ApiError::BadRequest(format!("expected {{\"sql\": \"...\"}}: {e}")).into()
+                    }),
+            )
+            .route(web::post().to(admin::query)),
     )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))

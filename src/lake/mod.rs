@@ -1,0 +1,80 @@
+//! The lake: every entry of the intake log as Parquet in object storage, queryable by Sluice
+//! (`crate::query`) and by any engine that reads Parquet with hive partitioning.
+//!
+//! ```text
+//! <storage.url>/events/date=YYYY-MM-DD/<start>-<end>.parquet       accepted messages
+//! <storage.url>/quarantine/date=YYYY-MM-DD/<start>-<end>.parquet   rejected messages, with reason and raw JSON
+//! ```
+//!
+//! - [`store`]: `storage.url` to an object store; durable writes.
+//! - [`tables`]: the tables' Arrow schemas and row builders.
+//! - [`writer`]: the log consumer that writes flushes exactly once.
+//!
+//! The lake only reads the intake log (through its own consumer) and writes the object store; it
+//! never touches the HTTP edge or the other consumers.
+
+pub mod store;
+pub mod tables;
+pub mod writer;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::intake_log::IntakeLog;
+use crate::metrics::LakeMetrics;
+pub use store::LakeStore;
+use writer::{FlushPolicy, LakeWriter, Stopped, WriteError};
+
+/// The lake writer running on its own thread.
+pub struct LakeHandle {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Stopped, WriteError>>,
+}
+
+impl LakeHandle {
+    /// Registers the `lake` consumer (from now on the log keeps what the lake has not stored),
+    /// redoes an interrupted flush, and starts writing. Call from within the Tokio runtime that
+    /// should drive the object store's I/O.
+    pub fn start(
+        store: LakeStore,
+        log: &IntakeLog,
+        policy: FlushPolicy,
+        metrics: Arc<LakeMetrics>,
+    ) -> std::io::Result<LakeHandle> {
+        let consumer = log.consumer(writer::CONSUMER)?;
+        let runtime = tokio::runtime::Handle::current();
+        let writer = LakeWriter::new(store, consumer, log.dir(), policy, metrics, runtime)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("sluice-lake-writer".into())
+                .spawn(move || {
+                    let result = writer.run(stop);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "the lake writer stopped; the log keeps what it did not store");
+                    }
+                    result
+                })?
+        };
+        Ok(LakeHandle { stop, thread })
+    }
+
+    /// Whether the writer thread has ended (only on an error it could not retry).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Stores everything the log holds, then stops. Call after the log stopped taking appends.
+    pub fn finish(self) -> Result<Stopped, WriteError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|_| {
+            Err(WriteError::State(std::io::Error::other(
+                "the lake writer thread panicked",
+            )))
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,324 @@
+//! The lake writer against an in-memory store and a real log in a temporary folder.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use datafusion::arrow::array::AsArray;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use futures_util::TryStreamExt;
+use object_store::ObjectStoreExt;
+
+use super::writer::{Flush, FlushPolicy, LakeWriter};
+use super::LakeStore;
+use crate::entry::{Entry, Status};
+use crate::intake_log::{IntakeLog, LogOptions, RecordBatch};
+use crate::metrics::{LakeMetrics, LogMetrics};
+
+pub(crate) struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub log: IntakeLog,
+    pub store: LakeStore,
+}
+
+pub(crate) fn fixture(store: LakeStore) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let log = IntakeLog::open(
+        LogOptions {
+            dir: dir.path().to_path_buf(),
+            segment_size: 1 << 20,
+            max_size: 1 << 30,
+        },
+        Arc::new(LogMetrics::default()),
+    )
+    .unwrap();
+    Fixture { dir, log, store }
+}
+
+pub(crate) fn at(text: &str) -> DateTime<Utc> {
+    text.parse().unwrap()
+}
+
+/// An accepted track as the edge writes it.
+pub(crate) fn track(id: &str, event: &str, received: &str) -> Vec<u8> {
+    let body = format!(
+        r#"{{"type":"track","messageId":"{id}","userId":"u-{id}","event":"{event}","timestamp":"{received}","receivedAt":"{received}","properties":{{"plan":"pro","revenue":12.5}}}}"#
+    );
+    let mut out = Vec::new();
+    Entry::encode(
+        &mut out,
+        Status::Accepted,
+        at(received),
+        "web",
+        id,
+        "",
+        |b| b.extend_from_slice(body.as_bytes()),
+    );
+    out
+}
+
+pub(crate) fn rejected(id: &str, received: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    Entry::encode(
+        &mut out,
+        Status::Rejected,
+        at(received),
+        "web",
+        id,
+        "track needs `event`",
+        |b| b.extend_from_slice(format!(r#"{{"type":"track","messageId":"{id}"}}"#).as_bytes()),
+    );
+    out
+}
+
+pub(crate) async fn append(log: &IntakeLog, entries: &[Vec<u8>]) {
+    let mut batch = RecordBatch::default();
+    for e in entries {
+        batch.push(e);
+    }
+    log.append(batch).await.unwrap();
+}
+
+pub(crate) fn writer(f: &Fixture) -> LakeWriter {
+    let consumer = f.log.consumer(super::writer::CONSUMER).unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    LakeWriter::new(
+        f.store.clone(),
+        consumer,
+        f.dir.path(),
+        FlushPolicy::default(),
+        Arc::new(LakeMetrics::default()),
+        runtime,
+    )
+    .unwrap()
+}
+
+/// Reads everything the log holds from the lake consumer's cursor into one flush and writes it.
+pub(crate) fn flush_all(f: &Fixture, w: &mut LakeWriter) {
+    let start = f.log.consumer(super::writer::CONSUMER).unwrap().committed();
+    let mut flush = Flush::new(start);
+    for r in f.log.reader(start).read(usize::MAX).unwrap() {
+        flush.add(&r).unwrap();
+    }
+    w.write(&flush.finish().unwrap()).unwrap();
+}
+
+pub(crate) async fn files(store: &LakeStore) -> Vec<String> {
+    let mut names: Vec<String> = store
+        .store
+        .list(None)
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    names.sort();
+    names
+}
+
+async fn read_column(store: &LakeStore, path: &str, column: &str) -> Vec<String> {
+    let bytes = store
+        .store
+        .get(&object_store::path::Path::from(path))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let col = batch
+            .column_by_name(column)
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        out.extend(col.iter().map(|v| v.unwrap_or("").to_string()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_writes_one_file_per_table_and_date_named_by_its_range() {
+    let f = fixture(LakeStore::in_memory());
+    append(
+        &f.log,
+        &[
+            track("a", "Signed Up", "2026-03-01T23:59:59Z"),
+            rejected("r", "2026-03-01T23:59:59.5Z"),
+            track("b", "Signed Up", "2026-03-02T00:00:00Z"),
+        ],
+    )
+    .await;
+    let mut w = writer(&f);
+    tokio::task::block_in_place(|| flush_all(&f, &mut w));
+    assert_eq!(
+        files(&f.store).await,
+        vec![
+            "events/date=2026-03-01/00000000000000000000-00000000000000000003.parquet",
+            "events/date=2026-03-02/00000000000000000000-00000000000000000003.parquet",
+            "quarantine/date=2026-03-01/00000000000000000000-00000000000000000003.parquet",
+        ]
+    );
+    let ids = read_column(
+        &f.store,
+        "events/date=2026-03-01/00000000000000000000-00000000000000000003.parquet",
+        "message_id",
+    )
+    .await;
+    assert_eq!(ids, vec!["a"]);
+    let reasons = read_column(
+        &f.store,
+        "quarantine/date=2026-03-01/00000000000000000000-00000000000000000003.parquet",
+        "reason",
+    )
+    .await;
+    assert_eq!(reasons, vec!["track needs `event`"]);
+    assert_eq!(
+        f.log.consumer(super::writer::CONSUMER).unwrap().committed(),
+        3,
+        "the cursor moved past the flush"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_some_files_is_redone_into_the_same_files() {
+    let f = fixture(LakeStore::in_memory());
+    append(
+        &f.log,
+        &[
+            track("a", "E", "2026-03-01T10:00:00Z"),
+            track("b", "E", "2026-03-02T10:00:00Z"),
+        ],
+    )
+    .await;
+    let mut w = writer(&f);
+    // The crash: the range was recorded and one of the two files written, nothing committed.
+    let mut flush = Flush::new(0);
+    for r in f.log.reader(0).read(10).unwrap() {
+        flush.add(&r).unwrap();
+    }
+    let encoded = flush.finish().unwrap();
+    let pending = f.dir.path().join("lake.pending");
+    {
+        let mut b = 0u64.to_le_bytes().to_vec();
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
+        std::fs::write(&pending, b).unwrap();
+    }
+    let first = &encoded.files[0];
+    f.store
+        .store
+        .put(&f.store.path(&first.path), first.bytes.clone().into())
+        .await
+        .unwrap();
+    drop(w);
+
+    // More messages arrive before the restart; they must not join the redone flush.
+    append(&f.log, &[track("c", "E", "2026-03-01T11:00:00Z")]).await;
+    w = writer(&f);
+    tokio::task::block_in_place(|| w.recover()).unwrap();
+    assert!(!pending.exists());
+    assert_eq!(
+        files(&f.store).await,
+        vec![
+            "events/date=2026-03-01/00000000000000000000-00000000000000000002.parquet",
+            "events/date=2026-03-02/00000000000000000000-00000000000000000002.parquet",
+        ],
+        "the same two files, each once"
+    );
+    tokio::task::block_in_place(|| flush_all(&f, &mut w));
+    let all = files(&f.store).await;
+    assert_eq!(all.len(), 3);
+    assert!(
+        all[1].ends_with("00000000000000000002-00000000000000000003.parquet"),
+        "{all:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_thread_flushes_on_interval_and_on_stop() {
+    let f = fixture(LakeStore::in_memory());
+    let policy = FlushPolicy {
+        interval: std::time::Duration::from_millis(200),
+        max_rows: 1000,
+    };
+    let handle = super::LakeHandle::start(
+        f.store.clone(),
+        &f.log,
+        policy,
+        Arc::new(LakeMetrics::default()),
+    )
+    .unwrap();
+    append(&f.log, &[track("a", "E", "2026-03-01T10:00:00Z")]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while files(&f.store).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flush after the interval"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    append(&f.log, &[track("b", "E", "2026-03-01T10:00:01Z")]).await;
+    let stopped = tokio::task::spawn_blocking(move || handle.finish())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped, super::writer::Stopped::Flushed);
+    assert_eq!(
+        files(&f.store).await.len(),
+        2,
+        "stopping flushes what was read"
+    );
+    assert_eq!(
+        f.log.consumer(super::writer::CONSUMER).unwrap().committed(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_failures_are_retried_until_storage_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let store = LakeStore::from_url(&format!("file://{}", lake_dir.display())).unwrap();
+    // `events` is a file, so nothing can be written under it: storage is "down".
+    std::fs::write(lake_dir.join("events"), b"in the way").unwrap();
+    let f = fixture(store);
+    let metrics = Arc::new(LakeMetrics::default());
+    let policy = FlushPolicy {
+        interval: std::time::Duration::from_millis(50),
+        max_rows: 1000,
+    };
+    let handle =
+        super::LakeHandle::start(f.store.clone(), &f.log, policy, metrics.clone()).unwrap();
+    append(&f.log, &[track("a", "E", "2026-03-01T10:00:00Z")]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metrics.flush_errors.get() == 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        f.log.consumer(super::writer::CONSUMER).unwrap().committed(),
+        0,
+        "nothing committed while failing"
+    );
+    // Storage comes back.
+    std::fs::remove_file(lake_dir.join("events")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while f.log.consumer(super::writer::CONSUMER).unwrap().committed() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flush was not retried"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(lake_dir
+        .join("events/date=2026-03-01/00000000000000000000-00000000000000000001.parquet")
+        .exists());
+    tokio::task::spawn_blocking(move || handle.finish())
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -1,0 +1,200 @@
+//! SQL over the lake with DataFusion: `sluice query` and `POST /admin/query`.
+//!
+//! Every query gets a fresh session whose tables (`events`, `quarantine`) are listings of the
+//! lake's folders with the hive partition column `date` (a `DATE`), so a filter on `date` prunes
+//! whole folders and a query always sees the files present when it starts. The JSON columns are
+//! read with the functions of `datafusion-functions-json` (`json_get_str(properties, 'plan')`,
+//! `properties->>'plan'`, ...). A query is bounded by a memory pool and a timeout; it only reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::DataFusionError;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::lake::tables::Table;
+use crate::lake::LakeStore;
+
+/// How much a query may take.
+#[derive(Debug, Clone)]
+pub struct QueryLimits {
+    pub memory: usize,
+    pub timeout: Duration,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            memory: 1 << 30,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The statement is wrong: bad syntax, an unknown table or column, a type error.
+    #[error("{0}")]
+    Invalid(String),
+    /// Running it failed: a file could not be read, memory ran out.
+    #[error("{0}")]
+    Failed(String),
+    #[error("the query ran longer than {0:?} and was stopped")]
+    Timeout(Duration),
+}
+
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> Self {
+        match e.find_root() {
+            DataFusionError::SQL(..)
+            | DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..) => QueryError::Invalid(e.to_string()),
+            _ => QueryError::Failed(e.to_string()),
+        }
+    }
+}
+
+/// What a query returned.
+pub struct QueryResult {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl QueryResult {
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+}
+
+/// Runs SQL over one lake.
+#[derive(Clone)]
+pub struct QueryEngine {
+    store: LakeStore,
+    limits: QueryLimits,
+}
+
+impl QueryEngine {
+    pub fn new(store: LakeStore, limits: QueryLimits) -> Self {
+        QueryEngine { store, limits }
+    }
+
+    /// A session with the lake's tables registered.
+    pub async fn session(&self) -> Result<SessionContext, QueryError> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.limits.memory, 1.0)
+            .build_arc()?;
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("sluice", "lake");
+        let mut ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_object_store(&self.store.root_url, self.store.store.clone());
+        datafusion_functions_json::register_all(&mut ctx)?;
+        for table in [Table::Events, Table::Quarantine] {
+            self.register(&ctx, table.name(), table.schema()).await?;
+        }
+        Ok(ctx)
+    }
+
+    async fn register(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        schema: SchemaRef,
+    ) -> Result<(), QueryError> {
+        let url = ListingTableUrl::parse(self.store.table_url(name))?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(vec![("date".to_string(), DataType::Date32)]);
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(schema);
+        ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+        Ok(())
+    }
+
+    /// Runs one statement and collects its result.
+    pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        let ctx = self.session().await?;
+        let run = async {
+            let frame = ctx.sql(sql).await?;
+            let schema = frame.schema().inner().clone();
+            let batches = frame.collect().await?;
+            Ok::<_, QueryError>(QueryResult { schema, batches })
+        };
+        tokio::time::timeout(self.limits.timeout, run)
+            .await
+            .map_err(|_| QueryError::Timeout(self.limits.timeout))?
+    }
+}
+
+/// How `sluice query` prints a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    /// One JSON object per row, one per line.
+    Json,
+    Csv,
+}
+
+/// Writes a result in the given format.
+pub fn write(
+    result: &QueryResult,
+    format: Format,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    use datafusion::arrow::{csv, json, util::pretty};
+    let to_io = |e: datafusion::arrow::error::ArrowError| std::io::Error::other(e.to_string());
+    match format {
+        Format::Table => {
+            let table = pretty::pretty_format_batches(&result.batches).map_err(to_io)?;
+            writeln!(out, "{table}")?;
+            writeln!(
+                out,
+                "{} row{}",
+                result.rows(),
+                if result.rows() == 1 { "" } else { "s" }
+            )
+        }
+        Format::Json => {
+            let mut writer = json::LineDelimitedWriter::new(out);
+            for batch in &result.batches {
+                writer.write(batch).map_err(to_io)?;
+            }
+            writer.finish().map_err(to_io)
+        }
+        Format::Csv => {
+            let mut writer = csv::WriterBuilder::new().with_header(true).build(out);
+            if result.batches.is_empty() {
+                let empty = RecordBatch::new_empty(result.schema.clone());
+                return writer.write(&empty).map_err(to_io);
+            }
+            for batch in &result.batches {
+                writer.write(batch).map_err(to_io)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A result as JSON rows, for the admin API.
+pub fn to_json_rows(result: &QueryResult) -> Result<serde_json::Value, QueryError> {
+    let mut buf = Vec::new();
+    write(result, Format::Json, &mut buf).map_err(|e| QueryError::Failed(e.to_string()))?;
+    let rows: Result<Vec<serde_json::Value>, _> = buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_slice)
+        .collect();
+    rows.map(serde_json::Value::Array)
+        .map_err(|e| QueryError::Failed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,100 @@
+use super::*;
+use crate::lake::tests::{append, fixture, flush_all, rejected, track, writer};
+
+async fn lake_with_data() -> crate::lake::tests::Fixture {
+    let f = fixture(LakeStore::in_memory());
+    append(
+        &f.log,
+        &[
+            track("a", "Signed Up", "2026-03-01T10:00:00Z"),
+            track("b", "Signed Up", "2026-03-01T11:00:00Z"),
+            track("c", "Order Completed", "2026-03-02T10:00:00Z"),
+            rejected("r", "2026-03-02T10:00:01Z"),
+        ],
+    )
+    .await;
+    let mut w = writer(&f);
+    tokio::task::block_in_place(|| flush_all(&f, &mut w));
+    f
+}
+
+fn text(result: &QueryResult, format: Format) -> String {
+    let mut out = Vec::new();
+    write(result, format, &mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_by_event_with_partition_filter_and_json_functions() {
+    let f = lake_with_data().await;
+    let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+    let r = engine
+        .sql("SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY event")
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&r, Format::Json),
+        "{\"event\":\"Order Completed\",\"n\":1}\n{\"event\":\"Signed Up\",\"n\":2}\n"
+    );
+    let r = engine
+        .sql("SELECT message_id FROM events WHERE date = '2026-03-02'")
+        .await
+        .unwrap();
+    assert_eq!(text(&r, Format::Csv), "message_id\nc\n");
+    let r = engine
+        .sql("SELECT json_get_str(properties, 'plan') AS plan, sum(json_get_float(properties, 'revenue')) AS revenue FROM events GROUP BY 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&r, Format::Json),
+        "{\"plan\":\"pro\",\"revenue\":37.5}\n"
+    );
+    let r = engine
+        .sql("SELECT reason, raw FROM quarantine")
+        .await
+        .unwrap();
+    let rows = to_json_rows(&r).unwrap();
+    assert_eq!(rows[0]["reason"], "track needs `event`");
+    let table = text(
+        &engine
+            .sql("SELECT count(*) AS n FROM events")
+            .await
+            .unwrap(),
+        Format::Table,
+    );
+    assert!(
+        table.contains("| 3 |") && table.ends_with("1 row\n"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sql_is_invalid_not_a_crash() {
+    let f = lake_with_data().await;
+    let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+    for sql in [
+        "SELEC 1",
+        "SELECT nope FROM events",
+        "SELECT * FROM missing_table",
+    ] {
+        match engine.sql(sql).await {
+            Err(QueryError::Invalid(message)) => assert!(!message.is_empty()),
+            Err(other) => panic!("{sql}: {other:?}"),
+            Ok(_) => panic!("{sql} ran"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_lake_answers_with_no_rows() {
+    let f = fixture(LakeStore::in_memory());
+    let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+    let r = engine
+        .sql("SELECT count(*) AS n FROM events")
+        .await
+        .unwrap();
+    assert_eq!(text(&r, Format::Json), "{\"n\":0}\n");
+    let r = engine.sql("SELECT * FROM quarantine").await.unwrap();
+    assert_eq!(r.rows(), 0);
+    assert!(text(&r, Format::Csv).starts_with("received_at,source,message_id"));
+}
