@@ -2,7 +2,8 @@
 # The interop suite: the official Segment clients (segment-analytics-python from PyPI,
 # @segment/analytics-node from npm, and @segment/analytics-next in headless Chromium on a page of
 # another origin) send real traffic to the sluice binary over loopback, and `sluice log dump` shows
-# that every message arrived exactly once, intact.
+# that every message arrived exactly once, intact. The lake goes to an S3-compatible server (moto,
+# from PyPI) and is read back with pyarrow, DuckDB and `sluice query`.
 #
 #   tests/interop/run.sh [path/to/sluice]
 #
@@ -41,13 +42,28 @@ fi
 
 work="$(mktemp -d)"
 server_pid=""
+moto_pid=""
 cleanup() {
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then kill -9 "$server_pid" || true; fi
+  if [ -n "$moto_pid" ]; then kill "$moto_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# The S3-compatible server for the lake.
+s3_port="$(free_port)"
+"$cache/venv/bin/moto_server" -H 127.0.0.1 -p "$s3_port" > "$work/moto.log" 2>&1 &
+moto_pid=$!
+export AWS_ACCESS_KEY_ID=interop AWS_SECRET_ACCESS_KEY=interop AWS_REGION=us-east-1
+export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" AWS_ALLOW_HTTP=true
+for _ in $(seq 1 100); do
+  if "$py" -c "import boto3; boto3.client('s3').create_bucket(Bucket='sluice-interop')" 2>/dev/null; then break; fi
+  sleep 0.2
+done
+
+port="$(free_port)"
 cat > "$work/sluice.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
@@ -63,6 +79,10 @@ write_key = "interop-node-key"
 [[sources]]
 name = "browser"
 write_key = "interop-browser-key"
+
+[storage]
+url = "s3://sluice-interop/lake"
+flush_interval = "1s"
 
 [log]
 dir = "data/log"
@@ -86,7 +106,7 @@ if [ -n "$chromium" ]; then
   mkdir -p "$work/site"
   cp "$here/browser/page.html" "$work/site/"
   ln -s "$here/node_modules/@segment/analytics-next/dist/umd" "$work/site/umd"
-  site_port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  site_port="$(free_port)"
   "$py" -m http.server "$site_port" --bind 127.0.0.1 --directory "$work/site" >/dev/null 2>&1 &
   site_pid=$!
   sleep 0.5
@@ -109,3 +129,10 @@ fi
 
 "$bin" --config "$work/sluice.toml" log dump > "$work/log.jsonl"
 "$py" "$here/check.py" "$work/log.jsonl" "${checks[@]}"
+
+# The lake: SIGTERM flushed it to S3; read it back three ways.
+"$bin" --config "$work/sluice.toml" query --format json \
+  "SELECT message_id, type, event, name, user_id, anonymous_id, group_id, previous_id, source, properties, traits FROM events" \
+  > "$work/lake.jsonl"
+"$py" "$here/check_lake.py" --endpoint "$AWS_ENDPOINT_URL" --bucket sluice-interop --prefix lake \
+  --mirror "$work/mirror" --sluice-json "$work/lake.jsonl" "${checks[@]}"
