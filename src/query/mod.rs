@@ -128,9 +128,62 @@ impl QueryEngine {
             let batches = frame.collect().await?;
             Ok::<_, QueryError>(QueryResult { schema, batches })
         };
-        tokio::time::timeout(self.limits.timeout, run)
-            .await
-            .map_err(|_| QueryError::Timeout(self.limits.timeout))?
+        match tokio::time::timeout(self.limits.timeout, run).await {
+            Err(_) => Err(QueryError::Timeout(self.limits.timeout)),
+            Ok(Err(QueryError::Failed(message))) if message.contains("Parquet error") => {
+                // DataFusion does not say which file; find out, so the operator can act.
+                let bad = self.unreadable_files().await;
+                if bad.is_empty() {
+                    Err(QueryError::Failed(message))
+                } else {
+                    Err(QueryError::Failed(format!(
+                        "{message}; unreadable file(s) in the lake: {}",
+                        bad.join(", ")
+                    )))
+                }
+            }
+            Ok(result) => result,
+        }
+    }
+
+    /// Parquet files of the lake whose footer cannot be read.
+    async fn unreadable_files(&self) -> Vec<String> {
+        use futures_util::TryStreamExt;
+        let listing = self.store.store.list(Some(&self.store.prefix));
+        let Ok(objects) = listing.try_collect::<Vec<_>>().await else {
+            return Vec::new();
+        };
+        let mut bad = Vec::new();
+        for object in objects {
+            if object.location.as_ref().ends_with(".parquet")
+                && !self.footer_readable(&object.location, object.size).await
+            {
+                bad.push(object.location.to_string());
+            }
+        }
+        bad
+    }
+
+    async fn footer_readable(&self, path: &object_store::path::Path, size: u64) -> bool {
+        use datafusion::parquet::file::metadata::{FooterTail, ParquetMetaDataReader};
+        use object_store::ObjectStoreExt;
+        let store = &self.store.store;
+        let Some(tail_start) = size.checked_sub(8) else {
+            return false;
+        };
+        let Ok(tail) = store.get_range(path, tail_start..size).await else {
+            return false;
+        };
+        let Ok(tail) = FooterTail::try_new(tail.as_ref().try_into().expect("8 bytes")) else {
+            return false;
+        };
+        let Some(start) = tail_start.checked_sub(tail.metadata_length() as u64) else {
+            return false;
+        };
+        match store.get_range(path, start..tail_start).await {
+            Ok(meta) => ParquetMetaDataReader::decode_metadata(&meta).is_ok(),
+            Err(_) => false,
+        }
     }
 }
 

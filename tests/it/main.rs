@@ -3,4 +3,5 @@
 mod cli;
 mod durability;
 mod http_api;
+mod lake;
 mod support;

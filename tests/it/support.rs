@@ -11,6 +11,7 @@ use serde_json::Value;
 use sluice::config::Config;
 
 pub const WRITE_KEY: &str = "test-key";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// A config with one source `web` (write key [`WRITE_KEY`]), the log under `dir`, and `extra`
 /// appended (more sections, or keys for a `[log]` section that `extra` opens itself).
@@ -20,6 +21,7 @@ pub fn config_text(listen: &str, extra: &str) -> String {
 [server]
 listen = "{listen}"
 shutdown_timeout = "10s"
+admin_token = "{ADMIN_TOKEN}"
 
 [[sources]]
 name = "web"
@@ -123,6 +125,10 @@ impl Server {
 
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("data/log")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sluice.toml")
     }
 }
 
