@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingest::{dedup, Ingest};
 use crate::intake_log::{IntakeLog, LogOptions};
+use crate::lake::compaction::{CompactionHandle, Compactor};
 use crate::lake::writer::{FlushPolicy, Stopped};
 use crate::lake::{LakeHandle, LakeStore};
 use crate::metrics::Metrics;
@@ -70,6 +71,22 @@ pub async fn run_with_clock(
         metrics.lake.clone(),
     )
     .context("starting the lake writer")?;
+    let compaction = {
+        let log_dir = config.log.dir.clone();
+        let committed = Arc::new(move || {
+            crate::intake_log::cursor::load(&log_dir, crate::lake::writer::CONSUMER)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        });
+        CompactionHandle::start(
+            Compactor::new(lake_store.clone()),
+            config.storage.compaction_interval,
+            committed,
+            clock.clone(),
+            tokio::runtime::Handle::current(),
+        )?
+    };
     let query_runtime = QueryRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -151,6 +168,13 @@ pub async fn run_with_clock(
     let closing = tokio::task::spawn_blocking(move || log.close());
     if tokio::time::timeout_at(deadline, closing).await.is_err() {
         abandoned.push("intake log writes");
+    }
+    let compaction_stopped = tokio::task::spawn_blocking(move || compaction.stop());
+    if tokio::time::timeout_at(deadline, compaction_stopped)
+        .await
+        .is_err()
+    {
+        abandoned.push("compaction pass");
     }
     let lake_done = tokio::task::spawn_blocking(move || lake.finish());
     match tokio::time::timeout_at(deadline, lake_done).await {

@@ -57,6 +57,8 @@ pub struct StorageConfig {
     /// `file://`, `s3://`, `gs://`, `az://` or `memory://`; a relative `file://` path is resolved.
     pub url: String,
     pub flush_interval: Duration,
+    /// How often closed partitions are compacted.
+    pub compaction_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +273,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     let storage = {
         let mut url = None;
         let mut flush_interval = None;
+        let mut compaction_interval = None;
         if let Some(mut s) = r.section(root, "storage") {
             url = r
                 .string(&mut s, "url")
@@ -282,6 +285,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                     }
                 });
             flush_interval = r.duration(&mut s, "flush_interval");
+            compaction_interval = r.duration(&mut s, "compaction_interval");
             r.finish(s);
         }
         StorageConfig {
@@ -289,6 +293,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                 resolve_storage_url("file://./data/lake", base).expect("default url is valid")
             }),
             flush_interval: flush_interval.unwrap_or(Duration::from_secs(10)),
+            compaction_interval: compaction_interval.unwrap_or(Duration::from_secs(600)),
         }
     };
 

@@ -9,12 +9,16 @@
 //! - [`store`]: `storage.url` to an object store; durable writes.
 //! - [`tables`]: the tables' Arrow schemas and row builders.
 //! - [`writer`]: the log consumer that writes flushes exactly once.
+//! - [`compaction`]: merges the small files of closed partitions.
+//! - [`view`]: hides files that compaction superseded from readers' listings.
 //!
 //! The lake only reads the intake log (through its own consumer) and writes the object store; it
 //! never touches the HTTP edge or the other consumers.
 
+pub mod compaction;
 pub mod store;
 pub mod tables;
+pub mod view;
 pub mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -143,6 +143,12 @@ impl LakeStore {
     /// Writes a whole object so that it appears at once, and returns only when it is durable.
     pub async fn put_durable(&self, path: &Path, bytes: bytes::Bytes) -> Result<(), StoreError> {
         self.store.put(path, PutPayload::from(bytes)).await?;
+        self.make_durable(path)
+    }
+
+    /// Makes an object just written durable: a no-op for object stores (a completed write is),
+    /// an fsync of the file and its folder for `file://`.
+    pub fn make_durable(&self, path: &Path) -> Result<(), StoreError> {
         if let Some(root) = &self.local_root {
             let file = root.join(path.as_ref());
             let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());

@@ -322,3 +322,188 @@ async fn storage_failures_are_retried_until_storage_returns() {
         .unwrap()
         .unwrap();
 }
+
+mod compaction {
+    use super::*;
+    use crate::lake::compaction::{Compactor, Pass};
+    use crate::query::{QueryEngine, QueryLimits};
+    use chrono::NaiveDate;
+
+    fn day(d: &str) -> NaiveDate {
+        d.parse().unwrap()
+    }
+
+    /// Three flushes into one closed partition (2026-03-01) and one into today's (2026-03-02).
+    async fn three_small_files() -> (Fixture, LakeWriter) {
+        let f = fixture(LakeStore::in_memory());
+        let mut w = writer(&f);
+        for (i, received) in [
+            "2026-03-01T10:00:00Z",
+            "2026-03-01T11:00:00Z",
+            "2026-03-01T12:00:00Z",
+            "2026-03-02T01:00:00Z",
+        ]
+        .iter()
+        .enumerate()
+        {
+            append(
+                &f.log,
+                &[
+                    track(&format!("m{i}"), "E", received),
+                    rejected(&format!("r{i}"), received),
+                ],
+            )
+            .await;
+            tokio::task::block_in_place(|| flush_all(&f, &mut w));
+        }
+        (f, w)
+    }
+
+    async fn ids(f: &Fixture) -> Vec<String> {
+        let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+        let r = engine
+            .sql("SELECT message_id FROM events ORDER BY message_id")
+            .await
+            .unwrap();
+        let rows = crate::query::to_json_rows(&r).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["message_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_partitions_are_merged_into_one_file_per_run() {
+        let (f, _w) = three_small_files().await;
+        let before = ids(&f).await;
+        let pass = Compactor::new(f.store.clone())
+            .run_once(day("2026-03-02"), 8)
+            .await
+            .unwrap();
+        assert_eq!(
+            pass,
+            Pass {
+                files_merged: 6,
+                files_written: 2,
+                superseded_deleted: 0
+            }
+        );
+        assert_eq!(
+            files(&f.store).await,
+            vec![
+                "events/date=2026-03-01/00000000000000000000-00000000000000000006.parquet",
+                "events/date=2026-03-02/00000000000000000006-00000000000000000008.parquet",
+                "quarantine/date=2026-03-01/00000000000000000000-00000000000000000006.parquet",
+                "quarantine/date=2026-03-02/00000000000000000006-00000000000000000008.parquet",
+            ]
+        );
+        assert_eq!(ids(&f).await, before, "the same rows, once each");
+        let again = Compactor::new(f.store.clone())
+            .run_once(day("2026-03-02"), 8)
+            .await
+            .unwrap();
+        assert_eq!(again, Pass::default(), "nothing left to do");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_past_the_writers_cursor_and_open_partitions_are_left_alone() {
+        let (f, _w) = three_small_files().await;
+        // The cursor is at 4: only the first two flushes (offsets 0..4) may be merged.
+        let pass = Compactor::new(f.store.clone())
+            .run_once(day("2026-03-02"), 4)
+            .await
+            .unwrap();
+        assert_eq!(pass.files_written, 2);
+        let names = files(&f.store).await;
+        assert!(names.contains(
+            &"events/date=2026-03-01/00000000000000000000-00000000000000000004.parquet".to_string()
+        ));
+        assert!(names.contains(
+            &"events/date=2026-03-01/00000000000000000004-00000000000000000006.parquet".to_string()
+        ));
+        // With today = 2026-03-01 nothing is closed.
+        let (g, _w) = three_small_files().await;
+        let pass = Compactor::new(g.store.clone())
+            .run_once(day("2026-03-01"), 8)
+            .await
+            .unwrap();
+        assert_eq!(pass, Pass::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_stay_under_the_target_size() {
+        let (f, _w) = three_small_files().await;
+        let one_file = f
+            .store
+            .store
+            .list(None)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()[0]
+            .size;
+        let pass = Compactor::new(f.store.clone())
+            .with_target_bytes(one_file * 2 + one_file / 2)
+            .run_once(day("2026-03-02"), 8)
+            .await
+            .unwrap();
+        // Three files of the closed events partition: a run of two, and one left alone.
+        assert!(pass.files_written >= 1);
+        assert!(files(&f.store)
+            .await
+            .iter()
+            .any(|n| n.ends_with("00000000000000000004-00000000000000000006.parquet")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_between_merge_and_delete_never_shows_a_row_twice() {
+        let (f, _w) = three_small_files().await;
+        let before = ids(&f).await;
+        // Compact a copy of the lake, then put the merged file beside the original inputs: the
+        // state a crash after the merged write and before the deletes leaves.
+        let inputs: Vec<_> = f
+            .store
+            .store
+            .list(None)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap();
+        let copy = LakeStore::in_memory();
+        for o in &inputs {
+            let bytes = f
+                .store
+                .store
+                .get(&o.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            copy.store.put(&o.location, bytes.into()).await.unwrap();
+        }
+        Compactor::new(copy.clone())
+            .run_once(day("2026-03-02"), 8)
+            .await
+            .unwrap();
+        let merged = object_store::path::Path::from(
+            "events/date=2026-03-01/00000000000000000000-00000000000000000006.parquet",
+        );
+        let bytes = copy
+            .store
+            .get(&merged)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        f.store.store.put(&merged, bytes.into()).await.unwrap();
+        assert_eq!(files(&f.store).await.len(), 9);
+        assert_eq!(ids(&f).await, before, "queries hide the superseded inputs");
+        let pass = Compactor::new(f.store.clone())
+            .run_once(day("2026-03-02"), 8)
+            .await
+            .unwrap();
+        assert_eq!(pass.superseded_deleted, 3);
+        assert_eq!(ids(&f).await, before);
+    }
+}

@@ -20,6 +20,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lake::tables::Table;
+use crate::lake::view::CompactedView;
 use crate::lake::LakeStore;
 
 /// How much a query may take.
@@ -94,7 +95,9 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_default_catalog_and_schema("sluice", "lake");
         let mut ctx = SessionContext::new_with_config_rt(config, runtime);
-        ctx.register_object_store(&self.store.root_url, self.store.store.clone());
+        // Listings through the view never show a row twice while compaction replaces files.
+        let view = CompactedView::new(self.store.store.clone());
+        ctx.register_object_store(&self.store.root_url, Arc::new(view));
         datafusion_functions_json::register_all(&mut ctx)?;
         for table in [Table::Events, Table::Quarantine] {
             self.register(&ctx, table.name(), table.schema()).await?;

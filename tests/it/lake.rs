@@ -277,3 +277,78 @@ fn sigkill_during_flushes_stores_every_acknowledged_message_exactly_once() {
     assert!(acked.len() > 1000, "{} acknowledged", acked.len());
     assert!(acked.iter().all(|id| counts.contains_key(id)));
 }
+
+#[test]
+fn sigkill_during_compaction_loses_and_doubles_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[storage]\nflush_interval = \"20ms\"\ncompaction_interval = \"50ms\"\n";
+    let config = dir.path().join("sluice.toml");
+    // Many small files: one flush per batch.
+    let mut sent = Vec::new();
+    {
+        let mut child = ChildServer::spawn(dir.path(), extra, |_| {});
+        for i in 0..40 {
+            let ids: Vec<String> = (0..50).map(|j| format!("cmp-{i}-{j}")).collect();
+            let r = request(
+                child.addr,
+                "POST",
+                "/v1/batch",
+                &[("Authorization", &basic(WRITE_KEY))],
+                batch_of(&ids).as_bytes(),
+            );
+            assert_eq!(r.status, 200);
+            sent.extend(ids);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        assert!(child.terminate().success());
+    }
+    // Make those files an old, closed partition.
+    let events = dir.path().join("data/lake/events");
+    let today = std::fs::read_dir(&events)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let old = events.join("date=2020-01-01");
+    std::fs::rename(&today, &old).unwrap();
+    let count_files = || {
+        std::fs::read_dir(&old)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "parquet")
+            })
+            .count()
+    };
+    let files_before = count_files();
+    assert!(files_before > 5, "{files_before} files");
+    // Kill the server at different moments of compaction passes.
+    for delay in [60, 90, 120, 150] {
+        let mut child = ChildServer::spawn(dir.path(), extra, |_| {});
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for id in message_ids(&config) {
+            *counts.entry(id).or_default() += 1;
+        }
+        assert!(
+            counts.values().all(|&n| n == 1),
+            "a row counted twice after a kill at {delay} ms"
+        );
+        assert!(
+            sent.iter().all(|id| counts.contains_key(id)),
+            "a row lost after a kill at {delay} ms"
+        );
+    }
+    let child = ChildServer::spawn(dir.path(), extra, |_| {});
+    wait_for("compaction to finish", || count_files() == 1);
+    drop(child);
+    let mut stored = message_ids(&config);
+    stored.sort();
+    sent.sort();
+    assert_eq!(stored, sent);
+}
