@@ -17,10 +17,11 @@ use crate::http::{self, AppState};
 use crate::ingest::{dedup, Ingest};
 use crate::intake_log::{IntakeLog, LogOptions};
 use crate::lake::compaction::{CompactionHandle, Compactor};
-use crate::lake::writer::{FlushPolicy, Stopped};
+use crate::lake::writer::{typed_tables, FlushPolicy, Stopped};
 use crate::lake::{LakeHandle, LakeStore};
 use crate::metrics::Metrics;
 use crate::query::{QueryEngine, QueryLimits};
+use crate::schema::Schemas;
 
 /// Runs the server until `shutdown` resolves, then stops it gracefully.
 pub async fn run(
@@ -59,6 +60,12 @@ pub async fn run_with_clock(
             .context("rebuilding the dedup state")?
     };
 
+    let (schemas, problems) = Schemas::load_dir(&config.schemas.dir);
+    for problem in &problems {
+        tracing::warn!(%problem, "schema file left out");
+    }
+    let typed = Arc::new(typed_tables(&schemas));
+
     // The lake registers its log consumer before anything can trim the log.
     let lake_store = LakeStore::from_url(&config.storage.url)?;
     let lake = LakeHandle::start(
@@ -68,6 +75,7 @@ pub async fn run_with_clock(
             interval: config.storage.flush_interval,
             ..FlushPolicy::default()
         },
+        typed.clone(),
         metrics.lake.clone(),
     )
     .context("starting the lake writer")?;
@@ -112,6 +120,7 @@ pub async fn run_with_clock(
         shutting_down: Default::default(),
         query: QueryEngine::new(
             lake_store,
+            typed.values().cloned().collect(),
             QueryLimits {
                 memory: config.query.memory_limit as usize,
                 timeout: config.query.timeout,

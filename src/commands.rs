@@ -12,25 +12,37 @@ use crate::query::{self, Format, QueryEngine, QueryLimits};
 /// `sluice check`: every problem in the deployment's files, one per line as `file:line:col:
 /// message`. Returns whether everything is fine.
 pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
-    match Config::load(config_path) {
-        Ok(config) => {
-            writeln!(
-                out,
-                "{}: ok ({} source{}, log in {})",
-                config_path.display(),
-                config.sources.len(),
-                if config.sources.len() == 1 { "" } else { "s" },
-                config.log.dir.display()
-            )?;
-            Ok(true)
-        }
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
         Err(problems) => {
             for p in &problems.0 {
                 writeln!(out, "{p}")?;
             }
-            Ok(false)
+            return Ok(false);
         }
+    };
+    let (schemas, problems) = crate::schema::Schemas::load_dir(&config.schemas.dir);
+    for p in &problems {
+        writeln!(out, "{p}")?;
     }
+    if !problems.is_empty() {
+        return Ok(false);
+    }
+    writeln!(
+        out,
+        "{}: ok ({} source{}, {} track event{} with a schema, log in {})",
+        config_path.display(),
+        config.sources.len(),
+        if config.sources.len() == 1 { "" } else { "s" },
+        schemas.tracks().count(),
+        if schemas.tracks().count() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        config.log.dir.display()
+    )?;
+    Ok(true)
 }
 
 /// Where `sluice log dump` starts.
@@ -92,7 +104,11 @@ pub async fn query(
         memory: config.query.memory_limit as usize,
         timeout: config.query.timeout,
     };
-    let result = QueryEngine::new(store, limits).sql(sql).await?;
+    let (schemas, _) = crate::schema::Schemas::load_dir(&config.schemas.dir);
+    let typed = crate::lake::writer::typed_tables(&schemas)
+        .into_values()
+        .collect();
+    let result = QueryEngine::new(store, typed, limits).sql(sql).await?;
     query::write(&result, format, out)?;
     Ok(())
 }

@@ -25,3 +25,4 @@ pub mod intake_log;
 pub mod lake;
 pub mod metrics;
 pub mod query;
+pub mod schema;

@@ -4,10 +4,12 @@
 //! ```text
 //! <storage.url>/events/date=YYYY-MM-DD/<start>-<end>.parquet       accepted messages
 //! <storage.url>/quarantine/date=YYYY-MM-DD/<start>-<end>.parquet   rejected messages, with reason and raw JSON
+//! <storage.url>/tracks/<event_slug>/date=YYYY-MM-DD/...             typed tables of track events with a schema
 //! ```
 //!
 //! - [`store`]: `storage.url` to an object store; durable writes.
 //! - [`tables`]: the tables' Arrow schemas and row builders.
+//! - [`typed`]: typed per-event tables derived from the schema registry's files.
 //! - [`writer`]: the log consumer that writes flushes exactly once.
 //! - [`compaction`]: merges the small files of closed partitions.
 //! - [`view`]: hides files that compaction superseded from readers' listings.
@@ -18,6 +20,7 @@
 pub mod compaction;
 pub mod store;
 pub mod tables;
+pub mod typed;
 pub mod view;
 pub mod writer;
 
@@ -27,7 +30,7 @@ use std::sync::Arc;
 use crate::intake_log::IntakeLog;
 use crate::metrics::LakeMetrics;
 pub use store::LakeStore;
-use writer::{FlushPolicy, LakeWriter, Stopped, WriteError};
+use writer::{FlushPolicy, LakeWriter, Stopped, TypedTables, WriteError};
 
 /// The lake writer running on its own thread.
 pub struct LakeHandle {
@@ -43,11 +46,12 @@ impl LakeHandle {
         store: LakeStore,
         log: &IntakeLog,
         policy: FlushPolicy,
+        typed: Arc<TypedTables>,
         metrics: Arc<LakeMetrics>,
     ) -> std::io::Result<LakeHandle> {
         let consumer = log.consumer(writer::CONSUMER)?;
         let runtime = tokio::runtime::Handle::current();
-        let writer = LakeWriter::new(store, consumer, log.dir(), policy, metrics, runtime)?;
+        let writer = LakeWriter::new(store, consumer, log.dir(), policy, metrics, runtime, typed)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();

@@ -197,13 +197,16 @@ fn opt_micros(field: &str, text: Option<&str>) -> Result<Option<i64>, RowError> 
 }
 
 impl EventsBuilder {
-    /// Adds an accepted entry; on error nothing is added.
-    pub fn append(&mut self, entry: &Entry) -> Result<(), RowError> {
+    /// Adds an accepted entry; on error nothing is added. Returns the event name of a track.
+    pub fn append(&mut self, entry: &Entry) -> Result<Option<String>, RowError> {
         let m: Stored = serde_json::from_slice(entry.body)
             .map_err(|e| RowError(format!("stored message does not parse: {e}")))?;
         let timestamp = micros("timestamp", &m.timestamp)?;
         let original = opt_micros("originalTimestamp", m.original_timestamp.as_deref())?;
         let sent_at = opt_micros("sentAt", m.sent_at.as_deref())?;
+        let track_event = (m.kind == "track")
+            .then(|| m.event.as_deref().map(str::to_string))
+            .flatten();
         self.message_id.append_value(&m.message_id);
         self.kind.append_value(&m.kind);
         self.event.append_option(m.event);
@@ -226,7 +229,7 @@ impl EventsBuilder {
         self.violations
             .append_option(m.violations.map(RawValue::get));
         self.rows += 1;
-        Ok(())
+        Ok(track_event)
     }
 
     pub fn len(&self) -> usize {

@@ -88,6 +88,7 @@ pub(crate) fn writer(f: &Fixture) -> LakeWriter {
         FlushPolicy::default(),
         Arc::new(LakeMetrics::default()),
         runtime,
+        Default::default(),
     )
     .unwrap()
 }
@@ -95,7 +96,7 @@ pub(crate) fn writer(f: &Fixture) -> LakeWriter {
 /// Reads everything the log holds from the lake consumer's cursor into one flush and writes it.
 pub(crate) fn flush_all(f: &Fixture, w: &mut LakeWriter) {
     let start = f.log.consumer(super::writer::CONSUMER).unwrap().committed();
-    let mut flush = Flush::new(start);
+    let mut flush = Flush::new(start, Default::default());
     for r in f.log.reader(start).read(usize::MAX).unwrap() {
         flush.add(&r).unwrap();
     }
@@ -196,7 +197,7 @@ async fn a_crash_after_some_files_is_redone_into_the_same_files() {
     .await;
     let mut w = writer(&f);
     // The crash: the range was recorded and one of the two files written, nothing committed.
-    let mut flush = Flush::new(0);
+    let mut flush = Flush::new(0, Default::default());
     for r in f.log.reader(0).read(10).unwrap() {
         flush.add(&r).unwrap();
     }
@@ -249,6 +250,7 @@ async fn the_writer_thread_flushes_on_interval_and_on_stop() {
         f.store.clone(),
         &f.log,
         policy,
+        Default::default(),
         Arc::new(LakeMetrics::default()),
     )
     .unwrap();
@@ -291,8 +293,14 @@ async fn storage_failures_are_retried_until_storage_returns() {
         interval: std::time::Duration::from_millis(50),
         max_rows: 1000,
     };
-    let handle =
-        super::LakeHandle::start(f.store.clone(), &f.log, policy, metrics.clone()).unwrap();
+    let handle = super::LakeHandle::start(
+        f.store.clone(),
+        &f.log,
+        policy,
+        Default::default(),
+        metrics.clone(),
+    )
+    .unwrap();
     append(&f.log, &[track("a", "E", "2026-03-01T10:00:00Z")]).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while metrics.flush_errors.get() == 0 {
@@ -360,7 +368,7 @@ mod compaction {
     }
 
     async fn ids(f: &Fixture) -> Vec<String> {
-        let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+        let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
         let r = engine
             .sql("SELECT message_id FROM events ORDER BY message_id")
             .await

@@ -20,7 +20,7 @@
 //! takes; meanwhile the log keeps everything (it is the buffer), and when it fills the edge answers
 //! 503. The writer runs on its own thread so that Parquet encoding never runs on the HTTP workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,9 +36,11 @@ use datafusion::parquet::schema::types::ColumnPath;
 
 use super::store::LakeStore;
 use super::tables::{EventsBuilder, QuarantineBuilder, Table};
+use super::typed::{TypedBuilder, TypedTable};
 use crate::entry::{Entry, Status};
 use crate::intake_log::{Consumer, ReadError, Record};
 use crate::metrics::LakeMetrics;
+use crate::schema::Schemas;
 
 /// The log consumer name of the lake writer.
 pub const CONSUMER: &str = "lake";
@@ -102,32 +104,75 @@ pub fn writer_properties() -> WriterProperties {
         .build()
 }
 
+/// The typed tables, by track event name.
+pub type TypedTables = HashMap<String, TypedTable>;
+
+/// Builds the typed tables of every track event with a schema.
+pub fn typed_tables(schemas: &Schemas) -> TypedTables {
+    schemas
+        .tracks()
+        .map(|(event, versions)| (event.to_string(), TypedTable::new(event, versions)))
+        .collect()
+}
+
+/// The table a partition belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Fixed(Table),
+    /// A typed table, by track event name.
+    Typed(String),
+}
+
 enum Rows {
     Events(Box<EventsBuilder>),
     Quarantine(Box<QuarantineBuilder>),
+    Typed(Box<TypedBuilder>),
 }
 
 /// One partition of a flush: rows being built, and the Parquet file being encoded.
 struct Partition {
+    /// The table's folder under the lake.
+    folder: String,
     rows: Rows,
     encoder: ArrowWriter<Vec<u8>>,
 }
 
 impl Partition {
-    fn new(table: Table) -> Result<Self, WriteError> {
-        let rows = match table {
-            Table::Events => Rows::Events(Box::default()),
-            Table::Quarantine => Rows::Quarantine(Box::default()),
+    fn new(target: &Target, typed: &TypedTables) -> Result<Self, WriteError> {
+        let (folder, rows, schema) = match target {
+            Target::Fixed(Table::Events) => (
+                "events".to_string(),
+                Rows::Events(Box::default()),
+                Table::Events.schema(),
+            ),
+            Target::Fixed(Table::Quarantine) => (
+                "quarantine".to_string(),
+                Rows::Quarantine(Box::default()),
+                Table::Quarantine.schema(),
+            ),
+            Target::Typed(event) => {
+                let table = &typed[event];
+                (
+                    table.folder(),
+                    Rows::Typed(Box::new(table.builder())),
+                    table.schema.clone(),
+                )
+            }
         };
-        let encoder = ArrowWriter::try_new(Vec::new(), table.schema(), Some(writer_properties()))
+        let encoder = ArrowWriter::try_new(Vec::new(), schema, Some(writer_properties()))
             .map_err(|e| WriteError::Encode(e.to_string()))?;
-        Ok(Partition { rows, encoder })
+        Ok(Partition {
+            folder,
+            rows,
+            encoder,
+        })
     }
 
     fn pending_rows(&self) -> usize {
         match &self.rows {
             Rows::Events(b) => b.len(),
             Rows::Quarantine(b) => b.len(),
+            Rows::Typed(b) => b.len(),
         }
     }
 
@@ -138,6 +183,7 @@ impl Partition {
         let batch: RecordBatch = match &mut self.rows {
             Rows::Events(b) => b.finish(),
             Rows::Quarantine(b) => b.finish(),
+            Rows::Typed(b) => b.finish(),
         }
         .map_err(|e| WriteError::Encode(e.to_string()))?;
         self.encoder
@@ -157,7 +203,8 @@ impl Partition {
 pub struct Flush {
     pub start: u64,
     pub end: u64,
-    partitions: BTreeMap<(Table, NaiveDate), Partition>,
+    partitions: BTreeMap<(Target, NaiveDate), Partition>,
+    typed: Arc<TypedTables>,
     rows: usize,
     /// When the first record was added: the flush interval counts from there.
     opened: Option<Instant>,
@@ -166,11 +213,12 @@ pub struct Flush {
 }
 
 impl Flush {
-    pub fn new(start: u64) -> Self {
+    pub fn new(start: u64, typed: Arc<TypedTables>) -> Self {
         Flush {
             start,
             end: start,
             partitions: BTreeMap::new(),
+            typed,
             rows: 0,
             opened: None,
             misfiled: 0,
@@ -200,15 +248,27 @@ impl Flush {
             .date_naive();
         match entry.status {
             Status::Accepted => {
-                let partition = self.partition(Table::Events, date)?;
+                let partition = self.partition(Target::Fixed(Table::Events), date)?;
                 let Rows::Events(rows) = &mut partition.rows else {
                     unreachable!("events partitions hold event rows")
                 };
-                if let Err(e) = rows.append(&entry) {
-                    tracing::error!(offset = record.offset, error = %e, "accepted message filed in the quarantine");
-                    self.misfiled += 1;
-                    let reason = format!("could not be stored as an event: {e}");
-                    self.quarantine(&entry, &reason, date)?;
+                match rows.append(&entry) {
+                    Ok(Some(event)) if self.typed.contains_key(&event) => {
+                        let partition = self.partition(Target::Typed(event), date)?;
+                        let Rows::Typed(rows) = &mut partition.rows else {
+                            unreachable!("typed partitions hold typed rows")
+                        };
+                        if let Err(e) = rows.append(&entry) {
+                            tracing::error!(offset = record.offset, error = %e, "track left out of its typed table");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(offset = record.offset, error = %e, "accepted message filed in the quarantine");
+                        self.misfiled += 1;
+                        let reason = format!("could not be stored as an event: {e}");
+                        self.quarantine(&entry, &reason, date)?;
+                    }
                 }
             }
             Status::Rejected => self.quarantine(&entry, entry.reason, date)?,
@@ -223,7 +283,7 @@ impl Flush {
         reason: &str,
         date: NaiveDate,
     ) -> Result<(), WriteError> {
-        let partition = self.partition(Table::Quarantine, date)?;
+        let partition = self.partition(Target::Fixed(Table::Quarantine), date)?;
         let Rows::Quarantine(rows) = &mut partition.rows else {
             unreachable!("quarantine partitions hold quarantine rows")
         };
@@ -231,10 +291,13 @@ impl Flush {
         Ok(())
     }
 
-    fn partition(&mut self, table: Table, date: NaiveDate) -> Result<&mut Partition, WriteError> {
-        let partition = match self.partitions.entry((table, date)) {
+    fn partition(&mut self, target: Target, date: NaiveDate) -> Result<&mut Partition, WriteError> {
+        let partition = match self.partitions.entry((target, date)) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => e.insert(Partition::new(table)?),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let partition = Partition::new(&e.key().0, &self.typed)?;
+                e.insert(partition)
+            }
         };
         if partition.pending_rows() >= ENCODE_BATCH_ROWS {
             partition.encode_pending()?;
@@ -255,9 +318,9 @@ impl Flush {
         let files = self
             .partitions
             .into_iter()
-            .map(|((table, date), partition)| {
+            .map(|((_, date), partition)| {
                 Ok(FlushFile {
-                    path: file_path(table.name(), date, start, end),
+                    path: file_path(&partition.folder, date, start, end),
                     bytes: bytes::Bytes::from(partition.into_bytes()?),
                 })
             })
@@ -343,6 +406,7 @@ pub struct LakeWriter {
     metrics: Arc<LakeMetrics>,
     /// The runtime that drives the object store's I/O; this thread blocks on it.
     runtime: tokio::runtime::Handle,
+    typed: Arc<TypedTables>,
 }
 
 /// How the writer's loop ended.
@@ -363,8 +427,10 @@ impl LakeWriter {
         policy: FlushPolicy,
         metrics: Arc<LakeMetrics>,
         runtime: tokio::runtime::Handle,
+        typed: Arc<TypedTables>,
     ) -> io::Result<Self> {
         Ok(LakeWriter {
+            typed,
             store,
             consumer,
             pending: Pending {
@@ -387,7 +453,7 @@ impl LakeWriter {
             return Ok(self.pending.clear()?);
         }
         tracing::info!(start, end, "redoing a lake flush interrupted by a crash");
-        let mut flush = Flush::new(start);
+        let mut flush = Flush::new(start, self.typed.clone());
         while flush.end < end {
             let want = (end - flush.end).min(4096) as usize;
             let records = self.consumer.read(want)?;
@@ -463,7 +529,7 @@ impl LakeWriter {
     /// Runs until `stop` is set, then flushes what it has read.
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<Stopped, WriteError> {
         self.recover()?;
-        let mut flush = Flush::new(self.consumer.position());
+        let mut flush = Flush::new(self.consumer.position(), self.typed.clone());
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             let records = self.consumer.read(4096)?;
@@ -472,13 +538,13 @@ impl LakeWriter {
             }
             let due = flush.is_due(&self.policy) || (stopping && records.is_empty());
             if due && flush.end > flush.start {
-                let next = Flush::new(flush.end);
+                let next = Flush::new(flush.end, self.typed.clone());
                 let done = std::mem::replace(&mut flush, next);
                 if !self.write_with_retries(done, &stop)? {
                     return Ok(Stopped::Abandoned);
                 }
             } else if due {
-                flush = Flush::new(flush.end);
+                flush = Flush::new(flush.end, self.typed.clone());
             }
             if stopping && records.is_empty() && flush.end == flush.start {
                 return Ok(Stopped::Flushed);

@@ -1,7 +1,7 @@
 //! SQL over the lake with DataFusion: `sluice query` and `POST /admin/query`.
 //!
-//! Every query gets a fresh session whose tables (`events`, `quarantine`) are listings of the
-//! lake's folders with the hive partition column `date` (a `DATE`), so a filter on `date` prunes
+//! Every query gets a fresh session whose tables (`events`, `quarantine`, and `tracks.<event_slug>`
+//! for each track event with a schema) are listings of the lake's folders with the hive partition column `date` (a `DATE`), so a filter on `date` prunes
 //! whole folders and a query always sees the files present when it starts. The JSON columns are
 //! read with the functions of `datafusion-functions-json` (`json_get_str(properties, 'plan')`,
 //! `properties->>'plan'`, ...). A query is bounded by a memory pool and a timeout; it only reads.
@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::TableReference;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -20,6 +22,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lake::tables::Table;
+use crate::lake::typed::TypedTable;
 use crate::lake::view::CompactedView;
 use crate::lake::LakeStore;
 
@@ -78,12 +81,18 @@ impl QueryResult {
 #[derive(Clone)]
 pub struct QueryEngine {
     store: LakeStore,
+    typed: Vec<TypedTable>,
     limits: QueryLimits,
 }
 
 impl QueryEngine {
-    pub fn new(store: LakeStore, limits: QueryLimits) -> Self {
-        QueryEngine { store, limits }
+    /// `typed` are the typed track tables, registered as `tracks.<event_slug>`.
+    pub fn new(store: LakeStore, typed: Vec<TypedTable>, limits: QueryLimits) -> Self {
+        QueryEngine {
+            store,
+            typed,
+            limits,
+        }
     }
 
     /// A session with the lake's tables registered.
@@ -100,18 +109,27 @@ impl QueryEngine {
         ctx.register_object_store(&self.store.root_url, Arc::new(view));
         datafusion_functions_json::register_all(&mut ctx)?;
         for table in [Table::Events, Table::Quarantine] {
-            self.register(&ctx, table.name(), table.schema()).await?;
+            self.register(&ctx, table.name().into(), table.name(), table.schema())?;
+        }
+        if !self.typed.is_empty() {
+            let catalog = ctx.catalog("sluice").expect("the default catalog exists");
+            catalog.register_schema("tracks", Arc::new(MemorySchemaProvider::new()))?;
+            for table in &self.typed {
+                let name = TableReference::partial("tracks", table.slug.as_str());
+                self.register(&ctx, name, &table.folder(), table.schema.clone())?;
+            }
         }
         Ok(ctx)
     }
 
-    async fn register(
+    fn register(
         &self,
         ctx: &SessionContext,
-        name: &str,
+        name: TableReference,
+        folder: &str,
         schema: SchemaRef,
     ) -> Result<(), QueryError> {
-        let url = ListingTableUrl::parse(self.store.table_url(name))?;
+        let url = ListingTableUrl::parse(self.store.table_url(folder))?;
         let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
             .with_file_extension(".parquet")
             .with_table_partition_cols(vec![("date".to_string(), DataType::Date32)]);

@@ -27,7 +27,7 @@ fn text(result: &QueryResult, format: Format) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_by_event_with_partition_filter_and_json_functions() {
     let f = lake_with_data().await;
-    let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
     let r = engine
         .sql("SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY event")
         .await
@@ -71,7 +71,7 @@ async fn counts_by_event_with_partition_filter_and_json_functions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sql_is_invalid_not_a_crash() {
     let f = lake_with_data().await;
-    let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
     for sql in [
         "SELEC 1",
         "SELECT nope FROM events",
@@ -88,7 +88,7 @@ async fn bad_sql_is_invalid_not_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_lake_answers_with_no_rows() {
     let f = fixture(LakeStore::in_memory());
-    let engine = QueryEngine::new(f.store.clone(), QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
     let r = engine
         .sql("SELECT count(*) AS n FROM events")
         .await
@@ -97,4 +97,51 @@ async fn an_empty_lake_answers_with_no_rows() {
     let r = engine.sql("SELECT * FROM quarantine").await.unwrap();
     assert_eq!(r.rows(), 0);
     assert!(text(&r, Format::Csv).starts_with("received_at,source,message_id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_track_tables_are_queryable_by_slug() {
+    use crate::ingest::message::MessageType;
+    use crate::lake::typed::TypedTable;
+    use crate::lake::writer::{Flush, TypedTables};
+    use crate::schema::SchemaFile;
+
+    let schema = SchemaFile {
+        path: "signed_up.json".into(),
+        kind: MessageType::Track,
+        event: Some("Signed Up".into()),
+        version: 1,
+        schema: serde_json::json!({"type": "object", "properties": {
+            "plan": {"type": "string"}, "revenue": {"type": "number"}, "seats": {"type": "integer"}}}),
+    };
+    let table = TypedTable::new("Signed Up", &[schema]);
+    let typed: TypedTables = [("Signed Up".to_string(), table.clone())].into();
+    let f = fixture(LakeStore::in_memory());
+    append(
+        &f.log,
+        &[
+            track("a", "Signed Up", "2026-03-01T10:00:00Z"),
+            track("b", "Other Event", "2026-03-01T10:00:01Z"),
+        ],
+    )
+    .await;
+    let mut w = writer(&f);
+    let mut flush = Flush::new(0, std::sync::Arc::new(typed));
+    for r in f.log.reader(0).read(10).unwrap() {
+        flush.add(&r).unwrap();
+    }
+    tokio::task::block_in_place(|| w.write(&flush.finish().unwrap())).unwrap();
+    assert!(crate::lake::tests::files(&f.store).await.contains(
+        &"tracks/signed_up/date=2026-03-01/00000000000000000000-00000000000000000002.parquet"
+            .to_string()
+    ));
+    let engine = QueryEngine::new(f.store.clone(), vec![table], QueryLimits::default());
+    let r = engine
+        .sql("SELECT message_id, plan, revenue, seats, date FROM tracks.signed_up")
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&r, Format::Json),
+        "{\"message_id\":\"a\",\"plan\":\"pro\",\"revenue\":12.5,\"date\":\"2026-03-01\"}\n"
+    );
 }
