@@ -31,12 +31,15 @@ struct Options {
     rate: Option<f64>,
     pid: Option<u32>,
     run_id: String,
+    /// Varied web traffic instead of one repeated track.
+    web_mix: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: sluice-loadgen [--addr 127.0.0.1:8088] [--write-key KEY] [--mode batch|track] \
-         [--batch 100] [--connections 32] [--duration SECS] [--warmup SECS] [--rate REQ_PER_SEC] [--pid SERVER_PID]"
+         [--batch 100] [--connections 32] [--duration SECS] [--warmup SECS] [--rate REQ_PER_SEC] [--pid SERVER_PID] \
+         [--events fixed|web]"
     );
     std::process::exit(2)
 }
@@ -52,6 +55,7 @@ fn parse_options() -> Options {
         warmup: Duration::from_secs(2),
         rate: None,
         pid: None,
+        web_mix: false,
         run_id: format!(
             "{:x}",
             std::time::SystemTime::now()
@@ -83,6 +87,13 @@ fn parse_options() -> Options {
             }
             "--rate" => o.rate = Some(value().parse().unwrap_or_else(|_| usage())),
             "--pid" => o.pid = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--events" => {
+                o.web_mix = match value().as_str() {
+                    "fixed" => false,
+                    "web" => true,
+                    _ => usage(),
+                }
+            }
             _ => usage(),
         }
     }
@@ -102,10 +113,123 @@ fn message(out: &mut Vec<u8>, run: &str, conn: usize, n: u64, with_type: bool) {
     );
 }
 
+/// A small, fast generator (splitmix64) so that varied events cost the load generator little.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+const EVENTS: [&str; 8] = [
+    "Product Viewed",
+    "Product Added",
+    "Cart Viewed",
+    "Checkout Started",
+    "Order Completed",
+    "Signed Up",
+    "Search Performed",
+    "Video Played",
+];
+const PATHS: [&str; 12] = [
+    "/",
+    "/pricing",
+    "/docs/getting-started",
+    "/blog/launch",
+    "/products/shoes",
+    "/products/hats",
+    "/cart",
+    "/checkout",
+    "/account",
+    "/search",
+    "/about",
+    "/careers",
+];
+const AGENTS: [&str; 5] = [
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Safari/605.1.15",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:127.0) Gecko/20100101 Firefox/127.0",
+];
+
+/// One message of varied web traffic: a page view or one of eight tracks, with a random UUID-like
+/// messageId, one of 50,000 users, and properties that differ from message to message.
+fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool) {
+    let r = mix(((conn as u64) << 40) ^ n ^ 0x5eed);
+    let r2 = mix(r);
+    let user = r % 50_000;
+    let path = PATHS[(r >> 20) as usize % PATHS.len()];
+    let agent = AGENTS[(r >> 28) as usize % AGENTS.len()];
+    let ip = format!(
+        "{}.{}.{}.{}",
+        10 + (r2 & 0x7f),
+        (r2 >> 8) & 0xff,
+        (r2 >> 16) & 0xff,
+        (r2 >> 24) & 0xff
+    );
+    let second = (r2 >> 32) % 3600;
+    let id = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        r as u32,
+        (r >> 32) as u16,
+        (r2 >> 4) & 0xfff,
+        r2 as u16 | 0x8000,
+        r2 >> 16
+    );
+    let kind = if with_type {
+        if r % 3 == 0 {
+            r#""type":"page","#
+        } else {
+            r#""type":"track","#
+        }
+    } else {
+        ""
+    };
+    let _ = write!(
+        out,
+        r#"{{{kind}"messageId":"{id}","anonymousId":"anon-{user}","userId":"user-{user}","timestamp":"2026-11-22T04:{:02}:{:02}.{:03}Z","#,
+        second / 60,
+        second % 60,
+        r2 % 1000
+    );
+    if with_type && r % 3 == 0 {
+        let _ = write!(
+            out,
+            r#""name":"{path}","properties":{{"path":"{path}","url":"https://shop.example.com{path}?ref={}","referrer":"https://www.google.com/","title":"Shop {path}"}},"#,
+            r2 % 97
+        );
+    } else {
+        let event = EVENTS[(r >> 12) as usize % EVENTS.len()];
+        let _ = write!(
+            out,
+            r#""event":"{event}","properties":{{"product_id":"sku-{}","price":{}.{:02},"quantity":{},"currency":"EUR","category":"{}","coupon":{}}},"#,
+            r2 % 5000,
+            r2 % 300,
+            r % 100,
+            1 + r % 4,
+            &path[1..].split('/').next().unwrap_or(""),
+            if r % 7 == 0 { "\"WINTER\"" } else { "null" }
+        );
+    }
+    let _ = write!(
+        out,
+        r#""context":{{"library":{{"name":"analytics.js","version":"next-1.84.3"}},"ip":"{ip}","userAgent":"{agent}","locale":"en-US","page":{{"path":"{path}"}}}}}}"#
+    );
+}
+
 fn request(o: &Options, conn: usize, seq: &mut u64, auth: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(o.batch * 460 + 64);
+    let seed = mix(run_seed(&o.run_id));
+    let message = |body: &mut Vec<u8>, n: u64, with_type: bool| {
+        if o.web_mix {
+            web_message(body, conn, n ^ seed, with_type)
+        } else {
+            message(body, &o.run_id, conn, n, with_type)
+        }
+    };
     if o.single {
-        message(&mut body, &o.run_id, conn, *seq, false);
+        message(&mut body, *seq, false);
         *seq += 1;
     } else {
         body.extend_from_slice(br#"{"batch":["#);
@@ -113,7 +237,7 @@ fn request(o: &Options, conn: usize, seq: &mut u64, auth: &str) -> Vec<u8> {
             if i > 0 {
                 body.push(b',');
             }
-            message(&mut body, &o.run_id, conn, *seq, true);
+            message(&mut body, *seq, true);
             *seq += 1;
         }
         body.extend_from_slice(br#"],"sentAt":"2026-11-22T04:00:01.000Z"}"#);
@@ -128,6 +252,10 @@ fn request(o: &Options, conn: usize, seq: &mut u64, auth: &str) -> Vec<u8> {
     );
     req.extend_from_slice(&body);
     req
+}
+
+fn run_seed(run_id: &str) -> u64 {
+    u64::from_str_radix(run_id, 16).unwrap_or(0)
 }
 
 fn basic(key: &str) -> String {

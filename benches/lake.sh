@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The lake benchmarks: ingestion with the lake writer running, the lake's size per message, and
+# `SELECT event, count(*) FROM events GROUP BY event` over 10 million messages in Sluice and in
+# DuckDB on the same files, side by side.
+#
+#   benches/lake.sh [SECONDS]
+#
+# Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0,
+# varied web events (`--events web`, ~560 bytes enriched). DuckDB comes from PyPI into
+# $SLUICE_BENCH_VENV (default ~/.cache/sluice-bench-venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-60}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release --workspace --quiet
+bin="$CARGO_TARGET_DIR/release"
+venv="${SLUICE_BENCH_VENV:-$HOME/.cache/sluice-bench-venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check duckdb==2.0.0
+work="$(mktemp -d)"
+trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT
+port=18089
+cat > "$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[[sources]]
+name = "bench"
+write_key = "demo-server-key"
+[log]
+dir = "data/log"
+[storage]
+url = "file://./data/lake"
+flush_interval = "10s"
+TOML
+
+start() {
+  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
+  pid=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+lag() { curl -fsS "http://127.0.0.1:$port/metrics" | awk '/^sluice_log_consumer_lag_records\{consumer="lake"\}/ {print $2}'; }
+
+echo "--- 80,000 messages/s (800 batches of 100 per second, open loop) for $seconds s, lake writer running"
+rm -rf "$work/data"
+start
+( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
+sampler=$!
+taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
+  --connections 32 --rate 800 --duration "$seconds" --pid "$pid"
+wait "$sampler" || true
+echo "lake lag behind the log, records, every 5 s: $(cat "$work/lag")"
+kill -TERM "$pid"; wait "$pid"
+rows="$("$bin/sluice" --config "$work/sluice.toml" query --format csv "SELECT count(*) AS n FROM events" | tail -1)"
+bytes="$(find "$work/data/lake/events" -name '*.parquet' -printf '%s\n' | awk '{s += $1} END {print s}')"
+echo "lake: $rows events in $bytes bytes of Parquet: $(awk -v b="$bytes" -v r="$rows" 'BEGIN {printf "%.1f", b / r}') bytes per message"
+
+echo "--- filling the lake to 10,000,000 messages (closed loop)"
+start
+while :; do
+  have="$("$bin/sluice" --config "$work/sluice.toml" query --format csv "SELECT count(*) FROM events" | tail -1)"
+  [ "$have" -ge 10000000 ] && break
+  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
+    --connections 32 --duration 20 --warmup 0 > /dev/null
+  sleep 11
+done
+kill -TERM "$pid"; wait "$pid"
+files="$(find "$work/data/lake/events" -name '*.parquet' | wc -l)"
+echo "lake: $have events in $files files"
+
+sql="SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY event"
+glob="$work/data/lake/events/*/*.parquet"
+echo "--- $sql: five runs each, alternating, wall time of the whole command"
+for i in 1 2 3 4 5; do
+  s=$(date +%s.%N); taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" query --format csv "$sql" > /dev/null; e=$(date +%s.%N)
+  echo "sluice query  $(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.3f", e - s}') s"
+  s=$(date +%s.%N)
+  taskset -c 1 "$venv/bin/python" -c "import duckdb; duckdb.sql(\"SELECT event, count(*) AS n FROM read_parquet('$glob', hive_partitioning = true) GROUP BY event ORDER BY event\").fetchall()"
+  e=$(date +%s.%N)
+  echo "duckdb        $(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.3f", e - s}') s"
+done
