@@ -3,13 +3,18 @@
 //! Data flows one way through the modules:
 //!
 //! ```text
-//! http  →  ingest  →  intake_log  →  consumers (dedup today; lake, profiles, destinations next)
+//! http  →  ingest  →  intake_log  →  consumers: lake (Parquet), dedup snapshots
+//!                                                  (profiles, destinations next)
+//! query  ←  lake
 //! ```
 //!
 //! - [`http`]: the Segment-compatible HTTP edge and the operations endpoints.
 //! - [`ingest`]: write keys, limits, field rules, rate limits, dedup; turns a body into records.
 //! - [`entry`]: what one record of the log holds (shared by producers and consumers).
 //! - [`intake_log`]: the durable, group-committed, segment-file log with consumer cursors.
+//! - [`lake`]: the log consumer that writes Parquet to object storage exactly once, and compaction.
+//! - [`query`]: DataFusion SQL over the lake.
+//! - [`schema`]: the schema files in `schemas/` (the lake's typed tables come from them).
 //! - [`app`]: the wiring, and the only module that knows the whole chain.
 //! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`]: around the flow.
 
