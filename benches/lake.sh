@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --workspace --quiet
+[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
 bin="$CARGO_TARGET_DIR/release"
 venv="${SLUICE_BENCH_VENV:-$HOME/.cache/sluice-bench-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 repeats="${2:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --workspace --quiet
+[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
 bin="$CARGO_TARGET_DIR/release"
 work="$(mktemp -d)"
 trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT

@@ -99,6 +99,8 @@ pub async fn run_with_clock(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("sluice-query")
+            // Queries yield the core to ingestion.
+            .on_thread_start(crate::thread_priority::lower)
             .enable_all()
             .build()?,
     ));

@@ -31,3 +31,4 @@ pub mod lake;
 pub mod metrics;
 pub mod query;
 pub mod schema;
+pub mod thread_priority;

@@ -514,4 +514,56 @@ mod compaction {
         assert_eq!(pass.superseded_deleted, 3);
         assert_eq!(ids(&f).await, before);
     }
+
+    fn parquet_with_columns(columns: &[&str]) -> bytes::Bytes {
+        use datafusion::arrow::array::{ArrayRef, StringArray};
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|c| Field::new(*c, DataType::Utf8, true))
+                .collect::<Vec<_>>(),
+        ));
+        let arrays: Vec<ArrayRef> = columns
+            .iter()
+            .map(|c| Arc::new(StringArray::from(vec![*c])) as ArrayRef)
+            .collect();
+        let batch =
+            datafusion::arrow::record_batch::RecordBatch::try_new(schema.clone(), arrays).unwrap();
+        let mut w =
+            datafusion::parquet::arrow::ArrowWriter::try_new(Vec::new(), schema, None).unwrap();
+        w.write(&batch).unwrap();
+        bytes::Bytes::from(w.into_inner().unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn typed_tables_are_compacted_only_among_files_of_one_schema() {
+        let store = LakeStore::in_memory();
+        let folder = "tracks/order_completed/date=2026-03-01";
+        for (start, columns) in [
+            (0u64, &["a"][..]),
+            (1, &["a"]),
+            (2, &["a", "b"]),
+            (3, &["a", "b"]),
+        ] {
+            let path = store.path(&format!("{folder}/{start:020}-{:020}.parquet", start + 1));
+            store
+                .store
+                .put(&path, parquet_with_columns(columns).into())
+                .await
+                .unwrap();
+        }
+        let pass = Compactor::new(store.clone())
+            .run_once(day("2026-03-02"), 10)
+            .await
+            .unwrap();
+        assert_eq!(pass.files_written, 2);
+        assert_eq!(
+            files(&store).await,
+            vec![
+                format!("{folder}/00000000000000000000-00000000000000000002.parquet"),
+                format!("{folder}/00000000000000000002-00000000000000000004.parquet"),
+            ]
+        );
+    }
 }

@@ -16,8 +16,8 @@
 //! the same partitions and the same file names, so files that were written before the crash are
 //! replaced by identical ones, never joined by a second copy.
 //!
-//! When storage fails, the flush is retried with backoff (1 s doubling to 30 s) for as long as it
-//! takes; meanwhile the log keeps everything (it is the buffer), and when it fills the edge answers
+//! When storage (or the local disk holding the flush record and the cursor) fails, the flush is
+//! retried with backoff (1 s doubling to 30 s) for as long as it takes; meanwhile the log keeps everything (it is the buffer), and when it fills the edge answers
 //! 503. The writer runs on its own thread so that Parquet encoding never runs on the HTTP workers.
 
 use std::collections::{BTreeMap, HashMap};
@@ -92,10 +92,14 @@ pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
     Some((start.parse().ok()?, end.parse().ok()?))
 }
 
-pub fn writer_properties() -> WriterProperties {
+/// zstd level of flushes: cheap enough to keep up with ingestion on a shared core.
+pub const FLUSH_ZSTD_LEVEL: i32 = 3;
+
+/// Parquet settings of the lake's files; `zstd_level` trades CPU for size.
+pub fn writer_properties(zstd_level: i32) -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("level 3 is valid"),
+            ZstdLevel::try_new(zstd_level).unwrap_or_default(),
         ))
         .set_max_row_group_row_count(Some(1 << 20))
         .set_statistics_enabled(EnabledStatistics::Page)
@@ -159,8 +163,12 @@ impl Partition {
                 )
             }
         };
-        let encoder = ArrowWriter::try_new(Vec::new(), schema, Some(writer_properties()))
-            .map_err(|e| WriteError::Encode(e.to_string()))?;
+        let encoder = ArrowWriter::try_new(
+            Vec::new(),
+            schema,
+            Some(writer_properties(FLUSH_ZSTD_LEVEL)),
+        )
+        .map_err(|e| WriteError::Encode(e.to_string()))?;
         Ok(Partition {
             folder,
             rows,
@@ -509,7 +517,8 @@ impl LakeWriter {
         loop {
             match self.write(&encoded) {
                 Ok(()) => return Ok(true),
-                Err(WriteError::Store(e)) => {
+                // Storage, or the local disk for the flush record or the cursor: both may come back.
+                Err(e @ (WriteError::Store(_) | WriteError::State(_))) => {
                     self.metrics.flush_errors.inc();
                     tracing::warn!(error = %e, retry_in = ?delay, "lake flush failed; the log keeps the messages");
                 }

@@ -145,3 +145,29 @@ async fn typed_track_tables_are_queryable_by_slug() {
         "{\"message_id\":\"a\",\"plan\":\"pro\",\"revenue\":12.5,\"date\":\"2026-03-01\"}\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_date_filter_reads_only_its_partitions() {
+    use object_store::ObjectStoreExt;
+    let f = lake_with_data().await;
+    // An unreadable file in 2026-03-01: a query that reads that partition fails, one that prunes
+    // it does not.
+    let bad = f.store.path("events/date=2026-03-01/zz.parquet");
+    f.store
+        .store
+        .put(&bad, bytes::Bytes::from_static(b"not parquet").into())
+        .await
+        .unwrap();
+    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
+    match engine.sql("SELECT count(*) FROM events").await {
+        Err(QueryError::Failed(m)) => {
+            assert!(m.contains("events/date=2026-03-01/zz.parquet"), "{m}")
+        }
+        other => panic!("{:?}", other.map(|r| r.rows())),
+    }
+    let r = engine
+        .sql("SELECT count(*) AS n FROM events WHERE date = '2026-03-02'")
+        .await
+        .unwrap();
+    assert_eq!(text(&r, Format::Json), "{\"n\":1}\n");
+}

@@ -153,8 +153,38 @@ const AGENTS: [&str; 5] = [
     "Mozilla/5.0 (X11; Linux x86_64; rv:127.0) Gecko/20100101 Firefox/127.0",
 ];
 
+/// `unix_ms` as an RFC 3339 UTC timestamp with milliseconds.
+fn rfc3339_millis(unix_ms: u64) -> String {
+    let (secs, ms) = (unix_ms / 1000, unix_ms % 1000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// One message of varied web traffic: a page view or one of eight tracks, with a random UUID-like
-/// messageId, one of 50,000 users, and properties that differ from message to message.
+/// messageId, one of 50,000 users, properties that differ from message to message, and a device
+/// timestamp up to two seconds before it is sent, as SDKs send them.
 fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool) {
     let r = mix(((conn as u64) << 40) ^ n ^ 0x5eed);
     let r2 = mix(r);
@@ -168,7 +198,7 @@ fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool) {
         (r2 >> 16) & 0xff,
         (r2 >> 24) & 0xff
     );
-    let second = (r2 >> 32) % 3600;
+    let timestamp = rfc3339_millis(now_ms() - (r2 >> 32) % 2000);
     let id = format!(
         "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
         r as u32,
@@ -178,7 +208,7 @@ fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool) {
         r2 >> 16
     );
     let kind = if with_type {
-        if r % 3 == 0 {
+        if r.is_multiple_of(3) {
             r#""type":"page","#
         } else {
             r#""type":"track","#
@@ -188,12 +218,9 @@ fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool) {
     };
     let _ = write!(
         out,
-        r#"{{{kind}"messageId":"{id}","anonymousId":"anon-{user}","userId":"user-{user}","timestamp":"2026-11-22T04:{:02}:{:02}.{:03}Z","#,
-        second / 60,
-        second % 60,
-        r2 % 1000
+        r#"{{{kind}"messageId":"{id}","anonymousId":"anon-{user}","userId":"user-{user}","timestamp":"{timestamp}","#
     );
-    if with_type && r % 3 == 0 {
+    if with_type && r.is_multiple_of(3) {
         let _ = write!(
             out,
             r#""name":"{path}","properties":{{"path":"{path}","url":"https://shop.example.com{path}?ref={}","referrer":"https://www.google.com/","title":"Shop {path}"}},"#,
@@ -209,7 +236,11 @@ fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool) {
             r % 100,
             1 + r % 4,
             &path[1..].split('/').next().unwrap_or(""),
-            if r % 7 == 0 { "\"WINTER\"" } else { "null" }
+            if r.is_multiple_of(7) {
+                "\"WINTER\""
+            } else {
+                "null"
+            }
         );
     }
     let _ = write!(
@@ -240,7 +271,11 @@ fn request(o: &Options, conn: usize, seq: &mut u64, auth: &str) -> Vec<u8> {
             message(&mut body, *seq, true);
             *seq += 1;
         }
-        body.extend_from_slice(br#"],"sentAt":"2026-11-22T04:00:01.000Z"}"#);
+        if o.web_mix {
+            let _ = write!(body, r#"],"sentAt":"{}"}}"#, rfc3339_millis(now_ms()));
+        } else {
+            body.extend_from_slice(br#"],"sentAt":"2026-11-22T04:00:01.000Z"}"#);
+        }
     }
     let path = if o.single { "/v1/track" } else { "/v1/batch" };
     let mut req = Vec::with_capacity(body.len() + 200);
