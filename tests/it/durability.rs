@@ -53,40 +53,6 @@ fn a_torn_tail_is_cut_on_restart_and_every_complete_record_kept() {
     assert_eq!(after.last().unwrap(), "after");
 }
 
-/// Posts unique messages from several threads until stopped; returns every acknowledged id.
-fn load(
-    addr: std::net::SocketAddr,
-    threads: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<Vec<String>>> {
-    (0..threads)
-        .map(|t| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut acked = Vec::new();
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let ids: Vec<String> = (0..20).map(|i| format!("k{t}-{n}-{i}")).collect();
-                    n += 1;
-                    match try_request(
-                        addr,
-                        "POST",
-                        "/v1/batch",
-                        &[("Authorization", &basic(WRITE_KEY))],
-                        batch_of(&ids).as_bytes(),
-                    ) {
-                        Ok(r) if r.status == 200 => acked.extend(ids),
-                        Ok(r) => panic!("unexpected status {}", r.status),
-                        // The server died mid-request: not acknowledged.
-                        Err(_) => break,
-                    }
-                }
-                acked
-            })
-        })
-        .collect()
-}
-
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_message_and_duplicates_none() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +60,7 @@ fn sigkill_under_load_loses_no_acknowledged_message_and_duplicates_none() {
     let extra = "[log]\nsegment_size = \"256KiB\"\n";
     let mut child = ChildServer::spawn(dir.path(), extra, |_| {});
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = load(child.addr, 8, stop.clone());
+    let workers = load(child.addr, 8, "k", stop.clone());
     std::thread::sleep(Duration::from_millis(1500));
     child.kill();
     stop.store(true, Ordering::Relaxed);
@@ -204,7 +170,7 @@ fn sigterm_finishes_in_flight_work_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = ChildServer::spawn(dir.path(), "", |_| {});
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = load(child.addr, 4, stop.clone());
+    let workers = load(child.addr, 4, "t", stop.clone());
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let status = child.terminate();

@@ -228,32 +228,7 @@ fn sigkill_during_flushes_stores_every_acknowledged_message_exactly_once() {
     for round in 0..3 {
         let mut child = ChildServer::spawn(dir.path(), extra, |_| {});
         let stop = Arc::new(AtomicBool::new(false));
-        let workers: Vec<_> = (0..4)
-            .map(|t| {
-                let (addr, stop) = (child.addr, stop.clone());
-                std::thread::spawn(move || {
-                    let mut mine = Vec::new();
-                    let mut n = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let ids: Vec<String> = (0..20)
-                            .map(|i| format!("kill{round}-{t}-{n}-{i}"))
-                            .collect();
-                        n += 1;
-                        match try_request(
-                            addr,
-                            "POST",
-                            "/v1/batch",
-                            &[("Authorization", &basic(WRITE_KEY))],
-                            batch_of(&ids).as_bytes(),
-                        ) {
-                            Ok(r) if r.status == 200 => mine.extend(ids),
-                            _ => break,
-                        }
-                    }
-                    mine
-                })
-            })
-            .collect();
+        let workers = load(child.addr, 4, &format!("kill{round}-"), stop.clone());
         std::thread::sleep(Duration::from_millis(700 + 300 * round));
         child.kill();
         stop.store(true, Ordering::Relaxed);

@@ -369,3 +369,42 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// Posts batches of 20 unique messages (ids starting with `prefix`) from `threads` threads until
+/// `stop` is set or the server goes away; each thread returns the ids that were acknowledged.
+pub fn load(
+    addr: SocketAddr,
+    threads: usize,
+    prefix: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+    (0..threads)
+        .map(|t| {
+            let stop = stop.clone();
+            let prefix = prefix.to_string();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ids: Vec<String> =
+                        (0..20).map(|i| format!("{prefix}{t}-{n}-{i}")).collect();
+                    n += 1;
+                    let auth = basic(WRITE_KEY);
+                    match try_request(
+                        addr,
+                        "POST",
+                        "/v1/batch",
+                        &[("Authorization", &auth)],
+                        batch_of(&ids).as_bytes(),
+                    ) {
+                        Ok(r) if r.status == 200 => acked.extend(ids),
+                        Ok(r) => panic!("unexpected status {}", r.status),
+                        // The server died mid-request: not acknowledged.
+                        Err(_) => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect()
+}
