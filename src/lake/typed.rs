@@ -393,6 +393,7 @@ mod tests {
     fn version(v: u64, schema: Value) -> SchemaFile {
         SchemaFile {
             path: format!("v{v}.json").into(),
+            text: String::new(),
             kind: MessageType::Track,
             event: Some("Order Completed".into()),
             version: v,

@@ -108,6 +108,7 @@ async fn typed_track_tables_are_queryable_by_slug() {
 
     let schema = SchemaFile {
         path: "signed_up.json".into(),
+        text: String::new(),
         kind: MessageType::Track,
         event: Some("Signed Up".into()),
         version: 1,
