@@ -14,14 +14,15 @@ use anyhow::Context as _;
 use crate::clock::{self, Clock};
 use crate::config::Config;
 use crate::http::{self, AppState};
-use crate::ingest::{dedup, Ingest};
+use crate::ingest::{dedup, Ingest, Parts};
 use crate::intake_log::{IntakeLog, LogOptions};
 use crate::lake::compaction::{CompactionHandle, Compactor};
-use crate::lake::writer::{typed_tables, FlushPolicy, Stopped};
+use crate::lake::typed::TypedSource;
+use crate::lake::writer::{FlushPolicy, Stopped};
 use crate::lake::{LakeHandle, LakeStore};
 use crate::metrics::Metrics;
 use crate::query::{QueryEngine, QueryLimits};
-use crate::schema::Schemas;
+use crate::schema::{self, Live};
 
 /// Runs the server until `shutdown` resolves, then stops it gracefully.
 pub async fn run(
@@ -60,11 +61,23 @@ pub async fn run_with_clock(
             .context("rebuilding the dedup state")?
     };
 
-    let (schemas, problems) = Schemas::load_dir(&config.schemas.dir);
+    // The tracking plan, reloaded whenever the schemas folder changes.
+    let mut loader = schema::watch::Loader::new(&config.schemas.dir);
+    let (schemas, registry, problems) = loader.load();
     for problem in &problems {
-        tracing::warn!(%problem, "schema file left out");
+        tracing::error!(%problem, "schema file refused");
     }
-    let typed = Arc::new(typed_tables(&schemas));
+    metrics.schema.refused_files.set(problems.len() as i64);
+    tracing::info!(schemas = registry.len(), "tracking plan loaded");
+    let plan = Arc::new(Live::new(schemas, registry));
+    let (stop_schema_watch, schema_watch_stopped) = std::sync::mpsc::channel::<()>();
+    let schema_watch = schema::watch::spawn(
+        loader,
+        plan.clone(),
+        metrics.schema.clone(),
+        schema_watch_stopped,
+    )?;
+    let typed = Arc::new(TypedSource::new(plan.clone()));
 
     // The lake registers its log consumer before anything can trim the log.
     let lake_store = LakeStore::from_url(&config.storage.url)?;
@@ -107,10 +120,14 @@ pub async fn run_with_clock(
 
     let ingest = Arc::new(Ingest::new(
         &config,
-        dedup.clone(),
-        log.clone(),
-        metrics.ingest.clone(),
-        clock,
+        Parts {
+            dedup: dedup.clone(),
+            log: log.clone(),
+            plan: plan.clone(),
+            metrics: metrics.ingest.clone(),
+            schema_metrics: metrics.schema.clone(),
+            clock,
+        },
     ));
     let state = actix_web::web::Data::new(AppState {
         config: config.clone(),
@@ -120,9 +137,10 @@ pub async fn run_with_clock(
         registry: metrics.registry(),
         metrics: metrics.clone(),
         shutting_down: Default::default(),
+        plan: plan.clone(),
         query: QueryEngine::new(
             lake_store,
-            typed.values().cloned().collect(),
+            typed.clone(),
             QueryLimits {
                 memory: config.query.memory_limit as usize,
                 timeout: config.query.timeout,
@@ -168,6 +186,8 @@ pub async fn run_with_clock(
 
     // Stop in the order data flows: the edge, then the log, then the state derived from it.
     state.shutting_down.store(true, Ordering::Relaxed);
+    drop(stop_schema_watch);
+    let _ = schema_watch.join();
     let deadline = tokio::time::Instant::now() + config.server.shutdown_timeout;
     let mut abandoned = Vec::new();
     if tokio::time::timeout_at(deadline, server_handle.stop(true))

@@ -104,10 +104,9 @@ pub async fn query(
         memory: config.query.memory_limit as usize,
         timeout: config.query.timeout,
     };
-    let (schemas, _) = crate::schema::Schemas::load_dir(&config.schemas.dir);
-    let typed = crate::lake::writer::typed_tables(&schemas)
-        .into_values()
-        .collect();
+    let (schemas, registry, _) = crate::schema::watch::Loader::new(&config.schemas.dir).load();
+    let live = std::sync::Arc::new(crate::schema::Live::new(schemas, registry));
+    let typed = std::sync::Arc::new(crate::lake::typed::TypedSource::new(live));
     let result = QueryEngine::new(store, typed, limits).sql(sql).await?;
     query::write(&result, format, out)?;
     Ok(())

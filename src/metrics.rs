@@ -28,6 +28,77 @@ pub enum Route {
     Batch,
 }
 
+/// What the tracking plan did with a message.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum PlanOutcome {
+    Valid,
+    Flagged,
+    Blocked,
+    UnplannedAllowed,
+    UnplannedBlocked,
+}
+
+impl PlanOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanOutcome::Valid => "valid",
+            PlanOutcome::Flagged => "flagged",
+            PlanOutcome::Blocked => "blocked",
+            PlanOutcome::UnplannedAllowed => "unplanned_allowed",
+            PlanOutcome::UnplannedBlocked => "unplanned_blocked",
+        }
+    }
+}
+
+/// Schema checks by event: the label is a registered event (configuration, bounded by the
+/// registry) or `unplanned`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlanLabels {
+    pub event: String,
+    pub outcome: PlanOutcome,
+}
+
+/// Reloads of the schema folder.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Applied,
+    /// Some files were refused; their last good versions stay in force.
+    PartlyRefused,
+}
+
+impl ReloadOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadOutcome::Applied => "applied",
+            ReloadOutcome::PartlyRefused => "partly_refused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub outcome: ReloadOutcome,
+}
+
+/// Metrics of the tracking plan.
+#[derive(Default)]
+pub struct SchemaMetrics {
+    pub checks: Family<PlanLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub refused_files: Gauge,
+}
+
+impl SchemaMetrics {
+    pub fn count(&self, event: &str, outcome: PlanOutcome) {
+        self.checks
+            .get_or_create(&PlanLabels {
+                event: event.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+}
+
 impl Route {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,6 +118,7 @@ impl Outcome {
         match self {
             Outcome::Accepted => "accepted",
             Outcome::Rejected => "rejected",
+            Outcome::Blocked => "blocked",
             Outcome::Duplicate => "duplicate",
             Outcome::RateLimited => "rate_limited",
             Outcome::Unavailable => "unavailable",
@@ -64,7 +136,7 @@ macro_rules! label_value_from_as_str {
         }
     )*};
 }
-label_value_from_as_str!(Route, Outcome);
+label_value_from_as_str!(Route, Outcome, PlanOutcome, ReloadOutcome);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -84,6 +156,9 @@ pub enum Outcome {
     Accepted,
     /// Broke the field rules; durably in the log, marked for the quarantine.
     Rejected,
+    /// Acknowledged, but quarantined by the tracking plan (a violation or an unplanned event
+    /// under a `block` policy).
+    Blocked,
     /// A messageId already accepted within the dedup window; acknowledged, not stored again.
     Duplicate,
     /// Refused with 429.
@@ -164,6 +239,7 @@ pub struct Metrics {
     pub log: Arc<LogMetrics>,
     pub dedup: Arc<DedupMetrics>,
     pub lake: Arc<LakeMetrics>,
+    pub schema: Arc<SchemaMetrics>,
     pub state: StateGauges,
 }
 
@@ -196,6 +272,7 @@ impl Default for Metrics {
             log: Arc::new(LogMetrics::default()),
             dedup: Arc::new(DedupMetrics::default()),
             lake: Arc::new(LakeMetrics::default()),
+            schema: Arc::new(SchemaMetrics::default()),
             state: StateGauges::default(),
         }
     }
@@ -282,6 +359,22 @@ impl Metrics {
             "dedup_evicted",
             "messageIds forgotten before their window ended, to keep memory bounded",
             self.dedup.evicted.clone(),
+        );
+        let p = &self.schema;
+        r.register(
+            "schema_checks",
+            "Messages checked against the tracking plan, by registered event (or `unplanned`) and outcome",
+            p.checks.clone(),
+        );
+        r.register(
+            "schema_reloads",
+            "Reloads of the schemas folder, by outcome",
+            p.reloads.clone(),
+        );
+        r.register(
+            "schema_refused_files",
+            "Schema files refused at the last reload (their last good version stays in force)",
+            p.refused_files.clone(),
         );
         let k = &self.lake;
         r.register(

@@ -50,6 +50,9 @@ pub struct SourceConfig {
     pub write_key: String,
     /// Messages per second, with a burst of one second's worth; `None` is unlimited.
     pub rate_limit: Option<NonZeroU32>,
+    /// Overrides of `schemas.unplanned` and `schemas.violations` for this source.
+    pub unplanned: Option<Unplanned>,
+    pub violations: Option<Violations>,
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +218,8 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         let span = s.span();
         let name = r.string(&mut s, "name");
         let write_key = r.string(&mut s, "write_key");
+        let unplanned = r.choice(&mut s, "unplanned", UNPLANNED);
+        let violations = r.choice(&mut s, "violations", VIOLATIONS);
         let rate_limit = r.integer(&mut s, "rate_limit").and_then(|n| {
             match u32::try_from(n.value).ok().and_then(NonZeroU32::new) {
                 Some(v) => Some(v),
@@ -266,6 +271,8 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                 name,
                 write_key,
                 rate_limit,
+                unplanned,
+                violations,
             });
         }
     }
@@ -341,16 +348,8 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         let (mut dir, mut unplanned, mut violations) = (None, None, None);
         if let Some(mut s) = r.section(root, "schemas") {
             dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
-            unplanned = r.choice(
-                &mut s,
-                "unplanned",
-                &[("allow", Unplanned::Allow), ("block", Unplanned::Block)],
-            );
-            violations = r.choice(
-                &mut s,
-                "violations",
-                &[("flag", Violations::Flag), ("block", Violations::Block)],
-            );
+            unplanned = r.choice(&mut s, "unplanned", UNPLANNED);
+            violations = r.choice(&mut s, "violations", VIOLATIONS);
             r.finish(s);
         }
         SchemasConfig {
@@ -412,6 +411,10 @@ fn resolve(base: &Path, path: &str) -> PathBuf {
     }
     out
 }
+
+const UNPLANNED: &[(&str, Unplanned)] = &[("allow", Unplanned::Allow), ("block", Unplanned::Block)];
+const VIOLATIONS: &[(&str, Violations)] =
+    &[("flag", Violations::Flag), ("block", Violations::Block)];
 
 const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
 const DEFAULT_LOG_MAX_SIZE: u64 = 10 << 30;

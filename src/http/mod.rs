@@ -25,6 +25,7 @@ use crate::ingest::{Ingest, Shape};
 use crate::intake_log::IntakeLog;
 use crate::metrics::{Metrics, RequestLabels, Route, RouteLabels};
 use crate::query::QueryEngine;
+use crate::schema::Live;
 pub use error::ApiError;
 
 /// What the handlers share.
@@ -36,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub shutting_down: AtomicBool,
+    /// The tracking plan in force.
+    pub plan: Arc<Live>,
     pub query: QueryEngine,
     /// Where admin queries run, away from the HTTP workers.
     pub query_runtime: tokio::runtime::Handle,

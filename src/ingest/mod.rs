@@ -10,6 +10,7 @@
 
 pub mod dedup;
 pub mod message;
+pub mod plan;
 pub mod rate_limit;
 pub mod rules;
 
@@ -24,9 +25,11 @@ use crate::clock::Clock;
 use crate::config::{Config, SourceConfig};
 use crate::entry::{Entry, Status};
 use crate::intake_log::{AppendError, IntakeLog, RecordBatch};
-use crate::metrics::{IngestMetrics, MessageLabels, Outcome};
+use crate::metrics::{IngestMetrics, MessageLabels, Outcome, SchemaMetrics};
+use crate::schema::Live;
 use dedup::Dedup;
 use message::{MessageType, RawMessage};
+use plan::{Decision, Policy};
 use rate_limit::RateLimits;
 pub use rules::format_time;
 use rules::BatchDefaults;
@@ -102,8 +105,21 @@ pub struct Ingest {
     limits: RateLimits,
     dedup: Arc<Dedup>,
     log: Arc<IntakeLog>,
+    plan: Arc<Live>,
+    default_policy: Policy,
     metrics: Arc<IngestMetrics>,
+    schema_metrics: Arc<SchemaMetrics>,
     clock: Clock,
+}
+
+/// What the edge needs besides the config.
+pub struct Parts {
+    pub dedup: Arc<Dedup>,
+    pub log: Arc<IntakeLog>,
+    pub plan: Arc<Live>,
+    pub metrics: Arc<IngestMetrics>,
+    pub schema_metrics: Arc<SchemaMetrics>,
+    pub clock: Clock,
 }
 
 /// The parts of a batch body Sluice reads; the messages stay raw until each is checked.
@@ -122,6 +138,8 @@ struct BatchBody<'a> {
 /// A message on its way to the log.
 enum Verdict<'a> {
     Accepted(Box<rules::Message>),
+    /// Acknowledged, but quarantined by the tracking plan.
+    Blocked(Box<rules::Message>, String),
     Rejected {
         raw: &'a [u8],
         message_id: Option<String>,
@@ -130,20 +148,27 @@ enum Verdict<'a> {
 }
 
 impl Ingest {
-    pub fn new(
-        config: &Config,
-        dedup: Arc<Dedup>,
-        log: Arc<IntakeLog>,
-        metrics: Arc<IngestMetrics>,
-        clock: Clock,
-    ) -> Self {
+    pub fn new(config: &Config, parts: Parts) -> Self {
         Ingest {
             sources: config.sources.clone(),
             limits: RateLimits::new(&config.sources),
-            dedup,
-            log,
-            metrics,
-            clock,
+            dedup: parts.dedup,
+            log: parts.log,
+            plan: parts.plan,
+            default_policy: Policy {
+                unplanned: config.schemas.unplanned,
+                violations: config.schemas.violations,
+            },
+            metrics: parts.metrics,
+            schema_metrics: parts.schema_metrics,
+            clock: parts.clock,
+        }
+    }
+
+    fn policy(&self, source: &SourceConfig) -> Policy {
+        Policy {
+            unplanned: source.unplanned.unwrap_or(self.default_policy.unplanned),
+            violations: source.violations.unwrap_or(self.default_policy.violations),
         }
     }
 
@@ -188,15 +213,28 @@ impl Ingest {
             Shape::Single(t) => Some(t),
             Shape::Batch => None,
         };
+        // One registry for the whole request, even if a reload swaps it meanwhile.
+        let snapshot = self.plan.snapshot();
+        let policy = self.policy(source);
         let verdicts: Vec<Verdict> = request
             .messages
             .iter()
-            .map(|raw| check(raw, path_type, &request.defaults, received_at))
+            .map(
+                |raw| match check(raw, path_type, &request.defaults, received_at) {
+                    Verdict::Accepted(m) => {
+                        match plan::enforce(m, &snapshot.registry, policy, &self.schema_metrics) {
+                            Decision::Store(m) => Verdict::Accepted(m),
+                            Decision::Block(m, reason) => Verdict::Blocked(m, reason),
+                        }
+                    }
+                    other => other,
+                },
+            )
             .collect();
         let keys: Vec<Option<u64>> = verdicts
             .iter()
             .map(|v| match v {
-                Verdict::Accepted(m) if !m.message_id_generated => {
+                Verdict::Accepted(m) | Verdict::Blocked(m, _) if !m.message_id_generated => {
                     Some(dedup::key(&source.name, &m.message_id))
                 }
                 _ => None,
@@ -207,9 +245,26 @@ impl Ingest {
         let mut records = RecordBatch::with_capacity(body.len() + verdicts.len() * 64);
         let mut report = Report::default();
         let mut duplicates = 0;
+        let mut blocked = 0;
         for (index, (verdict, dup)) in verdicts.into_iter().zip(duplicate).enumerate() {
             match verdict {
-                Verdict::Accepted(_) if dup => duplicates += 1,
+                Verdict::Accepted(_) | Verdict::Blocked(..) if dup => duplicates += 1,
+                Verdict::Blocked(m, reason) => {
+                    // Quarantined as enriched, so that a replay can admit it as it was received.
+                    records.push_with(|out| {
+                        let id = &m.message_id;
+                        Entry::encode(
+                            out,
+                            Status::Rejected,
+                            received_at,
+                            &source.name,
+                            id,
+                            &reason,
+                            |out| m.write_json(out),
+                        )
+                    });
+                    blocked += 1;
+                }
                 Verdict::Accepted(m) => {
                     records.push_with(|out| {
                         let id = &m.message_id;
@@ -258,10 +313,12 @@ impl Ingest {
         }
         reservation.commit(received_at);
         count(Outcome::Accepted, report.accepted);
+        count(Outcome::Blocked, blocked);
         count(Outcome::Duplicate, duplicates);
         count(Outcome::Rejected, report.rejected.len());
 
-        report.accepted += duplicates;
+        // A message the plan blocked was still received as the client meant: not an error.
+        report.accepted += duplicates + blocked;
         if report.accepted == 0 && !report.rejected.is_empty() {
             return Err(IngestError::AllRejected(report));
         }

@@ -72,6 +72,8 @@ mod tests {
             name: "web".into(),
             write_key: "k".into(),
             rate_limit: rate.and_then(NonZeroU32::new),
+            unplanned: None,
+            violations: None,
         }
     }
 

@@ -11,6 +11,10 @@ struct Fixture {
 }
 
 fn fixture(config_text: &str) -> Fixture {
+    fixture_with_plan(config_text, crate::schema::Live::empty())
+}
+
+fn fixture_with_plan(config_text: &str, plan: crate::schema::Live) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let config = Config::parse(&dir.path().join("sluice.toml"), config_text, &|_| None).unwrap();
     let log = Arc::new(
@@ -32,12 +36,17 @@ fn fixture(config_text: &str) -> Fixture {
         Arc::new(DedupMetrics::default()),
     ));
     let now: DateTime<Utc> = "2026-03-01T10:00:00Z".parse().unwrap();
+    let metrics = crate::metrics::Metrics::default();
     let ingest = Ingest::new(
         &config,
-        dedup,
-        log.clone(),
-        crate::metrics::Metrics::default().ingest,
-        Arc::new(move || now),
+        Parts {
+            dedup,
+            log: log.clone(),
+            plan: Arc::new(plan),
+            metrics: metrics.ingest,
+            schema_metrics: metrics.schema,
+            clock: Arc::new(move || now),
+        },
     );
     Fixture {
         _dir: dir,
@@ -331,4 +340,85 @@ async fn a_message_that_is_not_an_object_is_rejected_not_malformed() {
         "{}",
         report.rejected[0].error
     );
+}
+
+fn order_plan() -> crate::schema::Live {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("order.json"),
+        r#"{"x-sluice":{"type":"track","event":"Order Completed","version":1},
+            "type":"object","required":["order_id"]}"#,
+    )
+    .unwrap();
+    let (schemas, registry, problems) = crate::schema::watch::Loader::new(dir.path()).load();
+    assert!(problems.is_empty());
+    crate::schema::Live::new(schemas, registry)
+}
+
+#[tokio::test]
+async fn a_blocked_message_is_acknowledged_and_quarantined_as_enriched() {
+    let f = fixture_with_plan(
+        r#"
+[schemas]
+violations = "block"
+unplanned = "block"
+
+[[sources]]
+name = "web"
+write_key = "wk"
+
+[[sources]]
+name = "lenient"
+write_key = "lk"
+unplanned = "allow"
+violations = "flag"
+"#,
+        order_plan(),
+    );
+    let batch = r#"{"batch":[
+        {"type":"track","event":"Order Completed","userId":"u","messageId":"ok","properties":{"order_id":"1"}},
+        {"type":"track","event":"Order Completed","userId":"u","messageId":"bad","properties":{}},
+        {"type":"track","event":"Unknown","userId":"u","messageId":"unplanned"}]}"#;
+    let report = f
+        .ingest
+        .handle(Shape::Batch, batch.as_bytes(), Some("wk"))
+        .await
+        .unwrap();
+    assert_eq!(
+        report,
+        Report {
+            accepted: 3,
+            rejected: vec![]
+        },
+        "a schema verdict is not an HTTP error"
+    );
+    let stored = entries(&f.log);
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[0].0, Status::Accepted);
+    assert_eq!(stored[1].0, Status::Rejected);
+    assert!(
+        stored[1].2.starts_with("schema: Order Completed v1:"),
+        "{}",
+        stored[1].2
+    );
+    assert_eq!(
+        stored[1].3["receivedAt"], "2026-03-01T10:00:00Z",
+        "kept as enriched, for replay"
+    );
+    assert!(stored[2].2.starts_with("unplanned:"));
+
+    // The same messages from the lenient source: stored, the violation flagged.
+    let lenient = batch
+        .replace("\"ok\"", "\"ok2\"")
+        .replace("\"bad\"", "\"bad2\"")
+        .replace("\"unplanned\"", "\"u2\"");
+    let report = f
+        .ingest
+        .handle(Shape::Batch, lenient.as_bytes(), Some("lk"))
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 3);
+    let stored = entries(&f.log);
+    assert!(stored[3..].iter().all(|e| e.0 == Status::Accepted));
+    assert!(stored[4].3["context"]["violations"].is_array());
 }

@@ -30,7 +30,8 @@ use std::sync::Arc;
 use crate::intake_log::IntakeLog;
 use crate::metrics::LakeMetrics;
 pub use store::LakeStore;
-use writer::{FlushPolicy, LakeWriter, Stopped, TypedTables, WriteError};
+use typed::TypedSource;
+use writer::{FlushPolicy, LakeWriter, Stopped, WriteError};
 
 /// The lake writer running on its own thread.
 pub struct LakeHandle {
@@ -46,7 +47,7 @@ impl LakeHandle {
         store: LakeStore,
         log: &IntakeLog,
         policy: FlushPolicy,
-        typed: Arc<TypedTables>,
+        typed: Arc<TypedSource>,
         metrics: Arc<LakeMetrics>,
     ) -> std::io::Result<LakeHandle> {
         let consumer = log.consumer(writer::CONSUMER)?;

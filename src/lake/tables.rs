@@ -1,8 +1,9 @@
 //! The lake's tables as Arrow: their schemas, and builders that turn intake-log entries into
 //! record batches.
 //!
-//! Timestamps are UTC microseconds; `properties`, `traits`, `context`, `integrations` and
-//! `violations` are JSON text, byte for byte as stored in the log. The partition column `date` is
+//! Timestamps are UTC microseconds; `properties`, `traits`, `context` and `integrations` are JSON
+//! text, byte for byte as stored in the log; `violations` is the array the tracking plan flagged
+//! (also in `context.violations`), or null. The partition column `date` is
 //! not in the files: it is the folder name (`date=YYYY-MM-DD`), the UTC date of `received_at`.
 
 use std::borrow::Cow;
@@ -128,8 +129,19 @@ struct Stored<'a> {
     context: Option<&'a RawValue>,
     #[serde(borrow)]
     integrations: Option<&'a RawValue>,
+}
+
+/// The schema violations the tracking plan flagged, in `context.violations`.
+#[derive(Deserialize)]
+struct Flagged<'a> {
     #[serde(borrow)]
     violations: Option<&'a RawValue>,
+}
+
+fn violations(context: Option<&RawValue>) -> Option<&str> {
+    let context = context.filter(|c| c.get().contains("\"violations\""))?;
+    let flagged: Flagged = serde_json::from_str(context.get()).ok()?;
+    flagged.violations.map(RawValue::get)
 }
 
 fn utc() -> Arc<str> {
@@ -226,8 +238,7 @@ impl EventsBuilder {
         self.context.append_option(m.context.map(RawValue::get));
         self.integrations
             .append_option(m.integrations.map(RawValue::get));
-        self.violations
-            .append_option(m.violations.map(RawValue::get));
+        self.violations.append_option(violations(m.context));
         self.rows += 1;
         Ok(track_event)
     }
@@ -395,6 +406,27 @@ mod tests {
         assert!(col("sent_at").is_null(0));
         assert_eq!(batch.schema(), Table::Events.schema());
         assert_eq!(b.len(), 0, "finish empties the builder");
+    }
+
+    #[test]
+    fn flagged_violations_fill_their_column() {
+        let body = r#"{"type":"track","messageId":"m","userId":"u","event":"E","timestamp":"2026-01-01T00:00:00Z","context":{"ip":"1","violations":[{"path":"/x","message":"bad"}]}}"#;
+        let bytes = entry(Status::Accepted, body, "");
+        let mut b = EventsBuilder::default();
+        b.append(&Entry::decode(&bytes).unwrap()).unwrap();
+        let plain = entry(
+            Status::Accepted,
+            &body.replace(r#","violations":[{"path":"/x","message":"bad"}]"#, ""),
+            "",
+        );
+        b.append(&Entry::decode(&plain).unwrap()).unwrap();
+        let batch = b.finish().unwrap();
+        let col = batch.column_by_name("violations").unwrap();
+        assert_eq!(
+            col.as_string::<i32>().value(0),
+            r#"[{"path":"/x","message":"bad"}]"#
+        );
+        assert!(col.is_null(1));
     }
 
     #[test]

@@ -368,7 +368,7 @@ mod compaction {
     }
 
     async fn ids(f: &Fixture) -> Vec<String> {
-        let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
+        let engine = QueryEngine::new(f.store.clone(), Default::default(), QueryLimits::default());
         let r = engine
             .sql("SELECT message_id FROM events ORDER BY message_id")
             .await

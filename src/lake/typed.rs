@@ -30,7 +30,55 @@ use serde_json::Value;
 
 use crate::entry::Entry;
 use crate::ingest::rules::parse_time;
-use crate::schema::SchemaFile;
+use crate::schema::live::Snapshot;
+use crate::schema::{Live, SchemaFile, Schemas};
+
+/// The typed tables, by track event name.
+pub type TypedTables = std::collections::HashMap<String, TypedTable>;
+
+/// Builds the typed tables of every track event with a schema.
+pub fn typed_tables(schemas: &Schemas) -> TypedTables {
+    schemas
+        .tracks()
+        .map(|(event, versions)| (event.to_string(), TypedTable::new(event, versions)))
+        .collect()
+}
+
+/// The typed tables in force: they follow the schema registry as it reloads, rebuilt only when
+/// it changed.
+pub struct TypedSource {
+    live: Arc<Live>,
+    cache: std::sync::Mutex<Option<(Arc<Snapshot>, Arc<TypedTables>)>>,
+}
+
+impl TypedSource {
+    pub fn new(live: Arc<Live>) -> Self {
+        TypedSource {
+            live,
+            cache: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn current(&self) -> Arc<TypedTables> {
+        let snapshot = self.live.snapshot();
+        let mut cache = self.cache.lock().unwrap();
+        match cache.as_ref() {
+            Some((seen, tables)) if Arc::ptr_eq(seen, &snapshot) => tables.clone(),
+            _ => {
+                let tables = Arc::new(typed_tables(&snapshot.schemas));
+                *cache = Some((snapshot, tables.clone()));
+                tables
+            }
+        }
+    }
+}
+
+impl Default for TypedSource {
+    /// No schemas: no typed tables.
+    fn default() -> Self {
+        TypedSource::new(Arc::new(Live::empty()))
+    }
+}
 
 /// The folder and SQL name of an event's table: lower case, runs of other characters as `_`.
 pub fn slug(event: &str) -> String {

@@ -20,7 +20,7 @@
 //! retried with backoff (1 s doubling to 30 s) for as long as it takes; meanwhile the log keeps everything (it is the buffer), and when it fills the edge answers
 //! 503. The writer runs on its own thread so that Parquet encoding never runs on the HTTP workers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,11 +36,10 @@ use datafusion::parquet::schema::types::ColumnPath;
 
 use super::store::LakeStore;
 use super::tables::{EventsBuilder, QuarantineBuilder, Table};
-use super::typed::{TypedBuilder, TypedTable};
+use super::typed::{TypedBuilder, TypedSource, TypedTables};
 use crate::entry::{Entry, Status};
 use crate::intake_log::{Consumer, ReadError, Record};
 use crate::metrics::LakeMetrics;
-use crate::schema::Schemas;
 
 /// The log consumer name of the lake writer.
 pub const CONSUMER: &str = "lake";
@@ -106,17 +105,6 @@ pub fn writer_properties(zstd_level: i32) -> WriterProperties {
         // Unique per row: a dictionary would only be abandoned after costing time.
         .set_column_dictionary_enabled(ColumnPath::from("message_id"), false)
         .build()
-}
-
-/// The typed tables, by track event name.
-pub type TypedTables = HashMap<String, TypedTable>;
-
-/// Builds the typed tables of every track event with a schema.
-pub fn typed_tables(schemas: &Schemas) -> TypedTables {
-    schemas
-        .tracks()
-        .map(|(event, versions)| (event.to_string(), TypedTable::new(event, versions)))
-        .collect()
 }
 
 /// The table a partition belongs to.
@@ -414,7 +402,7 @@ pub struct LakeWriter {
     metrics: Arc<LakeMetrics>,
     /// The runtime that drives the object store's I/O; this thread blocks on it.
     runtime: tokio::runtime::Handle,
-    typed: Arc<TypedTables>,
+    typed: Arc<TypedSource>,
 }
 
 /// How the writer's loop ended.
@@ -435,7 +423,7 @@ impl LakeWriter {
         policy: FlushPolicy,
         metrics: Arc<LakeMetrics>,
         runtime: tokio::runtime::Handle,
-        typed: Arc<TypedTables>,
+        typed: Arc<TypedSource>,
     ) -> io::Result<Self> {
         Ok(LakeWriter {
             typed,
@@ -461,7 +449,7 @@ impl LakeWriter {
             return Ok(self.pending.clear()?);
         }
         tracing::info!(start, end, "redoing a lake flush interrupted by a crash");
-        let mut flush = Flush::new(start, self.typed.clone());
+        let mut flush = Flush::new(start, self.typed.current());
         while flush.end < end {
             let want = (end - flush.end).min(4096) as usize;
             let records = self.consumer.read(want)?;
@@ -538,7 +526,7 @@ impl LakeWriter {
     /// Runs until `stop` is set, then flushes what it has read.
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<Stopped, WriteError> {
         self.recover()?;
-        let mut flush = Flush::new(self.consumer.position(), self.typed.clone());
+        let mut flush = Flush::new(self.consumer.position(), self.typed.current());
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             let records = self.consumer.read(4096)?;
@@ -547,13 +535,13 @@ impl LakeWriter {
             }
             let due = flush.is_due(&self.policy) || (stopping && records.is_empty());
             if due && flush.end > flush.start {
-                let next = Flush::new(flush.end, self.typed.clone());
+                let next = Flush::new(flush.end, self.typed.current());
                 let done = std::mem::replace(&mut flush, next);
                 if !self.write_with_retries(done, &stop)? {
                     return Ok(Stopped::Abandoned);
                 }
             } else if due {
-                flush = Flush::new(flush.end, self.typed.clone());
+                flush = Flush::new(flush.end, self.typed.current());
             }
             if stopping && records.is_empty() && flush.end == flush.start {
                 return Ok(Stopped::Flushed);

@@ -22,7 +22,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lake::tables::Table;
-use crate::lake::typed::TypedTable;
+use crate::lake::typed::TypedSource;
 use crate::lake::view::CompactedView;
 use crate::lake::LakeStore;
 
@@ -81,13 +81,13 @@ impl QueryResult {
 #[derive(Clone)]
 pub struct QueryEngine {
     store: LakeStore,
-    typed: Vec<TypedTable>,
+    typed: Arc<TypedSource>,
     limits: QueryLimits,
 }
 
 impl QueryEngine {
-    /// `typed` are the typed track tables, registered as `tracks.<event_slug>`.
-    pub fn new(store: LakeStore, typed: Vec<TypedTable>, limits: QueryLimits) -> Self {
+    /// `typed` gives the typed track tables in force, registered as `tracks.<event_slug>`.
+    pub fn new(store: LakeStore, typed: Arc<TypedSource>, limits: QueryLimits) -> Self {
         QueryEngine {
             store,
             typed,
@@ -111,10 +111,11 @@ impl QueryEngine {
         for table in [Table::Events, Table::Quarantine] {
             self.register(&ctx, table.name().into(), table.name(), table.schema())?;
         }
-        if !self.typed.is_empty() {
+        let typed = self.typed.current();
+        if !typed.is_empty() {
             let catalog = ctx.catalog("sluice").expect("the default catalog exists");
             catalog.register_schema("tracks", Arc::new(MemorySchemaProvider::new()))?;
-            for table in &self.typed {
+            for table in typed.values() {
                 let name = TableReference::partial("tracks", table.slug.as_str());
                 self.register(&ctx, name, &table.folder(), table.schema.clone())?;
             }

@@ -27,7 +27,7 @@ fn text(result: &QueryResult, format: Format) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_by_event_with_partition_filter_and_json_functions() {
     let f = lake_with_data().await;
-    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), Default::default(), QueryLimits::default());
     let r = engine
         .sql("SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY event")
         .await
@@ -71,7 +71,7 @@ async fn counts_by_event_with_partition_filter_and_json_functions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sql_is_invalid_not_a_crash() {
     let f = lake_with_data().await;
-    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), Default::default(), QueryLimits::default());
     for sql in [
         "SELEC 1",
         "SELECT nope FROM events",
@@ -88,7 +88,7 @@ async fn bad_sql_is_invalid_not_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_lake_answers_with_no_rows() {
     let f = fixture(LakeStore::in_memory());
-    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), Default::default(), QueryLimits::default());
     let r = engine
         .sql("SELECT count(*) AS n FROM events")
         .await
@@ -102,9 +102,9 @@ async fn an_empty_lake_answers_with_no_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_track_tables_are_queryable_by_slug() {
     use crate::ingest::message::MessageType;
-    use crate::lake::typed::TypedTable;
-    use crate::lake::writer::{Flush, TypedTables};
-    use crate::schema::SchemaFile;
+    use crate::lake::typed::{TypedSource, TypedTable, TypedTables};
+    use crate::lake::writer::Flush;
+    use crate::schema::{Live, Registry, SchemaFile, Schemas};
 
     let schema = SchemaFile {
         path: "signed_up.json".into(),
@@ -115,7 +115,12 @@ async fn typed_track_tables_are_queryable_by_slug() {
         schema: serde_json::json!({"type": "object", "properties": {
             "plan": {"type": "string"}, "revenue": {"type": "number"}, "seats": {"type": "integer"}}}),
     };
-    let table = TypedTable::new("Signed Up", &[schema]);
+    let table = TypedTable::new("Signed Up", std::slice::from_ref(&schema));
+    let (schemas, _) = Schemas::from_files([schema]);
+    let (registry, _) = Registry::build(&schemas);
+    let source = std::sync::Arc::new(TypedSource::new(std::sync::Arc::new(Live::new(
+        schemas, registry,
+    ))));
     let typed: TypedTables = [("Signed Up".to_string(), table.clone())].into();
     let f = fixture(LakeStore::in_memory());
     append(
@@ -136,7 +141,7 @@ async fn typed_track_tables_are_queryable_by_slug() {
         &"tracks/signed_up/date=2026-03-01/00000000000000000000-00000000000000000002.parquet"
             .to_string()
     ));
-    let engine = QueryEngine::new(f.store.clone(), vec![table], QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), source, QueryLimits::default());
     let r = engine
         .sql("SELECT message_id, plan, revenue, seats, date FROM tracks.signed_up")
         .await
@@ -159,7 +164,7 @@ async fn a_date_filter_reads_only_its_partitions() {
         .put(&bad, bytes::Bytes::from_static(b"not parquet").into())
         .await
         .unwrap();
-    let engine = QueryEngine::new(f.store.clone(), Vec::new(), QueryLimits::default());
+    let engine = QueryEngine::new(f.store.clone(), Default::default(), QueryLimits::default());
     match engine.sql("SELECT count(*) FROM events").await {
         Err(QueryError::Failed(m)) => {
             assert!(m.contains("events/date=2026-03-01/zz.parquet"), "{m}")

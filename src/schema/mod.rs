@@ -8,12 +8,17 @@
 //!
 //! - [`files`]: finding, reading and indexing the files; every version is kept.
 //! - [`registry`]: each schema compiled once; the newest version of each event enforced.
+//! - [`live`]: the registry in force, swapped whole on reload.
+//! - [`watch`]: hot reload of the folder, keeping the last good version of a broken file.
 //!
 //! The registry decides; what happens to a message it calls invalid or unplanned is the ingest
 //! stage's policy (`crate::ingest`). The lake's typed tables come from the same files.
 
 pub mod files;
+pub mod live;
 pub mod registry;
+pub mod watch;
 
 pub use files::{SchemaFile, Schemas};
+pub use live::Live;
 pub use registry::{Registry, Verdict, Violation};
