@@ -21,7 +21,8 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
             return Ok(false);
         }
     };
-    let (schemas, problems) = crate::schema::Schemas::load_dir(&config.schemas.dir);
+    let (schemas, _, mut problems) = crate::schema::watch::Loader::new(&config.schemas.dir).load();
+    problems.extend(crate::schema::compat::check(&schemas));
     for p in &problems {
         writeln!(out, "{p}")?;
     }

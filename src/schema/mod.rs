@@ -7,6 +7,7 @@
 //! ```
 //!
 //! - [`files`]: finding, reading and indexing the files; every version is kept.
+//! - [`compat`]: what a new version breaks of the previous one, for `sluice check`.
 //! - [`registry`]: each schema compiled once; the newest version of each event enforced.
 //! - [`live`]: the registry in force, swapped whole on reload.
 //! - [`watch`]: hot reload of the folder, keeping the last good version of a broken file.
@@ -14,6 +15,7 @@
 //! The registry decides; what happens to a message it calls invalid or unplanned is the ingest
 //! stage's policy (`crate::ingest`). The lake's typed tables come from the same files.
 
+pub mod compat;
 pub mod files;
 pub mod live;
 pub mod registry;

@@ -146,3 +146,42 @@ fn serve_logs_json_lines_with_log_format_json() {
     assert!(messages.contains(&"sluice is serving"), "{messages:?}");
     assert!(messages.contains(&"shut down cleanly"), "{messages:?}");
 }
+
+#[test]
+fn check_reports_breaking_versions_and_schemas_that_do_not_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, config_text("127.0.0.1:0", "")).unwrap();
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir_all(&schemas).unwrap();
+    std::fs::write(
+        schemas.join("v1.json"),
+        "{\n  \"x-sluice\": {\"type\": \"track\", \"event\": \"Paid\", \"version\": 1},\n  \"properties\": {\n    \"amount\": {\"type\": \"number\"}\n  }\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        schemas.join("v2.json"),
+        "{\n  \"x-sluice\": {\"type\": \"track\", \"event\": \"Paid\", \"version\": 2},\n  \"properties\": {\n    \"amount\": {\"type\": \"integer\"}\n  },\n  \"required\": [\"amount\"]\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        schemas.join("broken.json"),
+        "{\n  \"x-sluice\": {\"type\": \"track\", \"event\": \"Other\"},\n  \"properties\": {\n    \"n\": {\"type\": \"numeric\"}\n  }\n}\n",
+    )
+    .unwrap();
+    let out = sluice(&["--config", config.to_str().unwrap(), "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let broken = schemas.join("broken.json");
+    let v2 = schemas.join("v2.json");
+    assert!(
+        text.contains(&format!("{}:4:", broken.display())) && text.contains("does not compile"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{}:4:", v2.display()))
+            && text.contains("narrows the type of `amount` from number to integer"),
+        "{text}"
+    );
+    assert!(text.contains("makes `amount` required"), "{text}");
+}

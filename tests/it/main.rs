@@ -4,4 +4,5 @@ mod cli;
 mod durability;
 mod http_api;
 mod lake;
+mod schemas;
 mod support;
