@@ -136,6 +136,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             )
             .route(web::post().to(admin::query)),
     )
+    .route("/admin/schemas", web::get().to(admin::schemas))
+    .route("/admin/schemas/validate", web::post().to(admin::validate))
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))
     .route("/metrics", web::get().to(ops::metrics))

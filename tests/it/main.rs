@@ -4,5 +4,6 @@ mod cli;
 mod durability;
 mod http_api;
 mod lake;
+mod plan;
 mod schemas;
 mod support;
