@@ -22,6 +22,7 @@ use crate::lake::writer::{FlushPolicy, Stopped};
 use crate::lake::{LakeHandle, LakeStore};
 use crate::metrics::Metrics;
 use crate::query::{QueryEngine, QueryLimits};
+use crate::replay::Replayer;
 use crate::schema::{self, Live};
 
 /// Runs the server until `shutdown` resolves, then stops it gracefully.
@@ -129,6 +130,20 @@ pub async fn run_with_clock(
             clock,
         },
     ));
+    let query = QueryEngine::new(
+        lake_store,
+        typed.clone(),
+        QueryLimits {
+            memory: config.query.memory_limit as usize,
+            timeout: config.query.timeout,
+        },
+    );
+    let replayer = Arc::new(Replayer::new(
+        &config,
+        query.clone(),
+        log.clone(),
+        plan.clone(),
+    ));
     let state = actix_web::web::Data::new(AppState {
         config: config.clone(),
         ingest,
@@ -138,14 +153,8 @@ pub async fn run_with_clock(
         metrics: metrics.clone(),
         shutting_down: Default::default(),
         plan: plan.clone(),
-        query: QueryEngine::new(
-            lake_store,
-            typed.clone(),
-            QueryLimits {
-                memory: config.query.memory_limit as usize,
-                timeout: config.query.timeout,
-            },
-        ),
+        query,
+        replayer,
         query_runtime: query_runtime.handle(),
         query_slots: Arc::new(tokio::sync::Semaphore::new(2)),
     });

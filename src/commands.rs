@@ -112,3 +112,54 @@ pub async fn query(
     query::write(&result, format, out)?;
     Ok(())
 }
+
+/// `sluice replay quarantine`: asks the running server (the log has one writer) to re-admit the
+/// quarantined messages that its tracking plan now lets through, and prints its report.
+pub fn replay_quarantine(
+    config: &Config,
+    request: &crate::replay::ReplayRequest,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let token = config.server.admin_token.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("replay goes through the admin API: set server.admin_token")
+    })?;
+    let mut addr = config.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let body = serde_json::json!({ "event": request.event, "since": request.since }).to_string();
+    let (status, answer) = post_json(addr, "/admin/replay/quarantine", token, &body)
+        .map_err(|e| anyhow::anyhow!("cannot reach sluice at {addr} (is it serving?): {e}"))?;
+    if status != 200 {
+        anyhow::bail!("the server answered {status}: {answer}");
+    }
+    writeln!(out, "{answer}")?;
+    Ok(())
+}
+
+/// One POST over a fresh connection; the status and the body.
+fn post_json(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(600)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, rest.to_string()))
+}

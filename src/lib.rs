@@ -14,6 +14,7 @@
 //! - [`intake_log`]: the durable, group-committed, segment-file log with consumer cursors.
 //! - [`lake`]: the log consumer that writes Parquet to object storage exactly once, and compaction.
 //! - [`query`]: DataFusion SQL over the lake.
+//! - [`replay`]: re-admitting quarantined messages once the plan lets them through.
 //! - [`schema`]: the schema files in `schemas/` (the lake's typed tables come from them).
 //! - [`app`]: the wiring, and the only module that knows the whole chain.
 //! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`]: around the flow.
@@ -30,5 +31,6 @@ pub mod intake_log;
 pub mod lake;
 pub mod metrics;
 pub mod query;
+pub mod replay;
 pub mod schema;
 pub mod thread_priority;

@@ -44,6 +44,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
         format: QueryFormat,
     },
+    /// Put messages that were set aside back on their way (the server must be running).
+    Replay {
+        #[command(subcommand)]
+        command: ReplayCommand,
+    },
     /// Work with the intake log.
     Log {
         #[command(subcommand)]
@@ -56,6 +61,19 @@ enum QueryFormat {
     Table,
     Json,
     Csv,
+}
+
+#[derive(Subcommand)]
+enum ReplayCommand {
+    /// Re-admit quarantined messages that the tracking plan now lets through.
+    Quarantine {
+        /// Only this event (track) or name (page/screen).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only messages received at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +115,19 @@ fn main() -> ExitCode {
             };
             let mut out = std::io::stdout().lock();
             match runtime.block_on(commands::query(&config, &sql, format, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Replay {
+            command: ReplayCommand::Quarantine { event, since },
+        } => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(problems) => return print_problems(&problems),
+            };
+            let request = sluice::replay::ReplayRequest { event, since };
+            match commands::replay_quarantine(&config, &request, &mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

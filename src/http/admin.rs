@@ -12,6 +12,7 @@ use crate::ingest::plan;
 use crate::ingest::rules::{self, BatchDefaults};
 use crate::metrics::{PlanLabels, PlanOutcome};
 use crate::query;
+use crate::replay::ReplayRequest;
 use crate::schema::Verdict;
 
 /// Lets the request through when it carries the admin token.
@@ -148,4 +149,28 @@ pub async fn validate(
         }
         _ => serde_json::json!({ "verdict": "valid", "schema": schema, "errors": [] }),
     }))
+}
+
+/// `POST /admin/replay/quarantine {"event": ..., "since": ...}` (both optional): re-admits the
+/// quarantined messages that the tracking plan in force lets through.
+pub async fn replay_quarantine(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReplayRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("expected {{\"event\", \"since\"}}: {e}")))?
+    };
+    let replayer = state.replayer.clone();
+    let report = state
+        .query_runtime
+        .spawn(async move { replayer.replay(&request).await })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(report))
 }

@@ -25,6 +25,7 @@ use crate::ingest::{Ingest, Shape};
 use crate::intake_log::IntakeLog;
 use crate::metrics::{Metrics, RequestLabels, Route, RouteLabels};
 use crate::query::QueryEngine;
+use crate::replay::Replayer;
 use crate::schema::Live;
 pub use error::ApiError;
 
@@ -40,6 +41,7 @@ pub struct AppState {
     /// The tracking plan in force.
     pub plan: Arc<Live>,
     pub query: QueryEngine,
+    pub replayer: Arc<Replayer>,
     /// Where admin queries run, away from the HTTP workers.
     pub query_runtime: tokio::runtime::Handle,
     /// Admin queries allowed to run at once.
@@ -138,6 +140,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .route("/admin/schemas", web::get().to(admin::schemas))
     .route("/admin/schemas/validate", web::post().to(admin::validate))
+    .route(
+        "/admin/replay/quarantine",
+        web::post().to(admin::replay_quarantine),
+    )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))
     .route("/metrics", web::get().to(ops::metrics))

@@ -12,7 +12,7 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::MemorySchemaProvider;
-use datafusion::common::TableReference;
+use datafusion::common::{ScalarValue, TableReference};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -143,9 +143,21 @@ impl QueryEngine {
 
     /// Runs one statement and collects its result.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        self.sql_with_params(sql, Vec::new()).await
+    }
+
+    /// Runs one statement with `$1`, `$2`, ... bound to `params`.
+    pub async fn sql_with_params(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+    ) -> Result<QueryResult, QueryError> {
         let ctx = self.session().await?;
         let run = async {
-            let frame = ctx.sql(sql).await?;
+            let mut frame = ctx.sql(sql).await?;
+            if !params.is_empty() {
+                frame = frame.with_param_values(params)?;
+            }
             let schema = frame.schema().inner().clone();
             let batches = frame.collect().await?;
             Ok::<_, QueryError>(QueryResult { schema, batches })

@@ -293,3 +293,124 @@ fn the_admin_api_lists_schemas_and_validates_a_message() {
         "validating stores nothing"
     );
 }
+
+fn sluice(config: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(&all)
+        .output()
+        .unwrap()
+}
+
+fn query_rows(config: &Path, sql: &str) -> Vec<Value> {
+    let out = sluice(config, &["query", "--format", "json", sql]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn replay(config: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["replay", "quarantine"];
+    all.extend_from_slice(args);
+    let out = sluice(config, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn replay_readmits_what_a_fixed_schema_lets_through_exactly_once() {
+    let dir = plan_dir(&[("order.json", order_schema(1, "order_id"))]);
+    let extra = "[schemas]\nviolations = \"block\"\n[storage]\nflush_interval = \"100ms\"\n";
+    let config = dir.path().join("sluice.toml");
+    let mut child = ChildServer::spawn(dir.path(), extra, |_| {});
+    let batch = json!({"batch": [
+        {"type": "track", "event": "Order Completed", "userId": "u", "messageId": "q1", "properties": {"orderId": "a"}},
+        {"type": "track", "event": "Order Completed", "userId": "u", "messageId": "q2", "properties": {"orderId": "b"}},
+        {"type": "track", "event": "Order Completed", "userId": "u", "messageId": "ok", "properties": {"order_id": "c"}},
+        {"type": "track", "userId": "u", "messageId": "no-event"}
+    ]});
+    let r = request(
+        child.addr,
+        "POST",
+        "/v1/batch",
+        &[("Authorization", &basic(WRITE_KEY))],
+        batch.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while query_rows(&config, "SELECT message_id FROM quarantine").len() < 3 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Nothing passes yet.
+    assert_eq!(
+        replay(&config, &[]),
+        json!({"candidates": 2, "readmitted": 0, "still_blocked": 2})
+    );
+
+    // The plan is fixed: version 2 asks for orderId.
+    std::fs::write(
+        dir.path().join("schemas/order2.json"),
+        order_schema(2, "orderId"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        replay(&config, &["--event", "Something Else"])["candidates"],
+        0
+    );
+    assert_eq!(
+        replay(&config, &["--event", "Order Completed"]),
+        json!({"candidates": 2, "readmitted": 2, "still_blocked": 0})
+    );
+    assert_eq!(replay(&config, &[])["readmitted"], 0, "twice is once");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while query_rows(&config, "SELECT message_id FROM events").len() < 3 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let readmitted = query_rows(
+        &config,
+        "SELECT e.message_id, e.received_at = q.received_at AS same_time FROM events e JOIN quarantine q ON e.message_id = q.message_id ORDER BY 1",
+    );
+    assert_eq!(
+        readmitted,
+        vec![
+            json!({"message_id": "q1", "same_time": true}),
+            json!({"message_id": "q2", "same_time": true})
+        ]
+    );
+
+    // After a restart, the lake remembers what was re-admitted.
+    assert!(child.terminate().success());
+    let child = ChildServer::spawn(dir.path(), extra, |_| {});
+    assert_eq!(
+        replay(&config, &[]),
+        json!({"candidates": 0, "readmitted": 0, "still_blocked": 0})
+    );
+    drop(child);
+    let ids = query_rows(
+        &config,
+        "SELECT message_id, count(*) AS n FROM events GROUP BY 1 ORDER BY 1",
+    );
+    assert_eq!(
+        ids,
+        vec![
+            json!({"message_id": "ok", "n": 1}),
+            json!({"message_id": "q1", "n": 1}),
+            json!({"message_id": "q2", "n": 1})
+        ]
+    );
+}
