@@ -97,5 +97,66 @@ fn log_append(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse_and_rules, log_append);
+/// A typical 10-property schema and a message payload that satisfies it.
+fn ten_property_plan() -> (sluice::schema::Registry, serde_json::Value) {
+    let schema = serde_json::json!({
+        "x-sluice": {"type": "track", "event": "Order Completed", "version": 1},
+        "type": "object",
+        "properties": {
+            "order_id": {"type": "string", "minLength": 1},
+            "revenue": {"type": "number", "minimum": 0},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "items": {"type": "integer", "minimum": 1},
+            "coupon": {"type": ["string", "null"]},
+            "shipping": {"type": "string", "enum": ["standard", "express", "pickup"]},
+            "gift": {"type": "boolean"},
+            "discount": {"type": "number", "minimum": 0},
+            "store": {"type": "string"},
+            "placed_at": {"type": "string"}
+        },
+        "required": ["order_id", "revenue", "currency"]
+    });
+    let file = sluice::schema::SchemaFile {
+        path: "order.json".into(),
+        text: schema.to_string(),
+        kind: sluice::ingest::message::MessageType::Track,
+        event: Some("Order Completed".into()),
+        version: 1,
+        schema,
+    };
+    let (schemas, _) = sluice::schema::Schemas::from_files([file]);
+    let (registry, problems) = sluice::schema::Registry::build(&schemas);
+    assert!(problems.is_empty());
+    let payload = serde_json::json!({
+        "order_id": "o-1234", "revenue": 42.5, "currency": "EUR", "items": 3, "coupon": null,
+        "shipping": "express", "gift": false, "discount": 5.0, "store": "berlin-1", "placed_at": "2026-11-22T04:00:00Z"
+    });
+    (registry, payload)
+}
+
+fn schema_validation(c: &mut Criterion) {
+    use sluice::ingest::message::MessageType;
+    let (registry, payload) = ten_property_plan();
+    let text = payload.to_string();
+    let mut group = c.benchmark_group("schema_validation");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("ten_properties_valid", |b| {
+        b.iter(|| registry.check(MessageType::Track, Some("Order Completed"), &payload))
+    });
+    group.bench_function("ten_properties_parse_and_validate", |b| {
+        b.iter(|| {
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            registry.check(MessageType::Track, Some("Order Completed"), &value)
+        })
+    });
+    let mut invalid = payload.clone();
+    invalid["revenue"] = serde_json::json!(-1);
+    invalid["currency"] = serde_json::json!("euro");
+    group.bench_function("ten_properties_invalid_with_errors", |b| {
+        b.iter(|| registry.check(MessageType::Track, Some("Order Completed"), &invalid))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parse_and_rules, schema_validation, log_append);
 criterion_main!(benches);

@@ -3,9 +3,13 @@
 # pinned to core 0, loopback, ~420-byte tracks with unique messageIds, a 200 meaning fsynced.
 #
 #   benches/load.sh [SECONDS] [REPEATS]
+#   SLUICE_BENCH_PLAN=1 benches/load.sh [SECONDS] [REPEATS]
 #
 # Runs, REPEATS times each on a fresh data folder: /v1/batch (100 per request) and /v1/track at
 # full load (closed loop), then both at half of the contract's targets (open loop) for latency.
+# With SLUICE_BENCH_PLAN=1 it instead alternates /v1/batch at full load without and with the
+# shipped tracking plan (`schemas/`, violations blocked), so the two can be compared as a ratio
+# measured in one run; the loadgen's "Order Completed" satisfies that plan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
@@ -16,7 +20,8 @@ bin="$CARGO_TARGET_DIR/release"
 work="$(mktemp -d)"
 trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT
 port=18088
-cat > "$work/sluice.toml" <<TOML
+config() {
+  cat > "$work/sluice.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
 [[sources]]
@@ -25,6 +30,11 @@ write_key = "demo-server-key"
 [log]
 dir = "data/log"
 TOML
+  if [ "${1:-}" = plan ]; then
+    printf '[schemas]\ndir = "%s/schemas"\nviolations = "block"\n' "$PWD" >> "$work/sluice.toml"
+  fi
+}
+config
 
 run() {
   local name="$1"; shift
@@ -34,8 +44,19 @@ run() {
   for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
   echo "--- $name"
   taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --duration "$seconds" --pid "$pid" "$@"
+  curl -fsS "http://127.0.0.1:$port/metrics" | grep '^sluice_schema_checks_total' || true
   kill -TERM "$pid"; wait "$pid"
 }
+
+if [ -n "${SLUICE_BENCH_PLAN:-}" ]; then
+  for i in $(seq 1 "$repeats"); do
+    config
+    run "batch full load, no plan #$i" --mode batch --batch 100 --connections 32
+    config plan
+    run "batch full load, shipped plan enforced #$i" --mode batch --batch 100 --connections 32
+  done
+  exit 0
+fi
 
 for i in $(seq 1 "$repeats"); do
   run "batch full load #$i" --mode batch --batch 100 --connections 32

@@ -1,6 +1,7 @@
 """Reads the lake that Sluice wrote to the S3-compatible server with three engines — pyarrow
 straight from S3, DuckDB over a downloaded copy, and `sluice query` — and checks that every message
-the clients sent is there exactly once, with the right values."""
+the clients sent is there exactly once, with the right values: in `events` (with `violations` when
+the plan flagged it) or, when the plan blocked it, in `quarantine` with the schema's errors."""
 
 import argparse
 import json
@@ -21,6 +22,7 @@ FIELDS = {"messageId": "message_id", "type": "type", "event": "event", "name": "
 
 
 def load_sent(specs):
+    """Every message sent, with `expect` (accepted, flagged, blocked)."""
     sent = []
     for spec in specs:
         source, path = spec.split("=", 1)
@@ -72,7 +74,10 @@ def main():
     p.add_argument("--sluice-json", required=True, help="`sluice query --format json` output")
     p.add_argument("sent", nargs="+")
     args = p.parse_args()
-    sent = load_sent(args.sent)
+    everything = load_sent(args.sent)
+    sent = [m for m in everything if m.get("expect", "accepted") != "blocked"]
+    blocked = [m for m in everything if m.get("expect") == "blocked"]
+    flagged = {m["messageId"] for m in everything if m.get("expect") == "flagged"}
 
     s3 = pafs.S3FileSystem(endpoint_override=args.endpoint, access_key="interop", secret_key="interop",
                            region="us-east-1", scheme="http")
@@ -98,6 +103,22 @@ def main():
         sluice_rows = [json.loads(line) for line in f if line.strip()]
 
     problems = check("pyarrow", arrow_rows, sent) + check("duckdb", duck_rows, sent) + check("sluice query", sluice_rows, sent)
+
+    # The plan's verdicts, read with DuckDB: flagged rows carry their violations; blocked ones are
+    # in the quarantine with the schema's errors.
+    cur = con.execute(f"SELECT message_id, violations FROM read_parquet('{events_glob}', hive_partitioning = true)")
+    for message_id, violations in cur.fetchall():
+        if (message_id in flagged) != (violations is not None):
+            problems.append(f"duckdb: {message_id} violations {violations!r}")
+    quarantine_glob = os.path.join(args.mirror, args.prefix, "quarantine", "*", "*.parquet")
+    cur = con.execute(f"SELECT message_id, reason FROM read_parquet('{quarantine_glob}', hive_partitioning = true)")
+    quarantined = {message_id: reason for message_id, reason in cur.fetchall()}
+    for m in blocked:
+        reason = quarantined.get(m["messageId"])
+        if not reason or not reason.startswith("schema: Order Completed v1:") or "/revenue" not in reason:
+            problems.append(f"duckdb: {m['messageId']} not quarantined with its error: {reason!r}")
+    if len(quarantined) != len(blocked):
+        problems.append(f"duckdb: {len(quarantined)} rows in quarantine, {len(blocked)} blocked")
     if not dates:
         problems.append("duckdb: no date partition column")
     if problems:
@@ -105,8 +126,8 @@ def main():
         for line in problems[:20]:
             print("  " + line, file=sys.stderr)
         sys.exit(1)
-    print(f"lake: all {len(sent)} messages are in the S3 lake exactly once, read by pyarrow, DuckDB and sluice query "
-          f"(dates {sorted(dates)})")
+    print(f"lake: all {len(sent)} stored messages are in the S3 lake exactly once ({len(flagged)} flagged), and the "
+          f"{len(blocked)} blocked ones in its quarantine, read by pyarrow, DuckDB and sluice query (dates {sorted(dates)})")
 
 
 if __name__ == "__main__":

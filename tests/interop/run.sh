@@ -2,8 +2,9 @@
 # The interop suite: the official Segment clients (segment-analytics-python from PyPI,
 # @segment/analytics-node from npm, and @segment/analytics-next in headless Chromium on a page of
 # another origin) send real traffic to the sluice binary over loopback, and `sluice log dump` shows
-# that every message arrived exactly once, intact. The lake goes to an S3-compatible server (moto,
-# from PyPI) and is read back with pyarrow, DuckDB and `sluice query`.
+# that every message arrived exactly once, intact. A tracking plan (tests/interop/schemas) blocks
+# the Python client's violations and flags the Node client's. The lake goes to an S3-compatible
+# server (moto, from PyPI) and is read back with pyarrow, DuckDB and `sluice query`.
 #
 #   tests/interop/run.sh [path/to/sluice]
 #
@@ -71,10 +72,12 @@ listen = "127.0.0.1:$port"
 [[sources]]
 name = "python"
 write_key = "interop-python-key"
+violations = "block"
 
 [[sources]]
 name = "node"
 write_key = "interop-node-key"
+violations = "flag"
 
 [[sources]]
 name = "browser"
@@ -86,6 +89,9 @@ flush_interval = "1s"
 
 [log]
 dir = "data/log"
+
+[schemas]
+dir = "$here/schemas"
 TOML
 
 "$bin" --config "$work/sluice.toml" serve 2> "$work/server.log" &

@@ -19,7 +19,9 @@ for (let i = 0; i < count; i++) {
   if (kind === 'track') {
     const properties = { sku: `sku-${i}`, price: i + 0.99, quantity: i % 5, gift: i % 3 === 0, emoji: '🚀', list: [1, 2, 3], deep: { a: { b: i } } }
     analytics.track({ userId, event: 'Product Added', properties, messageId, timestamp: new Date('2026-05-04T03:02:01.500Z') })
-    sent.push({ messageId, type: kind, userId, event: 'Product Added', properties, originalTimestamp: '2026-05-04T03:02:01.500Z' })
+    // The interop plan allows prices up to 250 and this source flags violations.
+    sent.push({ messageId, type: kind, userId, event: 'Product Added', properties, originalTimestamp: '2026-05-04T03:02:01.500Z',
+      expect: properties.price > 250 ? 'flagged' : 'accepted' })
   } else if (kind === 'identify') {
     const traits = { name: `User ${i}`, age: 30 + (i % 10) }
     analytics.identify({ userId, traits, messageId })

@@ -35,8 +35,10 @@ def main():
                  "note": "naïve café ☕", "tags": ["a", "b"], "nested": {"depth": {"x": i}}, "nothing": None}
         if kind == "track":
             client.track(user_id=user, event="Order Completed", properties=props, message_id=mid, timestamp=when)
+            # The interop plan allows revenue up to 300 and this source blocks violations.
             sent.append({"messageId": mid, "type": kind, "userId": user, "event": "Order Completed", "properties": props,
-                         "originalTimestamp": "2026-05-04T03:02:01.123Z"})
+                         "originalTimestamp": "2026-05-04T03:02:01.123Z",
+                         "expect": "blocked" if props["revenue"] > 300 else "accepted"})
         elif kind == "identify":
             traits = {"email": f"{user}@example.com", "plan": "pro"}
             client.identify(user_id=user, traits=traits, message_id=mid)

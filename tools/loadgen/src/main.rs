@@ -108,7 +108,7 @@ fn message(out: &mut Vec<u8>, run: &str, conn: usize, n: u64, with_type: bool) {
     let user = (n * 7919 + conn as u64) % 100_000;
     let _ = write!(
         out,
-        r#"{{{}"event":"Order Completed","userId":"user-{user}","anonymousId":"anon-{conn}-{user}","messageId":"{run}-{conn}-{n}","timestamp":"2026-11-22T04:00:00.000Z","properties":{{"order_id":"o-{n}","revenue":42.5,"currency":"EUR","items":3,"coupon":"WINTER","shipping":"express"}},"context":{{"library":{{"name":"analytics-node","version":"2.1.0"}},"ip":"203.0.113.7","userAgent":"Mozilla/5.0 (Macintosh; Intel Mac OS X 14_0)","locale":"en-US"}}}}"#,
+        r#"{{{}"event":"Order Completed","userId":"user-{user}","anonymousId":"anon-{conn}-{user}","messageId":"{run}-{conn}-{n}","timestamp":"2026-11-22T04:00:00.000Z","properties":{{"order_id":"o-{n}","revenue":42.5,"currency":"EUR","items":3,"coupon":"WINTER","shipping":{{"method":"express"}}}},"context":{{"library":{{"name":"analytics-node","version":"2.1.0"}},"ip":"203.0.113.7","userAgent":"Mozilla/5.0 (Macintosh; Intel Mac OS X 14_0)","locale":"en-US"}}}}"#,
         if with_type { r#""type":"track","# } else { "" }
     );
 }
