@@ -1,7 +1,7 @@
 //! The wiring: the only module that knows the whole chain. It opens the intake log, rebuilds
-//! the dedup state, starts the lake writer and the HTTP edge on the listener it is given, runs the
+//! the dedup state, starts the lake writer, the profile stage and the HTTP edge on the listener it is given, runs the
 //! background tasks, and on shutdown drains the stages in the order data flows through them:
-//! edge, log, lake, dedup checkpoint.
+//! edge, profile stage, log, lake, dedup checkpoint.
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use actix_web::{App, HttpServer};
 use anyhow::Context as _;
 
+use crate::audience::{self, AudienceHandle, LiveSegments};
 use crate::clock::{self, Clock};
 use crate::config::Config;
 use crate::http::{self, AppState};
@@ -21,9 +22,11 @@ use crate::lake::typed::TypedSource;
 use crate::lake::writer::{FlushPolicy, Stopped};
 use crate::lake::{LakeHandle, LakeStore};
 use crate::metrics::Metrics;
+use crate::profiles::ProfileStore;
 use crate::query::{QueryEngine, QueryLimits};
 use crate::replay::Replayer;
 use crate::schema::{self, Live};
+use crate::segments;
 
 /// Runs the server until `shutdown` resolves, then stops it gracefully.
 pub async fn run(
@@ -109,6 +112,49 @@ pub async fn run_with_clock(
             tokio::runtime::Handle::current(),
         )?
     };
+    // Profiles and segments: another log consumer, and a producer of Audience Entered/Exited.
+    let profile_store = Arc::new(
+        ProfileStore::open(&config.profiles.dir, config.profiles.store_cache as usize)
+            .with_context(|| {
+                format!(
+                    "opening the profile store in {}",
+                    config.profiles.dir.display()
+                )
+            })?,
+    );
+    let mut segment_loader = segments::watch::Loader::new(&config.segments.dir);
+    let (segment_set, problems) = segment_loader.load();
+    for problem in &problems {
+        tracing::error!(%problem, "segment file refused");
+    }
+    metrics.segments.refused_files.set(problems.len() as i64);
+    tracing::info!(segments = segment_set.len(), "segments loaded");
+    let segment_set = Arc::new(segment_set);
+    let live_segments = Arc::new(LiveSegments::new(segment_set.clone()));
+    let (new_sets, reloaded_sets) = std::sync::mpsc::sync_channel(4);
+    let (stop_segment_watch, segment_watch_stopped) = std::sync::mpsc::channel::<()>();
+    let segment_watch = segments::watch::spawn(
+        segment_loader,
+        new_sets,
+        metrics.segments.clone(),
+        segment_watch_stopped,
+    )?;
+    let audience = AudienceHandle::start(
+        audience::Parts {
+            store: profile_store.clone(),
+            log: log.clone(),
+            dedup: dedup.clone(),
+            metrics: metrics.segments.clone(),
+            clock: clock.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            cache_size: config.profiles.cache_size,
+        },
+        segment_set,
+        reloaded_sets,
+        live_segments.clone(),
+    )
+    .context("starting the profile stage")?;
+
     let query_runtime = QueryRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -157,6 +203,8 @@ pub async fn run_with_clock(
         replayer,
         query_runtime: query_runtime.handle(),
         query_slots: Arc::new(tokio::sync::Semaphore::new(2)),
+        profiles: profile_store,
+        segments: live_segments,
     });
 
     let address = listener.local_addr()?;
@@ -197,6 +245,8 @@ pub async fn run_with_clock(
     state.shutting_down.store(true, Ordering::Relaxed);
     drop(stop_schema_watch);
     let _ = schema_watch.join();
+    drop(stop_segment_watch);
+    let _ = segment_watch.join();
     let deadline = tokio::time::Instant::now() + config.server.shutdown_timeout;
     let mut abandoned = Vec::new();
     if tokio::time::timeout_at(deadline, server_handle.stop(true))
@@ -204,6 +254,14 @@ pub async fn run_with_clock(
         .is_err()
     {
         abandoned.push("HTTP requests in flight");
+    }
+    // The profile stage appends to the log too: it stops before the log closes.
+    let audience_stopped = tokio::task::spawn_blocking(move || audience.finish());
+    if tokio::time::timeout_at(deadline, audience_stopped)
+        .await
+        .is_err()
+    {
+        abandoned.push("profile stage batch");
     }
     let closing = tokio::task::spawn_blocking(move || log.close());
     if tokio::time::timeout_at(deadline, closing).await.is_err() {

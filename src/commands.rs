@@ -23,6 +23,7 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
     };
     let (schemas, _, mut problems) = crate::schema::watch::Loader::new(&config.schemas.dir).load();
     problems.extend(crate::schema::compat::check(&schemas));
+    let segments = check_segments(&config, &mut problems);
     for p in &problems {
         writeln!(out, "{p}")?;
     }
@@ -31,7 +32,7 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
     }
     writeln!(
         out,
-        "{}: ok ({} source{}, {} track event{} with a schema, log in {})",
+        "{}: ok ({} source{}, {} track event{} with a schema, {segments} segment{}, log in {})",
         config_path.display(),
         config.sources.len(),
         if config.sources.len() == 1 { "" } else { "s" },
@@ -41,9 +42,31 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
         } else {
             "s"
         },
+        if segments == 1 { "" } else { "s" },
         config.log.dir.display()
     )?;
     Ok(true)
+}
+
+/// Reads and compiles every segment file, checks the destinations they name exist, and runs their
+/// test cases. Returns how many segments loaded.
+fn check_segments(config: &Config, problems: &mut Vec<crate::diagnostic::Diagnostic>) -> usize {
+    use crate::segments::{cases, files, SegmentSet};
+    let mut loaded = Vec::new();
+    for path in files::list(&config.segments.dir) {
+        match files::read(&path) {
+            Ok(file) => loaded.push(file),
+            Err(mut found) => problems.append(&mut found),
+        }
+    }
+    let destinations: std::collections::HashSet<String> = files::list(&config.destinations.dir)
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    let (set, mut found) = SegmentSet::build(loaded, Some(&destinations));
+    problems.append(&mut found);
+    problems.extend(cases::run_all(&set));
+    set.len()
 }
 
 /// Where `sluice log dump` starts.

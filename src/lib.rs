@@ -20,6 +20,7 @@
 //! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`]: around the flow.
 
 pub mod app;
+pub mod audience;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -30,7 +31,9 @@ pub mod ingest;
 pub mod intake_log;
 pub mod lake;
 pub mod metrics;
+pub mod profiles;
 pub mod query;
 pub mod replay;
 pub mod schema;
+pub mod segments;
 pub mod thread_priority;

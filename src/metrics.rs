@@ -234,7 +234,55 @@ impl Default for LakeMetrics {
     }
 }
 
+/// Profiles and segments. The `segment` label is a segment key: configuration (a file name in
+/// `segments/`), never user data.
+#[derive(Default)]
+pub struct SegmentMetrics {
+    pub messages: Counter,
+    pub evaluations: Counter,
+    pub timer_wakeups: Counter,
+    pub rule_failures: Family<RuleFailureLabels, Counter>,
+    pub changes: Family<SegmentChangeLabels, Counter>,
+    pub sizes: Family<SegmentLabels, Gauge>,
+    pub merges: Counter,
+    pub conflicts: Counter,
+    pub profiles: Gauge,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub refused_files: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SegmentLabels {
+    pub segment: String,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    Entered,
+    Exited,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SegmentChangeLabels {
+    pub segment: String,
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum FailureClass {
+    /// Over the sandbox's operation, depth or size limits.
+    Budget,
+    Error,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleFailureLabels {
+    pub segment: String,
+    pub class: FailureClass,
+}
+
 pub struct Metrics {
+    pub segments: Arc<SegmentMetrics>,
     pub ingest: Arc<IngestMetrics>,
     pub log: Arc<LogMetrics>,
     pub dedup: Arc<DedupMetrics>,
@@ -273,6 +321,7 @@ impl Default for Metrics {
             dedup: Arc::new(DedupMetrics::default()),
             lake: Arc::new(LakeMetrics::default()),
             schema: Arc::new(SchemaMetrics::default()),
+            segments: Arc::new(SegmentMetrics::default()),
             state: StateGauges::default(),
         }
     }
@@ -406,6 +455,58 @@ impl Metrics {
             "lake_flush_errors",
             "Lake flushes that failed and are retried (storage unreachable, for one)",
             k.flush_errors.clone(),
+        );
+        let g = &self.segments;
+        r.register(
+            "profile_messages",
+            "Messages applied to profiles",
+            g.messages.clone(),
+        );
+        r.register(
+            "profiles",
+            "Profiles in the profile store",
+            g.profiles.clone(),
+        );
+        r.register(
+            "segment_evaluations",
+            "Segment rules evaluated",
+            g.evaluations.clone(),
+        );
+        r.register(
+            "segment_timer_wakeups",
+            "Profiles re-evaluated because a time condition came due",
+            g.timer_wakeups.clone(),
+        );
+        r.register(
+            "segment_rule_failures",
+            "Rule evaluations that failed (error, or over the sandbox's budget) and changed nothing",
+            g.rule_failures.clone(),
+        );
+        r.register(
+            "segment_changes",
+            "Audience Entered / Audience Exited emitted",
+            g.changes.clone(),
+        );
+        r.register("segment_size", "Members of each segment", g.sizes.clone());
+        r.register(
+            "identity_merges",
+            "Profiles merged into another by identity resolution",
+            g.merges.clone(),
+        );
+        r.register(
+            "identity_conflicts",
+            "Messages linking two different userIds, which are never merged",
+            g.conflicts.clone(),
+        );
+        r.register(
+            "segment_reloads",
+            "Reloads of the segments folder by outcome",
+            g.reloads.clone(),
+        );
+        r.register(
+            "segment_refused_files",
+            "Segment files refused at the last reload (their last good version stays loaded)",
+            g.refused_files.clone(),
         );
         r
     }

@@ -5,7 +5,7 @@
 //! differs. Relative paths resolve from the config file's folder. The config is passed down to each
 //! stage; nothing reads it from a global.
 
-mod reader;
+pub(crate) mod reader;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -29,6 +29,7 @@ pub struct Config {
     pub dedup: DedupConfig,
     pub schemas: SchemasConfig,
     pub segments: FolderConfig,
+    pub profiles: ProfilesConfig,
     pub destinations: FolderConfig,
     pub query: QueryConfig,
 }
@@ -106,6 +107,16 @@ pub struct QueryConfig {
     pub memory_limit: u64,
     /// Time one query may run before it is stopped.
     pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProfilesConfig {
+    /// Where the profile store lives.
+    pub dir: PathBuf,
+    /// Profiles kept decoded in memory; the rest are read from the store when needed.
+    pub cache_size: usize,
+    /// The store's page cache.
+    pub store_cache: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +249,13 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                 r.error(n.span, "`sources.name` must not be empty");
                 None
             }
+            Some(n) if n.value == crate::audience::SOURCE => {
+                r.error(
+                    n.span,
+                    "`sluice` is reserved: it is the source of the messages Sluice emits itself",
+                );
+                None
+            }
             Some(n) if !names.insert(n.value.clone()) => {
                 r.error(n.span, format!("two sources are named `{}`", n.value));
                 None
@@ -362,6 +380,21 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     let segments = read_folder(r, root, "segments", base);
     let destinations = read_folder(r, root, "destinations", base);
 
+    let profiles = {
+        let (mut dir, mut cache_size, mut store_cache) = (None, None, None);
+        if let Some(mut s) = r.section(root, "profiles") {
+            dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
+            cache_size = r.integer(&mut s, "cache_size").map(|n| n.value as usize);
+            store_cache = r.size(&mut s, "store_cache");
+            r.finish(s);
+        }
+        ProfilesConfig {
+            dir: dir.unwrap_or_else(|| resolve(base, "data/profiles")),
+            cache_size: cache_size.unwrap_or(100_000),
+            store_cache: store_cache.unwrap_or(64 << 20),
+        }
+    };
+
     let query = {
         let (mut memory_limit, mut timeout) = (None, None);
         if let Some(mut s) = r.section(root, "query") {
@@ -384,6 +417,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         dedup,
         schemas,
         segments,
+        profiles,
         destinations,
         query,
     }

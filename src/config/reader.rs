@@ -121,6 +121,74 @@ impl<'s> Reader<'s> {
         }
     }
 
+    /// A string taken as written, with no interpolation (Rhai code uses `${...}` itself).
+    pub fn raw_string(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Spanned<String>> {
+        let item = section.get(key)?;
+        match item.as_str() {
+            Some(s) => Some(Spanned {
+                value: s.to_string(),
+                span: item.span(),
+            }),
+            None => {
+                let name = section.child_name(key);
+                self.error(item.span(), format!("`{name}` must be a string"));
+                None
+            }
+        }
+    }
+
+    pub fn boolean(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<bool> {
+        let item = section.get(key)?;
+        let value = item.as_bool();
+        if value.is_none() {
+            let name = section.child_name(key);
+            self.error(item.span(), format!("`{name}` must be true or false"));
+        }
+        value
+    }
+
+    /// An array of strings, each with its place.
+    pub fn strings(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Vec<Spanned<String>>> {
+        let item = section.get(key)?;
+        let name = section.child_name(key);
+        let Some(array) = item.as_array() else {
+            self.error(item.span(), format!("`{name}` must be an array of strings"));
+            return None;
+        };
+        let mut out = Vec::new();
+        for v in array.iter() {
+            match v.as_str() {
+                Some(s) => out.push(Spanned {
+                    value: s.to_string(),
+                    span: v.span(),
+                }),
+                None => self.error(v.span(), format!("`{name}` must hold strings only")),
+            }
+        }
+        Some(out)
+    }
+
+    /// Any value, as JSON (TOML dates become strings).
+    pub fn json(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Spanned<serde_json::Value>> {
+        let item = section.get(key)?;
+        Some(Spanned {
+            value: item_to_json(item),
+            span: item.span(),
+        })
+    }
+
     /// A non-negative integer that fits `u64`.
     pub fn integer(
         &mut self,
@@ -319,6 +387,49 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     number.checked_mul(multiplier)
+}
+
+fn item_to_json(item: &Item) -> serde_json::Value {
+    match item {
+        Item::Value(v) => value_to_json(v),
+        Item::Table(t) => serde_json::Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), item_to_json(v)))
+                .collect(),
+        ),
+        Item::ArrayOfTables(tables) => serde_json::Value::Array(
+            tables
+                .iter()
+                .map(|t| {
+                    serde_json::Value::Object(
+                        t.iter()
+                            .map(|(k, v)| (k.to_string(), item_to_json(v)))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        ),
+        Item::None => serde_json::Value::Null,
+    }
+}
+
+fn value_to_json(v: &toml_edit::Value) -> serde_json::Value {
+    use toml_edit::Value as V;
+    match v {
+        V::String(s) => s.value().clone().into(),
+        V::Integer(i) => (*i.value()).into(),
+        V::Float(f) => {
+            serde_json::Number::from_f64(*f.value()).map_or(serde_json::Value::Null, Into::into)
+        }
+        V::Boolean(b) => (*b.value()).into(),
+        V::Datetime(d) => d.value().to_string().into(),
+        V::Array(a) => serde_json::Value::Array(a.iter().map(value_to_json).collect()),
+        V::InlineTable(t) => serde_json::Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), value_to_json(v)))
+                .collect(),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::replay::ReplayRequest;
 use crate::schema::Verdict;
 
 /// Lets the request through when it carries the admin token.
-fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+pub(super) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let Some(token) = state.config.server.admin_token.as_deref() else {
         return Err(ApiError::NotFound(
             "the admin API is off (no server.admin_token)".into(),

@@ -3,6 +3,7 @@
 //! ingest stage's job (`crate::ingest`), and `error` is the one place errors become statuses.
 
 mod admin;
+mod audiences;
 mod body;
 mod error;
 mod ops;
@@ -46,6 +47,9 @@ pub struct AppState {
     pub query_runtime: tokio::runtime::Handle,
     /// Admin queries allowed to run at once.
     pub query_slots: Arc<tokio::sync::Semaphore>,
+    pub profiles: Arc<crate::profiles::ProfileStore>,
+    /// The segments in force.
+    pub segments: Arc<crate::audience::LiveSegments>,
 }
 
 impl AppState {
@@ -143,6 +147,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/admin/replay/quarantine",
         web::post().to(admin::replay_quarantine),
+    )
+    .route("/admin/profiles/{id}", web::get().to(audiences::profile))
+    .route("/admin/segments", web::get().to(audiences::segments))
+    .route(
+        "/admin/segments/{key}/members",
+        web::get().to(audiences::members),
     )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))

@@ -114,6 +114,8 @@ fn a_disk_that_refuses_writes_gives_503_and_harms_nothing_acknowledged() {
     let extra = "[log]\nsegment_size = \"4MiB\"\n";
     // Files may not grow past 256 KiB: writes beyond fail with EFBIG, as on a full disk.
     let limit: libc::rlim_t = 256 * 1024;
+    // A first start creates the profile store (its file starts larger than the limit).
+    drop(ChildServer::spawn(dir.path(), extra, |_| {}));
     let child = ChildServer::spawn(dir.path(), extra, move |cmd| unsafe {
         cmd.pre_exec(move || {
             let l = libc::rlimit {

@@ -1,0 +1,727 @@
+//! The profile stage: a consumer of the intake log that keeps every profile current, evaluates
+//! the segments each message can affect, wakes profiles whose time conditions come due, backfills
+//! new or edited segments, and appends the resulting `Audience Entered` / `Audience Exited`
+//! messages to the intake log (from where they reach the lake and destinations like any message).
+//!
+//! ## One batch, exactly once
+//! The stage works in batches: read up to [`BATCH`] records, apply each to its profile and
+//! evaluate, then wake due timers and advance any backfill. The messages it emits are appended to
+//! the log (durably) before the profile store commits the batch together with the log offset it
+//! reached. A crash before that commit redoes the batch from the same state, which emits the
+//! same changes with the same messageIds, and the dedup drops those the log already holds; a
+//! crash after it resumes past the batch. Nothing is emitted twice, and nothing is lost.
+//!
+//! Messages from the reserved source `sluice` (our own emissions) are not applied to profiles:
+//! memberships are already on the profile.
+//!
+//! This module owns the loop and the bookkeeping (timers, the members index, segment sizes); the
+//! profile is `crate::profiles`, the rules are `crate::segments`.
+
+pub mod emit;
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::clock::Clock;
+use crate::entry::{Entry, Status};
+use crate::ingest::dedup::{self, Dedup};
+use crate::ingest::message::MessageType;
+use crate::intake_log::{AppendError, IntakeLog, LogReader, RecordBatch};
+use crate::metrics::{
+    Direction, FailureClass, RuleFailureLabels, SegmentChangeLabels, SegmentLabels, SegmentMetrics,
+};
+use crate::profiles::identity::{self, Directory, Identifiers};
+use crate::profiles::profile::{event_name, Millis, Observed, Profile};
+use crate::profiles::store::{ProfileStore, StoreError, Writer};
+use crate::segments::api::Event;
+use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
+use emit::Emission;
+pub use emit::SOURCE;
+
+/// The intake-log consumer name; its cursor only holds back log retention: the offset that
+/// counts is the one committed in the profile store.
+pub const CONSUMER: &str = "profiles";
+/// Records read per batch.
+pub const BATCH: usize = 2_000;
+/// Profiles backfilled per batch, so that a backfill never holds up real-time evaluation long.
+const BACKFILL_CHUNK: usize = 1_000;
+/// Due timers handled per batch.
+const TIMER_CHUNK: usize = 2_000;
+/// How long the loop sleeps at most when there is nothing to do.
+const IDLE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("appending emitted messages: {0}")]
+    Append(#[from] AppendError),
+    #[error(transparent)]
+    Read(#[from] crate::intake_log::ReadError),
+    #[error("intake log cursor: {0}")]
+    Cursor(#[from] std::io::Error),
+}
+
+/// The segment set in force, for the admin API.
+pub struct LiveSegments(RwLock<Arc<SegmentSet>>);
+
+impl LiveSegments {
+    pub fn new(set: Arc<SegmentSet>) -> Self {
+        LiveSegments(RwLock::new(set))
+    }
+
+    pub fn current(&self) -> Arc<SegmentSet> {
+        self.0.read().unwrap().clone()
+    }
+
+    fn replace(&self, set: Arc<SegmentSet>) {
+        *self.0.write().unwrap() = set;
+    }
+}
+
+pub struct Parts {
+    pub store: Arc<ProfileStore>,
+    pub log: Arc<IntakeLog>,
+    pub dedup: Arc<Dedup>,
+    pub metrics: Arc<SegmentMetrics>,
+    pub clock: Clock,
+    pub runtime: tokio::runtime::Handle,
+    /// Profiles kept decoded in memory between batches.
+    pub cache_size: usize,
+}
+
+/// The running stage.
+pub struct AudienceHandle {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AudienceHandle {
+    /// Starts the stage with `set`; later sets arrive on `sets`.
+    pub fn start(
+        parts: Parts,
+        set: Arc<SegmentSet>,
+        sets: std::sync::mpsc::Receiver<Arc<SegmentSet>>,
+        live: Arc<LiveSegments>,
+    ) -> Result<AudienceHandle, StageError> {
+        let consumer = parts.log.consumer(CONSUMER)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut stage = Stage::new(parts, consumer, live)?;
+        stage.install(set)?;
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("sluice-profiles".into())
+                .spawn(move || stage.run(&stop, &sets))?
+        };
+        Ok(AudienceHandle { stop, thread })
+    }
+
+    /// Finishes the batch in progress and stops.
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// A profile held in memory, with what the store holds for it (to know what to write).
+struct Held {
+    profile: Profile,
+    stored_members: BTreeSet<String>,
+    stored_recheck: Option<Millis>,
+    dirty: bool,
+}
+
+impl Held {
+    fn new(profile: Profile) -> Held {
+        Held {
+            stored_members: members(&profile),
+            stored_recheck: profile.next_recheck(),
+            profile,
+            dirty: false,
+        }
+    }
+}
+
+fn members(p: &Profile) -> BTreeSet<String> {
+    p.segments().map(str::to_string).collect()
+}
+
+struct Backfill {
+    segments: HashSet<usize>,
+    after: Option<u64>,
+}
+
+struct Stage {
+    store: Arc<ProfileStore>,
+    log: Arc<IntakeLog>,
+    dedup: Arc<Dedup>,
+    metrics: Arc<SegmentMetrics>,
+    clock: Clock,
+    runtime: tokio::runtime::Handle,
+    consumer: crate::intake_log::Consumer,
+    reader: LogReader,
+    live: Arc<LiveSegments>,
+    set: Arc<SegmentSet>,
+    cache: HashMap<u64, Held>,
+    cache_size: usize,
+    /// Profiles merged away in this batch, with the members the store holds for them.
+    removed: Vec<(u64, BTreeSet<String>, Option<Millis>)>,
+    next_id: u64,
+    offset: u64,
+    backfill: Option<Backfill>,
+    /// Segments whose rule is in force without a backfill (`backfill = false`), to record.
+    mark_backfilled: Vec<usize>,
+    emissions: Vec<Emission>,
+    last_change: HashMap<String, Millis>,
+    last_conflict_log: Option<Instant>,
+}
+
+impl Stage {
+    fn new(
+        parts: Parts,
+        consumer: crate::intake_log::Consumer,
+        live: Arc<LiveSegments>,
+    ) -> Result<Stage, StageError> {
+        let w = parts.store.write()?;
+        let offset = w.meta("offset")?.unwrap_or(consumer.committed());
+        let next_id = w.meta("next_id")?.unwrap_or(1);
+        drop(w);
+        let set = live.current();
+        Ok(Stage {
+            reader: parts.log.reader(offset),
+            store: parts.store,
+            log: parts.log,
+            dedup: parts.dedup,
+            metrics: parts.metrics,
+            clock: parts.clock,
+            runtime: parts.runtime,
+            consumer,
+            live,
+            set,
+            cache: HashMap::new(),
+            cache_size: parts.cache_size.max(1),
+            removed: Vec::new(),
+            next_id,
+            offset,
+            backfill: None,
+            mark_backfilled: Vec::new(),
+            emissions: Vec::new(),
+            last_change: HashMap::new(),
+            last_conflict_log: None,
+        })
+    }
+
+    /// Puts `set` in force and plans the backfill of segments whose rule is new.
+    fn install(&mut self, set: Arc<SegmentSet>) -> Result<(), StageError> {
+        let r = self.store.read()?;
+        let mut stale = HashSet::new();
+        self.mark_backfilled.clear();
+        for (i, s) in set.segments.iter().enumerate() {
+            let stats = r.segment_stats(&s.key)?;
+            self.metrics
+                .sizes
+                .get_or_create(&SegmentLabels {
+                    segment: s.key.clone(),
+                })
+                .set(stats.size as i64);
+            if stats.backfilled != Some(s.fingerprint) {
+                if s.backfill {
+                    stale.insert(i);
+                } else {
+                    self.mark_backfilled.push(i);
+                }
+            }
+        }
+        self.backfill = (!stale.is_empty()).then_some(Backfill {
+            segments: stale,
+            after: None,
+        });
+        self.live.replace(set.clone());
+        self.set = set;
+        Ok(())
+    }
+
+    fn run(mut self, stop: &AtomicBool, sets: &std::sync::mpsc::Receiver<Arc<SegmentSet>>) {
+        let mut failures = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(set) = sets.try_iter().last() {
+                if let Err(e) = self.install(set) {
+                    tracing::error!(error = %e, "installing reloaded segments failed");
+                }
+            }
+            match self.step() {
+                Ok(true) => failures = 0,
+                Ok(false) => self.idle(),
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, "profile stage batch failed; redoing it from the store");
+                    self.reset();
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(failures.min(50))));
+                }
+            }
+        }
+    }
+
+    /// Forgets everything not committed and goes back to the store's state.
+    fn reset(&mut self) {
+        self.cache.clear();
+        self.removed.clear();
+        self.emissions.clear();
+        self.last_change.clear();
+        if let Ok(w) = self.store.write() {
+            self.offset = w.meta("offset").ok().flatten().unwrap_or(self.offset);
+            self.next_id = w.meta("next_id").ok().flatten().unwrap_or(self.next_id);
+        }
+        self.reader = self.log.reader(self.offset);
+        let set = self.set.clone();
+        let _ = self.install(set);
+    }
+
+    /// Waits for new records or the next timer, briefly.
+    fn idle(&self) {
+        let next_due = self
+            .store
+            .write()
+            .ok()
+            .and_then(|w| w.next_due().ok().flatten());
+        let now = (self.clock)().timestamp_millis();
+        let wait = match next_due {
+            Some(due) if due <= now => return,
+            Some(due) => IDLE.min(Duration::from_millis((due - now) as u64)),
+            None => IDLE,
+        };
+        let mut end = self.log.watch_end();
+        let position = self.reader.position();
+        self.runtime.block_on(async {
+            let _ = tokio::time::timeout(wait, end.wait_for(|&e| e > position)).await;
+        });
+    }
+
+    /// One batch. Returns whether there was anything to do.
+    fn step(&mut self) -> Result<bool, StageError> {
+        let records = self.reader.read(BATCH)?;
+        let now = (self.clock)();
+        let now_ms = now.timestamp_millis();
+        let w = self.store.write()?;
+        let due = w.due(now_ms, TIMER_CHUNK)?;
+        let backfill_ids = match &self.backfill {
+            Some(b) => Some(w.profile_ids(b.after, BACKFILL_CHUNK)?),
+            None => None,
+        };
+        if records.is_empty()
+            && due.is_empty()
+            && backfill_ids.is_none()
+            && self.mark_backfilled.is_empty()
+        {
+            return Ok(false);
+        }
+        let set = self.set.clone();
+        let mut batch = Batch { stage: self, w: &w };
+        for record in &records {
+            let Ok(entry) = Entry::decode(&record.payload) else {
+                continue;
+            };
+            if entry.status != Status::Accepted || entry.source == SOURCE {
+                continue;
+            }
+            batch.message(&set, &entry, now)?;
+        }
+        for (_, id) in &due {
+            batch.wake(&set, *id, now)?;
+        }
+        if let Some(ids) = &backfill_ids {
+            batch.backfill(&set, ids, now)?;
+        }
+        let end = records.last().map_or(self.offset, |r| r.offset + 1);
+        self.commit(
+            w,
+            &set,
+            end,
+            backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK),
+            now,
+        )?;
+        Ok(true)
+    }
+
+    /// Emits, then writes everything the batch changed and the offset in one transaction.
+    fn commit(
+        &mut self,
+        w: Writer,
+        set: &SegmentSet,
+        offset: u64,
+        backfill_done: Option<bool>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StageError> {
+        self.append_emissions(now)?;
+        let mut size_delta: HashMap<String, i64> = HashMap::new();
+        for (id, stored, recheck) in self.removed.drain(..) {
+            for key in stored {
+                w.set_member(&key, id, false)?;
+                *size_delta.entry(key).or_default() -= 1;
+            }
+            w.move_timer(id, recheck, None)?;
+            w.delete_profile(id)?;
+        }
+        for held in self.cache.values_mut().filter(|h| h.dirty) {
+            let p = &held.profile;
+            let now_members = members(p);
+            for key in now_members.difference(&held.stored_members) {
+                w.set_member(key, p.id, true)?;
+                *size_delta.entry(key.clone()).or_default() += 1;
+            }
+            for key in held.stored_members.difference(&now_members) {
+                w.set_member(key, p.id, false)?;
+                *size_delta.entry(key.clone()).or_default() -= 1;
+            }
+            let recheck = p.next_recheck();
+            w.move_timer(p.id, held.stored_recheck, recheck)?;
+            w.put_profile(p)?;
+            held.stored_members = now_members;
+            held.stored_recheck = recheck;
+            held.dirty = false;
+        }
+        let mut touched: HashSet<String> = size_delta.keys().cloned().collect();
+        touched.extend(self.last_change.keys().cloned());
+        let done: Vec<usize> = match (backfill_done, &self.backfill) {
+            (Some(true), Some(b)) => b.segments.iter().copied().collect(),
+            _ => Vec::new(),
+        };
+        for &i in done.iter().chain(&self.mark_backfilled) {
+            touched.insert(set.segments[i].key.clone());
+        }
+        let mut sizes = Vec::new();
+        for key in touched {
+            let mut stats = w.segment_stats(&key)?;
+            stats.size =
+                (stats.size as i64 + size_delta.get(&key).copied().unwrap_or(0)).max(0) as u64;
+            if let Some(at) = self.last_change.get(&key) {
+                stats.last_change = Some(*at);
+            }
+            if let Some(s) = set.segments.iter().position(|s| s.key == key) {
+                if done.contains(&s) || self.mark_backfilled.contains(&s) {
+                    stats.backfilled = Some(set.segments[s].fingerprint);
+                }
+            }
+            w.put_segment_stats(&key, &stats)?;
+            sizes.push((key, stats.size));
+        }
+        w.set_meta("offset", offset)?;
+        w.set_meta("next_id", self.next_id)?;
+        w.commit()?;
+        self.offset = offset;
+        self.last_change.clear();
+        self.mark_backfilled.clear();
+        match backfill_done {
+            Some(true) => {
+                tracing::info!("segment backfill finished");
+                self.backfill = None;
+            }
+            Some(false) => {}
+            None => {}
+        }
+        for (key, size) in sizes {
+            self.metrics
+                .sizes
+                .get_or_create(&SegmentLabels { segment: key })
+                .set(size as i64);
+        }
+        self.consumer.commit(offset)?;
+        self.trim_cache();
+        Ok(())
+    }
+
+    fn append_emissions(&mut self, now: DateTime<Utc>) -> Result<(), AppendError> {
+        if self.emissions.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Option<u64>> = self
+            .emissions
+            .iter()
+            .map(|e| Some(dedup::key(SOURCE, &e.message_id)))
+            .collect();
+        let (reservation, duplicate) = self.dedup.reserve(&keys, now, self.log.end());
+        let mut records =
+            RecordBatch::with_capacity(self.emissions.iter().map(|e| e.body.len() + 64).sum());
+        for (e, dup) in self.emissions.iter().zip(duplicate) {
+            if !dup {
+                records.push_with(|b| {
+                    Entry::encode(b, Status::Accepted, now, SOURCE, &e.message_id, "", |b| {
+                        b.extend_from_slice(&e.body)
+                    })
+                });
+            }
+        }
+        if !records.is_empty() {
+            self.runtime.block_on(self.log.append(records))?;
+        }
+        reservation.commit(now);
+        self.emissions.clear();
+        Ok(())
+    }
+
+    /// Keeps the cache within its size by dropping arbitrary clean profiles.
+    fn trim_cache(&mut self) {
+        if self.cache.len() <= self.cache_size {
+            return;
+        }
+        let excess = self.cache.len() - self.cache_size * 9 / 10;
+        let victims: Vec<u64> = self.cache.keys().take(excess).copied().collect();
+        for id in victims {
+            self.cache.remove(&id);
+        }
+    }
+}
+
+/// One batch in progress: the stage and the open transaction.
+struct Batch<'s, 'w> {
+    stage: &'s mut Stage,
+    w: &'w Writer,
+}
+
+/// The fields of a message the profile stage reads.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(rename = "userId", borrow)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(rename = "anonymousId", borrow)]
+    anonymous_id: Option<Cow<'a, str>>,
+    #[serde(rename = "previousId", borrow)]
+    previous_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    properties: Option<&'a RawValue>,
+    #[serde(borrow)]
+    traits: Option<&'a RawValue>,
+}
+
+impl Batch<'_, '_> {
+    fn message(
+        &mut self,
+        set: &SegmentSet,
+        entry: &Entry,
+        now: DateTime<Utc>,
+    ) -> Result<(), StageError> {
+        let Ok(m) = serde_json::from_slice::<Fields>(entry.body) else {
+            return Ok(());
+        };
+        let Some(kind) = MessageType::parse(&m.kind) else {
+            return Ok(());
+        };
+        let ids = Identifiers {
+            user_id: m.user_id.as_deref(),
+            anonymous_id: m.anonymous_id.as_deref(),
+            previous_id: m
+                .previous_id
+                .as_deref()
+                .filter(|_| kind == MessageType::Alias),
+        };
+        let Some(resolved) = identity::resolve(self, ids)? else {
+            return Ok(());
+        };
+        let metrics = self.stage.metrics.clone();
+        metrics.messages.inc();
+        if resolved.absorbed.is_some() {
+            metrics.merges.inc();
+        }
+        if resolved.conflict {
+            metrics.conflicts.inc();
+            let quiet = self
+                .stage
+                .last_conflict_log
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+            if !quiet {
+                self.stage.last_conflict_log = Some(Instant::now());
+                tracing::warn!(
+                    message_id = entry.message_id,
+                    "identity conflict: a message links two different userIds; not merged (logged at most every 10 s)"
+                );
+            }
+        }
+        let now_ms = now.timestamp_millis();
+        let at = m
+            .timestamp
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map_or(entry.received_at_micros / 1_000, |t| t.timestamp_millis());
+        let event = event_name(kind, m.event.as_deref());
+        let observed = Observed {
+            kind,
+            event,
+            at,
+            properties: m.properties,
+            traits: m.traits,
+        };
+        let event_object = Event {
+            name: event.unwrap_or_default().into(),
+            at,
+            now: now_ms,
+            properties: (if kind == MessageType::Identify {
+                m.traits
+            } else {
+                m.properties
+            })
+            .map(|p| Arc::from(p.get())),
+            kind: kind.as_str().into(),
+        };
+        let trigger = if resolved.created || resolved.absorbed.is_some() {
+            Trigger::All
+        } else {
+            Trigger::Message {
+                event,
+                identify: kind == MessageType::Identify,
+                event_object: &event_object,
+            }
+        };
+        let held = self.held(resolved.id)?;
+        held.profile.apply(&observed, &set.retention, now_ms);
+        held.dirty = true;
+        self.evaluate(set, resolved.id, trigger, now)
+    }
+
+    fn wake(&mut self, set: &SegmentSet, id: u64, now: DateTime<Utc>) -> Result<(), StageError> {
+        if self.w.profile(id)?.is_none() && !self.stage.cache.contains_key(&id) {
+            // A stale timer of a profile merged away: drop it.
+            return Ok(());
+        }
+        self.stage.metrics.timer_wakeups.inc();
+        let held = self.held(id)?;
+        held.dirty = true;
+        // A timer that comes due with nothing to re-evaluate (its segment was unloaded) is
+        // cleared by the evaluation.
+        self.evaluate(set, id, Trigger::Timer, now)
+    }
+
+    fn backfill(
+        &mut self,
+        set: &SegmentSet,
+        ids: &[u64],
+        now: DateTime<Utc>,
+    ) -> Result<(), StageError> {
+        let segments = match &self.stage.backfill {
+            Some(b) => b.segments.clone(),
+            None => return Ok(()),
+        };
+        for &id in ids {
+            self.held(id)?.dirty = true;
+            self.evaluate(set, id, Trigger::Only(&segments), now)?;
+        }
+        if let (Some(b), Some(last)) = (self.stage.backfill.as_mut(), ids.last()) {
+            b.after = Some(*last);
+        }
+        Ok(())
+    }
+
+    fn evaluate(
+        &mut self,
+        set: &SegmentSet,
+        id: u64,
+        trigger: Trigger,
+        now: DateTime<Utc>,
+    ) -> Result<(), StageError> {
+        let now_ms = now.timestamp_millis();
+        let metrics = self.stage.metrics.clone();
+        let held = self.held(id)?;
+        let evaluation = set.evaluate(&mut held.profile, trigger, now_ms);
+        metrics
+            .evaluations
+            .inc_by((evaluation.transitions.len() + evaluation.failures.len()) as u64);
+        for (i, failure) in &evaluation.failures {
+            let class = match failure {
+                RuleFailure::Budget => FailureClass::Budget,
+                RuleFailure::Error => FailureClass::Error,
+            };
+            metrics
+                .rule_failures
+                .get_or_create(&RuleFailureLabels {
+                    segment: set.segments[*i].key.clone(),
+                    class,
+                })
+                .inc();
+        }
+        let profile = &held.profile;
+        let mut out = Vec::new();
+        let mut changed = Vec::new();
+        for t in &evaluation.transitions {
+            let segment = &set.segments[t.segment];
+            out.extend(emit::change(segment, profile, t.entered, t.changes, now));
+            metrics
+                .changes
+                .get_or_create(&SegmentChangeLabels {
+                    segment: segment.key.clone(),
+                    direction: if t.entered {
+                        Direction::Entered
+                    } else {
+                        Direction::Exited
+                    },
+                })
+                .inc();
+            changed.push(segment.key.clone());
+        }
+        for key in changed {
+            self.stage.last_change.insert(key, now_ms);
+        }
+        self.stage.emissions.extend(out);
+        Ok(())
+    }
+
+    /// The profile, loaded into the cache if needed.
+    fn held(&mut self, id: u64) -> Result<&mut Held, StageError> {
+        Directory::profile(self, id)?;
+        Ok(self
+            .stage
+            .cache
+            .get_mut(&id)
+            .expect("loaded by Directory::profile"))
+    }
+}
+
+impl Directory for Batch<'_, '_> {
+    fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
+        self.w.lookup(identity)
+    }
+
+    fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
+        self.w.link(identity, id)
+    }
+
+    fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError> {
+        if !self.stage.cache.contains_key(&id) {
+            let profile = self.w.profile(id)?.ok_or_else(|| StoreError::missing(id))?;
+            self.stage.cache.insert(id, Held::new(profile));
+        }
+        let held = self.stage.cache.get_mut(&id).expect("inserted above");
+        held.dirty = true;
+        Ok(&mut held.profile)
+    }
+
+    fn create(&mut self) -> Result<u64, StoreError> {
+        let id = self.stage.next_id;
+        self.stage.next_id += 1;
+        let mut held = Held::new(Profile::new(id));
+        held.dirty = true;
+        self.stage.cache.insert(id, held);
+        Ok(id)
+    }
+
+    fn remove(&mut self, id: u64) -> Result<Profile, StoreError> {
+        Directory::profile(self, id)?;
+        let held = self.stage.cache.remove(&id).expect("loaded above");
+        self.stage
+            .removed
+            .push((id, held.stored_members, held.stored_recheck));
+        Ok(held.profile)
+    }
+}

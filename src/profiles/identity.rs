@@ -1,0 +1,284 @@
+//! Identity resolution: which profile a message belongs to.
+//!
+//! A message carrying a userId and an anonymousId links the two; an alias links its userId with
+//! its previousId. When the two identifiers already belong to different profiles, those merge
+//! into the one holding the userId, keeping all history. A profile holds at most one userId: a
+//! link between two different userIds is a conflict, counted and logged, and never merged; the
+//! message then goes to its userId's profile.
+
+use super::profile::{anonymous_key, user_key, Profile};
+use super::store::StoreError;
+
+/// Where profiles and the identity index live while a batch is being applied.
+pub trait Directory {
+    fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError>;
+    fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError>;
+    fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError>;
+    /// A new, empty profile.
+    fn create(&mut self) -> Result<u64, StoreError>;
+    /// Takes a profile out (it is being merged into another).
+    fn remove(&mut self, id: u64) -> Result<Profile, StoreError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub id: u64,
+    pub created: bool,
+    /// The profile that was merged into `id`, if any.
+    pub absorbed: Option<u64>,
+    /// Two different userIds were linked; nothing was merged.
+    pub conflict: bool,
+}
+
+impl Resolved {
+    fn existing(id: u64) -> Resolved {
+        Resolved {
+            id,
+            created: false,
+            absorbed: None,
+            conflict: false,
+        }
+    }
+}
+
+/// The identifiers a message names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Identifiers<'a> {
+    pub user_id: Option<&'a str>,
+    pub anonymous_id: Option<&'a str>,
+    /// An alias's previousId: an anonymousId or an earlier userId.
+    pub previous_id: Option<&'a str>,
+}
+
+/// Finds, creates, links or merges profiles for `ids`. `None` when the message names no one.
+pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Resolved>, StoreError> {
+    let user_id = ids.user_id.filter(|u| !u.is_empty());
+    let other = ids
+        .previous_id
+        .or(ids.anonymous_id)
+        .filter(|o| !o.is_empty() && Some(*o) != user_id);
+    let by_user = match user_id {
+        Some(u) => dir.lookup(&user_key(u))?,
+        None => None,
+    };
+    // The other identifier's key, and the profile it belongs to.
+    let (other_key, by_other) = match other {
+        None => (None, None),
+        Some(o) => {
+            let anon = anonymous_key(o);
+            match dir.lookup(&anon)? {
+                Some(id) => (Some(anon), Some(id)),
+                None if ids.previous_id.is_some() => {
+                    let user = user_key(o);
+                    match dir.lookup(&user)? {
+                        Some(id) => (Some(user), Some(id)),
+                        None => (Some(anon), None),
+                    }
+                }
+                None => (Some(anon), None),
+            }
+        }
+    };
+    Ok(Some(match (user_id, by_user, by_other) {
+        (None, _, None) => {
+            let Some(key) = &other_key else {
+                return Ok(None);
+            };
+            let id = dir.create()?;
+            attach(dir, id, key)?;
+            Resolved {
+                created: true,
+                ..Resolved::existing(id)
+            }
+        }
+        (None, _, Some(id)) => Resolved::existing(id),
+        (Some(_), Some(a), Some(b)) if a == b => Resolved::existing(a),
+        (Some(_), Some(a), None) => {
+            if let Some(k) = &other_key {
+                attach(dir, a, k)?;
+            }
+            Resolved::existing(a)
+        }
+        (Some(u), None, None) => {
+            let id = dir.create()?;
+            attach(dir, id, &user_key(u))?;
+            if let Some(k) = &other_key {
+                attach(dir, id, k)?;
+            }
+            Resolved {
+                created: true,
+                ..Resolved::existing(id)
+            }
+        }
+        (Some(u), None, Some(b)) => {
+            if dir.profile(b)?.user_id.is_some() {
+                // The other identifier belongs to someone with another userId.
+                let id = dir.create()?;
+                attach(dir, id, &user_key(u))?;
+                Resolved {
+                    created: true,
+                    conflict: true,
+                    ..Resolved::existing(id)
+                }
+            } else {
+                attach(dir, b, &user_key(u))?;
+                Resolved::existing(b)
+            }
+        }
+        (Some(_), Some(a), Some(b)) => {
+            if dir.profile(b)?.user_id.is_some() {
+                Resolved {
+                    conflict: true,
+                    ..Resolved::existing(a)
+                }
+            } else {
+                let absorbed = dir.remove(b)?;
+                for key in absorbed.identity_keys() {
+                    dir.link(&key, a)?;
+                }
+                dir.profile(a)?.merge(absorbed);
+                Resolved {
+                    absorbed: Some(b),
+                    ..Resolved::existing(a)
+                }
+            }
+        }
+    }))
+}
+
+/// Links `key` to profile `id` and records the identifier on the profile.
+fn attach(dir: &mut impl Directory, id: u64, key: &str) -> Result<(), StoreError> {
+    dir.link(key, id)?;
+    let profile = dir.profile(id)?;
+    if let Some(user) = key.strip_prefix("user:") {
+        profile.user_id = Some(user.to_string());
+    } else if let Some(anon) = key.strip_prefix("anon:") {
+        profile.add_anonymous_id(anon);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Memory {
+        index: HashMap<String, u64>,
+        profiles: HashMap<u64, Profile>,
+        next: u64,
+    }
+
+    impl Directory for Memory {
+        fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
+            Ok(self.index.get(identity).copied())
+        }
+        fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
+            self.index.insert(identity.to_string(), id);
+            Ok(())
+        }
+        fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError> {
+            Ok(self.profiles.get_mut(&id).expect("profile exists"))
+        }
+        fn create(&mut self) -> Result<u64, StoreError> {
+            self.next += 1;
+            self.profiles.insert(self.next, Profile::new(self.next));
+            Ok(self.next)
+        }
+        fn remove(&mut self, id: u64) -> Result<Profile, StoreError> {
+            Ok(self.profiles.remove(&id).expect("profile exists"))
+        }
+    }
+
+    fn ids<'a>(user: Option<&'a str>, anon: Option<&'a str>) -> Identifiers<'a> {
+        Identifiers {
+            user_id: user,
+            anonymous_id: anon,
+            previous_id: None,
+        }
+    }
+
+    #[test]
+    fn anonymous_history_joins_the_identified_profile() {
+        let mut d = Memory::default();
+        let anon = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
+        assert!(anon.created);
+        d.profile(anon.id)
+            .unwrap()
+            .traits
+            .insert("seen".into(), true.into());
+        let user = resolve(&mut d, ids(Some("u1"), None)).unwrap().unwrap();
+        assert_ne!(user.id, anon.id);
+        // A message with both links them: the anonymous profile merges into the user's.
+        let both = resolve(&mut d, ids(Some("u1"), Some("a1")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(both.id, user.id);
+        assert_eq!(both.absorbed, Some(anon.id));
+        assert!(!d.profiles.contains_key(&anon.id));
+        let p = &d.profiles[&user.id];
+        assert_eq!(p.traits["seen"], true);
+        assert_eq!(p.anonymous_ids, ["a1"]);
+        assert_eq!(d.index["anon:a1"], user.id);
+        // From now on the anonymousId alone finds the user.
+        assert_eq!(
+            resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap().id,
+            user.id
+        );
+    }
+
+    #[test]
+    fn an_anonymous_profile_learns_its_user_id() {
+        let mut d = Memory::default();
+        let anon = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
+        let user = resolve(&mut d, ids(Some("u1"), Some("a1")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(user.id, anon.id);
+        assert_eq!(d.profiles[&anon.id].user_id.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn two_user_ids_are_never_merged() {
+        let mut d = Memory::default();
+        let u1 = resolve(&mut d, ids(Some("u1"), Some("shared-device")))
+            .unwrap()
+            .unwrap();
+        let u2 = resolve(&mut d, ids(Some("u2"), Some("shared-device")))
+            .unwrap()
+            .unwrap();
+        assert!(u2.conflict);
+        assert_ne!(u1.id, u2.id);
+        assert_eq!(d.profiles[&u1.id].user_id.as_deref(), Some("u1"));
+        assert_eq!(
+            d.index["anon:shared-device"], u1.id,
+            "the device stays with u1"
+        );
+        // Both profiles exist on their own; an alias between the two userIds is a conflict too.
+        let alias = Identifiers {
+            user_id: Some("u2"),
+            anonymous_id: None,
+            previous_id: Some("u1"),
+        };
+        let r = resolve(&mut d, alias).unwrap().unwrap();
+        assert!(r.conflict);
+        assert_eq!(d.profiles.len(), 2);
+    }
+
+    #[test]
+    fn alias_links_a_previous_anonymous_id() {
+        let mut d = Memory::default();
+        let anon = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
+        let user = resolve(&mut d, ids(Some("u1"), None)).unwrap().unwrap();
+        let alias = Identifiers {
+            user_id: Some("u1"),
+            anonymous_id: None,
+            previous_id: Some("a1"),
+        };
+        let r = resolve(&mut d, alias).unwrap().unwrap();
+        assert_eq!((r.id, r.absorbed), (user.id, Some(anon.id)));
+        assert!(resolve(&mut d, ids(None, None)).unwrap().is_none());
+    }
+}

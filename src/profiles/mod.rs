@@ -1,0 +1,22 @@
+//! Profiles: one per person, with identity resolution, kept in an embedded durable store.
+//!
+//! ## Why redb
+//! The profile stage needs point reads and writes by key, a few ordered scans (members of a
+//! segment, due timers, all profiles for a backfill), and several tables changed atomically
+//! together with the intake-log offset they reflect. redb gives exactly that: ACID transactions
+//! over B-trees in one file, crash-safe by copy-on-write with a checksummed commit, pure Rust
+//! (no C++ build like RocksDB, which matters for our build times), and actively maintained. Its
+//! page cache is bounded, so memory does not grow with the number of profiles.
+//!
+//! - [`profile`]: the profile itself, applying a message and merging two profiles (pure).
+//! - [`identity`]: which profile a message belongs to, linking and merging identifiers.
+//! - [`store`]: the redb tables.
+//!
+//! This module knows nothing of rules or the intake log: `crate::audience` drives it.
+
+pub mod identity;
+pub mod profile;
+pub mod store;
+
+pub use profile::{Millis, Profile};
+pub use store::ProfileStore;

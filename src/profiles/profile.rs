@@ -1,0 +1,482 @@
+//! One person's profile: identifiers, merged traits, per event name counters, the recent history
+//! that the loaded segment rules need, and the person's segment memberships. Pure data: applying a
+//! message and merging two profiles touch nothing else.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::ingest::message::MessageType;
+
+/// Times are milliseconds since the epoch.
+pub type Millis = i64;
+
+/// A profile keeps at most this many event names, anonymousIds, traits and history entries, so
+/// that one noisy device cannot grow a profile without bound. What is past a cap is dropped and
+/// counted by the caller.
+pub const MAX_EVENT_NAMES: usize = 500;
+pub const MAX_ANONYMOUS_IDS: usize = 100;
+pub const MAX_TRAITS: usize = 200;
+pub const MAX_HISTORY: usize = 2000;
+/// Properties kept with a first or last occurrence are dropped past this size (bytes of JSON).
+pub const MAX_KEPT_PROPERTIES: usize = 2048;
+
+/// The name under which a message is counted: a track's event, and fixed names for page and
+/// screen views; identify, group and alias are not events.
+pub fn event_name(kind: MessageType, event: Option<&str>) -> Option<&str> {
+    match kind {
+        MessageType::Track => event,
+        MessageType::Page => Some("Page Viewed"),
+        MessageType::Screen => Some("Screen Viewed"),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub id: u64,
+    /// A profile holds at most one userId: two are never merged.
+    pub user_id: Option<String>,
+    pub anonymous_ids: Vec<String>,
+    #[serde(with = "json_text")]
+    pub traits: Map<String, Value>,
+    pub first_seen: Millis,
+    pub last_seen: Millis,
+    pub events: BTreeMap<String, EventStats>,
+    /// Occurrences inside the retention window, oldest first.
+    pub history: Vec<Occurrence>,
+    pub memberships: BTreeMap<String, Membership>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventStats {
+    pub count: u64,
+    pub first: Millis,
+    pub last: Millis,
+    /// Properties of the first and last occurrence, as JSON, kept only for the event names whose
+    /// `first`/`last` the rules look into.
+    pub first_properties: Option<String>,
+    pub last_properties: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Occurrence {
+    pub name: String,
+    pub at: Millis,
+    /// The numeric properties the rules sum.
+    pub values: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Membership {
+    pub member: bool,
+    /// How many times membership changed: makes the ids of emitted messages deterministic.
+    pub changes: u32,
+    pub since: Millis,
+    /// The next moment at which the rule's answer could change with no new message.
+    pub recheck_at: Option<Millis>,
+}
+
+/// Which event names a retention setting covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Names {
+    All,
+    Only(HashSet<String>),
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names::Only(HashSet::new())
+    }
+}
+
+impl Names {
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Names::All => true,
+            Names::Only(names) => names.contains(name),
+        }
+    }
+
+    pub fn union(&mut self, other: &Names) {
+        match (&mut *self, other) {
+            (Names::All, _) => {}
+            (_, Names::All) => *self = Names::All,
+            (Names::Only(a), Names::Only(b)) => a.extend(b.iter().cloned()),
+        }
+    }
+}
+
+/// What the loaded rules need a profile to keep besides its counters (from the rules' analysis).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Retention {
+    /// How far back history reaches.
+    pub window: Millis,
+    /// Event names whose occurrences are kept.
+    pub history: Names,
+    /// Numeric properties kept per occurrence, as (event, property); `None`: every top-level number.
+    pub values: Option<HashSet<(String, String)>>,
+    /// Event names whose first and last occurrence keep their properties.
+    pub objects: Names,
+}
+
+/// The parts of a message a profile learns from.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub kind: MessageType,
+    pub event: Option<&'a str>,
+    pub at: Millis,
+    pub properties: Option<&'a RawValue>,
+    pub traits: Option<&'a RawValue>,
+}
+
+impl Profile {
+    pub fn new(id: u64) -> Profile {
+        Profile {
+            id,
+            ..Profile::default()
+        }
+    }
+
+    /// Every identifier, as `user:<id>` / `anon:<id>` keys of the identity index.
+    pub fn identity_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.user_id.iter().map(|u| user_key(u)).collect();
+        keys.extend(self.anonymous_ids.iter().map(|a| anonymous_key(a)));
+        keys
+    }
+
+    pub fn add_anonymous_id(&mut self, id: &str) {
+        if !self.anonymous_ids.iter().any(|a| a == id)
+            && self.anonymous_ids.len() < MAX_ANONYMOUS_IDS
+        {
+            self.anonymous_ids.push(id.to_string());
+        }
+    }
+
+    /// Learns from one message. `now` bounds the history window.
+    pub fn apply(&mut self, m: &Observed, retention: &Retention, now: Millis) {
+        if self.first_seen == 0 || m.at < self.first_seen {
+            self.first_seen = m.at;
+        }
+        self.last_seen = self.last_seen.max(m.at);
+        if m.kind == MessageType::Identify {
+            if let Some(Value::Object(traits)) = m.traits.and_then(|t| parse(t.get())) {
+                for (k, v) in traits {
+                    if self.traits.len() < MAX_TRAITS || self.traits.contains_key(&k) {
+                        self.traits.insert(k, v);
+                    }
+                }
+            }
+        }
+        let Some(name) = event_name(m.kind, m.event) else {
+            return;
+        };
+        let keep_object = retention.objects.contains(name);
+        let properties = || {
+            m.properties
+                .map(|p| p.get())
+                .filter(|p| keep_object && p.len() <= MAX_KEPT_PROPERTIES)
+                .map(str::to_string)
+        };
+        let room = self.events.len() < MAX_EVENT_NAMES;
+        match self.events.get_mut(name) {
+            Some(stats) => {
+                stats.count += 1;
+                if m.at < stats.first {
+                    stats.first = m.at;
+                    stats.first_properties = properties();
+                }
+                if m.at >= stats.last {
+                    stats.last = m.at;
+                    stats.last_properties = properties();
+                }
+            }
+            None if room => {
+                let kept = properties();
+                self.events.insert(
+                    name.to_string(),
+                    EventStats {
+                        count: 1,
+                        first: m.at,
+                        last: m.at,
+                        first_properties: kept.clone(),
+                        last_properties: kept,
+                    },
+                );
+            }
+            None => {}
+        }
+        if retention.history.contains(name) && m.at >= now - retention.window {
+            let values = numeric_values(name, m.properties, retention.values.as_ref());
+            let at = self.history.partition_point(|o| o.at <= m.at);
+            self.history.insert(
+                at,
+                Occurrence {
+                    name: name.to_string(),
+                    at: m.at,
+                    values,
+                },
+            );
+        }
+        self.prune(retention, now);
+    }
+
+    /// Drops history outside the window, and the oldest entries past the cap.
+    pub fn prune(&mut self, retention: &Retention, now: Millis) {
+        let horizon = now - retention.window;
+        let old = self.history.partition_point(|o| o.at < horizon);
+        let over = self.history.len().saturating_sub(old + MAX_HISTORY);
+        self.history.drain(..old + over);
+        if let Names::Only(names) = &retention.history {
+            self.history.retain(|o| names.contains(&o.name));
+        }
+    }
+
+    /// Takes in everything `other` knows (its messages are disjoint from ours, so counts add).
+    /// Our traits win over `other`'s where both have one: `self` is the surviving profile.
+    pub fn merge(&mut self, other: Profile) {
+        if self.user_id.is_none() {
+            self.user_id = other.user_id;
+        }
+        for a in &other.anonymous_ids {
+            self.add_anonymous_id(a);
+        }
+        for (k, v) in other.traits {
+            if !self.traits.contains_key(&k) && self.traits.len() < MAX_TRAITS {
+                self.traits.insert(k, v);
+            }
+        }
+        if other.first_seen != 0 && (self.first_seen == 0 || other.first_seen < self.first_seen) {
+            self.first_seen = other.first_seen;
+        }
+        self.last_seen = self.last_seen.max(other.last_seen);
+        for (name, theirs) in other.events {
+            let room = self.events.len() < MAX_EVENT_NAMES;
+            match self.events.get_mut(&name) {
+                Some(ours) => {
+                    ours.count += theirs.count;
+                    if theirs.first < ours.first {
+                        ours.first = theirs.first;
+                        ours.first_properties = theirs.first_properties;
+                    }
+                    if theirs.last > ours.last {
+                        ours.last = theirs.last;
+                        ours.last_properties = theirs.last_properties;
+                    }
+                }
+                None if room => {
+                    self.events.insert(name, theirs);
+                }
+                None => {}
+            }
+        }
+        let mut history = std::mem::take(&mut self.history);
+        history.extend(other.history);
+        history.sort_by_key(|o| o.at);
+        let over = history.len().saturating_sub(MAX_HISTORY);
+        history.drain(..over);
+        self.history = history;
+        for (key, theirs) in other.memberships {
+            let ours = self.memberships.entry(key).or_default();
+            ours.member |= theirs.member;
+            ours.changes = ours.changes.max(theirs.changes);
+            ours.recheck_at = match (ours.recheck_at, theirs.recheck_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+
+    /// The earliest moment any segment asked to be looked at again.
+    pub fn next_recheck(&self) -> Option<Millis> {
+        self.memberships.values().filter_map(|m| m.recheck_at).min()
+    }
+
+    /// Keys of the segments this profile is in.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.memberships
+            .iter()
+            .filter(|(_, m)| m.member)
+            .map(|(k, _)| k.as_str())
+    }
+}
+
+pub fn user_key(user_id: &str) -> String {
+    format!("user:{user_id}")
+}
+
+pub fn anonymous_key(anonymous_id: &str) -> String {
+    format!("anon:{anonymous_id}")
+}
+
+fn parse(json: &str) -> Option<Value> {
+    serde_json::from_str(json).ok()
+}
+
+fn numeric_values(
+    name: &str,
+    properties: Option<&RawValue>,
+    wanted: Option<&HashSet<(String, String)>>,
+) -> Vec<(String, f64)> {
+    if let Some(wanted) = wanted {
+        if !wanted.iter().any(|(event, _)| event == name) {
+            return Vec::new();
+        }
+    }
+    let Some(Value::Object(props)) = properties.and_then(|p| parse(p.get())) else {
+        return Vec::new();
+    };
+    props
+        .into_iter()
+        .filter(|(k, _)| wanted.is_none_or(|w| w.contains(&(name.to_string(), k.clone()))))
+        .filter_map(|(k, v)| v.as_f64().map(|n| (k, n)))
+        .take(32)
+        .collect()
+}
+
+/// Traits are stored as JSON text: the binary encoding cannot hold arbitrary JSON values.
+mod json_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::{Map, Value};
+
+    pub fn serialize<S: Serializer>(map: &Map<String, Value>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&serde_json::to_string(map).map_err(serde::ser::Error::custom)?)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        serde_json::from_str(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_string()).unwrap()
+    }
+
+    fn keep_all() -> Retention {
+        Retention {
+            window: 30 * 86_400_000,
+            history: Names::All,
+            values: None,
+            objects: Names::All,
+        }
+    }
+
+    #[test]
+    fn counts_events_and_merges_traits() {
+        let mut p = Profile::new(1);
+        let props = raw(r#"{"revenue": 30, "currency": "EUR"}"#);
+        let traits = raw(r#"{"plan": "pro", "email": "a@example.com"}"#);
+        let r = keep_all();
+        for at in [3_000, 1_000, 2_000] {
+            let m = Observed {
+                kind: MessageType::Track,
+                event: Some("Order Completed"),
+                at,
+                properties: Some(&props),
+                traits: None,
+            };
+            p.apply(&m, &r, 10_000);
+        }
+        let identify = Observed {
+            kind: MessageType::Identify,
+            event: None,
+            at: 500,
+            properties: None,
+            traits: Some(&traits),
+        };
+        p.apply(&identify, &r, 10_000);
+        let stats = &p.events["Order Completed"];
+        assert_eq!((stats.count, stats.first, stats.last), (3, 1_000, 3_000));
+        assert_eq!(p.first_seen, 500);
+        assert_eq!(p.last_seen, 3_000);
+        assert_eq!(p.traits["plan"], "pro");
+        let times: Vec<_> = p.history.iter().map(|o| o.at).collect();
+        assert_eq!(times, [1_000, 2_000, 3_000]);
+        assert_eq!(p.history[0].values, [("revenue".to_string(), 30.0)]);
+    }
+
+    #[test]
+    fn history_keeps_only_what_the_rules_need() {
+        let mut p = Profile::new(1);
+        let r = Retention {
+            window: 1_000,
+            history: Names::Only(["A".to_string()].into()),
+            values: Some(HashSet::new()),
+            objects: Names::default(),
+        };
+        for (name, at) in [("A", 100), ("B", 200), ("A", 5_000)] {
+            let m = Observed {
+                kind: MessageType::Track,
+                event: Some(name),
+                at,
+                properties: None,
+                traits: None,
+            };
+            p.apply(&m, &r, 5_000);
+        }
+        assert_eq!(
+            p.history.len(),
+            1,
+            "B is not needed and A at 100 is outside the window"
+        );
+        assert_eq!(p.history[0].at, 5_000);
+        assert_eq!(p.events["B"].count, 1, "counters keep every name");
+        assert_eq!(p.events["A"].last_properties, None);
+    }
+
+    #[test]
+    fn merge_adds_counts_and_keeps_history_sorted() {
+        let r = keep_all();
+        let mut a = Profile::new(1);
+        a.user_id = Some("u1".into());
+        a.traits.insert("plan".into(), "pro".into());
+        let mut b = Profile::new(2);
+        b.add_anonymous_id("anon-1");
+        b.traits.insert("plan".into(), "free".into());
+        b.traits.insert("utm".into(), "ad".into());
+        let page = |at| Observed {
+            kind: MessageType::Page,
+            event: None,
+            at,
+            properties: None,
+            traits: None,
+        };
+        a.apply(&page(2_000), &r, 4_000);
+        b.apply(&page(1_000), &r, 4_000);
+        b.apply(&page(3_000), &r, 4_000);
+        a.merge(b);
+        let stats = &a.events["Page Viewed"];
+        assert_eq!((stats.count, stats.first, stats.last), (3, 1_000, 3_000));
+        assert_eq!(a.anonymous_ids, ["anon-1"]);
+        assert_eq!(a.traits["plan"], "pro", "the survivor's traits win");
+        assert_eq!(a.traits["utm"], "ad");
+        let times: Vec<_> = a.history.iter().map(|o| o.at).collect();
+        assert_eq!(times, [1_000, 2_000, 3_000]);
+        assert_eq!(a.identity_keys(), ["user:u1", "anon:anon-1"]);
+    }
+
+    #[test]
+    fn round_trips_through_the_stored_encoding() {
+        let mut p = Profile::new(7);
+        p.traits
+            .insert("nested".into(), serde_json::json!({"a": [1, 2]}));
+        p.memberships.insert(
+            "vip".into(),
+            Membership {
+                member: true,
+                changes: 1,
+                since: 5,
+                recheck_at: Some(9),
+            },
+        );
+        let bytes = postcard::to_allocvec(&p).unwrap();
+        assert_eq!(postcard::from_bytes::<Profile>(&bytes).unwrap(), p);
+    }
+}

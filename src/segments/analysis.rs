@@ -1,0 +1,291 @@
+//! What a rule reads, found by looking at its text: which event names can change its answer,
+//! whether traits can, which other segments it reads, and what history it needs a profile to
+//! keep. Used to re-evaluate on a message only the segments that message can affect.
+//!
+//! The analysis is conservative: anything it cannot pin down (a name held in a variable, the
+//! `event` variable, `last_seen`) makes the rule depend on every message, which is always correct
+//! and only slower. It works on tokens rather than Rhai's internal AST, whose shape is not a
+//! stable API; the rule has already compiled, so the tokens are well formed.
+
+use std::collections::HashSet;
+
+use crate::profiles::profile::{Millis, Names, Retention};
+
+/// How far back history is kept for a windowed call whose window is not a literal duration.
+pub const UNKNOWN_WINDOW: Millis = 90 * 86_400_000;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Dependencies {
+    /// Event names whose messages can change the answer (`All`: every message).
+    pub events: Names,
+    /// Whether an identify (new traits) can change the answer.
+    pub traits: bool,
+    /// Segments whose membership the rule reads (`All`: any).
+    pub segments: Names,
+    pub retention: Retention,
+}
+
+impl Dependencies {
+    /// Whether a message with this event name (or an identify) can change the answer.
+    pub fn affected_by(&self, event: Option<&str>, identify: bool) -> bool {
+        (identify && self.traits)
+            || match &self.events {
+                Names::All => true,
+                Names::Only(names) => event.is_some_and(|e| names.contains(e)),
+            }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Token {
+    Ident(String),
+    Str(String),
+    Num(String),
+    Punct(char),
+    /// A string we do not read (backtick interpolation, char literals).
+    Other,
+}
+
+pub fn analyse(rule: &str) -> Dependencies {
+    let tokens = tokenize(rule);
+    let mut deps = Dependencies::default();
+    let mut history = Names::default();
+    let mut objects = Names::default();
+    let mut values: Option<HashSet<(String, String)>> = Some(HashSet::new());
+    let mut window: Millis = 0;
+    let all_events = |deps: &mut Dependencies| deps.events = Names::All;
+    for i in 0..tokens.len() {
+        let after_dot = i > 0 && tokens[i - 1] == Token::Punct('.');
+        let Token::Ident(name) = &tokens[i] else {
+            continue;
+        };
+        let call_args =
+            (tokens.get(i + 1) == Some(&Token::Punct('('))).then(|| args(&tokens, i + 1));
+        match (name.as_str(), after_dot, call_args) {
+            ("did" | "count" | "first" | "last" | "sum", true, Some(args)) => {
+                let event = match args.first() {
+                    Some([Token::Str(event)]) => Some(event.clone()),
+                    _ => None,
+                };
+                match &event {
+                    Some(e) => deps.events.union(&Names::Only([e.clone()].into())),
+                    None => all_events(&mut deps),
+                }
+                let names = event
+                    .clone()
+                    .map_or(Names::All, |e| Names::Only([e].into()));
+                match (name.as_str(), args.len()) {
+                    ("first" | "last", _) => objects.union(&names),
+                    ("did" | "count", 2) | ("sum", 3) => {
+                        history.union(&names);
+                        window = window
+                            .max(literal_duration(args.last().unwrap()).unwrap_or(UNKNOWN_WINDOW));
+                        if name == "sum" {
+                            match (&event, args[1]) {
+                                (Some(e), [Token::Str(p)]) => {
+                                    if let Some(v) = values.as_mut() {
+                                        v.insert((e.clone(), p.clone()));
+                                    }
+                                }
+                                _ => values = None,
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            ("traits", true, _) => deps.traits = true,
+            ("first_seen" | "last_seen", true, _) => all_events(&mut deps),
+            ("in_segment", _, Some(args)) => match args.first() {
+                Some([Token::Str(key)]) => deps.segments.union(&Names::Only([key.clone()].into())),
+                _ => deps.segments = Names::All,
+            },
+            ("event", false, _) => all_events(&mut deps),
+            _ => {}
+        }
+    }
+    deps.retention = Retention {
+        window,
+        history,
+        values,
+        objects,
+    };
+    deps
+}
+
+/// The arguments of the call whose `(` is at `open`, each as its tokens.
+fn args(tokens: &[Token], open: usize) -> Vec<&[Token]> {
+    let mut out = Vec::new();
+    let mut depth = 0;
+    let mut start = open + 1;
+    for (i, t) in tokens.iter().enumerate().skip(open) {
+        match t {
+            Token::Punct('(' | '[' | '{') => depth += 1,
+            Token::Punct(')' | ']' | '}') => {
+                depth -= 1;
+                if depth == 0 {
+                    if i > start {
+                        out.push(&tokens[start..i]);
+                    }
+                    return out;
+                }
+            }
+            Token::Punct(',') if depth == 1 => {
+                out.push(&tokens[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `days(30)` and the like, written out.
+fn literal_duration(tokens: &[Token]) -> Option<Millis> {
+    let [Token::Ident(unit), Token::Punct('('), Token::Num(n), Token::Punct(')')] = tokens else {
+        return None;
+    };
+    let n: i64 = n.replace('_', "").parse().ok()?;
+    let unit = match unit.as_str() {
+        "seconds" => 1_000,
+        "minutes" => 60_000,
+        "hours" => 3_600_000,
+        "days" => 86_400_000,
+        _ => return None,
+    };
+    Some(n.saturating_mul(unit))
+}
+
+fn tokenize(text: &str) -> Vec<Token> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == '/' && chars.get(i + 1) == Some(&'/') {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && chars.get(i + 1) == Some(&'*') {
+            i += 2;
+            while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
+                i += 1;
+            }
+            i += 2;
+        } else if c == '"' {
+            let mut s = String::new();
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                if chars[i] == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                    s.push(match chars[i] {
+                        'n' => '\n',
+                        't' => '\t',
+                        other => other,
+                    });
+                } else {
+                    s.push(chars[i]);
+                }
+                i += 1;
+            }
+            i += 1;
+            out.push(Token::Str(s));
+        } else if c == '`' || c == '\'' {
+            i += 1;
+            while i < chars.len() && chars[i] != c {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+            out.push(Token::Other);
+        } else if c.is_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            out.push(Token::Ident(chars[start..i].iter().collect()));
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            out.push(Token::Num(chars[start..i].iter().collect()));
+        } else {
+            out.push(Token::Punct(c));
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn only(names: &[&str]) -> Names {
+        Names::Only(names.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn literal_names_and_windows_are_indexed() {
+        let d = analyse(
+            r#"
+            // "Ignored" in a comment
+            let signup = user.first("Signed Up");
+            signup != () && signup.age() > hours(1) && !user.did("Onboarding Started")
+              && user.sum("Order Completed", "revenue", days(30)) > 100.0
+              && user.count("Page Viewed", minutes(90)) > 2
+        "#,
+        );
+        assert_eq!(
+            d.events,
+            only(&[
+                "Signed Up",
+                "Onboarding Started",
+                "Order Completed",
+                "Page Viewed"
+            ])
+        );
+        assert!(!d.traits);
+        assert_eq!(d.retention.window, 30 * 86_400_000);
+        assert_eq!(
+            d.retention.history,
+            only(&["Order Completed", "Page Viewed"])
+        );
+        assert_eq!(d.retention.objects, only(&["Signed Up"]));
+        assert_eq!(
+            d.retention.values,
+            Some([("Order Completed".to_string(), "revenue".to_string())].into())
+        );
+        assert_eq!(d.segments, only(&[]));
+    }
+
+    #[test]
+    fn what_cannot_be_pinned_down_depends_on_everything() {
+        let d = analyse(r#"let name = "X"; user.did(name, days(n))"#);
+        assert_eq!(d.events, Names::All);
+        assert_eq!(d.retention.history, Names::All);
+        assert_eq!(d.retention.window, UNKNOWN_WINDOW);
+        assert_eq!(analyse(r#"event.name == "A""#).events, Names::All);
+        assert_eq!(analyse("user.last_seen.age() < days(1)").events, Names::All);
+        assert_eq!(
+            analyse(r#"user.sum("A", p, days(1)) > 0"#).retention.values,
+            None
+        );
+    }
+
+    #[test]
+    fn traits_and_segments_are_found() {
+        let d = analyse(r#"user.traits.plan == "pro" && user.in_segment("big_spenders")"#);
+        assert!(d.traits);
+        assert_eq!(d.events, only(&[]));
+        assert_eq!(d.segments, only(&["big_spenders"]));
+        assert!(d.affected_by(None, true));
+        assert!(!d.affected_by(Some("Other"), false));
+        assert_eq!(
+            analyse("let k = \"a\"; user.in_segment(k)").segments,
+            Names::All
+        );
+    }
+}

@@ -1,0 +1,335 @@
+//! What a rule sees: `user` (the profile), `event` (the message that triggered the evaluation,
+//! or `()` on a timer) and durations. Registered on the engine by [`super::sandbox::engine`].
+//!
+//! Time is never read from the system: every call answers as of the evaluation's `now`. Calls
+//! whose answer changes as time passes (`did`/`count`/`sum` with a window, comparisons of an
+//! `age()` with a duration) also note the moment their answer flips; the evaluation keeps the
+//! earliest, and a timer wakes the profile then.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use rhai::{Dynamic, Engine, ImmutableString};
+
+use crate::profiles::profile::{Millis, Profile};
+
+thread_local! {
+    /// The earliest moment, after `now`, at which the rule being evaluated could answer
+    /// differently with no new message. Evaluation is single-threaded per rule, so a thread-local
+    /// is the simplest place that both the user API and duration comparisons can reach.
+    static NEXT_FLIP: Cell<Option<Millis>> = const { Cell::new(None) };
+}
+
+/// Starts recording flips for one evaluation.
+pub fn start_recording() {
+    NEXT_FLIP.with(|n| n.set(None));
+}
+
+/// The earliest flip noted since [`start_recording`].
+pub fn recorded() -> Option<Millis> {
+    NEXT_FLIP.with(|n| n.get())
+}
+
+fn note_flip(at: Millis, now: Millis) {
+    if at > now {
+        NEXT_FLIP.with(|n| n.set(Some(n.get().map_or(at, |m| m.min(at)))));
+    }
+}
+
+/// A length of time. An `age()` remembers the moment it is the age of (`anchor`), so that
+/// comparing it with another duration can note when the comparison flips.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Duration {
+    pub millis: Millis,
+    anchor: Option<(Millis, Millis)>,
+}
+
+impl Duration {
+    pub fn of(millis: Millis) -> Duration {
+        Duration {
+            millis,
+            anchor: None,
+        }
+    }
+
+    /// The age at `now` of something that happened at `at`.
+    pub fn age(at: Millis, now: Millis) -> Duration {
+        Duration {
+            millis: now - at,
+            anchor: Some((at, now)),
+        }
+    }
+
+    fn compare(a: Duration, b: Duration) -> std::cmp::Ordering {
+        // age <op> d flips when the age reaches d: at anchor + d (+1 ms for strict comparisons;
+        // noting the later of the two is harmless for the other).
+        match (a.anchor, b.anchor) {
+            (Some((at, now)), None) => note_flip(at + b.millis + 1, now),
+            (None, Some((at, now))) => note_flip(at + a.millis + 1, now),
+            _ => {}
+        }
+        a.millis.cmp(&b.millis)
+    }
+}
+
+/// The state of one profile's evaluation round, shared by every rule evaluated in it.
+pub struct Round {
+    pub profile: Arc<Profile>,
+    pub now: Millis,
+    /// Memberships as they stand in this round (segments evaluated earlier already updated).
+    pub memberships: std::sync::Mutex<BTreeMap<String, bool>>,
+    traits: OnceLock<Dynamic>,
+}
+
+impl Round {
+    pub fn new(profile: Arc<Profile>, now: Millis) -> Arc<Round> {
+        let memberships = profile
+            .memberships
+            .iter()
+            .map(|(k, m)| (k.clone(), m.member))
+            .collect();
+        Arc::new(Round {
+            profile,
+            now,
+            memberships: std::sync::Mutex::new(memberships),
+            traits: OnceLock::new(),
+        })
+    }
+}
+
+/// `user` in a rule.
+#[derive(Clone)]
+pub struct User(pub Arc<Round>);
+
+/// An occurrence of an event: `event`, or what `user.first`/`user.last` return.
+#[derive(Clone)]
+pub struct Event {
+    pub name: ImmutableString,
+    pub at: Millis,
+    pub now: Millis,
+    /// The properties as JSON text, turned into a map only if the rule asks.
+    pub properties: Option<Arc<str>>,
+    pub kind: ImmutableString,
+}
+
+impl User {
+    fn did(&mut self, name: &str) -> bool {
+        self.0.profile.events.contains_key(name)
+    }
+
+    /// Occurrences of `name` within `within` of now, oldest first.
+    fn within<'a>(&'a self, name: &'a str, within: Duration) -> impl Iterator<Item = Millis> + 'a {
+        let r = &self.0;
+        let horizon = r.now - within.millis;
+        let start = r.profile.history.partition_point(|o| o.at < horizon);
+        r.profile.history[start..]
+            .iter()
+            .filter(move |o| o.name == name && o.at <= r.now)
+            .map(|o| o.at)
+    }
+
+    fn did_within(&mut self, name: &str, within: Duration) -> bool {
+        let latest = self.within(name, within).last();
+        if let Some(at) = latest {
+            note_flip(at + within.millis, self.0.now);
+        }
+        latest.is_some()
+    }
+
+    fn count(&mut self, name: &str) -> i64 {
+        self.0
+            .profile
+            .events
+            .get(name)
+            .map_or(0, |s| s.count as i64)
+    }
+
+    fn count_within(&mut self, name: &str, within: Duration) -> i64 {
+        let mut times = self.within(name, within);
+        let Some(oldest) = times.next() else {
+            return 0;
+        };
+        note_flip(oldest + within.millis, self.0.now);
+        1 + times.count() as i64
+    }
+
+    fn sum(&mut self, name: &str, property: &str, within: Duration) -> f64 {
+        let r = &self.0;
+        let horizon = r.now - within.millis;
+        let start = r.profile.history.partition_point(|o| o.at < horizon);
+        let mut total = 0.0;
+        let mut oldest = None;
+        for o in &r.profile.history[start..] {
+            if o.name == name && o.at <= r.now {
+                oldest.get_or_insert(o.at);
+                total += o
+                    .values
+                    .iter()
+                    .find(|(k, _)| k == property)
+                    .map_or(0.0, |(_, v)| *v);
+            }
+        }
+        if let Some(at) = oldest {
+            note_flip(at + within.millis, r.now);
+        }
+        total
+    }
+
+    fn occurrence(&self, name: &str, first: bool) -> Dynamic {
+        let Some(stats) = self.0.profile.events.get(name) else {
+            return Dynamic::UNIT;
+        };
+        let (at, properties) = if first {
+            (stats.first, &stats.first_properties)
+        } else {
+            (stats.last, &stats.last_properties)
+        };
+        Dynamic::from(Event {
+            name: name.into(),
+            at,
+            now: self.0.now,
+            properties: properties.as_deref().map(Arc::from),
+            kind: "track".into(),
+        })
+    }
+
+    fn traits(&mut self) -> Dynamic {
+        self.0
+            .traits
+            .get_or_init(|| {
+                json_to_dynamic(&serde_json::Value::Object(self.0.profile.traits.clone()))
+            })
+            .clone()
+    }
+
+    fn in_segment(&mut self, key: &str) -> bool {
+        self.0
+            .memberships
+            .lock()
+            .unwrap()
+            .get(key)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    fn first_seen(&mut self) -> Dynamic {
+        self.seen(self.0.profile.first_seen)
+    }
+
+    fn last_seen(&mut self) -> Dynamic {
+        self.seen(self.0.profile.last_seen)
+    }
+
+    fn seen(&self, at: Millis) -> Dynamic {
+        Dynamic::from(Event {
+            name: "".into(),
+            at,
+            now: self.0.now,
+            properties: None,
+            kind: "".into(),
+        })
+    }
+}
+
+impl Event {
+    fn properties(&mut self) -> Dynamic {
+        match &self.properties {
+            Some(json) => serde_json::from_str::<serde_json::Value>(json)
+                .map(|v| json_to_dynamic(&v))
+                .unwrap_or(Dynamic::UNIT),
+            None => Dynamic::from_map(rhai::Map::new()),
+        }
+    }
+
+    fn timestamp(&mut self) -> ImmutableString {
+        crate::ingest::format_time(
+            chrono::DateTime::from_timestamp_millis(self.at).unwrap_or_default(),
+        )
+        .into()
+    }
+}
+
+/// JSON as Rhai values: objects become maps, numbers become integers when they are whole.
+pub fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
+    use serde_json::Value;
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(ImmutableString::from(s.as_str())),
+        Value::Array(items) => Dynamic::from_array(items.iter().map(json_to_dynamic).collect()),
+        Value::Object(map) => Dynamic::from_map(
+            map.iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Registers the types and functions above.
+pub fn register(engine: &mut Engine) {
+    engine
+        .register_type_with_name::<User>("User")
+        .register_fn("did", User::did)
+        .register_fn("did", User::did_within)
+        .register_fn("count", User::count)
+        .register_fn("count", User::count_within)
+        .register_fn("sum", User::sum)
+        .register_fn("first", |u: &mut User, name: &str| u.occurrence(name, true))
+        .register_fn("last", |u: &mut User, name: &str| u.occurrence(name, false))
+        .register_fn("in_segment", User::in_segment)
+        .register_get("traits", User::traits)
+        .register_get("first_seen", User::first_seen)
+        .register_get("last_seen", User::last_seen);
+
+    engine
+        .register_type_with_name::<Event>("Event")
+        .register_get("name", |e: &mut Event| e.name.clone())
+        .register_get("type", |e: &mut Event| e.kind.clone())
+        .register_get("properties", Event::properties)
+        .register_get("timestamp", Event::timestamp)
+        .register_fn("age", |e: &mut Event| Duration::age(e.at, e.now));
+
+    engine
+        .register_type_with_name::<Duration>("Duration")
+        .register_fn("seconds", |n: i64| Duration::of(n.saturating_mul(1_000)))
+        .register_fn("minutes", |n: i64| Duration::of(n.saturating_mul(60_000)))
+        .register_fn("hours", |n: i64| Duration::of(n.saturating_mul(3_600_000)))
+        .register_fn("days", |n: i64| Duration::of(n.saturating_mul(86_400_000)))
+        .register_get("seconds", |d: &mut Duration| d.millis / 1_000)
+        .register_get("minutes", |d: &mut Duration| d.millis / 60_000)
+        .register_get("hours", |d: &mut Duration| d.millis / 3_600_000)
+        .register_get("days", |d: &mut Duration| d.millis / 86_400_000)
+        .register_fn("+", |a: Duration, b: Duration| {
+            Duration::of(a.millis + b.millis)
+        })
+        .register_fn("-", |a: Duration, b: Duration| {
+            Duration::of(a.millis - b.millis)
+        })
+        .register_fn("*", |a: Duration, n: i64| {
+            Duration::of(a.millis.saturating_mul(n))
+        })
+        .register_fn(">", |a: Duration, b: Duration| {
+            Duration::compare(a, b).is_gt()
+        })
+        .register_fn(">=", |a: Duration, b: Duration| {
+            Duration::compare(a, b).is_ge()
+        })
+        .register_fn("<", |a: Duration, b: Duration| {
+            Duration::compare(a, b).is_lt()
+        })
+        .register_fn("<=", |a: Duration, b: Duration| {
+            Duration::compare(a, b).is_le()
+        })
+        .register_fn("==", |a: Duration, b: Duration| {
+            Duration::compare(a, b).is_eq()
+        })
+        .register_fn("!=", |a: Duration, b: Duration| {
+            Duration::compare(a, b).is_ne()
+        })
+        .register_fn("to_string", |d: &mut Duration| format!("{}ms", d.millis));
+}

@@ -1,0 +1,446 @@
+//! Compiled segments and their evaluation against one profile.
+//!
+//! A [`SegmentSet`] is every loaded segment, compiled once, in an order where a segment comes
+//! after the segments it reads with `in_segment`. Evaluating a profile runs only the segments
+//! the trigger can affect (see [`super::analysis`]), plus those whose timer is due, plus the
+//! dependents of any segment whose membership just changed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rhai::{Dynamic, Engine, AST};
+
+use super::analysis::{analyse, Dependencies};
+use super::api::{self, Event, Round, User};
+use super::files::SegmentFile;
+use super::sandbox;
+use crate::diagnostic::Diagnostic;
+use crate::profiles::profile::{Millis, Names, Profile, Retention};
+
+pub struct Segment {
+    pub key: String,
+    pub name: String,
+    pub description: String,
+    pub destinations: Vec<String>,
+    pub backfill: bool,
+    /// Changes whenever the rule's text does: a new fingerprint means backfill again.
+    pub fingerprint: u64,
+    pub deps: Dependencies,
+    pub file: SegmentFile,
+    ast: AST,
+    pub health: Health,
+}
+
+/// Rule failures of one segment, for metrics and `/admin/segments`.
+#[derive(Default)]
+pub struct Health {
+    pub errors: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// When a failure was last logged (millis), to log at most one per segment every 10 s.
+    last_logged: AtomicI64,
+}
+
+/// What re-evaluation a profile needs.
+#[derive(Clone, Copy)]
+pub enum Trigger<'a> {
+    /// A message arrived for the profile.
+    Message {
+        event: Option<&'a str>,
+        identify: bool,
+        /// The message as the rule's `event`.
+        event_object: &'a Event,
+    },
+    /// The profile's timer is due: the segments whose recheck time has come.
+    Timer,
+    /// Every segment (a new or merged profile).
+    All,
+    /// These segments only (backfill).
+    Only(&'a HashSet<usize>),
+}
+
+/// A change of one profile's membership of one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub segment: usize,
+    pub entered: bool,
+    /// The membership's change count after this change.
+    pub changes: u32,
+}
+
+/// Why a rule's evaluation changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleFailure {
+    /// Over an operation, depth or size limit.
+    Budget,
+    /// Any other runtime error, or a result that is not a bool.
+    Error,
+}
+
+pub struct SegmentSet {
+    engine: Engine,
+    /// In dependency order.
+    pub segments: Vec<Segment>,
+    /// For each segment, the later segments that read it with `in_segment`.
+    dependents: Vec<Vec<usize>>,
+    /// What every loaded rule together needs profiles to keep.
+    pub retention: Retention,
+}
+
+/// The outcome of evaluating one profile.
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    pub transitions: Vec<Transition>,
+    pub failures: Vec<(usize, RuleFailure)>,
+}
+
+impl SegmentSet {
+    pub fn empty() -> SegmentSet {
+        SegmentSet::build(Vec::new(), None).0
+    }
+
+    /// Compiles every file. A file whose rule does not compile, that names an unknown
+    /// destination (when `destinations` is given), or that is in an `in_segment` cycle, is left
+    /// out and reported.
+    pub fn build(
+        files: Vec<SegmentFile>,
+        destinations: Option<&HashSet<String>>,
+    ) -> (SegmentSet, Vec<Diagnostic>) {
+        let engine = sandbox::engine();
+        let scope = sandbox::scope(Dynamic::UNIT, Dynamic::UNIT);
+        let mut problems = Vec::new();
+        let mut compiled = Vec::new();
+        for file in files {
+            let mut ok = true;
+            if let Some(known) = destinations {
+                for (name, span) in &file.destinations {
+                    if !known.contains(name) {
+                        let at = span.as_ref().map_or(0, |s| s.start);
+                        problems.push(Diagnostic::at(
+                            &file.path,
+                            &file.text,
+                            at,
+                            format!("unknown destination `{name}` (no destinations/{name}.toml)"),
+                        ));
+                        ok = false;
+                    }
+                }
+            }
+            let ast = match engine.compile_with_scope(&scope, &file.rule) {
+                Ok(ast) => Some(ast),
+                Err(e) => {
+                    problems.push(rhai_problem(&file, &e.1, &e.0.to_string()));
+                    None
+                }
+            };
+            if let (true, Some(ast)) = (ok, ast) {
+                compiled.push((file, ast));
+            }
+        }
+        let (order, cyclic) = dependency_order(&compiled);
+        for &i in &cyclic {
+            let file = &compiled[i].0;
+            problems.push(Diagnostic::at(
+                &file.path,
+                &file.text,
+                file.rule_offset,
+                "this rule is part of an in_segment cycle",
+            ));
+        }
+        let mut slots: Vec<Option<(SegmentFile, AST)>> = compiled.into_iter().map(Some).collect();
+        let segments: Vec<Segment> = order
+            .into_iter()
+            .filter_map(|i| slots[i].take())
+            .map(|(file, ast)| Segment {
+                key: file.key.clone(),
+                name: file.name.clone(),
+                description: file.description.clone(),
+                destinations: file.destinations.iter().map(|(d, _)| d.clone()).collect(),
+                backfill: file.backfill,
+                fingerprint: xxhash_rust::xxh3::xxh3_64(file.rule.as_bytes()),
+                deps: analyse(&file.rule),
+                file,
+                ast,
+                health: Health::default(),
+            })
+            .collect();
+        let index: HashMap<&str, usize> = segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.key.as_str(), i))
+            .collect();
+        let mut dependents = vec![Vec::new(); segments.len()];
+        for (i, s) in segments.iter().enumerate() {
+            match &s.deps.segments {
+                Names::All => (0..i).for_each(|j| dependents[j].push(i)),
+                Names::Only(keys) => {
+                    for k in keys {
+                        if let Some(&j) = index.get(k.as_str()) {
+                            dependents[j].push(i);
+                        }
+                    }
+                }
+            }
+        }
+        let mut retention = Retention::default();
+        for s in &segments {
+            let r = &s.deps.retention;
+            retention.window = retention.window.max(r.window);
+            retention.history.union(&r.history);
+            retention.objects.union(&r.objects);
+            retention.values = match (retention.values.take(), &r.values) {
+                (Some(mut a), Some(b)) => {
+                    a.extend(b.iter().cloned());
+                    Some(a)
+                }
+                _ => None,
+            };
+        }
+        if segments.is_empty() {
+            retention.values = Some(HashSet::new());
+        }
+        let set = SegmentSet {
+            engine,
+            segments,
+            dependents,
+            retention,
+        };
+        (set, problems)
+    }
+
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    pub fn position(&self, key: &str) -> Option<usize> {
+        self.segments.iter().position(|s| s.key == key)
+    }
+
+    /// Re-evaluates the segments `trigger` calls for and records the answers in the profile's
+    /// memberships (member, change count, next recheck time).
+    pub fn evaluate(&self, profile: &mut Profile, trigger: Trigger, now: Millis) -> Evaluation {
+        let mut out = Evaluation::default();
+        if self.segments.is_empty() {
+            return out;
+        }
+        let mut wanted: Vec<bool> = self
+            .segments
+            .iter()
+            .map(|s| {
+                let due = profile
+                    .memberships
+                    .get(&s.key)
+                    .and_then(|m| m.recheck_at)
+                    .is_some_and(|t| t <= now);
+                due || match trigger {
+                    Trigger::Message {
+                        event, identify, ..
+                    } => s.deps.affected_by(event, identify),
+                    Trigger::Timer => false,
+                    Trigger::All => true,
+                    Trigger::Only(_) => false,
+                }
+            })
+            .collect();
+        if let Trigger::Only(set) = trigger {
+            for &i in set {
+                wanted[i] = true;
+            }
+        }
+        if !wanted.iter().any(|w| *w) {
+            return out;
+        }
+        let event = match trigger {
+            Trigger::Message { event_object, .. } => Dynamic::from(event_object.clone()),
+            _ => Dynamic::UNIT,
+        };
+        let shared = Arc::new(std::mem::take(profile));
+        let round = Round::new(shared.clone(), now);
+        let mut answers: Vec<(usize, bool, Option<Millis>)> = Vec::new();
+        {
+            let mut scope = sandbox::scope(Dynamic::from(User(round.clone())), event);
+            for i in 0..self.segments.len() {
+                if !wanted[i] {
+                    continue;
+                }
+                let segment = &self.segments[i];
+                api::start_recording();
+                let result = self
+                    .engine
+                    .eval_ast_with_scope::<Dynamic>(&mut scope, &segment.ast);
+                let answer = match result {
+                    Ok(v) => match v.as_bool() {
+                        Ok(b) => b,
+                        Err(got) => {
+                            let failure = format!("the rule returned {got}, not true or false");
+                            segment.health.failed(&segment.key, failure, now);
+                            out.failures.push((i, RuleFailure::Error));
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        let class = classify(&e);
+                        segment.health.failed(&segment.key, e.to_string(), now);
+                        out.failures.push((i, class));
+                        continue;
+                    }
+                };
+                let was = round
+                    .memberships
+                    .lock()
+                    .unwrap()
+                    .insert(segment.key.clone(), answer);
+                if was.unwrap_or(false) != answer {
+                    for &d in &self.dependents[i] {
+                        wanted[d] = true;
+                    }
+                }
+                answers.push((i, answer, api::recorded()));
+            }
+        }
+        drop(round);
+        *profile = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
+        for (i, answer, recheck_at) in answers {
+            let m = profile
+                .memberships
+                .entry(self.segments[i].key.clone())
+                .or_default();
+            m.recheck_at = recheck_at;
+            if m.member != answer {
+                m.member = answer;
+                m.changes += 1;
+                m.since = now;
+                out.transitions.push(Transition {
+                    segment: i,
+                    entered: answer,
+                    changes: m.changes,
+                });
+            }
+        }
+        // Memberships of segments no longer loaded are kept (a reload may bring them back), but
+        // their timers are dropped.
+        for (key, m) in profile.memberships.iter_mut() {
+            if m.recheck_at.is_some() && self.position(key).is_none() {
+                m.recheck_at = None;
+            }
+        }
+        out
+    }
+}
+
+impl Health {
+    fn failed(&self, key: &str, message: String, now: Millis) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let last = self.last_logged.load(Ordering::Relaxed);
+        if now - last >= 10_000
+            && self
+                .last_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(segment = key, error = %message, "segment rule failed; membership unchanged (logged at most every 10 s)");
+        }
+        *self.last_error.lock().unwrap() = Some(message);
+    }
+}
+
+fn classify(e: &rhai::EvalAltResult) -> RuleFailure {
+    use rhai::EvalAltResult as E;
+    match e {
+        E::ErrorTooManyOperations(..)
+        | E::ErrorStackOverflow(..)
+        | E::ErrorDataTooLarge(..)
+        | E::ErrorTooManyVariables(..) => RuleFailure::Budget,
+        _ => RuleFailure::Error,
+    }
+}
+
+/// A Rhai problem placed in the segment file.
+pub fn rhai_problem(file: &SegmentFile, pos: &rhai::Position, message: &str) -> Diagnostic {
+    let (base_line, base_col) = crate::diagnostic::line_col(&file.text, file.rule_offset);
+    let (line, col) = match (pos.line(), pos.position()) {
+        (Some(1), Some(c)) => (base_line, base_col + c - 1),
+        (Some(l), Some(c)) => (base_line + l - 1, c),
+        (Some(l), None) => (base_line + l - 1, 1),
+        _ => (base_line, base_col),
+    };
+    Diagnostic {
+        file: file.path.clone(),
+        line,
+        col,
+        message: format!("rule: {}", strip_position(message)),
+    }
+}
+
+fn strip_position(message: &str) -> &str {
+    message.split(" (line ").next().unwrap_or(message)
+}
+
+/// Indexes into `compiled` in an order where `in_segment` dependencies come first, and those in a
+/// cycle (left out). Rules that read any segment by a computed key come last.
+fn dependency_order(compiled: &[(SegmentFile, AST)]) -> (Vec<usize>, Vec<usize>) {
+    let deps: Vec<Dependencies> = compiled.iter().map(|(f, _)| analyse(&f.rule)).collect();
+    let index: HashMap<&str, usize> = compiled
+        .iter()
+        .enumerate()
+        .map(|(i, (f, _))| (f.key.as_str(), i))
+        .collect();
+    let mut order = Vec::new();
+    let mut state = vec![0u8; compiled.len()]; // 0 new, 1 visiting, 2 done
+    let mut cyclic = HashSet::new();
+    fn visit(
+        i: usize,
+        deps: &[Dependencies],
+        index: &HashMap<&str, usize>,
+        state: &mut [u8],
+        order: &mut Vec<usize>,
+        cyclic: &mut HashSet<usize>,
+        path: &mut Vec<usize>,
+    ) {
+        match state[i] {
+            2 => return,
+            1 => {
+                let from = path.iter().position(|&p| p == i).unwrap_or(0);
+                cyclic.extend(path[from..].iter().copied());
+                return;
+            }
+            _ => {}
+        }
+        state[i] = 1;
+        path.push(i);
+        if let Names::Only(keys) = &deps[i].segments {
+            let mut keys: Vec<&String> = keys.iter().collect();
+            keys.sort();
+            for k in keys {
+                if let Some(&j) = index.get(k.as_str()) {
+                    visit(j, deps, index, state, order, cyclic, path);
+                }
+            }
+        }
+        path.pop();
+        state[i] = 2;
+        order.push(i);
+    }
+    let (reads_any, plain): (Vec<usize>, Vec<usize>) =
+        (0..compiled.len()).partition(|&i| deps[i].segments == Names::All);
+    for i in plain {
+        visit(
+            i,
+            &deps,
+            &index,
+            &mut state,
+            &mut order,
+            &mut cyclic,
+            &mut Vec::new(),
+        );
+    }
+    order.extend(reads_any);
+    order.retain(|i| !cyclic.contains(i));
+    let mut cyclic: Vec<usize> = cyclic.into_iter().collect();
+    cyclic.sort();
+    (order, cyclic)
+}

@@ -1,0 +1,90 @@
+//! The one place a Rhai engine is built. Every rule (and, later, every destination filter and
+//! transform) runs on an engine from [`engine`], never on `Engine::new()`: Rhai has no limits by
+//! default.
+
+use rhai::{Engine, Scope};
+
+/// Hard limits on one evaluation. A rule past any of them fails (and changes nothing).
+pub const MAX_OPERATIONS: u64 = 20_000;
+pub const MAX_CALL_LEVELS: usize = 16;
+pub const MAX_EXPR_DEPTH: usize = 64;
+pub const MAX_FUNCTION_EXPR_DEPTH: usize = 32;
+pub const MAX_STRING_BYTES: usize = 4_096;
+pub const MAX_ARRAY_LEN: usize = 1_000;
+pub const MAX_MAP_LEN: usize = 200;
+
+/// A sandboxed engine with the rule API registered: bounded operations, call depth, expression
+/// depth and sizes; no modules (the crate is built with `no_module`), no clock (`no_time`), no
+/// `eval`, and `print`/`debug` go nowhere. Variables must be declared (`user` and `event` are).
+pub fn engine() -> Engine {
+    let mut engine = Engine::new();
+    engine.set_max_operations(MAX_OPERATIONS);
+    engine.set_max_call_levels(MAX_CALL_LEVELS);
+    engine.set_max_expr_depths(MAX_EXPR_DEPTH, MAX_FUNCTION_EXPR_DEPTH);
+    engine.set_max_string_size(MAX_STRING_BYTES);
+    engine.set_max_array_size(MAX_ARRAY_LEN);
+    engine.set_max_map_size(MAX_MAP_LEN);
+    engine.set_strict_variables(true);
+    engine.disable_symbol("eval");
+    engine.on_print(|_| {});
+    engine.on_debug(|_, _, _| {});
+    super::api::register(&mut engine);
+    engine
+}
+
+/// The scope a rule is compiled and run with: `user` and `event`.
+pub fn scope<'a>(user: rhai::Dynamic, event: rhai::Dynamic) -> Scope<'a> {
+    let mut scope = Scope::new();
+    scope.push_constant_dynamic("user", user);
+    scope.push_constant_dynamic("event", event);
+    scope
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(script: &str) -> Result<rhai::Dynamic, String> {
+        let engine = engine();
+        let mut scope = scope(rhai::Dynamic::UNIT, rhai::Dynamic::UNIT);
+        let ast = engine
+            .compile_with_scope(&scope, script)
+            .map_err(|e| e.to_string())?;
+        engine
+            .eval_ast_with_scope(&mut scope, &ast)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn abuse_is_stopped_by_a_limit() {
+        let cases = [
+            ("loop {}", "operations"),
+            ("fn f(n) { f(n + 1) } f(0)", "stack overflow"),
+            (r#"let s = "x"; loop { s += s; }"#, "string"),
+            ("let a = []; loop { a.push(1); }", "array"),
+            (r#"eval("1")"#, "eval"),
+            ("undefined_variable", "undefined_variable"),
+        ];
+        for (script, what) in cases {
+            let started = std::time::Instant::now();
+            let err = run(script).expect_err(script);
+            assert!(err.to_lowercase().contains(what), "{script}: {err}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_millis(500),
+                "{script} took {:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    #[test]
+    fn ordinary_rules_run() {
+        assert_eq!(run("days(1) > hours(23)").unwrap().as_bool(), Ok(true));
+        assert_eq!(
+            run("let x = 0; for i in 0..10 { x += i } x")
+                .unwrap()
+                .as_int(),
+            Ok(45)
+        );
+    }
+}

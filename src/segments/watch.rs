@@ -1,0 +1,162 @@
+//! Hot reload of `segments/`: the folder is looked at every second; when a file appears,
+//! changes or goes away, the whole set is rebuilt and handed to the profile stage, which
+//! backfills what changed.
+//!
+//! A file that does not parse or whose rule does not compile is refused: its last good version
+//! (if it had one) stays loaded, the problem is logged with file:line:col and counted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::files::{self, SegmentFile};
+use super::rules::SegmentSet;
+use crate::diagnostic::Diagnostic;
+use crate::metrics::{ReloadLabels, ReloadOutcome, SegmentMetrics};
+
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+
+type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+pub struct Loader {
+    dir: PathBuf,
+    good: HashMap<PathBuf, SegmentFile>,
+    fingerprint: Fingerprint,
+}
+
+impl Loader {
+    pub fn new(dir: &Path) -> Loader {
+        Loader {
+            dir: dir.to_path_buf(),
+            good: HashMap::new(),
+            fingerprint: Vec::new(),
+        }
+    }
+
+    fn current_fingerprint(&self) -> Fingerprint {
+        files::list(&self.dir)
+            .into_iter()
+            .map(|p| {
+                let meta = std::fs::metadata(&p).ok();
+                let modified = meta.as_ref().and_then(|m| m.modified().ok());
+                (p, modified, meta.map_or(0, |m| m.len()))
+            })
+            .collect()
+    }
+
+    pub fn changed(&self) -> bool {
+        self.current_fingerprint() != self.fingerprint
+    }
+
+    /// Reads the folder; every file that reads and compiles replaces its last good version.
+    pub fn load(&mut self) -> (SegmentSet, Vec<Diagnostic>) {
+        self.fingerprint = self.current_fingerprint();
+        let paths = files::list(&self.dir);
+        self.good.retain(|p, _| paths.contains(p));
+        let mut problems = Vec::new();
+        for path in paths {
+            let checked = files::read(&path).and_then(|file| {
+                let (_, problems) = SegmentSet::build(vec![file.clone()], None);
+                if problems.is_empty() {
+                    Ok(file)
+                } else {
+                    Err(problems)
+                }
+            });
+            match checked {
+                Ok(file) => {
+                    self.good.insert(path, file);
+                }
+                Err(found) => {
+                    let kept = if self.good.contains_key(&path) {
+                        "; its last good version stays loaded"
+                    } else {
+                        ""
+                    };
+                    problems.extend(found.into_iter().map(|d| Diagnostic {
+                        message: format!("{}{kept}", d.message),
+                        ..d
+                    }));
+                }
+            }
+        }
+        let mut good: Vec<SegmentFile> = self.good.values().cloned().collect();
+        good.sort_by(|a, b| a.key.cmp(&b.key));
+        let (set, mut more) = SegmentSet::build(good, None);
+        problems.append(&mut more);
+        (set, problems)
+    }
+}
+
+/// Sends a new set on `sets` whenever the folder changes, until `stop` is dropped.
+pub fn spawn(
+    mut loader: Loader,
+    sets: SyncSender<Arc<SegmentSet>>,
+    metrics: Arc<SegmentMetrics>,
+    stop: Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("sluice-segment-watch".into())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(POLL_EVERY) {
+                if !loader.changed() {
+                    continue;
+                }
+                let (set, problems) = loader.load();
+                for p in &problems {
+                    tracing::error!(problem = %p, "segment file refused");
+                }
+                let outcome = if problems.is_empty() {
+                    ReloadOutcome::Applied
+                } else {
+                    ReloadOutcome::PartlyRefused
+                };
+                metrics
+                    .reloads
+                    .get_or_create(&ReloadLabels { outcome })
+                    .inc();
+                metrics.refused_files.set(problems.len() as i64);
+                tracing::info!(
+                    segments = set.len(),
+                    refused = problems.len(),
+                    "segments reloaded"
+                );
+                if sets.send(Arc::new(set)).is_err() {
+                    return;
+                }
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_rule_keeps_the_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.toml");
+        std::fs::write(&file, "rule = 'user.did(\"A\")'").unwrap();
+        let mut loader = Loader::new(dir.path());
+        let (set, problems) = loader.load();
+        assert!(problems.is_empty(), "{problems:?}");
+        let first = set.segments[0].fingerprint;
+        std::fs::write(&file, "rule = 'user.did(\"A\") &&'").unwrap();
+        std::fs::write(dir.path().join("b.toml"), "rule = 'true'").unwrap();
+        assert!(loader.changed());
+        let (set, problems) = loader.load();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].to_string().contains("a.toml:1:"),
+            "{}",
+            problems[0]
+        );
+        assert!(problems[0]
+            .message
+            .contains("last good version stays loaded"));
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.segments[set.position("a").unwrap()].fingerprint, first);
+    }
+}
