@@ -577,7 +577,7 @@ impl Batch<'_, '_> {
             kind: kind.as_str().into(),
         };
         let trigger = if resolved.created || resolved.absorbed.is_some() {
-            Trigger::All
+            Trigger::All(Some(&event_object))
         } else {
             Trigger::Message {
                 event,

@@ -132,7 +132,7 @@ impl User {
     fn did_within(&mut self, name: &str, within: Duration) -> bool {
         let latest = self.within(name, within).last();
         if let Some(at) = latest {
-            note_flip(at + within.millis, self.0.now);
+            note_flip(at + within.millis + 1, self.0.now);
         }
         latest.is_some()
     }
@@ -150,7 +150,7 @@ impl User {
         let Some(oldest) = times.next() else {
             return 0;
         };
-        note_flip(oldest + within.millis, self.0.now);
+        note_flip(oldest + within.millis + 1, self.0.now);
         1 + times.count() as i64
     }
 
@@ -171,7 +171,7 @@ impl User {
             }
         }
         if let Some(at) = oldest {
-            note_flip(at + within.millis, r.now);
+            note_flip(at + within.millis + 1, r.now);
         }
         total
     }

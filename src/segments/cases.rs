@@ -69,7 +69,7 @@ pub fn run(set: &SegmentSet, index: usize, case: &TestCase) -> Result<(), String
         };
         profile.apply(&observed, &set.retention, now);
     }
-    let evaluation = set.evaluate(&mut profile, Trigger::All, now);
+    let evaluation = set.evaluate(&mut profile, Trigger::All(None), now);
     if let Some((_, failure)) = evaluation.failures.iter().find(|(i, _)| *i == index) {
         let segment = &set.segments[index];
         let error = segment.health.last_error.lock().unwrap().clone();

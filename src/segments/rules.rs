@@ -53,8 +53,8 @@ pub enum Trigger<'a> {
     },
     /// The profile's timer is due: the segments whose recheck time has come.
     Timer,
-    /// Every segment (a new or merged profile).
-    All,
+    /// Every segment (a new or merged profile), with the message if there is one.
+    All(Option<&'a Event>),
     /// These segments only (backfill).
     Only(&'a HashSet<usize>),
 }
@@ -107,7 +107,7 @@ impl SegmentSet {
         destinations: Option<&HashSet<String>>,
     ) -> (SegmentSet, Vec<Diagnostic>) {
         let engine = sandbox::engine();
-        let scope = sandbox::scope(Dynamic::UNIT, Dynamic::UNIT);
+        let scope = sandbox::compile_scope();
         let mut problems = Vec::new();
         let mut compiled = Vec::new();
         for file in files {
@@ -241,7 +241,7 @@ impl SegmentSet {
                         event, identify, ..
                     } => s.deps.affected_by(event, identify),
                     Trigger::Timer => false,
-                    Trigger::All => true,
+                    Trigger::All(_) => true,
                     Trigger::Only(_) => false,
                 }
             })
@@ -255,7 +255,9 @@ impl SegmentSet {
             return out;
         }
         let event = match trigger {
-            Trigger::Message { event_object, .. } => Dynamic::from(event_object.clone()),
+            Trigger::Message { event_object, .. } | Trigger::All(Some(event_object)) => {
+                Dynamic::from(event_object.clone())
+            }
             _ => Dynamic::UNIT,
         };
         let shared = Arc::new(std::mem::take(profile));
@@ -444,3 +446,6 @@ fn dependency_order(compiled: &[(SegmentFile, AST)]) -> (Vec<usize>, Vec<usize>)
     cyclic.sort();
     (order, cyclic)
 }
+
+#[cfg(test)]
+mod tests;

@@ -32,11 +32,21 @@ pub fn engine() -> Engine {
     engine
 }
 
-/// The scope a rule is compiled and run with: `user` and `event`.
+/// The scope a rule runs with: `user` and `event`, as constants (a rule cannot reassign them
+/// for the rules after it).
 pub fn scope<'a>(user: rhai::Dynamic, event: rhai::Dynamic) -> Scope<'a> {
     let mut scope = Scope::new();
     scope.push_constant_dynamic("user", user);
     scope.push_constant_dynamic("event", event);
+    scope
+}
+
+/// The scope a rule is compiled with: the same names, as variables, because the optimizer would
+/// fold a constant's placeholder value into the compiled rule.
+pub fn compile_scope<'a>() -> Scope<'a> {
+    let mut scope = Scope::new();
+    scope.push_dynamic("user", rhai::Dynamic::UNIT);
+    scope.push_dynamic("event", rhai::Dynamic::UNIT);
     scope
 }
 
@@ -46,12 +56,11 @@ mod tests {
 
     fn run(script: &str) -> Result<rhai::Dynamic, String> {
         let engine = engine();
-        let mut scope = scope(rhai::Dynamic::UNIT, rhai::Dynamic::UNIT);
         let ast = engine
-            .compile_with_scope(&scope, script)
+            .compile_with_scope(&compile_scope(), script)
             .map_err(|e| e.to_string())?;
         engine
-            .eval_ast_with_scope(&mut scope, &ast)
+            .eval_ast_with_scope(&mut scope(rhai::Dynamic::UNIT, rhai::Dynamic::UNIT), &ast)
             .map_err(|e| e.to_string())
     }
 
