@@ -1,5 +1,6 @@
 //! Integration tests: one binary (the build is large; one link instead of one per file).
 
+mod audiences;
 mod cli;
 mod durability;
 mod http_api;

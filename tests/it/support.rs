@@ -38,6 +38,32 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// A clock the test moves by hand.
+#[derive(Clone)]
+pub struct ManualClock(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl ManualClock {
+    pub fn at(rfc3339: &str) -> ManualClock {
+        let t = chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap();
+        ManualClock(std::sync::Arc::new(t.timestamp_millis().into()))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0
+            .fetch_add(by.as_millis() as i64, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(self.0.load(std::sync::atomic::Ordering::SeqCst))
+            .unwrap()
+    }
+
+    pub fn clock(&self) -> sluice::clock::Clock {
+        let me = self.clone();
+        std::sync::Arc::new(move || me.now())
+    }
+}
+
 /// A server running in this process, on its own runtime thread.
 pub struct Server {
     pub addr: SocketAddr,
@@ -53,6 +79,15 @@ impl Server {
 
     /// Starts on an existing data folder, as after a restart.
     pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Server {
+        Self::start_with_clock(dir, extra, sluice::clock::system())
+    }
+
+    /// Starts with the time coming from `clock` (see [`ManualClock`]).
+    pub fn start_with_clock(
+        dir: tempfile::TempDir,
+        extra: &str,
+        clock: sluice::clock::Clock,
+    ) -> Server {
         let path = write_config(dir.path(), &config_text("127.0.0.1:0", extra));
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -63,9 +98,14 @@ impl Server {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(sluice::app::run(config, listener, async {
-                let _ = stopped.await;
-            }))
+            runtime.block_on(sluice::app::run_with_clock(
+                config,
+                listener,
+                async {
+                    let _ = stopped.await;
+                },
+                clock,
+            ))
         });
         let server = Server {
             addr,
