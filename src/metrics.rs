@@ -236,8 +236,10 @@ impl Default for LakeMetrics {
 
 /// Profiles and segments. The `segment` label is a segment key: configuration (a file name in
 /// `segments/`), never user data.
-#[derive(Default)]
 pub struct SegmentMetrics {
+    /// From the arrival of the message (or the due moment of a timer) to the emitted change
+    /// being durable in the log.
+    pub change_delay: Family<CauseLabels, Histogram, fn() -> Histogram>,
     pub messages: Counter,
     pub evaluations: Counter,
     pub timer_wakeups: Counter,
@@ -251,6 +253,18 @@ pub struct SegmentMetrics {
     pub refused_files: Gauge,
 }
 
+/// What made a membership change.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Cause {
+    Message,
+    Timer,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: Cause,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SegmentLabels {
     pub segment: String,
@@ -260,6 +274,31 @@ pub struct SegmentLabels {
 pub enum Direction {
     Entered,
     Exited,
+}
+
+impl Default for SegmentMetrics {
+    fn default() -> Self {
+        fn delays() -> Histogram {
+            Histogram::new([
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0,
+                5.0,
+            ])
+        }
+        SegmentMetrics {
+            change_delay: Family::new_with_constructor(delays),
+            messages: Counter::default(),
+            evaluations: Counter::default(),
+            timer_wakeups: Counter::default(),
+            rule_failures: Family::default(),
+            changes: Family::default(),
+            sizes: Family::default(),
+            merges: Counter::default(),
+            conflicts: Counter::default(),
+            profiles: Gauge::default(),
+            reloads: Family::default(),
+            refused_files: Gauge::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -488,6 +527,11 @@ impl Metrics {
             g.changes.clone(),
         );
         r.register("segment_size", "Members of each segment", g.sizes.clone());
+        r.register(
+            "segment_change_delay_seconds",
+            "From a message's arrival (or a time condition's moment) to its Audience Entered/Exited being durable in the log",
+            g.change_delay.clone(),
+        );
         r.register(
             "identity_merges",
             "Profiles merged into another by identity resolution",

@@ -17,7 +17,12 @@ pub const SOURCE: &str = "sluice";
 pub struct Emission {
     pub message_id: String,
     pub body: Vec<u8>,
+    /// What caused the change and when (microseconds): the message's arrival, or the moment a
+    /// time condition came due. For the delay metrics.
+    pub cause: Option<(Cause, i64)>,
 }
+
+pub use crate::metrics::Cause;
 
 /// The track and the identify for one change of `profile`'s membership of `segment`.
 pub fn change(
@@ -26,6 +31,7 @@ pub fn change(
     entered: bool,
     changes: u32,
     now: DateTime<Utc>,
+    cause: Option<(Cause, i64)>,
 ) -> [Emission; 2] {
     let key = segment.key.as_str();
     let direction = if entered { "entered" } else { "exited" };
@@ -56,6 +62,7 @@ pub fn change(
         Emission {
             message_id: id,
             body: serde_json::to_vec(&m).expect("JSON values serialize"),
+            cause,
         }
     };
     let mut properties = Map::new();

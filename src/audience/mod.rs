@@ -35,7 +35,8 @@ use crate::ingest::dedup::{self, Dedup};
 use crate::ingest::message::MessageType;
 use crate::intake_log::{AppendError, IntakeLog, LogReader, RecordBatch};
 use crate::metrics::{
-    Direction, FailureClass, RuleFailureLabels, SegmentChangeLabels, SegmentLabels, SegmentMetrics,
+    Cause, CauseLabels, Direction, FailureClass, RuleFailureLabels, SegmentChangeLabels,
+    SegmentLabels, SegmentMetrics,
 };
 use crate::profiles::identity::{self, Directory, Identifiers};
 use crate::profiles::profile::{event_name, Millis, Observed, Profile};
@@ -175,6 +176,8 @@ struct Stage {
     /// Profiles merged away in this batch, with the members the store holds for them.
     removed: Vec<(u64, BTreeSet<String>, Option<Millis>)>,
     next_id: u64,
+    /// Profiles in the store (kept in `meta`, as counting a table is not free).
+    profiles: u64,
     offset: u64,
     backfill: Option<Backfill>,
     /// Segments whose rule is in force without a backfill (`backfill = false`), to record.
@@ -193,6 +196,8 @@ impl Stage {
         let w = parts.store.write()?;
         let offset = w.meta("offset")?.unwrap_or(consumer.committed());
         let next_id = w.meta("next_id")?.unwrap_or(1);
+        let profiles = w.meta("profiles")?.unwrap_or(0);
+        parts.metrics.profiles.set(profiles as i64);
         drop(w);
         let set = live.current();
         Ok(Stage {
@@ -210,6 +215,7 @@ impl Stage {
             cache_size: parts.cache_size.max(1),
             removed: Vec::new(),
             next_id,
+            profiles,
             offset,
             backfill: None,
             mark_backfilled: Vec::new(),
@@ -279,6 +285,7 @@ impl Stage {
         if let Ok(w) = self.store.write() {
             self.offset = w.meta("offset").ok().flatten().unwrap_or(self.offset);
             self.next_id = w.meta("next_id").ok().flatten().unwrap_or(self.next_id);
+            self.profiles = w.meta("profiles").ok().flatten().unwrap_or(self.profiles);
         }
         self.reader = self.log.reader(self.offset);
         let set = self.set.clone();
@@ -334,8 +341,8 @@ impl Stage {
             }
             batch.message(&set, &entry, now)?;
         }
-        for (_, id) in &due {
-            batch.wake(&set, *id, now)?;
+        for (due, id) in &due {
+            batch.wake(&set, *id, *due, now)?;
         }
         if let Some(ids) = &backfill_ids {
             batch.backfill(&set, ids, now)?;
@@ -415,7 +422,9 @@ impl Stage {
         }
         w.set_meta("offset", offset)?;
         w.set_meta("next_id", self.next_id)?;
+        w.set_meta("profiles", self.profiles)?;
         w.commit()?;
+        self.metrics.profiles.set(self.profiles as i64);
         self.offset = offset;
         self.last_change.clear();
         self.mark_backfilled.clear();
@@ -463,6 +472,15 @@ impl Stage {
             self.runtime.block_on(self.log.append(records))?;
         }
         reservation.commit(now);
+        let durable = (self.clock)().timestamp_micros();
+        for e in &self.emissions {
+            if let Some((cause, at)) = e.cause {
+                self.metrics
+                    .change_delay
+                    .get_or_create(&CauseLabels { cause })
+                    .observe((durable - at).max(0) as f64 / 1e6);
+            }
+        }
         self.emissions.clear();
         Ok(())
     }
@@ -588,10 +606,17 @@ impl Batch<'_, '_> {
         let held = self.held(resolved.id)?;
         held.profile.apply(&observed, &set.retention, now_ms);
         held.dirty = true;
-        self.evaluate(set, resolved.id, trigger, now)
+        let cause = Some((Cause::Message, entry.received_at_micros));
+        self.evaluate(set, resolved.id, trigger, now, cause)
     }
 
-    fn wake(&mut self, set: &SegmentSet, id: u64, now: DateTime<Utc>) -> Result<(), StageError> {
+    fn wake(
+        &mut self,
+        set: &SegmentSet,
+        id: u64,
+        due: Millis,
+        now: DateTime<Utc>,
+    ) -> Result<(), StageError> {
         if self.w.profile(id)?.is_none() && !self.stage.cache.contains_key(&id) {
             // A stale timer of a profile merged away: drop it.
             return Ok(());
@@ -601,7 +626,13 @@ impl Batch<'_, '_> {
         held.dirty = true;
         // A timer that comes due with nothing to re-evaluate (its segment was unloaded) is
         // cleared by the evaluation.
-        self.evaluate(set, id, Trigger::Timer, now)
+        self.evaluate(
+            set,
+            id,
+            Trigger::Timer,
+            now,
+            Some((Cause::Timer, due * 1_000)),
+        )
     }
 
     fn backfill(
@@ -616,7 +647,7 @@ impl Batch<'_, '_> {
         };
         for &id in ids {
             self.held(id)?.dirty = true;
-            self.evaluate(set, id, Trigger::Only(&segments), now)?;
+            self.evaluate(set, id, Trigger::Only(&segments), now, None)?;
         }
         if let (Some(b), Some(last)) = (self.stage.backfill.as_mut(), ids.last()) {
             b.after = Some(*last);
@@ -630,6 +661,7 @@ impl Batch<'_, '_> {
         id: u64,
         trigger: Trigger,
         now: DateTime<Utc>,
+        cause: Option<(Cause, i64)>,
     ) -> Result<(), StageError> {
         let now_ms = now.timestamp_millis();
         let metrics = self.stage.metrics.clone();
@@ -656,7 +688,9 @@ impl Batch<'_, '_> {
         let mut changed = Vec::new();
         for t in &evaluation.transitions {
             let segment = &set.segments[t.segment];
-            out.extend(emit::change(segment, profile, t.entered, t.changes, now));
+            out.extend(emit::change(
+                segment, profile, t.entered, t.changes, now, cause,
+            ));
             metrics
                 .changes
                 .get_or_create(&SegmentChangeLabels {
@@ -710,6 +744,7 @@ impl Directory for Batch<'_, '_> {
     fn create(&mut self) -> Result<u64, StoreError> {
         let id = self.stage.next_id;
         self.stage.next_id += 1;
+        self.stage.profiles += 1;
         let mut held = Held::new(Profile::new(id));
         held.dirty = true;
         self.stage.cache.insert(id, held);
@@ -719,6 +754,7 @@ impl Directory for Batch<'_, '_> {
     fn remove(&mut self, id: u64) -> Result<Profile, StoreError> {
         Directory::profile(self, id)?;
         let held = self.stage.cache.remove(&id).expect("loaded above");
+        self.stage.profiles -= 1;
         self.stage
             .removed
             .push((id, held.stored_members, held.stored_recheck));

@@ -323,13 +323,25 @@ impl SegmentSet {
                 });
             }
         }
-        // Memberships of segments no longer loaded are kept (a reload may bring them back), but
-        // their timers are dropped.
-        for (key, m) in profile.memberships.iter_mut() {
-            if m.recheck_at.is_some() && self.position(key).is_none() {
+        // A failed rule keeps its answer but loses its timer, so that it is not woken again and
+        // again; its next message re-evaluates it.
+        for (i, _) in &out.failures {
+            if let Some(m) = profile.memberships.get_mut(&self.segments[*i].key) {
                 m.recheck_at = None;
             }
         }
+        // Memberships of segments no longer loaded are kept (a reload may bring them back), but
+        // their due timers are dropped.
+        for (key, m) in profile.memberships.iter_mut() {
+            if m.recheck_at.is_some_and(|t| t <= now) && self.position(key).is_none() {
+                m.recheck_at = None;
+            }
+        }
+        // Only what carries information is kept: a segment the profile was never in and that
+        // waits for no moment needs no entry.
+        profile
+            .memberships
+            .retain(|_, m| m.member || m.changes > 0 || m.recheck_at.is_some());
         out
     }
 }

@@ -125,7 +125,10 @@ fn a_message_over_http_becomes_an_audience_entered_in_the_lake() {
     assert_eq!(rows[0]["source"], "sluice");
 
     // The admin API sees the profile under either identifier, and the segment.
-    let profile = admin(&server, "/admin/profiles/u1").json();
+    let profile = wait_for("the committed profile", Duration::from_secs(5), || {
+        let p = admin(&server, "/admin/profiles/u1").json();
+        (p["segments"] == json!(["buyers"])).then_some(p)
+    });
     assert_eq!(profile["segments"], json!(["buyers"]));
     assert_eq!(profile["traits"]["plan"], "pro");
     assert_eq!(profile["events"]["Order Completed"]["count"], 1);
@@ -232,7 +235,11 @@ fn anonymous_history_merges_into_the_user_and_two_user_ids_never_do() {
     wait_for("u1 to enter", Duration::from_secs(10), || {
         (changes(&log, "browsed_then_bought") == [("u1".to_string(), true)]).then_some(())
     });
-    let profile = admin(&server, "/admin/profiles/a1").json();
+    // The change is in the log just before the store commits the batch: wait for the commit.
+    let profile = wait_for("the merged profile", Duration::from_secs(5), || {
+        let p = admin(&server, "/admin/profiles/a1").json();
+        (p["identities"][0]["id"] == "u1").then_some(p)
+    });
     assert_eq!(profile["events"]["Page Viewed"]["count"], 2);
     assert_eq!(profile["traits"]["email"], "u1@example.com");
     assert_eq!(

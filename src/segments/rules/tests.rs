@@ -63,7 +63,7 @@ fn identify(p: &mut Profile, set: &SegmentSet, traits: &str, at: Millis) {
 fn member(set: &SegmentSet, p: &mut Profile, key: &str, now: Millis) -> bool {
     let eval = set.evaluate(p, Trigger::All(None), now);
     assert!(eval.failures.is_empty(), "{:?}", eval.failures);
-    p.memberships[key].member
+    p.memberships.get(key).is_some_and(|m| m.member)
 }
 
 fn event(name: &str, at: Millis, props: &str) -> Event {

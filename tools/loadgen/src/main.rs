@@ -33,13 +33,15 @@ struct Options {
     run_id: String,
     /// Varied web traffic instead of one repeated track.
     web_mix: bool,
+    /// Distinct users in the web mix.
+    users: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: sluice-loadgen [--addr 127.0.0.1:8088] [--write-key KEY] [--mode batch|track] \
          [--batch 100] [--connections 32] [--duration SECS] [--warmup SECS] [--rate REQ_PER_SEC] [--pid SERVER_PID] \
-         [--events fixed|web]"
+         [--events fixed|web] [--users 50000]"
     );
     std::process::exit(2)
 }
@@ -56,6 +58,7 @@ fn parse_options() -> Options {
         rate: None,
         pid: None,
         web_mix: false,
+        users: 50_000,
         run_id: format!(
             "{:x}",
             std::time::SystemTime::now()
@@ -94,6 +97,7 @@ fn parse_options() -> Options {
                     _ => usage(),
                 }
             }
+            "--users" => o.users = value().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -183,12 +187,12 @@ fn now_ms() -> u64 {
 }
 
 /// One message of varied web traffic: a page view or one of eight tracks, with a random UUID-like
-/// messageId, one of 50,000 users, properties that differ from message to message, and a device
+/// messageId, one of `users` users (50,000 by default), properties that differ from message to message, and a device
 /// timestamp up to two seconds before it is sent, as SDKs send them.
-fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool) {
+fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool, users: u64) {
     let r = mix(((conn as u64) << 40) ^ n ^ 0x5eed);
     let r2 = mix(r);
-    let user = r % 50_000;
+    let user = r % users.max(1);
     let path = PATHS[(r >> 20) as usize % PATHS.len()];
     let agent = AGENTS[(r >> 28) as usize % AGENTS.len()];
     let ip = format!(
@@ -254,7 +258,7 @@ fn request(o: &Options, conn: usize, seq: &mut u64, auth: &str) -> Vec<u8> {
     let seed = mix(run_seed(&o.run_id));
     let message = |body: &mut Vec<u8>, n: u64, with_type: bool| {
         if o.web_mix {
-            web_message(body, conn, n ^ seed, with_type)
+            web_message(body, conn, n ^ seed, with_type, o.users)
         } else {
             message(body, &o.run_id, conn, n, with_type)
         }

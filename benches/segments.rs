@@ -1,0 +1,147 @@
+//! Profile update plus segment evaluation, alone: the web traffic mix of the load generator
+//! (page views and eight kinds of tracks over 50,000 users) applied to in-memory profiles with
+//! the 50 segments of `benches/fifty-segments/` loaded.
+//!
+//!     cargo bench --bench segments
+
+use std::collections::HashMap;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use serde_json::value::RawValue;
+use sluice::ingest::message::MessageType;
+use sluice::profiles::profile::{event_name, Observed};
+use sluice::profiles::Profile;
+use sluice::segments::api::Event;
+use sluice::segments::{SegmentSet, Trigger};
+
+const EVENTS: [&str; 8] = [
+    "Product Viewed",
+    "Product Added",
+    "Cart Viewed",
+    "Checkout Started",
+    "Order Completed",
+    "Signed Up",
+    "Search Performed",
+    "Video Played",
+];
+const USERS: u64 = 50_000;
+const T0: i64 = 1_767_225_600_000;
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+struct Message {
+    user: u64,
+    kind: MessageType,
+    event: Option<&'static str>,
+    properties: Box<RawValue>,
+}
+
+fn traffic(n: usize) -> Vec<Message> {
+    (0..n as u64)
+        .map(|i| {
+            let r = mix(i);
+            let page = r % 3 == 0;
+            let properties = if page {
+                r#"{"path":"/pricing","title":"Pricing"}"#.to_string()
+            } else {
+                format!(
+                    r#"{{"product_id":"sku-{}","price":{}.5,"quantity":{}}}"#,
+                    r % 5000,
+                    r % 300,
+                    1 + r % 4
+                )
+            };
+            Message {
+                user: (r >> 8) % USERS,
+                kind: if page {
+                    MessageType::Page
+                } else {
+                    MessageType::Track
+                },
+                event: (!page).then(|| EVENTS[(r >> 12) as usize % EVENTS.len()]),
+                properties: RawValue::from_string(properties).unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn fifty_segments() -> SegmentSet {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/fifty-segments");
+    let (set, problems) = sluice::segments::watch::Loader::new(&dir).load();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(set.len(), 50);
+    set
+}
+
+/// Applies `m` to its profile and evaluates what it can affect, as the profile stage does.
+fn process(set: &SegmentSet, profiles: &mut HashMap<u64, Profile>, m: &Message, at: i64) -> usize {
+    let mut created = false;
+    let profile = profiles.entry(m.user).or_insert_with(|| {
+        created = true;
+        Profile::new(m.user)
+    });
+    let event = event_name(m.kind, m.event);
+    profile.apply(
+        &Observed {
+            kind: m.kind,
+            event,
+            at,
+            properties: Some(&m.properties),
+            traits: None,
+        },
+        &set.retention,
+        at,
+    );
+    let event_object = Event {
+        name: event.unwrap_or_default().into(),
+        at,
+        now: at,
+        properties: Some(m.properties.get().into()),
+        kind: m.kind.as_str().into(),
+    };
+    let trigger = if created {
+        Trigger::All(Some(&event_object))
+    } else {
+        Trigger::Message {
+            event,
+            identify: false,
+            event_object: &event_object,
+        }
+    };
+    set.evaluate(profile, trigger, at).transitions.len()
+}
+
+fn profile_update_and_segments(c: &mut Criterion) {
+    let set = fifty_segments();
+    let messages = traffic(200_000);
+    let mut profiles = HashMap::new();
+    // Warm up: every user has a profile with some history, as in a running deployment.
+    let mut at = T0;
+    for m in &messages {
+        at += 10;
+        process(&set, &mut profiles, m, at);
+    }
+    let mut group = c.benchmark_group("profiles");
+    group.throughput(Throughput::Elements(1_000));
+    let mut next = 0usize;
+    group.bench_function("update_and_evaluate_50_segments_x1000", |b| {
+        b.iter(|| {
+            let mut changes = 0;
+            for _ in 0..1_000 {
+                at += 10;
+                changes += process(&set, &mut profiles, &messages[next % messages.len()], at);
+                next += 1;
+            }
+            changes
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, profile_update_and_segments);
+criterion_main!(benches);

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The whole server with profiles and 50 segments (benches/fifty-segments/: windows, counts, sums,
+# first-occurrence ages, silence, traits, in_segment; two have second-long windows, so that time
+# conditions flip on timers all through the run), the lake writer on file://, varied web traffic.
+#
+#   benches/segments.sh [SECONDS]
+#
+# 1. 50,000 messages/s (open loop) for SECONDS: acknowledged rate, and the profile stage's lag
+#    behind the log every 5 s (bounded = it keeps up).
+# 2. 25,000 messages/s for SECONDS: delay from a message's arrival (or a time condition's moment)
+#    to its Audience Entered/Exited being durable in the log, from the server's histogram.
+# 3. 1,000,000 distinct users at 50,000 messages/s for 2×SECONDS: RSS every 10 s and the store's
+#    size, with 1M profiles.
+# Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-60}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
+bin="$CARGO_TARGET_DIR/release"
+work="$(mktemp -d)"
+trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT
+port=18090
+cp -r benches/fifty-segments "$work/segments"
+cat > "$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[[sources]]
+name = "bench"
+write_key = "demo-server-key"
+[log]
+dir = "data/log"
+[storage]
+url = "file://./data/lake"
+flush_interval = "10s"
+[segments]
+dir = "segments"
+[profiles]
+dir = "data/profiles"
+TOML
+
+start() {
+  rm -rf "$work/data"
+  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
+  pid=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+metric() { curl -fsS "http://127.0.0.1:$port/metrics"; }
+lag() { metric | awk '/^sluice_log_consumer_lag_records\{consumer="profiles"\}/ {print $2}'; }
+stop() { kill -TERM "$pid"; wait "$pid" || true; }
+# Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays.
+delays() {
+  metric | awk -v cause="$1" '
+    $0 ~ "^sluice_segment_change_delay_seconds_bucket\\{cause=\"" cause "\"" {
+      match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[++k] = $2; b[k] = le }
+    END { total = n[k]; if (total == 0) { print cause ": no changes"; exit }
+      for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i] }
+      printf "%s: %d changes, p50 <= %s s, p99 <= %s s\n", cause, total, p50, p99 }'
+}
+
+echo "--- 1. 50,000 messages/s for $seconds s: 50 segments, lake, profiles"
+start
+( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
+sampler=$!
+taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
+  --connections 32 --rate 500 --duration "$seconds" --pid "$pid"
+wait "$sampler" || true
+echo "profile stage lag (records) every 5 s: $(cat "$work/lag")"
+metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) '
+stop
+
+echo "--- 2. 25,000 messages/s for $seconds s: change delays"
+start
+taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
+  --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
+sleep 2
+delays Message
+delays Timer
+stop
+
+echo "--- 3. 1,000,000 users at 50,000 messages/s for $((2 * seconds)) s: memory"
+start
+taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --users 1000000 --mode batch \
+  --batch 100 --connections 32 --rate 500 --duration "$((2 * seconds))" --pid "$pid"
+sleep 5
+metric | grep -E '^sluice_profiles |^sluice_log_consumer_lag_records\{consumer="profiles"\}'
+du -sh "$work/data/profiles" "$work/data/lake"
+stop
