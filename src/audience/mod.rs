@@ -172,6 +172,8 @@ struct Stage {
     live: Arc<LiveSegments>,
     set: Arc<SegmentSet>,
     cache: HashMap<u64, Held>,
+    /// Profiles changed in this batch (in the cache).
+    dirty: Vec<u64>,
     cache_size: usize,
     /// Profiles merged away in this batch, with the members the store holds for them.
     removed: Vec<(u64, BTreeSet<String>, Option<Millis>)>,
@@ -212,6 +214,7 @@ impl Stage {
             live,
             set,
             cache: HashMap::new(),
+            dirty: Vec::new(),
             cache_size: parts.cache_size.max(1),
             removed: Vec::new(),
             next_id,
@@ -279,6 +282,7 @@ impl Stage {
     /// Forgets everything not committed and goes back to the store's state.
     fn reset(&mut self) {
         self.cache.clear();
+        self.dirty.clear();
         self.removed.clear();
         self.emissions.clear();
         self.last_change.clear();
@@ -296,9 +300,9 @@ impl Stage {
     fn idle(&self) {
         let next_due = self
             .store
-            .write()
+            .read()
             .ok()
-            .and_then(|w| w.next_due().ok().flatten());
+            .and_then(|r| r.next_due().ok().flatten());
         let now = (self.clock)().timestamp_millis();
         let wait = match next_due {
             Some(due) if due <= now => return,
@@ -377,7 +381,11 @@ impl Stage {
             w.move_timer(id, recheck, None)?;
             w.delete_profile(id)?;
         }
-        for held in self.cache.values_mut().filter(|h| h.dirty) {
+        for id in std::mem::take(&mut self.dirty) {
+            // Profiles merged away this batch are no longer in the cache.
+            let Some(held) = self.cache.get_mut(&id) else {
+                continue;
+            };
             let p = &held.profile;
             let now_members = members(p);
             for key in now_members.difference(&held.stored_members) {
@@ -605,7 +613,6 @@ impl Batch<'_, '_> {
         };
         let held = self.held(resolved.id)?;
         held.profile.apply(&observed, &set.retention, now_ms);
-        held.dirty = true;
         let cause = Some((Cause::Message, entry.received_at_micros));
         self.evaluate(set, resolved.id, trigger, now, cause)
     }
@@ -617,13 +624,12 @@ impl Batch<'_, '_> {
         due: Millis,
         now: DateTime<Utc>,
     ) -> Result<(), StageError> {
-        if self.w.profile(id)?.is_none() && !self.stage.cache.contains_key(&id) {
+        if !self.stage.cache.contains_key(&id) && self.w.profile(id)?.is_none() {
             // A stale timer of a profile merged away: drop it.
+            self.w.move_timer(id, Some(due), None)?;
             return Ok(());
         }
         self.stage.metrics.timer_wakeups.inc();
-        let held = self.held(id)?;
-        held.dirty = true;
         // A timer that comes due with nothing to re-evaluate (its segment was unloaded) is
         // cleared by the evaluation.
         self.evaluate(
@@ -646,7 +652,6 @@ impl Batch<'_, '_> {
             None => return Ok(()),
         };
         for &id in ids {
-            self.held(id)?.dirty = true;
             self.evaluate(set, id, Trigger::Only(&segments), now, None)?;
         }
         if let (Some(b), Some(last)) = (self.stage.backfill.as_mut(), ids.last()) {
@@ -737,7 +742,10 @@ impl Directory for Batch<'_, '_> {
             self.stage.cache.insert(id, Held::new(profile));
         }
         let held = self.stage.cache.get_mut(&id).expect("inserted above");
-        held.dirty = true;
+        if !held.dirty {
+            held.dirty = true;
+            self.stage.dirty.push(id);
+        }
         Ok(&mut held.profile)
     }
 
@@ -748,6 +756,7 @@ impl Directory for Batch<'_, '_> {
         let mut held = Held::new(Profile::new(id));
         held.dirty = true;
         self.stage.cache.insert(id, held);
+        self.stage.dirty.push(id);
         Ok(id)
     }
 

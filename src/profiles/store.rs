@@ -144,9 +144,11 @@ impl Reader {
         segment_stats(&self.0.open_table(SEGMENTS)?, key)
     }
 
-    pub fn profile_count(&self) -> Result<u64, StoreError> {
-        use redb::ReadableTableMetadata;
-        Ok(self.0.open_table(PROFILES)?.len()?)
+    /// The earliest timer, if any.
+    pub fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        let t = self.0.open_table(TIMERS)?;
+        let first = t.first()?;
+        Ok(first.map(|(k, _)| k.value().0))
     }
 }
 
@@ -231,13 +233,6 @@ impl Writer {
             }
         }
         Ok(out)
-    }
-
-    /// The earliest timer, if any.
-    pub fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        let t = self.0.open_table(TIMERS)?;
-        let first = t.first()?;
-        Ok(first.map(|(k, _)| k.value().0))
     }
 
     pub fn segment_stats(&self, key: &str) -> Result<SegmentStats, StoreError> {
@@ -325,6 +320,7 @@ mod tests {
         assert_eq!(w.due(500, 10).unwrap(), [(500, 1)]);
         w.move_timer(1, Some(500), Some(800)).unwrap();
         assert_eq!(w.due(600, 10).unwrap(), []);
-        assert_eq!(w.next_due().unwrap(), Some(800));
+        w.commit().unwrap();
+        assert_eq!(store.read().unwrap().next_due().unwrap(), Some(800));
     }
 }

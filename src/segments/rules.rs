@@ -224,6 +224,13 @@ impl SegmentSet {
     /// memberships (member, change count, next recheck time).
     pub fn evaluate(&self, profile: &mut Profile, trigger: Trigger, now: Millis) -> Evaluation {
         let mut out = Evaluation::default();
+        // Memberships of segments no longer loaded are kept (a reload may bring them back), but
+        // their due timers are dropped.
+        for (key, m) in profile.memberships.iter_mut() {
+            if m.recheck_at.is_some_and(|t| t <= now) && self.position(key).is_none() {
+                m.recheck_at = None;
+            }
+        }
         if self.segments.is_empty() {
             return out;
         }
@@ -327,13 +334,6 @@ impl SegmentSet {
         // again; its next message re-evaluates it.
         for (i, _) in &out.failures {
             if let Some(m) = profile.memberships.get_mut(&self.segments[*i].key) {
-                m.recheck_at = None;
-            }
-        }
-        // Memberships of segments no longer loaded are kept (a reload may bring them back), but
-        // their due timers are dropped.
-        for (key, m) in profile.memberships.iter_mut() {
-            if m.recheck_at.is_some_and(|t| t <= now) && self.position(key).is_none() {
                 m.recheck_at = None;
             }
         }

@@ -368,3 +368,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_due_timer_of_an_unloaded_segment_is_dropped() {
+    let s = set(&[("kept", "true")]);
+    let mut p = Profile::new(1);
+    p.memberships.insert(
+        "gone".into(),
+        crate::profiles::profile::Membership {
+            member: true,
+            changes: 1,
+            since: T0,
+            recheck_at: Some(T0),
+        },
+    );
+    s.evaluate(&mut p, Trigger::Timer, T0 + 1);
+    assert_eq!(p.next_recheck(), None, "woken once, not at every batch");
+    assert!(p.memberships["gone"].member, "the membership itself stays");
+}
