@@ -174,6 +174,8 @@ struct Stage {
     cache: HashMap<u64, Held>,
     /// Profiles changed in this batch (in the cache).
     dirty: Vec<u64>,
+    /// The identity index as far as it was read or written: this stage is its only writer.
+    identities: HashMap<String, u64>,
     cache_size: usize,
     /// Profiles merged away in this batch, with the members the store holds for them.
     removed: Vec<(u64, BTreeSet<String>, Option<Millis>)>,
@@ -215,6 +217,7 @@ impl Stage {
             set,
             cache: HashMap::new(),
             dirty: Vec::new(),
+            identities: HashMap::new(),
             cache_size: parts.cache_size.max(1),
             removed: Vec::new(),
             next_id,
@@ -283,6 +286,7 @@ impl Stage {
     fn reset(&mut self) {
         self.cache.clear();
         self.dirty.clear();
+        self.identities.clear();
         self.removed.clear();
         self.emissions.clear();
         self.last_change.clear();
@@ -493,15 +497,23 @@ impl Stage {
         Ok(())
     }
 
-    /// Keeps the cache within its size by dropping arbitrary clean profiles.
+    /// Keeps the caches within their sizes by dropping arbitrary entries (all clean after a
+    /// commit): hash order makes that a random eviction, cheap and good enough here.
     fn trim_cache(&mut self) {
-        if self.cache.len() <= self.cache_size {
-            return;
+        if self.cache.len() > self.cache_size {
+            let excess = self.cache.len() - self.cache_size * 9 / 10;
+            let victims: Vec<u64> = self.cache.keys().take(excess).copied().collect();
+            for id in victims {
+                self.cache.remove(&id);
+            }
         }
-        let excess = self.cache.len() - self.cache_size * 9 / 10;
-        let victims: Vec<u64> = self.cache.keys().take(excess).copied().collect();
-        for id in victims {
-            self.cache.remove(&id);
+        let max_identities = self.cache_size * 2;
+        if self.identities.len() > max_identities {
+            let excess = self.identities.len() - max_identities * 9 / 10;
+            let victims: Vec<String> = self.identities.keys().take(excess).cloned().collect();
+            for key in victims {
+                self.identities.remove(&key);
+            }
         }
     }
 }
@@ -729,11 +741,20 @@ impl Batch<'_, '_> {
 
 impl Directory for Batch<'_, '_> {
     fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
-        self.w.lookup(identity)
+        if let Some(id) = self.stage.identities.get(identity) {
+            return Ok(Some(*id));
+        }
+        let found = self.w.lookup(identity)?;
+        if let Some(id) = found {
+            self.stage.identities.insert(identity.to_string(), id);
+        }
+        Ok(found)
     }
 
     fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
-        self.w.link(identity, id)
+        self.w.link(identity, id)?;
+        self.stage.identities.insert(identity.to_string(), id);
+        Ok(())
     }
 
     fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError> {
