@@ -185,3 +185,50 @@ fn check_reports_breaking_versions_and_schemas_that_do_not_compile() {
     );
     assert!(text.contains("makes `amount` required"), "{text}");
 }
+
+#[test]
+fn check_reports_broken_rules_unknown_destinations_and_failing_segment_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, "[[sources]]\nname = \"web\"\nwrite_key = \"k\"\n").unwrap();
+    let segments = dir.path().join("segments");
+    std::fs::create_dir_all(&segments).unwrap();
+    std::fs::create_dir_all(dir.path().join("destinations")).unwrap();
+    std::fs::write(dir.path().join("destinations/crm.toml"), "").unwrap();
+    std::fs::write(
+        segments.join("broken.toml"),
+        "name = \"Broken\"\nrule = '''\nuser.did(\"A\") &&\n'''\n",
+    )
+    .unwrap();
+    std::fs::write(
+        segments.join("routed.toml"),
+        "destinations = [\"crm\", \"nowhere\"]\nrule = 'true'\n",
+    )
+    .unwrap();
+    std::fs::write(
+        segments.join("wrong.toml"),
+        "rule = 'user.did(\"A\")'\n\n[[test]]\nname = \"did A\"\nmessages = [{ type = \"track\", event = \"B\" }]\nexpect = true\n",
+    )
+    .unwrap();
+    let out = sluice(&["--config", path.to_str().unwrap(), "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let s = segments.display();
+    assert!(
+        text.contains(&format!("{s}/broken.toml:4:1: rule: Script is incomplete")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{s}/routed.toml:1:24: unknown destination `nowhere`"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{s}/wrong.toml:3:1: test `did A`: expected the profile in the segment"
+        )),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
