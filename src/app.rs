@@ -112,6 +112,15 @@ pub async fn run_with_clock(
             tokio::runtime::Handle::current(),
         )?
     };
+    let query = QueryEngine::new(
+        lake_store.clone(),
+        typed.clone(),
+        QueryLimits {
+            memory: config.query.memory_limit as usize,
+            timeout: config.query.timeout,
+        },
+    );
+
     // Profiles and segments: another log consumer, and a producer of Audience Entered/Exited.
     let profile_store = Arc::new(
         ProfileStore::open(&config.profiles.dir, config.profiles.store_cache as usize)
@@ -148,6 +157,7 @@ pub async fn run_with_clock(
             clock: clock.clone(),
             runtime: tokio::runtime::Handle::current(),
             cache_size: config.profiles.cache_size,
+            lake: Some(query.clone()),
         },
         segment_set,
         reloaded_sets,
@@ -176,14 +186,6 @@ pub async fn run_with_clock(
             clock,
         },
     ));
-    let query = QueryEngine::new(
-        lake_store,
-        typed.clone(),
-        QueryLimits {
-            memory: config.query.memory_limit as usize,
-            timeout: config.query.timeout,
-        },
-    );
     let replayer = Arc::new(Replayer::new(
         &config,
         query.clone(),

@@ -18,6 +18,7 @@
 //! profile is `crate::profiles`, the rules are `crate::segments`.
 
 pub mod emit;
+pub mod history;
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -39,8 +40,11 @@ use crate::metrics::{
     SegmentLabels, SegmentMetrics,
 };
 use crate::profiles::identity::{self, Directory, Identifiers};
-use crate::profiles::profile::{event_name, Millis, Observed, Profile};
+use crate::profiles::profile::{
+    anonymous_key, event_name, user_key, Millis, Names, Observed, Profile, Retention,
+};
 use crate::profiles::store::{ProfileStore, StoreError, Writer};
+use crate::query::QueryEngine;
 use crate::segments::api::Event;
 use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
 use emit::Emission;
@@ -96,6 +100,8 @@ pub struct Parts {
     pub runtime: tokio::runtime::Handle,
     /// Profiles kept decoded in memory between batches.
     pub cache_size: usize,
+    /// The lake, to read back history a backfill needs.
+    pub lake: Option<QueryEngine>,
 }
 
 /// The running stage.
@@ -158,6 +164,8 @@ fn members(p: &Profile) -> BTreeSet<String> {
 struct Backfill {
     segments: HashSet<usize>,
     after: Option<u64>,
+    /// History to read back from the lake before the first chunk, if the segments need any.
+    fill: Option<Retention>,
 }
 
 struct Stage {
@@ -167,6 +175,7 @@ struct Stage {
     metrics: Arc<SegmentMetrics>,
     clock: Clock,
     runtime: tokio::runtime::Handle,
+    lake: Option<QueryEngine>,
     consumer: crate::intake_log::Consumer,
     reader: LogReader,
     live: Arc<LiveSegments>,
@@ -212,6 +221,7 @@ impl Stage {
             metrics: parts.metrics,
             clock: parts.clock,
             runtime: parts.runtime,
+            lake: parts.lake,
             consumer,
             live,
             set,
@@ -252,9 +262,14 @@ impl Stage {
                 }
             }
         }
+        let fill = self
+            .lake
+            .as_ref()
+            .and_then(|_| needed_history(&set, &stale));
         self.backfill = (!stale.is_empty()).then_some(Backfill {
             segments: stale,
             after: None,
+            fill,
         });
         self.live.replace(set.clone());
         self.set = set;
@@ -663,12 +678,64 @@ impl Batch<'_, '_> {
             Some(b) => b.segments.clone(),
             None => return Ok(()),
         };
+        if let Some(needed) = self.stage.backfill.as_mut().and_then(|b| b.fill.take()) {
+            self.fill_history(set, &needed, now)?;
+        }
         for &id in ids {
             self.evaluate(set, id, Trigger::Only(&segments), now, None)?;
         }
         if let (Some(b), Some(last)) = (self.stage.backfill.as_mut(), ids.last()) {
             b.after = Some(*last);
         }
+        Ok(())
+    }
+
+    /// Merges the occurrences the lake holds for `needed` into the profiles they belong to.
+    fn fill_history(
+        &mut self,
+        set: &SegmentSet,
+        needed: &Retention,
+        now: DateTime<Utc>,
+    ) -> Result<(), StageError> {
+        let Some(lake) = self.stage.lake.clone() else {
+            return Ok(());
+        };
+        let now_ms = now.timestamp_millis();
+        let rows = match self
+            .stage
+            .runtime
+            .block_on(history::read(&lake, needed, now_ms))
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading history back from the lake for a backfill failed; backfilling from the profiles alone");
+                return Ok(());
+            }
+        };
+        let mut touched = HashSet::new();
+        for row in rows {
+            let by_user = match &row.user_id {
+                Some(u) => self.lookup(&user_key(u))?,
+                None => None,
+            };
+            let id = match (by_user, &row.anonymous_id) {
+                (Some(id), _) => id,
+                (None, Some(a)) => match self.lookup(&anonymous_key(a))? {
+                    Some(id) => id,
+                    None => continue,
+                },
+                (None, None) => continue,
+            };
+            history::merge(&mut self.held(id)?.profile.history, row.occurrence);
+            touched.insert(id);
+        }
+        for id in &touched {
+            self.held(*id)?.profile.prune(&set.retention, now_ms);
+        }
+        tracing::info!(
+            profiles = touched.len(),
+            "history read back from the lake for a backfill"
+        );
         Ok(())
     }
 
@@ -790,4 +857,26 @@ impl Directory for Batch<'_, '_> {
             .push((id, held.stored_members, held.stored_recheck));
         Ok(held.profile)
     }
+}
+
+/// The history the `stale` segments need, if any.
+fn needed_history(set: &SegmentSet, stale: &HashSet<usize>) -> Option<Retention> {
+    let mut needed = Retention {
+        values: Some(HashSet::new()),
+        ..Retention::default()
+    };
+    for &i in stale {
+        let r = &set.segments[i].deps.retention;
+        needed.window = needed.window.max(r.window);
+        needed.history.union(&r.history);
+        needed.values = match (needed.values.take(), &r.values) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b.iter().cloned());
+                Some(a)
+            }
+            _ => None,
+        };
+    }
+    let nothing = matches!(&needed.history, Names::Only(n) if n.is_empty()) || needed.window == 0;
+    (!nothing).then_some(needed)
 }

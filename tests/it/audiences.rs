@@ -439,3 +439,49 @@ fn a_crash_mid_stream_emits_each_change_exactly_once() {
     assert_eq!(who.len(), users);
     drop(running);
 }
+
+#[test]
+fn a_backfill_reads_history_the_profiles_never_kept_from_the_lake() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("segments")).unwrap();
+    let extra = "[storage]\nurl = \"file://./data/lake\"\nflush_interval = \"1s\"\n";
+    let server = Server::start_in(dir, extra);
+    for (user, revenue) in [("u1", 150), ("u1", 200), ("u2", 50)] {
+        send(
+            &server,
+            json!({"type": "track", "event": "Order Completed", "userId": user, "properties": {"revenue": revenue}}),
+        );
+    }
+    wait_for("the orders in the lake", Duration::from_secs(15), || {
+        let r = request(
+            server.addr,
+            "POST",
+            "/admin/query",
+            &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+            br#"{"sql": "SELECT count(*) AS n FROM events WHERE event = 'Order Completed'"}"#,
+        );
+        (r.json()[0]["n"] == 3).then_some(())
+    });
+    // No rule loaded so far needed order history, so the profiles hold none; the new rule does.
+    let profile = admin(&server, "/admin/profiles/u1").json();
+    assert_eq!(profile["events"]["Order Completed"]["count"], 2);
+    segment(
+        server.dir.path(),
+        "spenders",
+        "rule = 'user.sum(\"Order Completed\", \"revenue\", days(30)) >= 300.0'",
+    );
+    let log = server.log_dir();
+    wait_for(
+        "u1 to enter from lake history",
+        Duration::from_secs(10),
+        || (changes(&log, "spenders") == [("u1".to_string(), true)]).then_some(()),
+    );
+    // The history is on the profile now: a further order of u2 counts with the old one.
+    send(
+        &server,
+        json!({"type": "track", "event": "Order Completed", "userId": "u2", "properties": {"revenue": 260}}),
+    );
+    wait_for("u2 to enter", Duration::from_secs(10), || {
+        (changes(&log, "spenders").len() == 2).then_some(())
+    });
+}
