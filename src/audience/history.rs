@@ -10,7 +10,7 @@
 //! are kept by the profiles as they arrive, so the gap is at most one flush interval of history
 //! for the new names.
 
-use std::collections::HashSet;
+use hashbrown::HashSet;
 
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::TimestampMicrosecondType;
@@ -119,7 +119,7 @@ fn numeric_values(
     };
     props
         .into_iter()
-        .filter(|(k, _)| wanted.is_none_or(|w| w.contains(&(name.to_string(), k.clone()))))
+        .filter(|(k, _)| wanted.is_none_or(|w| w.iter().any(|(e, p)| e == name && p == k)))
         .filter_map(|(k, v)| v.as_f64().map(|n| (k, n)))
         .take(32)
         .collect()

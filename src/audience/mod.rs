@@ -862,7 +862,7 @@ impl Directory for Batch<'_, '_> {
 /// The history the `stale` segments need, if any.
 fn needed_history(set: &SegmentSet, stale: &HashSet<usize>) -> Option<Retention> {
     let mut needed = Retention {
-        values: Some(HashSet::new()),
+        values: Some(crate::profiles::profile::Set::new()),
         ..Retention::default()
     };
     for &i in stale {

@@ -2,7 +2,11 @@
 //! that the loaded segment rules need, and the person's segment memberships. Pure data: applying a
 //! message and merging two profiles touch nothing else.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+
+/// Sets of names, with a fast hash: they are looked up for every message.
+pub type Set<T> = hashbrown::HashSet<T>;
+use Set as HashSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -228,10 +232,9 @@ impl Profile {
         let horizon = now - retention.window;
         let old = self.history.partition_point(|o| o.at < horizon);
         let over = self.history.len().saturating_sub(old + MAX_HISTORY);
+        // Entries of names no longer needed are not hunted down here (that would cost a lookup
+        // per entry per message): they leave with the window or the cap.
         self.history.drain(..old + over);
-        if let Names::Only(names) = &retention.history {
-            self.history.retain(|o| names.contains(&o.name));
-        }
     }
 
     /// Takes in everything `other` knows (its messages are disjoint from ours, so counts add).
@@ -330,7 +333,7 @@ fn numeric_values(
     };
     props
         .into_iter()
-        .filter(|(k, _)| wanted.is_none_or(|w| w.contains(&(name.to_string(), k.clone()))))
+        .filter(|(k, _)| wanted.is_none_or(|w| w.iter().any(|(e, p)| e == name && p == k)))
         .filter_map(|(k, v)| v.as_f64().map(|n| (k, n)))
         .take(32)
         .collect()

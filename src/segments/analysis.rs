@@ -7,9 +7,7 @@
 //! and only slower. It works on tokens rather than Rhai's internal AST, whose shape is not a
 //! stable API; the rule has already compiled, so the tokens are well formed.
 
-use std::collections::HashSet;
-
-use crate::profiles::profile::{Millis, Names, Retention};
+use crate::profiles::profile::{Millis, Names, Retention, Set as HashSet};
 
 /// How far back history is kept for a windowed call whose window is not a literal duration.
 pub const UNKNOWN_WINDOW: Millis = 90 * 86_400_000;

@@ -7,7 +7,6 @@
 //! earliest, and a timer wakes the profile then.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use rhai::{Dynamic, Engine, ImmutableString};
@@ -77,24 +76,39 @@ impl Duration {
 pub struct Round {
     pub profile: Arc<Profile>,
     pub now: Millis,
-    /// Memberships as they stand in this round (segments evaluated earlier already updated).
-    pub memberships: std::sync::Mutex<BTreeMap<String, bool>>,
+    /// Answers given so far in this round, which `in_segment` sees before the stored ones.
+    answers: std::sync::Mutex<Vec<(usize, bool)>>,
+    /// Segment positions by key.
+    keys: Arc<hashbrown::HashMap<String, usize>>,
     traits: OnceLock<Dynamic>,
 }
 
 impl Round {
-    pub fn new(profile: Arc<Profile>, now: Millis) -> Arc<Round> {
-        let memberships = profile
-            .memberships
-            .iter()
-            .map(|(k, m)| (k.clone(), m.member))
-            .collect();
+    pub fn new(
+        profile: Arc<Profile>,
+        now: Millis,
+        keys: Arc<hashbrown::HashMap<String, usize>>,
+    ) -> Arc<Round> {
         Arc::new(Round {
             profile,
             now,
-            memberships: std::sync::Mutex::new(memberships),
+            answers: std::sync::Mutex::new(Vec::new()),
+            keys,
             traits: OnceLock::new(),
         })
+    }
+
+    /// Whether the profile is in segment `key` as of this round.
+    pub fn member(&self, index: usize, key: &str) -> bool {
+        let answers = self.answers.lock().unwrap();
+        match answers.iter().rev().find(|(i, _)| *i == index) {
+            Some((_, answer)) => *answer,
+            None => self.profile.memberships.get(key).is_some_and(|m| m.member),
+        }
+    }
+
+    pub fn answer(&self, index: usize, member: bool) {
+        self.answers.lock().unwrap().push((index, member));
     }
 }
 
@@ -204,13 +218,10 @@ impl User {
     }
 
     fn in_segment(&mut self, key: &str) -> bool {
-        self.0
-            .memberships
-            .lock()
-            .unwrap()
-            .get(key)
-            .copied()
-            .unwrap_or(false)
+        match self.0.keys.get(key) {
+            Some(&index) => self.0.member(index, key),
+            None => false,
+        }
     }
 
     fn first_seen(&mut self) -> Dynamic {

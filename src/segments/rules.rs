@@ -16,7 +16,7 @@ use super::api::{self, Event, Round, User};
 use super::files::SegmentFile;
 use super::sandbox;
 use crate::diagnostic::Diagnostic;
-use crate::profiles::profile::{Millis, Names, Profile, Retention};
+use crate::profiles::profile::{Millis, Names, Profile, Retention, Set};
 
 pub struct Segment {
     pub key: String,
@@ -83,6 +83,14 @@ pub struct SegmentSet {
     pub segments: Vec<Segment>,
     /// For each segment, the later segments that read it with `in_segment`.
     dependents: Vec<Vec<usize>>,
+    /// Positions by key.
+    by_key: Arc<hashbrown::HashMap<String, usize>>,
+    /// The segments a message with this event name can affect.
+    by_event: hashbrown::HashMap<String, Vec<usize>>,
+    /// The segments every message can affect.
+    always: Vec<usize>,
+    /// The segments an identify (new traits) can affect.
+    on_identify: Vec<usize>,
     /// What every loaded rule together needs profiles to keep.
     pub retention: Retention,
 }
@@ -169,6 +177,28 @@ impl SegmentSet {
             .enumerate()
             .map(|(i, s)| (s.key.as_str(), i))
             .collect();
+        let by_key = Arc::new(
+            segments
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.key.clone(), i))
+                .collect(),
+        );
+        let mut by_event: hashbrown::HashMap<String, Vec<usize>> = hashbrown::HashMap::new();
+        let (mut always, mut on_identify) = (Vec::new(), Vec::new());
+        for (i, s) in segments.iter().enumerate() {
+            match &s.deps.events {
+                Names::All => always.push(i),
+                Names::Only(names) => {
+                    for n in names {
+                        by_event.entry(n.clone()).or_default().push(i);
+                    }
+                }
+            }
+            if s.deps.traits {
+                on_identify.push(i);
+            }
+        }
         let mut dependents = vec![Vec::new(); segments.len()];
         for (i, s) in segments.iter().enumerate() {
             match &s.deps.segments {
@@ -197,12 +227,16 @@ impl SegmentSet {
             };
         }
         if segments.is_empty() {
-            retention.values = Some(HashSet::new());
+            retention.values = Some(Set::new());
         }
         let set = SegmentSet {
             engine,
             segments,
             dependents,
+            by_key,
+            by_event,
+            always,
+            on_identify,
             retention,
         };
         (set, problems)
@@ -217,7 +251,7 @@ impl SegmentSet {
     }
 
     pub fn position(&self, key: &str) -> Option<usize> {
-        self.segments.iter().position(|s| s.key == key)
+        self.by_key.get(key).copied()
     }
 
     /// Re-evaluates the segments `trigger` calls for and records the answers in the profile's
@@ -234,28 +268,30 @@ impl SegmentSet {
         if self.segments.is_empty() {
             return out;
         }
-        let mut wanted: Vec<bool> = self
-            .segments
-            .iter()
-            .map(|s| {
-                let due = profile
-                    .memberships
-                    .get(&s.key)
-                    .and_then(|m| m.recheck_at)
-                    .is_some_and(|t| t <= now);
-                due || match trigger {
-                    Trigger::Message {
-                        event, identify, ..
-                    } => s.deps.affected_by(event, identify),
-                    Trigger::Timer => false,
-                    Trigger::All(_) => true,
-                    Trigger::Only(_) => false,
+        let mut wanted = vec![false; self.segments.len()];
+        let mut want = |list: &[usize]| list.iter().for_each(|&i| wanted[i] = true);
+        match trigger {
+            Trigger::Message {
+                event, identify, ..
+            } => {
+                want(&self.always);
+                if let Some(list) = event.and_then(|e| self.by_event.get(e)) {
+                    want(list);
                 }
-            })
-            .collect();
-        if let Trigger::Only(set) = trigger {
-            for &i in set {
-                wanted[i] = true;
+                if identify {
+                    want(&self.on_identify);
+                }
+            }
+            Trigger::Timer => {}
+            Trigger::All(_) => wanted.iter_mut().for_each(|w| *w = true),
+            Trigger::Only(set) => set.iter().for_each(|&i| wanted[i] = true),
+        }
+        // Whatever trigger, a segment whose time has come is looked at.
+        for (key, m) in &profile.memberships {
+            if m.recheck_at.is_some_and(|t| t <= now) {
+                if let Some(&i) = self.by_key.get(key) {
+                    wanted[i] = true;
+                }
             }
         }
         if !wanted.iter().any(|w| *w) {
@@ -268,7 +304,7 @@ impl SegmentSet {
             _ => Dynamic::UNIT,
         };
         let shared = Arc::new(std::mem::take(profile));
-        let round = Round::new(shared.clone(), now);
+        let round = Round::new(shared.clone(), now, self.by_key.clone());
         let mut answers: Vec<(usize, bool, Option<Millis>)> = Vec::new();
         {
             let mut scope = sandbox::scope(Dynamic::from(User(round.clone())), event);
@@ -298,12 +334,9 @@ impl SegmentSet {
                         continue;
                     }
                 };
-                let was = round
-                    .memberships
-                    .lock()
-                    .unwrap()
-                    .insert(segment.key.clone(), answer);
-                if was.unwrap_or(false) != answer {
+                let was = round.member(i, &segment.key);
+                round.answer(i, answer);
+                if was != answer {
                     for &d in &self.dependents[i] {
                         wanted[d] = true;
                     }
@@ -314,10 +347,14 @@ impl SegmentSet {
         drop(round);
         *profile = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
         for (i, answer, recheck_at) in answers {
-            let m = profile
-                .memberships
-                .entry(self.segments[i].key.clone())
-                .or_default();
+            let key = &self.segments[i].key;
+            if !profile.memberships.contains_key(key) {
+                if !answer && recheck_at.is_none() {
+                    continue; // nothing to remember
+                }
+                profile.memberships.insert(key.clone(), Default::default());
+            }
+            let m = profile.memberships.get_mut(key).expect("inserted above");
             m.recheck_at = recheck_at;
             if m.member != answer {
                 m.member = answer;
