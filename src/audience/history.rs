@@ -10,12 +10,10 @@
 //! are kept by the profiles as they arrive, so the gap is at most one flush interval of history
 //! for the new names.
 
-use hashbrown::HashSet;
-
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::TimestampMicrosecondType;
 
-use crate::profiles::profile::{Millis, Names, Occurrence, Retention};
+use crate::profiles::profile::{numeric_values, Millis, Names, Occurrence, Retention};
 use crate::query::{QueryEngine, QueryError};
 
 /// One occurrence read from the lake, with whom it belongs to.
@@ -105,24 +103,6 @@ pub async fn read(
         }
     }
     Ok(out)
-}
-
-fn numeric_values(
-    name: &str,
-    properties: Option<&str>,
-    wanted: Option<&HashSet<(String, String)>>,
-) -> Vec<(String, f64)> {
-    let Some(serde_json::Value::Object(props)) =
-        properties.and_then(|p| serde_json::from_str(p).ok())
-    else {
-        return Vec::new();
-    };
-    props
-        .into_iter()
-        .filter(|(k, _)| wanted.is_none_or(|w| w.iter().any(|(e, p)| e == name && p == k)))
-        .filter_map(|(k, v)| v.as_f64().map(|n| (k, n)))
-        .take(32)
-        .collect()
 }
 
 /// Merges `o` into `history` (sorted by time): an occurrence with the same name and time is

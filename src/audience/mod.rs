@@ -861,21 +861,9 @@ impl Directory for Batch<'_, '_> {
 
 /// The history the `stale` segments need, if any.
 fn needed_history(set: &SegmentSet, stale: &HashSet<usize>) -> Option<Retention> {
-    let mut needed = Retention {
-        values: Some(crate::profiles::profile::Set::new()),
-        ..Retention::default()
-    };
+    let mut needed = Retention::nothing();
     for &i in stale {
-        let r = &set.segments[i].deps.retention;
-        needed.window = needed.window.max(r.window);
-        needed.history.union(&r.history);
-        needed.values = match (needed.values.take(), &r.values) {
-            (Some(mut a), Some(b)) => {
-                a.extend(b.iter().cloned());
-                Some(a)
-            }
-            _ => None,
-        };
+        needed.union(&set.segments[i].deps.retention);
     }
     let nothing = matches!(&needed.history, Names::Only(n) if n.is_empty()) || needed.window == 0;
     (!nothing).then_some(needed)

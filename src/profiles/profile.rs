@@ -96,6 +96,30 @@ impl Default for Names {
     }
 }
 
+impl Retention {
+    /// Keeps what either needs.
+    pub fn union(&mut self, other: &Retention) {
+        self.window = self.window.max(other.window);
+        self.history.union(&other.history);
+        self.objects.union(&other.objects);
+        self.values = match (self.values.take(), &other.values) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b.iter().cloned());
+                Some(a)
+            }
+            _ => None,
+        };
+    }
+
+    /// Needs nothing: keeps no history and no values.
+    pub fn nothing() -> Retention {
+        Retention {
+            values: Some(HashSet::new()),
+            ..Retention::default()
+        }
+    }
+}
+
 impl Names {
     pub fn contains(&self, name: &str) -> bool {
         match self {
@@ -213,7 +237,11 @@ impl Profile {
             None => {}
         }
         if retention.history.contains(name) && m.at >= now - retention.window {
-            let values = numeric_values(name, m.properties, retention.values.as_ref());
+            let values = numeric_values(
+                name,
+                m.properties.map(RawValue::get),
+                retention.values.as_ref(),
+            );
             let at = self.history.partition_point(|o| o.at <= m.at);
             self.history.insert(
                 at,
@@ -318,9 +346,11 @@ fn parse(json: &str) -> Option<Value> {
     serde_json::from_str(json).ok()
 }
 
-fn numeric_values(
+/// The numbers among `properties` (JSON) that `wanted` asks to keep for event `name` (every one
+/// when `wanted` is `None`).
+pub fn numeric_values(
     name: &str,
-    properties: Option<&RawValue>,
+    properties: Option<&str>,
     wanted: Option<&HashSet<(String, String)>>,
 ) -> Vec<(String, f64)> {
     if let Some(wanted) = wanted {
@@ -328,7 +358,7 @@ fn numeric_values(
             return Vec::new();
         }
     }
-    let Some(Value::Object(props)) = properties.and_then(|p| parse(p.get())) else {
+    let Some(Value::Object(props)) = properties.and_then(parse) else {
         return Vec::new();
     };
     props

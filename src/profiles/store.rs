@@ -104,12 +104,7 @@ pub struct Reader(redb::ReadTransaction);
 
 impl Reader {
     pub fn profile(&self, id: u64) -> Result<Option<Profile>, StoreError> {
-        let t = self.0.open_table(PROFILES)?;
-        let bytes = t.get(id)?;
-        Ok(match bytes {
-            Some(b) => Some(postcard::from_bytes(b.value())?),
-            None => None,
-        })
+        decode(&self.0.open_table(PROFILES)?, id)
     }
 
     pub fn lookup(&self, identity: &str) -> Result<Option<u64>, StoreError> {
@@ -157,12 +152,7 @@ pub struct Writer(redb::WriteTransaction);
 
 impl Writer {
     pub fn profile(&self, id: u64) -> Result<Option<Profile>, StoreError> {
-        let t = self.0.open_table(PROFILES)?;
-        let bytes = t.get(id)?;
-        Ok(match bytes {
-            Some(b) => Some(postcard::from_bytes(b.value())?),
-            None => None,
-        })
+        decode(&self.0.open_table(PROFILES)?, id)
     }
 
     pub fn put_profile(&self, profile: &Profile) -> Result<(), StoreError> {
@@ -272,6 +262,16 @@ impl Writer {
     pub fn commit(self) -> Result<(), StoreError> {
         Ok(self.0.commit()?)
     }
+}
+
+fn decode(
+    t: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<Profile>, StoreError> {
+    Ok(match t.get(id)? {
+        Some(bytes) => Some(postcard::from_bytes(bytes.value())?),
+        None => None,
+    })
 }
 
 fn segment_stats(

@@ -16,7 +16,7 @@ use super::api::{self, Event, Round, User};
 use super::files::SegmentFile;
 use super::sandbox;
 use crate::diagnostic::Diagnostic;
-use crate::profiles::profile::{Millis, Names, Profile, Retention, Set};
+use crate::profiles::profile::{Millis, Names, Profile, Retention};
 
 pub struct Segment {
     pub key: String,
@@ -212,22 +212,9 @@ impl SegmentSet {
                 }
             }
         }
-        let mut retention = Retention::default();
+        let mut retention = Retention::nothing();
         for s in &segments {
-            let r = &s.deps.retention;
-            retention.window = retention.window.max(r.window);
-            retention.history.union(&r.history);
-            retention.objects.union(&r.objects);
-            retention.values = match (retention.values.take(), &r.values) {
-                (Some(mut a), Some(b)) => {
-                    a.extend(b.iter().cloned());
-                    Some(a)
-                }
-                _ => None,
-            };
-        }
-        if segments.is_empty() {
-            retention.values = Some(Set::new());
+            retention.union(&s.deps.retention);
         }
         let set = SegmentSet {
             engine,
