@@ -51,7 +51,7 @@ stop() { kill -TERM "$pid"; wait "$pid" || true; }
 # Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays.
 delays() {
   metric | awk -v cause="$1" '
-    $0 ~ "^sluice_segment_change_delay_seconds_bucket\\{cause=\"" cause "\"" {
+    $0 ~ /^sluice_segment_change_delay_seconds_bucket\{/ && index($0, "cause=\"" cause "\"") {
       match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[++k] = $2; b[k] = le }
     END { total = n[k]; if (total == 0) { print cause ": no changes"; exit }
       for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i] }
