@@ -1,4 +1,5 @@
-//! Background work (compaction, admin queries) runs at a lower CPU priority than ingestion.
+//! Background work (compaction, admin queries, the profile stage) runs at a lower CPU priority
+//! than ingestion.
 
 /// Gives the calling thread a lower CPU priority (nice 10).
 pub fn lower() {

@@ -126,7 +126,12 @@ impl AudienceHandle {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("sluice-profiles".into())
-                .spawn(move || stage.run(&stop, &sets))?
+                .spawn(move || {
+                    // Ingestion wins the core when both want it: this stage catches up from the
+                    // log afterwards, and nothing it does is on a client's path.
+                    crate::thread_priority::lower();
+                    stage.run(&stop, &sets)
+                })?
         };
         Ok(AudienceHandle { stop, thread })
     }
