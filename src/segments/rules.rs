@@ -304,6 +304,8 @@ impl SegmentSet {
                 let result = self
                     .engine
                     .eval_ast_with_scope::<Dynamic>(&mut scope, &segment.ast);
+                // What a rule declared (even a `let user = ...` shadowing) ends with it.
+                scope.rewind(2);
                 let answer = match result {
                     Ok(v) => match v.as_bool() {
                         Ok(b) => b,

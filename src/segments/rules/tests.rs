@@ -386,3 +386,13 @@ fn the_due_timer_of_an_unloaded_segment_is_dropped() {
     assert_eq!(p.next_recheck(), None, "woken once, not at every batch");
     assert!(p.memberships["gone"].member, "the membership itself stays");
 }
+
+#[test]
+fn a_rule_cannot_change_what_the_next_rule_sees() {
+    let s = set(&[
+        ("a_shadow", "let user = 1; let x = 5; true"),
+        ("b_reader", r#"!user.did("A")"#),
+    ]);
+    let mut p = Profile::new(1);
+    assert!(member(&s, &mut p, "b_reader", T0), "b sees the real `user`");
+}
