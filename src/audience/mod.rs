@@ -11,6 +11,11 @@
 //! same changes with the same messageIds, and the dedup drops those the log already holds; a
 //! crash after it resumes past the batch. Nothing is emitted twice, and nothing is lost.
 //!
+//! Commits wait for the disk at most once every [`DURABLE_EVERY`]; the ones between are visible
+//! but not yet durable. A crash then loses up to that much of the store's progress, which is
+//! redone from the log in the same way (same ids, dropped by the dedup). The log's cursor for this
+//! stage only advances with durable commits, so the log keeps what a redo needs.
+//!
 //! Messages from the reserved source `sluice` (our own emissions) are not applied to profiles:
 //! memberships are already on the profile.
 //!
@@ -59,6 +64,8 @@ pub const BATCH: usize = 2_000;
 const BACKFILL_CHUNK: usize = 1_000;
 /// Due timers handled per batch.
 const TIMER_CHUNK: usize = 2_000;
+/// How often the store's commit waits for the disk.
+pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
 
@@ -202,6 +209,8 @@ struct Stage {
     mark_backfilled: Vec<usize>,
     emissions: Vec<Emission>,
     last_change: HashMap<String, Millis>,
+    /// When the store last committed durably.
+    last_durable: Instant,
     last_conflict_log: Option<Instant>,
 }
 
@@ -242,6 +251,7 @@ impl Stage {
             mark_backfilled: Vec::new(),
             emissions: Vec::new(),
             last_change: HashMap::new(),
+            last_durable: Instant::now(),
             last_conflict_log: None,
         })
     }
@@ -291,7 +301,17 @@ impl Stage {
             }
             match self.step() {
                 Ok(true) => failures = 0,
-                Ok(false) => self.idle(),
+                Ok(false) => {
+                    // Quiet now: make what was committed since the last durable commit durable.
+                    if self.consumer.committed() < self.offset
+                        && self.last_durable.elapsed() >= DURABLE_EVERY
+                    {
+                        if let Err(e) = self.make_durable() {
+                            tracing::warn!(error = %e, "durable commit of the profile store failed; retrying");
+                        }
+                    }
+                    self.idle()
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::error!(error = %e, "profile stage batch failed; redoing it from the store");
@@ -300,6 +320,20 @@ impl Stage {
                 }
             }
         }
+        if let Err(e) = self.make_durable() {
+            tracing::error!(error = %e, "the profile store's last commit is not durable; the next start redoes it from the log");
+        }
+    }
+
+    /// A durable commit of what is committed, and the log cursor moved up to it.
+    fn make_durable(&mut self) -> Result<(), StageError> {
+        let mut w = self.store.write()?;
+        w.set_durable(true)?;
+        w.set_meta("offset", self.offset)?;
+        w.commit()?;
+        self.last_durable = Instant::now();
+        self.consumer.commit(self.offset)?;
+        Ok(())
     }
 
     /// Forgets everything not committed and goes back to the store's state.
@@ -389,7 +423,7 @@ impl Stage {
     /// Emits, then writes everything the batch changed and the offset in one transaction.
     fn commit(
         &mut self,
-        w: Writer,
+        mut w: Writer,
         set: &SegmentSet,
         offset: u64,
         backfill_done: Option<bool>,
@@ -455,6 +489,8 @@ impl Stage {
         w.set_meta("offset", offset)?;
         w.set_meta("next_id", self.next_id)?;
         w.set_meta("profiles", self.profiles)?;
+        let durable = self.last_durable.elapsed() >= DURABLE_EVERY || backfill_done == Some(true);
+        w.set_durable(durable)?;
         w.commit()?;
         self.metrics.profiles.set(self.profiles as i64);
         self.offset = offset;
@@ -474,7 +510,10 @@ impl Stage {
                 .get_or_create(&SegmentLabels { segment: key })
                 .set(size as i64);
         }
-        self.consumer.commit(offset)?;
+        if durable {
+            self.last_durable = Instant::now();
+            self.consumer.commit(offset)?;
+        }
         self.trim_cache();
         Ok(())
     }

@@ -151,6 +151,19 @@ impl Reader {
 pub struct Writer(redb::WriteTransaction);
 
 impl Writer {
+    /// Whether this transaction's commit waits for the disk (the default) or only makes the
+    /// changes visible, to become durable with the next durable commit.
+    pub fn set_durable(&mut self, durable: bool) -> Result<(), StoreError> {
+        let level = if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
+        self.0
+            .set_durability(level)
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
     pub fn profile(&self, id: u64) -> Result<Option<Profile>, StoreError> {
         decode(&self.0.open_table(PROFILES)?, id)
     }
@@ -258,7 +271,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes everything written durable, at once.
+    /// Makes everything written visible at once, and durable unless `set_durable(false)`.
     pub fn commit(self) -> Result<(), StoreError> {
         Ok(self.0.commit()?)
     }
