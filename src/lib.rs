@@ -3,8 +3,9 @@
 //! Data flows one way through the modules:
 //!
 //! ```text
-//! http  →  ingest  →  intake_log  →  consumers: lake (Parquet), dedup snapshots
-//!                                                  (profiles, destinations next)
+//! http  →  ingest  →  intake_log  →  consumers: lake (Parquet), dedup snapshots,
+//!                          ↑                  audience (profiles → segments)
+//!                          └── Audience Entered / Exited ──┘
 //! query  ←  lake
 //! ```
 //!
@@ -16,6 +17,10 @@
 //! - [`query`]: DataFusion SQL over the lake.
 //! - [`replay`]: re-admitting quarantined messages once the plan lets them through.
 //! - [`schema`]: the schema files in `schemas/` (the lake's typed tables come from them).
+//! - [`audience`]: the profile stage: applies messages to profiles, evaluates segments, emits
+//!   changes back into the log.
+//! - [`profiles`]: the profile, identity resolution, the embedded store.
+//! - [`segments`]: segment files, the Rhai sandbox and rule API, evaluation.
 //! - [`app`]: the wiring, and the only module that knows the whole chain.
 //! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`]: around the flow.
 
