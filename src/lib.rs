@@ -31,6 +31,7 @@ pub mod commands;
 pub mod config;
 pub mod diagnostic;
 pub mod entry;
+pub mod folder_watch;
 pub mod http;
 pub mod ingest;
 pub mod intake_log;

@@ -8,23 +8,20 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use super::files::{collect_json_files, read_schema_file, SchemaFile, Schemas};
 use super::live::Live;
 use super::registry::{compile, Registry};
 use crate::diagnostic::Diagnostic;
-use crate::metrics::{ReloadLabels, ReloadOutcome, SchemaMetrics};
-
-/// How often the folder is looked at.
-pub const POLL_EVERY: Duration = Duration::from_secs(1);
+use crate::folder_watch::{self, Fingerprint};
+use crate::metrics::SchemaMetrics;
 
 /// Reads a schemas folder, keeping the last good version of every file across reloads.
 pub struct Loader {
     dir: PathBuf,
     /// The last good version of each file that ever loaded.
     good: HashMap<PathBuf, SchemaFile>,
-    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    fingerprint: Fingerprint,
 }
 
 impl Loader {
@@ -36,20 +33,10 @@ impl Loader {
         }
     }
 
-    fn current_fingerprint(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    fn current_fingerprint(&self) -> Fingerprint {
         let mut paths = Vec::new();
         collect_json_files(&self.dir, &mut paths, &mut Vec::new());
-        let mut out: Vec<_> = paths
-            .into_iter()
-            .map(|p| {
-                let meta = std::fs::metadata(&p).ok();
-                let modified = meta.as_ref().and_then(|m| m.modified().ok());
-                let len = meta.map_or(0, |m| m.len());
-                (p, modified, len)
-            })
-            .collect();
-        out.sort();
-        out
+        folder_watch::fingerprint(paths)
     }
 
     /// Whether the folder changed since the last load.
@@ -106,37 +93,24 @@ pub fn spawn(
     metrics: Arc<SchemaMetrics>,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("sluice-schema-watch".into())
-        .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stop.recv_timeout(POLL_EVERY)
-            {
-                if !loader.changed() {
-                    continue;
-                }
-                let (schemas, registry, problems) = loader.load();
-                for p in &problems {
-                    tracing::error!(problem = %p, "schema file refused");
-                }
-                let outcome = if problems.is_empty() {
-                    ReloadOutcome::Applied
-                } else {
-                    ReloadOutcome::PartlyRefused
-                };
-                metrics
-                    .reloads
-                    .get_or_create(&ReloadLabels { outcome })
-                    .inc();
-                metrics.refused_files.set(problems.len() as i64);
-                tracing::info!(
-                    schemas = registry.len(),
-                    refused = problems.len(),
-                    "schemas reloaded"
-                );
-                live.replace(schemas, registry);
-            }
-        })
+    folder_watch::spawn("sluice-schema-watch", stop, move || {
+        if loader.changed() {
+            let (schemas, registry, problems) = loader.load();
+            folder_watch::record_reload(
+                "schema",
+                &problems,
+                &metrics.reloads,
+                &metrics.refused_files,
+            );
+            tracing::info!(
+                schemas = registry.len(),
+                refused = problems.len(),
+                "schemas reloaded"
+            );
+            live.replace(schemas, registry);
+        }
+        true
+    })
 }
 
 #[cfg(test)]

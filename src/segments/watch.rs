@@ -7,18 +7,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use super::files::{self, SegmentFile};
 use super::rules::SegmentSet;
 use crate::diagnostic::Diagnostic;
-use crate::metrics::{ReloadLabels, ReloadOutcome, SegmentMetrics};
-
-pub const POLL_EVERY: Duration = Duration::from_secs(1);
-
-type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+use crate::folder_watch::{self, Fingerprint};
+use crate::metrics::SegmentMetrics;
 
 pub struct Loader {
     dir: PathBuf,
@@ -36,14 +32,7 @@ impl Loader {
     }
 
     fn current_fingerprint(&self) -> Fingerprint {
-        files::list(&self.dir)
-            .into_iter()
-            .map(|p| {
-                let meta = std::fs::metadata(&p).ok();
-                let modified = meta.as_ref().and_then(|m| m.modified().ok());
-                (p, modified, meta.map_or(0, |m| m.len()))
-            })
-            .collect()
+        folder_watch::fingerprint(files::list(&self.dir))
     }
 
     pub fn changed(&self) -> bool {
@@ -97,37 +86,24 @@ pub fn spawn(
     metrics: Arc<SegmentMetrics>,
     stop: Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("sluice-segment-watch".into())
-        .spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(POLL_EVERY) {
-                if !loader.changed() {
-                    continue;
-                }
-                let (set, problems) = loader.load();
-                for p in &problems {
-                    tracing::error!(problem = %p, "segment file refused");
-                }
-                let outcome = if problems.is_empty() {
-                    ReloadOutcome::Applied
-                } else {
-                    ReloadOutcome::PartlyRefused
-                };
-                metrics
-                    .reloads
-                    .get_or_create(&ReloadLabels { outcome })
-                    .inc();
-                metrics.refused_files.set(problems.len() as i64);
-                tracing::info!(
-                    segments = set.len(),
-                    refused = problems.len(),
-                    "segments reloaded"
-                );
-                if sets.send(Arc::new(set)).is_err() {
-                    return;
-                }
-            }
-        })
+    folder_watch::spawn("sluice-segment-watch", stop, move || {
+        if !loader.changed() {
+            return true;
+        }
+        let (set, problems) = loader.load();
+        folder_watch::record_reload(
+            "segment",
+            &problems,
+            &metrics.reloads,
+            &metrics.refused_files,
+        );
+        tracing::info!(
+            segments = set.len(),
+            refused = problems.len(),
+            "segments reloaded"
+        );
+        sets.send(Arc::new(set)).is_ok()
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,67 @@
+//! What the hot-reloaded folders (`schemas/`, `segments/`) share: telling that a folder's files
+//! changed, a thread that looks every second, and how a reload is logged and counted.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+
+use crate::diagnostic::Diagnostic;
+use crate::metrics::{ReloadLabels, ReloadOutcome};
+
+/// How often a folder is looked at.
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// Each file with its modification time and length, sorted: equal when nothing changed.
+pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+pub fn fingerprint(paths: Vec<PathBuf>) -> Fingerprint {
+    let mut out: Fingerprint = paths
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            (p, modified, meta.map_or(0, |m| m.len()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Calls `poll` every [`POLL_EVERY`] on a thread named `name`, until `stop` is dropped or `poll`
+/// returns false.
+pub fn spawn(
+    name: &str,
+    stop: Receiver<()>,
+    mut poll: impl FnMut() -> bool + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(POLL_EVERY) {
+                if !poll() {
+                    return;
+                }
+            }
+        })
+}
+
+/// Logs every refused file of a reload of `kind` files and counts the reload.
+pub fn record_reload(
+    kind: &'static str,
+    problems: &[Diagnostic],
+    reloads: &Family<ReloadLabels, Counter>,
+    refused_files: &Gauge,
+) {
+    for p in problems {
+        tracing::error!(problem = %p, kind, "file refused; its last good version stays");
+    }
+    let outcome = if problems.is_empty() {
+        ReloadOutcome::Applied
+    } else {
+        ReloadOutcome::PartlyRefused
+    };
+    reloads.get_or_create(&ReloadLabels { outcome }).inc();
+    refused_files.set(problems.len() as i64);
+}
