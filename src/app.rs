@@ -1,7 +1,7 @@
 //! The wiring: the only module that knows the whole chain. It opens the intake log, rebuilds
-//! the dedup state, starts the lake writer, the profile stage and the HTTP edge on the listener it is given, runs the
+//! the dedup state, starts the lake writer, the profile stage, the destinations and the HTTP edge on the listener it is given, runs the
 //! background tasks, and on shutdown drains the stages in the order data flows through them:
-//! edge, profile stage, log, lake, dedup checkpoint.
+//! edge, profile stage, destinations, log, lake, dedup checkpoint.
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use crate::audience::{self, AudienceHandle, LiveSegments};
 use crate::clock::{self, Clock};
 use crate::config::Config;
+use crate::destinations::{self, Destinations};
 use crate::http::{self, AppState};
 use crate::ingest::{dedup, Ingest, Parts};
 use crate::intake_log::{IntakeLog, LogOptions};
@@ -165,6 +166,34 @@ pub async fn run_with_clock(
     )
     .context("starting the profile stage")?;
 
+    // Destinations: one log consumer each, registered before anything can trim the log.
+    let (loaded, problems) = destinations::load(&config.destinations.dir, &|name| {
+        std::env::var(name).ok()
+    });
+    for problem in &problems {
+        tracing::error!(%problem, "destination file refused");
+    }
+    let destinations = Arc::new(
+        Destinations::start(
+            loaded,
+            destinations::Parts {
+                log: log.clone(),
+                state_dir: config.destinations.state.clone(),
+                segments: {
+                    let live = live_segments.clone();
+                    Arc::new(move |key: &str, destination: &str| {
+                        live.current()
+                            .segments
+                            .iter()
+                            .any(|s| s.key == key && s.destinations.iter().any(|d| d == destination))
+                    })
+                },
+                metrics: metrics.destinations.clone(),
+            },
+        )
+        .context("starting the destinations")?,
+    );
+
     let query_runtime = QueryRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -207,6 +236,7 @@ pub async fn run_with_clock(
         query_slots: Arc::new(tokio::sync::Semaphore::new(2)),
         profiles: profile_store,
         segments: live_segments,
+        destinations: destinations.clone(),
     });
 
     let address = listener.local_addr()?;
@@ -264,6 +294,14 @@ pub async fn run_with_clock(
         .is_err()
     {
         abandoned.push("profile stage batch");
+    }
+    // Destinations only read the log: they stop once nothing more will be appended.
+    let destinations_stopped = tokio::task::spawn_blocking(move || destinations.finish());
+    if tokio::time::timeout_at(deadline, destinations_stopped)
+        .await
+        .is_err()
+    {
+        abandoned.push("destination requests in flight");
     }
     let closing = tokio::task::spawn_blocking(move || log.close());
     if tokio::time::timeout_at(deadline, closing).await.is_err() {

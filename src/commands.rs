@@ -24,6 +24,22 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
     let (schemas, _, mut problems) = crate::schema::watch::Loader::new(&config.schemas.dir).load();
     problems.extend(crate::schema::compat::check(&schemas));
     let segments = check_segments(&config, &mut problems);
+    let (destinations, mut found) =
+        crate::destinations::load(&config.destinations.dir, &|name| std::env::var(name).ok());
+    problems.append(&mut found);
+    let segment_keys: std::collections::HashSet<String> =
+        crate::segments::files::list(&config.segments.dir)
+            .iter()
+            .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .collect();
+    for (file, _) in &destinations {
+        for key in file.segments.iter().filter(|k| !segment_keys.contains(*k)) {
+            problems.push(crate::diagnostic::Diagnostic::file(
+                &file.path,
+                format!("`segments`: unknown segment `{key}` (no segments/{key}.toml)"),
+            ));
+        }
+    }
     for p in &problems {
         writeln!(out, "{p}")?;
     }
@@ -32,7 +48,7 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
     }
     writeln!(
         out,
-        "{}: ok ({} source{}, {} track event{} with a schema, {segments} segment{}, log in {})",
+        "{}: ok ({} source{}, {} track event{} with a schema, {segments} segment{}, {} destination{}, log in {})",
         config_path.display(),
         config.sources.len(),
         if config.sources.len() == 1 { "" } else { "s" },
@@ -43,6 +59,8 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
             "s"
         },
         if segments == 1 { "" } else { "s" },
+        destinations.len(),
+        if destinations.len() == 1 { "" } else { "s" },
         config.log.dir.display()
     )?;
     Ok(true)
@@ -143,6 +161,21 @@ pub fn replay_quarantine(
     request: &crate::replay::ReplayRequest,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "event": request.event, "since": request.since }).to_string();
+    admin_post(config, "/admin/replay/quarantine", &body, out)
+}
+
+/// `sluice replay <destination>`: asks the running server to deliver the destination's dead
+/// letters again.
+pub fn replay_destination(config: &Config, name: &str, out: &mut dyn Write) -> anyhow::Result<()> {
+    if !crate::destinations::files::valid_name(name) {
+        anyhow::bail!("`{name}` is not a destination name");
+    }
+    admin_post(config, &format!("/admin/destinations/{name}/replay"), "{}", out)
+}
+
+/// POSTs to the running server's admin API and prints its answer.
+fn admin_post(config: &Config, path: &str, body: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     let token = config.server.admin_token.as_deref().ok_or_else(|| {
         anyhow::anyhow!("replay goes through the admin API: set server.admin_token")
     })?;
@@ -150,8 +183,7 @@ pub fn replay_quarantine(
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let body = serde_json::json!({ "event": request.event, "since": request.since }).to_string();
-    let (status, answer) = post_json(addr, "/admin/replay/quarantine", token, &body)
+    let (status, answer) = post_json(addr, path, token, body)
         .map_err(|e| anyhow::anyhow!("cannot reach sluice at {addr} (is it serving?): {e}"))?;
     if status != 200 {
         anyhow::bail!("the server answered {status}: {answer}");

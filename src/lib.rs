@@ -29,6 +29,7 @@ pub mod audience;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod destinations;
 pub mod diagnostic;
 pub mod entry;
 pub mod folder_watch;

@@ -74,6 +74,9 @@ enum ReplayCommand {
         #[arg(long)]
         since: Option<String>,
     },
+    /// `sluice replay <destination>`: deliver that destination's dead-lettered messages again.
+    #[command(external_subcommand)]
+    Destination(Vec<String>),
 }
 
 #[derive(Subcommand)]
@@ -128,6 +131,22 @@ fn main() -> ExitCode {
             };
             let request = sluice::replay::ReplayRequest { event, since };
             match commands::replay_quarantine(&config, &request, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Replay {
+            command: ReplayCommand::Destination(args),
+        } => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(problems) => return print_problems(&problems),
+            };
+            let [name] = args.as_slice() else {
+                eprintln!("usage: sluice replay <destination> | sluice replay quarantine [--event E] [--since T]");
+                return ExitCode::from(2);
+            };
+            match commands::replay_destination(&config, name, &mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

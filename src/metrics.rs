@@ -320,8 +320,39 @@ pub struct RuleFailureLabels {
     pub class: FailureClass,
 }
 
+/// Destinations. The `destination` label is a destination's name: a file name in
+/// `destinations/`, configuration, never user data.
+pub struct DestinationMetrics {
+    pub delivered: Family<DestinationLabels, Counter>,
+    pub retried: Family<DestinationLabels, Counter>,
+    pub dead_lettered: Family<DestinationLabels, Counter>,
+    pub in_flight: Family<DestinationLabels, Gauge>,
+    pub backlog: Family<DestinationLabels, Gauge>,
+    /// From the edge accepting a message to the destination answering 2xx for it.
+    pub latency: Family<DestinationLabels, Histogram, fn() -> Histogram>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination: String,
+}
+
+impl Default for DestinationMetrics {
+    fn default() -> Self {
+        DestinationMetrics {
+            delivered: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            in_flight: Family::default(),
+            backlog: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
 pub struct Metrics {
     pub segments: Arc<SegmentMetrics>,
+    pub destinations: Arc<DestinationMetrics>,
     pub ingest: Arc<IngestMetrics>,
     pub log: Arc<LogMetrics>,
     pub dedup: Arc<DedupMetrics>,
@@ -361,6 +392,7 @@ impl Default for Metrics {
             lake: Arc::new(LakeMetrics::default()),
             schema: Arc::new(SchemaMetrics::default()),
             segments: Arc::new(SegmentMetrics::default()),
+            destinations: Arc::new(DestinationMetrics::default()),
             state: StateGauges::default(),
         }
     }
@@ -370,6 +402,37 @@ impl Metrics {
     /// A registry that exposes these metrics under their public names.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("sluice");
+        let d = &self.destinations;
+        r.register(
+            "destination_delivered",
+            "Messages a destination answered 2xx for",
+            d.delivered.clone(),
+        );
+        r.register(
+            "destination_retried",
+            "Messages whose request failed in a way worth retrying",
+            d.retried.clone(),
+        );
+        r.register(
+            "destination_dead_lettered",
+            "Messages moved to a destination's dead letter",
+            d.dead_lettered.clone(),
+        );
+        r.register(
+            "destination_in_flight",
+            "Messages in requests not yet answered",
+            d.in_flight.clone(),
+        );
+        r.register(
+            "destination_backlog",
+            "Messages waiting for a destination: unread log records, buffered and queued",
+            d.backlog.clone(),
+        );
+        r.register(
+            "destination_delivery_seconds",
+            "From acceptance at the edge to the destination's 2xx",
+            d.latency.clone(),
+        );
         let i = &self.ingest;
         r.register(
             "http_requests",

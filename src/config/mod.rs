@@ -30,7 +30,7 @@ pub struct Config {
     pub schemas: SchemasConfig,
     pub segments: FolderConfig,
     pub profiles: ProfilesConfig,
-    pub destinations: FolderConfig,
+    pub destinations: DestinationsConfig,
     pub query: QueryConfig,
 }
 
@@ -117,6 +117,14 @@ pub struct ProfilesConfig {
     pub cache_size: usize,
     /// The store's page cache.
     pub store_cache: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DestinationsConfig {
+    /// The destination files.
+    pub dir: PathBuf,
+    /// Each destination's queue and dead letter.
+    pub state: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -378,7 +386,18 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     };
 
     let segments = read_folder(r, root, "segments", base);
-    let destinations = read_folder(r, root, "destinations", base);
+    let destinations = {
+        let (mut dir, mut state) = (None, None);
+        if let Some(mut s) = r.section(root, "destinations") {
+            dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
+            state = r.string(&mut s, "state").map(|d| resolve(base, &d.value));
+            r.finish(s);
+        }
+        DestinationsConfig {
+            dir: dir.unwrap_or_else(|| resolve(base, "destinations")),
+            state: state.unwrap_or_else(|| resolve(base, "data/destinations")),
+        }
+    };
 
     let profiles = {
         let (mut dir, mut cache_size, mut store_cache) = (None, None, None);

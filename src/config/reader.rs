@@ -276,6 +276,44 @@ impl<'s> Reader<'s> {
         None
     }
 
+    /// Every key of `section` not read so far, as one serde type (strings interpolated). Serde
+    /// reports a wrong type, a missing or unknown field at the key it names when there is one.
+    /// Consumes the section: `T` decides which keys it knows (`deny_unknown_fields`).
+    pub fn typed<T: serde::de::DeserializeOwned>(&mut self, section: Section<'_>) -> Option<T> {
+        let mut rest = serde_json::Map::new();
+        for (key, item) in section.table.iter() {
+            if section.known.contains(&key) {
+                continue;
+            }
+            match item_to_json_interpolated(item, self.env) {
+                Ok(value) => {
+                    rest.insert(key.to_string(), value);
+                }
+                Err(e) => {
+                    let name = section.child_name(key);
+                    self.error(item.span(), format!("`{name}`: {e}"));
+                    return None;
+                }
+            }
+        }
+        match serde_json::from_value(serde_json::Value::Object(rest)) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                let message = e.to_string();
+                // serde names the field between backticks: place the problem on that key.
+                let span = message
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .find_map(|word| section.table.key(word).and_then(|k| k.span()))
+                    .or_else(|| section.table.key("type").and_then(|k| k.span()))
+                    .or(section.span.clone());
+                self.error(span, message);
+                None
+            }
+        }
+    }
+
     /// Reports every key of `section` that was never asked for.
     pub fn finish(&mut self, section: Section<'_>) {
         for (key, item) in section.table.iter() {
@@ -387,6 +425,28 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     number.checked_mul(multiplier)
+}
+
+fn item_to_json_interpolated(item: &Item, env: Env<'_>) -> Result<serde_json::Value, String> {
+    fn walk(v: serde_json::Value, env: Env<'_>) -> Result<serde_json::Value, String> {
+        use serde_json::Value as V;
+        Ok(match v {
+            V::String(s) => V::String(interpolate(&s, env)?),
+            V::Array(items) => V::Array(
+                items
+                    .into_iter()
+                    .map(|v| walk(v, env))
+                    .collect::<Result<_, _>>()?,
+            ),
+            V::Object(map) => V::Object(
+                map.into_iter()
+                    .map(|(k, v)| Ok((k, walk(v, env)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => other,
+        })
+    }
+    walk(item_to_json(item), env)
 }
 
 fn item_to_json(item: &Item) -> serde_json::Value {

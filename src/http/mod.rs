@@ -5,6 +5,7 @@
 mod admin;
 mod audiences;
 mod body;
+mod destinations;
 mod error;
 mod ops;
 mod settings;
@@ -50,6 +51,7 @@ pub struct AppState {
     pub profiles: Arc<crate::profiles::ProfileStore>,
     /// The segments in force.
     pub segments: Arc<crate::audience::LiveSegments>,
+    pub destinations: Arc<crate::destinations::Destinations>,
 }
 
 impl AppState {
@@ -153,6 +155,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/admin/segments/{key}/members",
         web::get().to(audiences::members),
+    )
+    .route("/admin/destinations", web::get().to(destinations::list))
+    .route(
+        "/admin/destinations/{name}/dead",
+        web::get().to(destinations::dead),
+    )
+    .route(
+        "/admin/destinations/{name}/replay",
+        web::post().to(destinations::replay),
     )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))

@@ -186,7 +186,7 @@ pub fn parse(path: &Path, text: &str) -> Result<SegmentFile, Vec<Diagnostic>> {
 
 /// Where the code of a TOML string starting at `start` begins: past the quotes, and past the
 /// newline that TOML drops right after opening triple quotes.
-fn code_start(text: &str, start: usize) -> usize {
+pub(crate) fn code_start(text: &str, start: usize) -> usize {
     let rest = &text[start..];
     let quotes = if rest.starts_with("'''") || rest.starts_with("\"\"\"") {
         3

@@ -401,7 +401,19 @@ fn classify(e: &rhai::EvalAltResult) -> RuleFailure {
 
 /// A Rhai problem placed in the segment file.
 pub fn rhai_problem(file: &SegmentFile, pos: &rhai::Position, message: &str) -> Diagnostic {
-    let (base_line, base_col) = crate::diagnostic::line_col(&file.text, file.rule_offset);
+    rhai_problem_at(&file.path, &file.text, file.rule_offset, "rule", pos, message)
+}
+
+/// A Rhai problem in code that starts at byte `code_offset` of a file's `text`, labelled `what`.
+pub fn rhai_problem_at(
+    path: &std::path::Path,
+    text: &str,
+    code_offset: usize,
+    what: &str,
+    pos: &rhai::Position,
+    message: &str,
+) -> Diagnostic {
+    let (base_line, base_col) = crate::diagnostic::line_col(text, code_offset);
     let (line, col) = match (pos.line(), pos.position()) {
         (Some(1), Some(c)) => (base_line, base_col + c - 1),
         (Some(l), Some(c)) => (base_line + l - 1, c),
@@ -409,10 +421,10 @@ pub fn rhai_problem(file: &SegmentFile, pos: &rhai::Position, message: &str) -> 
         _ => (base_line, base_col),
     };
     Diagnostic {
-        file: file.path.clone(),
+        file: path.to_path_buf(),
         line,
         col,
-        message: format!("rule: {}", strip_position(message)),
+        message: format!("{what}: {}", strip_position(message)),
     }
 }
 

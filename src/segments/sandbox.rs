@@ -17,6 +17,14 @@ pub const MAX_MAP_LEN: usize = 200;
 /// depth and sizes; no modules (the crate is built with `no_module`), no clock (`no_time`), no
 /// `eval`, and `print`/`debug` go nowhere. Variables must be declared (`user` and `event` are).
 pub fn engine() -> Engine {
+    let mut engine = limited();
+    super::api::register(&mut engine);
+    engine
+}
+
+/// An engine with every limit of [`engine`] and nothing registered: for destination filters and
+/// transforms, which see a message rather than a profile.
+pub fn limited() -> Engine {
     let mut engine = Engine::new();
     engine.set_max_operations(MAX_OPERATIONS);
     engine.set_max_call_levels(MAX_CALL_LEVELS);
@@ -28,7 +36,6 @@ pub fn engine() -> Engine {
     engine.disable_symbol("eval");
     engine.on_print(|_| {});
     engine.on_debug(|_, _, _| {});
-    super::api::register(&mut engine);
     engine
 }
 

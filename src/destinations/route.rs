@@ -1,0 +1,306 @@
+//! Which messages a destination receives, and in what shape: `events`, `segments`, and the
+//! optional Rhai `filter` and `transform`, on the sandboxed engine the segment rules use.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use rhai::{Dynamic, Engine, Scope, AST};
+use serde::Deserialize;
+
+use super::files::DestinationFile;
+use crate::audience::emit::SOURCE;
+use crate::diagnostic::Diagnostic;
+use crate::segments::{api::json_to_dynamic, rules::rhai_problem_at, sandbox};
+
+/// The fields routing reads; the rest of the message is skipped, not built.
+#[derive(Debug, Deserialize)]
+pub struct Head<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub event: Option<Cow<'a, str>>,
+    #[serde(rename = "userId", default, borrow)]
+    pub user_id: Option<Cow<'a, str>>,
+    #[serde(rename = "anonymousId", default, borrow)]
+    pub anonymous_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    context: Option<HeadContext<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HeadContext<'a> {
+    #[serde(default, borrow)]
+    sluice: Option<SluiceContext<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SluiceContext<'a> {
+    #[serde(default, borrow)]
+    audience: Option<Cow<'a, str>>,
+}
+
+impl Head<'_> {
+    /// The key per-user order is kept by.
+    pub fn user(&self) -> &str {
+        self.user_id
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .or(self.anonymous_id.as_deref())
+            .unwrap_or("")
+    }
+}
+
+/// The segment a message announces an entry or exit of, when Sluice emitted it.
+pub fn audience<'h>(source: &str, head: &'h Head<'_>) -> Option<&'h str> {
+    if source != SOURCE {
+        return None;
+    }
+    head.context.as_ref()?.sluice.as_ref()?.audience.as_deref()
+}
+
+pub struct Route {
+    /// Track event names and message types; `None` is every message.
+    events: Option<HashSet<String>>,
+    segments: HashSet<String>,
+    name: String,
+    engine: Engine,
+    filter: Option<AST>,
+    transform: Option<AST>,
+}
+
+/// What the filter and transform made of one message.
+#[derive(Debug, PartialEq)]
+pub enum Shaped {
+    Send(Vec<u8>),
+    Dropped,
+    /// The script failed: the message goes to the dead letter with this reason.
+    Failed(String),
+}
+
+impl Route {
+    pub fn compile(file: &DestinationFile) -> Result<Route, Vec<Diagnostic>> {
+        let engine = sandbox::limited();
+        let mut problems = Vec::new();
+        let mut compile = |what: &str, code: &Option<(String, usize)>| {
+            let (code, offset) = code.as_ref()?;
+            let mut scope = Scope::new();
+            scope.push_dynamic("msg", Dynamic::UNIT);
+            match engine.compile_with_scope(&scope, code) {
+                Ok(ast) => Some(ast),
+                Err(e) => {
+                    problems.push(rhai_problem_at(
+                        &file.path,
+                        &file.text,
+                        *offset,
+                        what,
+                        &e.1,
+                        &e.0.to_string(),
+                    ));
+                    None
+                }
+            }
+        };
+        let filter = compile("filter", &file.filter);
+        let transform = compile("transform", &file.transform);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Route {
+            events: file.events.as_ref().map(|e| e.iter().cloned().collect()),
+            segments: file.segments.iter().cloned().collect(),
+            name: file.name.clone(),
+            engine,
+            filter,
+            transform,
+        })
+    }
+
+    /// Whether this destination receives the message. A segment's entries and exits go to the
+    /// destinations the segment file names (`named_by_segment`) and to those listing it under
+    /// `segments`, whatever `events` says; ordinary messages go by `events`.
+    pub fn wants(
+        &self,
+        source: &str,
+        head: &Head<'_>,
+        named_by_segment: impl Fn(&str, &str) -> bool,
+    ) -> bool {
+        if let Some(key) = audience(source, head) {
+            return self.segments.contains(key) || named_by_segment(key, &self.name);
+        }
+        match &self.events {
+            None => true,
+            Some(events) => {
+                events.contains(head.kind.as_ref())
+                    || (head.kind == "track"
+                        && head.event.as_deref().is_some_and(|e| events.contains(e)))
+            }
+        }
+    }
+
+    pub fn has_scripts(&self) -> bool {
+        self.filter.is_some() || self.transform.is_some()
+    }
+
+    /// Runs the filter, then the transform, over the message.
+    pub fn shape(&self, body: &[u8]) -> Shaped {
+        if !self.has_scripts() {
+            return Shaped::Send(body.to_vec());
+        }
+        let value: serde_json::Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return Shaped::Failed(format!("message is not JSON: {e}")),
+        };
+        let mut msg = json_to_dynamic(&value);
+        if let Some(filter) = &self.filter {
+            match self.run(filter, msg.clone()) {
+                Ok(keep) => match keep.as_bool() {
+                    Ok(true) => {}
+                    Ok(false) => return Shaped::Dropped,
+                    Err(t) => {
+                        return Shaped::Failed(format!("filter returned {t}, not true or false"))
+                    }
+                },
+                Err(e) => return Shaped::Failed(format!("filter: {e}")),
+            }
+        }
+        if let Some(transform) = &self.transform {
+            match self.run(transform, msg) {
+                Ok(out) if out.is_unit() => return Shaped::Dropped,
+                Ok(out) => msg = out,
+                Err(e) => return Shaped::Failed(format!("transform: {e}")),
+            }
+            return match dynamic_to_json(&msg) {
+                Some(v @ serde_json::Value::Object(_)) => {
+                    Shaped::Send(serde_json::to_vec(&v).expect("JSON values serialize"))
+                }
+                _ => Shaped::Failed(format!(
+                    "transform returned {}, not a message (an object map) or ()",
+                    msg.type_name()
+                )),
+            };
+        }
+        Shaped::Send(body.to_vec())
+    }
+
+    fn run(&self, ast: &AST, msg: Dynamic) -> Result<Dynamic, String> {
+        let mut scope = Scope::new();
+        scope.push_dynamic("msg", msg);
+        self.engine
+            .eval_ast_with_scope::<Dynamic>(&mut scope, ast)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Rhai values back as JSON; `None` for what JSON cannot hold (functions, custom types).
+pub fn dynamic_to_json(v: &Dynamic) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    if v.is_unit() {
+        return Some(Value::Null);
+    }
+    if let Ok(b) = v.as_bool() {
+        return Some(b.into());
+    }
+    if let Ok(i) = v.as_int() {
+        return Some(i.into());
+    }
+    if let Ok(f) = v.as_float() {
+        return Some(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
+    }
+    if let Ok(c) = v.as_char() {
+        return Some(c.to_string().into());
+    }
+    if v.is_string() {
+        return Some(v.clone().into_string().ok()?.into());
+    }
+    if v.is_array() {
+        let items = v.clone().into_array().ok()?;
+        return items.iter().map(dynamic_to_json).collect::<Option<_>>();
+    }
+    if v.is_map() {
+        let map = v.clone().try_cast::<rhai::Map>()?;
+        return map
+            .iter()
+            .map(|(k, v)| Some((k.to_string(), dynamic_to_json(v)?)))
+            .collect::<Option<serde_json::Map<_, _>>>()
+            .map(Value::Object);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn route(extra: &str) -> Route {
+        let text = format!("type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n{extra}");
+        let file =
+            super::super::files::parse(Path::new("destinations/crm.toml"), &text, &|_| None)
+                .unwrap();
+        Route::compile(&file).unwrap()
+    }
+
+    fn head(json: &str) -> Head<'_> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn events_match_names_and_types() {
+        let r = route("events = [\"Order Completed\", \"identify\"]\n");
+        let none = |_: &str, _: &str| false;
+        assert!(r.wants("web", &head(r#"{"type":"track","event":"Order Completed"}"#), none));
+        assert!(r.wants("web", &head(r#"{"type":"identify"}"#), none));
+        assert!(!r.wants("web", &head(r#"{"type":"track","event":"Signed Up"}"#), none));
+        assert!(!r.wants("web", &head(r#"{"type":"page"}"#), none));
+        assert!(route("").wants("web", &head(r#"{"type":"page"}"#), none));
+        assert!(!route("events = []\n").wants("web", &head(r#"{"type":"page"}"#), none));
+    }
+
+    #[test]
+    fn segment_changes_go_by_segment_only() {
+        let change = r#"{"type":"track","event":"Audience Entered","context":{"sluice":{"audience":"vip"}}}"#;
+        let none = |_: &str, _: &str| false;
+        // Listed under `segments`, whatever `events` says.
+        assert!(route("events = []\nsegments = [\"vip\"]\n").wants("sluice", &head(change), none));
+        // Named by the segment file.
+        assert!(route("events = []\n").wants("sluice", &head(change), |key, dest| key == "vip"
+            && dest == "crm"));
+        // Neither: not even a destination taking every event.
+        assert!(!route("").wants("sluice", &head(change), none));
+        // The same shape from a client is an ordinary message.
+        assert!(route("").wants("web", &head(change), none));
+    }
+
+    #[test]
+    fn filter_and_transform_shape_the_payload() {
+        let r = route(
+            "filter = 'msg.properties.revenue > 100'\ntransform = '''\nmsg.event = \"Big \" + msg.event; msg.properties.remove(\"secret\"); msg'''\n",
+        );
+        let big = br#"{"type":"track","event":"Order","properties":{"revenue":150,"secret":"x"}}"#;
+        let Shaped::Send(out) = r.shape(big) else {
+            panic!()
+        };
+        let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(out["event"], "Big Order");
+        assert_eq!(out["properties"], serde_json::json!({"revenue": 150}));
+        let small = br#"{"type":"track","event":"Order","properties":{"revenue":5}}"#;
+        assert_eq!(r.shape(small), Shaped::Dropped);
+        // No revenue at all: `() > 100` is false, not an error.
+        assert_eq!(r.shape(br#"{"type":"track","event":"Order","properties":{}}"#), Shaped::Dropped);
+
+        assert_eq!(route("transform = '()'\n").shape(big), Shaped::Dropped);
+        assert!(matches!(route("transform = '42'\n").shape(big), Shaped::Failed(e) if e.contains("not a message")));
+        assert!(matches!(route("filter = 'loop {}'\n").shape(big), Shaped::Failed(e) if e.contains("operations")));
+    }
+
+    #[test]
+    fn broken_rhai_is_placed_in_the_file() {
+        let text = "type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\nfilter = '''\nmsg.x >\n'''\n";
+        let file =
+            super::super::files::parse(Path::new("destinations/crm.toml"), text, &|_| None)
+                .unwrap();
+        let problems = Route::compile(&file).err().unwrap();
+        let shown = problems[0].to_string();
+        assert!(shown.starts_with("destinations/crm.toml:5:1: filter:") || shown.starts_with("destinations/crm.toml:4:"), "{shown}");
+    }
+}

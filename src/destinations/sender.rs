@@ -1,0 +1,155 @@
+//! The one trait a destination type implements, and what every HTTP type shares: how a response
+//! becomes an [`Attempt`], `Retry-After`, and URL settings.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// One message on its way to one destination: routed, filtered and transformed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// Where it is in the intake log.
+    pub offset: u64,
+    /// The ordering key: userId, else anonymousId.
+    pub user: String,
+    pub message_id: String,
+    /// When the edge accepted it (µs since the epoch), for the latency histogram.
+    pub accepted_micros: i64,
+    /// The JSON to send.
+    pub body: Vec<u8>,
+}
+
+/// What one request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Delivered,
+    /// 5xx, 429, a timeout or a connection error: try again later (no sooner than `after` when
+    /// the destination said so).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Any other answer: the destination will never take these messages as they are.
+    Reject { status: u16, body: String },
+}
+
+/// A destination type: sends one batch (in order, one user's messages never split across two
+/// requests in flight) and says what came of it. A new type is a folder beside `webhook/` with
+/// its `Settings` (serde, `deny_unknown_fields`) and a `Sender`, plus one variant of
+/// [`super::Kind`].
+#[async_trait::async_trait]
+pub trait Sender: Send + Sync {
+    async fn send(&self, batch: &[Outgoing]) -> Attempt;
+}
+
+/// How long to keep a response body for the dead letter.
+const MAX_KEPT_BODY: usize = 4_096;
+
+/// Turns the outcome of an HTTP request into an [`Attempt`]: 2xx delivered; 5xx, 408 and 429
+/// retried (honouring `Retry-After`); other statuses rejected with their body.
+pub async fn classify(result: Result<reqwest::Response, reqwest::Error>) -> Attempt {
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                "connection failed"
+            } else {
+                "request failed"
+            };
+            return Attempt::Retry {
+                after: None,
+                reason: format!("{what}: {e}"),
+            };
+        }
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Attempt::Delivered;
+    }
+    let after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry_after(v, chrono::Utc::now()));
+    let mut body = response.text().await.unwrap_or_default();
+    if body.len() > MAX_KEPT_BODY {
+        let mut cut = MAX_KEPT_BODY;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+    }
+    let code = status.as_u16();
+    if status.is_server_error() || code == 429 || code == 408 {
+        Attempt::Retry {
+            after,
+            reason: format!("HTTP {code}: {body}"),
+        }
+    } else {
+        Attempt::Reject { status: code, body }
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some((at.with_timezone(&chrono::Utc) - now).to_std().unwrap_or_default())
+}
+
+/// The JSON array `[m1,m2,...]` of the batch's bodies, after `prefix`, then `suffix`.
+pub fn join_bodies(batch: &[Outgoing], prefix: &[u8], suffix: &[u8]) -> Vec<u8> {
+    let size = batch.iter().map(|m| m.body.len() + 1).sum::<usize>();
+    let mut out = Vec::with_capacity(prefix.len() + size + suffix.len() + 2);
+    out.extend_from_slice(prefix);
+    out.push(b'[');
+    for (i, m) in batch.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&m.body);
+    }
+    out.push(b']');
+    out.extend_from_slice(suffix);
+    out
+}
+
+/// A settings field holding an `http` or `https` URL.
+pub fn http_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
+    let text = String::deserialize(d)?;
+    let url = url::Url::parse(&text)
+        .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}` must be an http:// or https:// URL"
+        )));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after("Wed, 31 Dec 2025 00:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+    }
+}
