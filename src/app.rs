@@ -167,9 +167,8 @@ pub async fn run_with_clock(
     .context("starting the profile stage")?;
 
     // Destinations: one log consumer each, registered before anything can trim the log.
-    let (loaded, problems) = destinations::load(&config.destinations.dir, &|name| {
-        std::env::var(name).ok()
-    });
+    let (loaded, problems) =
+        destinations::load(&config.destinations.dir, &|name| std::env::var(name).ok());
     for problem in &problems {
         tracing::error!(%problem, "destination file refused");
     }
@@ -182,10 +181,9 @@ pub async fn run_with_clock(
                 segments: {
                     let live = live_segments.clone();
                     Arc::new(move |key: &str, destination: &str| {
-                        live.current()
-                            .segments
-                            .iter()
-                            .any(|s| s.key == key && s.destinations.iter().any(|d| d == destination))
+                        live.current().segments.iter().any(|s| {
+                            s.key == key && s.destinations.iter().any(|d| d == destination)
+                        })
                     })
                 },
                 metrics: metrics.destinations.clone(),

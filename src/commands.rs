@@ -171,7 +171,12 @@ pub fn replay_destination(config: &Config, name: &str, out: &mut dyn Write) -> a
     if !crate::destinations::files::valid_name(name) {
         anyhow::bail!("`{name}` is not a destination name");
     }
-    admin_post(config, &format!("/admin/destinations/{name}/replay"), "{}", out)
+    admin_post(
+        config,
+        &format!("/admin/destinations/{name}/replay"),
+        "{}",
+        out,
+    )
 }
 
 /// POSTs to the running server's admin API and prints its answer.

@@ -14,6 +14,7 @@
 //! max_retry_age = "4h"
 //! concurrency = 4                           # requests in flight
 //! timeout = "10s"                           # one request
+//! retry_backoff = "1s"                      # first retry delay, doubling up to 5 min
 //! ```
 //!
 //! The keys every type shares are read here with their places; the rest of the file goes to the
@@ -57,6 +58,8 @@ pub struct Delivery {
     pub concurrency: usize,
     /// One request's deadline.
     pub timeout: Duration,
+    /// The first retry's delay; each next one doubles, up to 5 minutes.
+    pub retry_backoff: Duration,
 }
 
 impl Default for Delivery {
@@ -67,9 +70,13 @@ impl Default for Delivery {
             max_retry_age: Duration::from_secs(4 * 3600),
             concurrency: 4,
             timeout: Duration::from_secs(10),
+            retry_backoff: Duration::from_secs(1),
         }
     }
 }
+
+/// The longest wait between two tries of a message.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
 
 /// The most messages one request may carry: the Segment API's batch limit.
 pub const MAX_BATCH: usize = 2_500;
@@ -142,13 +149,12 @@ pub fn parse(path: &Path, text: &str, env: Env<'_>) -> Result<DestinationFile, V
     let filter = code(&mut r, &mut root, "filter");
     let transform = code(&mut r, &mut root, "transform");
     let delivery = read_delivery(&mut r, &mut root);
-    if doc.get("type").is_none() {
-        r.error(
-            None,
-            "a destination needs a `type` (webhook | segment)".to_string(),
-        );
-    }
-    let kind = r.typed::<Kind>(root);
+    let kind = if doc.get("type").is_none() {
+        r.error(None, "a destination needs a `type` (webhook | segment)");
+        None
+    } else {
+        r.typed::<Kind>(root)
+    };
     match kind {
         Some(kind) if r.diagnostics.is_empty() => Ok(DestinationFile {
             name,
@@ -201,6 +207,9 @@ fn read_delivery(r: &mut Reader, root: &mut Section) -> Delivery {
     }
     if let Some(d) = r.duration(&mut s, "timeout") {
         delivery.timeout = d.max(Duration::from_millis(1));
+    }
+    if let Some(d) = r.duration(&mut s, "retry_backoff") {
+        delivery.retry_backoff = d.clamp(Duration::from_millis(1), BACKOFF_CAP);
     }
     r.finish(s);
     delivery

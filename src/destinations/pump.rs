@@ -20,7 +20,7 @@
 //!
 //! ## Failure
 //! 5xx, 408, 429, timeouts and connection errors retry that batch's users with exponential
-//! backoff from 1 s to 5 min with jitter, or after `Retry-After`, which pauses the whole
+//! backoff from `retry_backoff` (1 s) to 5 min with jitter, or after `Retry-After`, which pauses the whole
 //! destination (the receiver asked for a break). Three failures in a row pause the whole
 //! destination with the same backoff, so a dead receiver gets a probe now and then, not a
 //! request per parked user.
@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::files::Delivery;
+use super::files::{Delivery, BACKOFF_CAP};
 use super::queue::{Change, Dead, Queue, QueueError, UserState};
 use super::route::{Head, Route, Shaped};
 use super::sender::{Attempt, Outgoing, Sender};
@@ -49,8 +49,6 @@ const MAX_BUFFERED: usize = 10_000;
 /// How long the buffer may stay full before it is parked, so the log can move on.
 pub const SPILL_AFTER: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 1_000;
-const BACKOFF_START: Duration = Duration::from_secs(1);
-const BACKOFF_CAP: Duration = Duration::from_secs(300);
 /// Failures in a row, across users, after which the whole destination pauses.
 const PAUSE_AFTER: u32 = 3;
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -122,9 +120,9 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Exponential from [`BACKOFF_START`], capped, with "equal jitter": between half and all of it.
-pub fn backoff(attempts: u32, seed: u64) -> Duration {
-    let exp = BACKOFF_START.saturating_mul(1u32 << attempts.saturating_sub(1).min(16));
+/// Exponential from `start`, capped, with "equal jitter": between half and all of it.
+pub fn backoff(start: Duration, attempts: u32, seed: u64) -> Duration {
+    let exp = start.saturating_mul(1u32 << attempts.saturating_sub(1).min(16));
     let full = exp.min(BACKOFF_CAP);
     let fraction = (xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) % 1000) as f64 / 1000.0;
     full.mul_f64(0.5 + 0.5 * fraction)
@@ -223,7 +221,11 @@ impl State {
                     continue;
                 };
                 let segments = &self.pump.segments;
-                if !self.pump.route.wants(entry.source, &head, |k, d| segments(k, d)) {
+                if !self
+                    .pump
+                    .route
+                    .wants(entry.source, &head, |k, d| segments(k, d))
+                {
                     continue;
                 }
                 let mut message = Outgoing {
@@ -393,7 +395,10 @@ impl State {
             let Some(user) = self.ready.pop_front() else {
                 break;
             };
-            let queue = self.buffered.get_mut(&user).expect("ready users have messages");
+            let queue = self
+                .buffered
+                .get_mut(&user)
+                .expect("ready users have messages");
             let n = queue.len().min(cap - batch.messages.len());
             for message in queue.drain(..n) {
                 batch.messages.push(message);
@@ -440,8 +445,15 @@ impl State {
                         }
                     }
                 }
-                self.pump.metrics.delivered.get_or_create(&self.labels).inc_by(n as u64);
-                self.pump.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+                self.pump
+                    .metrics
+                    .delivered
+                    .get_or_create(&self.labels)
+                    .inc_by(n as u64);
+                self.pump
+                    .stats
+                    .delivered
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 for user in &users {
                     if self.parked.contains_key(*user) {
                         self.reset_parked(user, now, &mut change);
@@ -470,11 +482,19 @@ impl State {
             }
             Attempt::Retry { after, reason } => {
                 self.failures_in_a_row += 1;
-                self.pump.metrics.retried.get_or_create(&self.labels).inc_by(n as u64);
-                self.pump.stats.retried.fetch_add(n as u64, Ordering::Relaxed);
+                self.pump
+                    .metrics
+                    .retried
+                    .get_or_create(&self.labels)
+                    .inc_by(n as u64);
+                self.pump
+                    .stats
+                    .retried
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 let pause = match after {
                     Some(after) => Some(*after),
                     None if self.failures_in_a_row >= PAUSE_AFTER => Some(backoff(
+                        self.pump.delivery.retry_backoff,
                         self.failures_in_a_row - PAUSE_AFTER + 1,
                         now as u64,
                     )),
@@ -492,7 +512,8 @@ impl State {
                     let mine = batch.messages.iter().zip(&batch.origins);
                     for (m, origin) in mine.filter(|(m, _)| m.user == *user) {
                         if expired {
-                            let why = format!("retried for longer than max_retry_age; last: {reason}");
+                            let why =
+                                format!("retried for longer than max_retry_age; last: {reason}");
                             change.dead.push(Dead::new(m, true, None, why, now));
                             match origin {
                                 Origin::Queue(seq) => change.remove.push((m.user.clone(), *seq)),
@@ -509,7 +530,13 @@ impl State {
                         continue;
                     }
                     let attempts = previous.map_or(0, |s| s.attempts) + 1;
-                    let wait = after.unwrap_or_else(|| backoff(attempts, now as u64 ^ u64::from(attempts)));
+                    let wait = after.unwrap_or_else(|| {
+                        backoff(
+                            self.pump.delivery.retry_backoff,
+                            attempts,
+                            now as u64 ^ u64::from(attempts),
+                        )
+                    });
                     let state = UserState {
                         retry_at_ms: now + wait.as_millis() as i64,
                         failing_since_ms: Some(since),
@@ -565,7 +592,10 @@ impl State {
             .dead_lettered
             .get_or_create(&self.labels)
             .inc_by(n as u64);
-        self.pump.stats.dead_lettered.fetch_add(n as u64, Ordering::Relaxed);
+        self.pump
+            .stats
+            .dead_lettered
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Moves the cursor to the first unfinished offset, and publishes the backlog.
@@ -601,7 +631,9 @@ impl State {
                         Shaped::Send(body) => message.body = body,
                         Shaped::Dropped => continue,
                         Shaped::Failed(reason) => {
-                            change.dead.push(Dead::new(&message, false, None, reason, now));
+                            change
+                                .dead
+                                .push(Dead::new(&message, false, None, reason, now));
                             continue;
                         }
                     }
@@ -653,14 +685,17 @@ mod tests {
     #[test]
     fn backoff_doubles_from_a_second_to_five_minutes_with_jitter() {
         for seed in 0..50 {
-            let first = backoff(1, seed);
+            let second = Duration::from_secs(1);
+            let first = backoff(second, 1, seed);
             assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
-            let fourth = backoff(4, seed);
+            let fourth = backoff(second, 4, seed);
             assert!(fourth >= Duration::from_secs(4) && fourth <= Duration::from_secs(8));
-            let late = backoff(30, seed);
+            let late = backoff(second, 30, seed);
             assert!(late >= Duration::from_secs(150) && late <= Duration::from_secs(300));
         }
-        let spread: HashSet<Duration> = (0..50).map(|s| backoff(3, s)).collect();
+        let spread: HashSet<Duration> = (0..50)
+            .map(|s| backoff(Duration::from_secs(1), 3, s))
+            .collect();
         assert!(spread.len() > 10, "jitter spreads retries");
     }
 }

@@ -73,7 +73,13 @@ pub struct Dead {
 }
 
 impl Dead {
-    pub fn new(message: &Outgoing, shaped: bool, status: Option<u16>, reason: String, now_ms: i64) -> Dead {
+    pub fn new(
+        message: &Outgoing,
+        shaped: bool,
+        status: Option<u16>,
+        reason: String,
+        now_ms: i64,
+    ) -> Dead {
         Dead {
             message_id: message.message_id.clone(),
             user: message.user.clone(),
@@ -118,7 +124,10 @@ pub struct Change {
 
 impl Change {
     pub fn is_empty(&self) -> bool {
-        self.park.is_empty() && self.remove.is_empty() && self.dead.is_empty() && self.users.is_empty()
+        self.park.is_empty()
+            && self.remove.is_empty()
+            && self.dead.is_empty()
+            && self.users.is_empty()
     }
 }
 
@@ -166,7 +175,10 @@ impl Queue {
         let mut out = Vec::new();
         for row in users.iter()? {
             let (user, state) = row?;
-            out.push((user.value().to_string(), postcard::from_bytes(state.value())?));
+            out.push((
+                user.value().to_string(),
+                postcard::from_bytes(state.value())?,
+            ));
         }
         Ok(out)
     }
@@ -210,7 +222,10 @@ impl Queue {
             taken
         };
         let count = taken.len();
-        write(&w, &decide(taken.into_iter().map(Dead::into_outgoing).collect()))?;
+        write(
+            &w,
+            &decide(taken.into_iter().map(Dead::into_outgoing).collect()),
+        )?;
         w.commit()?;
         Ok(count)
     }

@@ -234,9 +234,8 @@ mod tests {
 
     fn route(extra: &str) -> Route {
         let text = format!("type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n{extra}");
-        let file =
-            super::super::files::parse(Path::new("destinations/crm.toml"), &text, &|_| None)
-                .unwrap();
+        let file = super::super::files::parse(Path::new("destinations/crm.toml"), &text, &|_| None)
+            .unwrap();
         Route::compile(&file).unwrap()
     }
 
@@ -248,9 +247,17 @@ mod tests {
     fn events_match_names_and_types() {
         let r = route("events = [\"Order Completed\", \"identify\"]\n");
         let none = |_: &str, _: &str| false;
-        assert!(r.wants("web", &head(r#"{"type":"track","event":"Order Completed"}"#), none));
+        assert!(r.wants(
+            "web",
+            &head(r#"{"type":"track","event":"Order Completed"}"#),
+            none
+        ));
         assert!(r.wants("web", &head(r#"{"type":"identify"}"#), none));
-        assert!(!r.wants("web", &head(r#"{"type":"track","event":"Signed Up"}"#), none));
+        assert!(!r.wants(
+            "web",
+            &head(r#"{"type":"track","event":"Signed Up"}"#),
+            none
+        ));
         assert!(!r.wants("web", &head(r#"{"type":"page"}"#), none));
         assert!(route("").wants("web", &head(r#"{"type":"page"}"#), none));
         assert!(!route("events = []\n").wants("web", &head(r#"{"type":"page"}"#), none));
@@ -263,8 +270,10 @@ mod tests {
         // Listed under `segments`, whatever `events` says.
         assert!(route("events = []\nsegments = [\"vip\"]\n").wants("sluice", &head(change), none));
         // Named by the segment file.
-        assert!(route("events = []\n").wants("sluice", &head(change), |key, dest| key == "vip"
-            && dest == "crm"));
+        assert!(
+            route("events = []\n").wants("sluice", &head(change), |key, dest| key == "vip"
+                && dest == "crm")
+        );
         // Neither: not even a destination taking every event.
         assert!(!route("").wants("sluice", &head(change), none));
         // The same shape from a client is an ordinary message.
@@ -286,21 +295,32 @@ mod tests {
         let small = br#"{"type":"track","event":"Order","properties":{"revenue":5}}"#;
         assert_eq!(r.shape(small), Shaped::Dropped);
         // No revenue at all: `() > 100` is false, not an error.
-        assert_eq!(r.shape(br#"{"type":"track","event":"Order","properties":{}}"#), Shaped::Dropped);
+        assert_eq!(
+            r.shape(br#"{"type":"track","event":"Order","properties":{}}"#),
+            Shaped::Dropped
+        );
 
         assert_eq!(route("transform = '()'\n").shape(big), Shaped::Dropped);
-        assert!(matches!(route("transform = '42'\n").shape(big), Shaped::Failed(e) if e.contains("not a message")));
-        assert!(matches!(route("filter = 'loop {}'\n").shape(big), Shaped::Failed(e) if e.contains("operations")));
+        assert!(
+            matches!(route("transform = '42'\n").shape(big), Shaped::Failed(e) if e.contains("not a message"))
+        );
+        assert!(
+            matches!(route("filter = 'loop {}'\n").shape(big), Shaped::Failed(e) if e.contains("operations"))
+        );
     }
 
     #[test]
     fn broken_rhai_is_placed_in_the_file() {
-        let text = "type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\nfilter = '''\nmsg.x >\n'''\n";
-        let file =
-            super::super::files::parse(Path::new("destinations/crm.toml"), text, &|_| None)
-                .unwrap();
+        let text =
+            "type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\nfilter = '''\nmsg.x >\n'''\n";
+        let file = super::super::files::parse(Path::new("destinations/crm.toml"), text, &|_| None)
+            .unwrap();
         let problems = Route::compile(&file).err().unwrap();
         let shown = problems[0].to_string();
-        assert!(shown.starts_with("destinations/crm.toml:5:1: filter:") || shown.starts_with("destinations/crm.toml:4:"), "{shown}");
+        assert!(
+            shown.starts_with("destinations/crm.toml:5:1: filter:")
+                || shown.starts_with("destinations/crm.toml:4:"),
+            "{shown}"
+        );
     }
 }

@@ -30,7 +30,10 @@ pub enum Attempt {
         reason: String,
     },
     /// Any other answer: the destination will never take these messages as they are.
-    Reject { status: u16, body: String },
+    Reject {
+        status: u16,
+        body: String,
+    },
 }
 
 /// A destination type: sends one batch (in order, one user's messages never split across two
@@ -99,7 +102,11 @@ pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Du
         return Some(Duration::from_secs(seconds));
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    Some((at.with_timezone(&chrono::Utc) - now).to_std().unwrap_or_default())
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or_default(),
+    )
 }
 
 /// The JSON array `[m1,m2,...]` of the batch's bodies, after `prefix`, then `suffix`.

@@ -43,7 +43,9 @@ pub async fn dead(
     let rows = found
         .ok_or_else(|| ApiError::NotFound("no destination has this name".into()))?
         .map_err(ApiError::Internal)?;
-    let next = (rows.len() == limit).then(|| rows.last().map(|(seq, _)| *seq)).flatten();
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|(seq, _)| *seq))
+        .flatten();
     let dead: Vec<_> = rows
         .into_iter()
         .map(|(seq, d)| {

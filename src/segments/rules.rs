@@ -401,7 +401,14 @@ fn classify(e: &rhai::EvalAltResult) -> RuleFailure {
 
 /// A Rhai problem placed in the segment file.
 pub fn rhai_problem(file: &SegmentFile, pos: &rhai::Position, message: &str) -> Diagnostic {
-    rhai_problem_at(&file.path, &file.text, file.rule_offset, "rule", pos, message)
+    rhai_problem_at(
+        &file.path,
+        &file.text,
+        file.rule_offset,
+        "rule",
+        pos,
+        message,
+    )
 }
 
 /// A Rhai problem in code that starts at byte `code_offset` of a file's `text`, labelled `what`.

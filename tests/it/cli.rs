@@ -194,7 +194,22 @@ fn check_reports_broken_rules_unknown_destinations_and_failing_segment_tests() {
     let segments = dir.path().join("segments");
     std::fs::create_dir_all(&segments).unwrap();
     std::fs::create_dir_all(dir.path().join("destinations")).unwrap();
-    std::fs::write(dir.path().join("destinations/crm.toml"), "").unwrap();
+    let destinations = dir.path().join("destinations");
+    std::fs::write(
+        destinations.join("crm.toml"),
+        "type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        destinations.join("typo.toml"),
+        "type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\nbatch = 3\n",
+    )
+    .unwrap();
+    std::fs::write(
+        destinations.join("filtered.toml"),
+        "type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\nfilter = 'msg.x >'\nsegments = [\"nope\"]\n",
+    )
+    .unwrap();
     std::fs::write(
         segments.join("broken.toml"),
         "name = \"Broken\"\nrule = '''\nuser.did(\"A\") &&\n'''\n",
@@ -230,5 +245,14 @@ fn check_reports_broken_rules_unknown_destinations_and_failing_segment_tests() {
         )),
         "{text}"
     );
-    assert_eq!(text.lines().count(), 3, "{text}");
+    let d = destinations.display();
+    assert!(
+        text.contains(&format!("{d}/typo.toml:3:1: unknown field `batch`")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{d}/filtered.toml:3:")) && text.contains("filter: "),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 5, "{text}");
 }

@@ -2,9 +2,11 @@
 
 mod audiences;
 mod cli;
+mod destinations;
 mod durability;
 mod http_api;
 mod lake;
 mod plan;
+mod receiver;
 mod schemas;
 mod support;

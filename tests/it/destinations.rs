@@ -1,0 +1,471 @@
+//! Destinations end to end, against real HTTP receivers on 127.0.0.1 (see `receiver.rs`) and a
+//! second Sluice: retries, the dead letter and its replay, `Retry-After`, the rate limit, order
+//! per user under random failures, a dead destination beside a healthy one, SIGKILL, signatures.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use serde_json::Value;
+
+use crate::receiver::{eventually, Receiver};
+use crate::support::*;
+
+fn destination(dir: &Path, name: &str, text: &str) {
+    std::fs::create_dir_all(dir.join("destinations")).unwrap();
+    std::fs::write(dir.join(format!("destinations/{name}.toml")), text).unwrap();
+}
+
+fn webhook(url: &str, extra: &str) -> String {
+    format!("type = \"webhook\"\nurl = \"{url}\"\n{extra}")
+}
+
+fn admin_get(server: &Server, path: &str) -> Value {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let r = request(server.addr, "GET", path, &[("Authorization", &auth)], b"");
+    assert_eq!(
+        r.status,
+        200,
+        "{path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+fn admin_post(server: &Server, path: &str) -> Value {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let r = request(
+        server.addr,
+        "POST",
+        path,
+        &[("Authorization", &auth)],
+        b"{}",
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "{path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+fn stats(server: &Server, name: &str) -> Value {
+    let all = admin_get(server, "/admin/destinations");
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no destination {name} in {all}"))
+}
+
+/// A track from `user` with messageId `id`.
+fn track_from(user: &str, id: &str) -> String {
+    format!(
+        r#"{{"type":"track","event":"Order Completed","userId":"{user}","messageId":"{id}","properties":{{"n":1}}}}"#
+    )
+}
+
+fn ids(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn verify(secret: &str, timestamp: &str, body: &[u8], signature: &str) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    let Some(hex) = signature.strip_prefix("sha256=") else {
+        return false;
+    };
+    let Ok(tag) = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+    else {
+        return false;
+    };
+    ring::hmac::verify(&key, &signed, &tag).is_ok()
+}
+
+#[test]
+fn a_failing_request_is_retried_then_delivered_signed_with_one_idempotency_key() {
+    let receiver = Receiver::answering(|_, i| {
+        if i < 2 {
+            (503, vec![], "busy".into())
+        } else {
+            (200, vec![], "{}".into())
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "crm",
+        &webhook(
+            &receiver.url(),
+            "secret = \"s3cret\"\nheaders = { \"X-Team\" = \"growth\" }\n[delivery]\nretry_backoff = \"100ms\"\n",
+        ),
+    );
+    let server = Server::start_in(dir, "");
+    assert_eq!(
+        server.send("/v1/track", &track_from("ann", "m-1")).status,
+        200
+    );
+    eventually("the delivery", Duration::from_secs(10), || {
+        (receiver.delivered().len() == 1).then_some(())
+    });
+    let requests = receiver.received();
+    let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [503, 503, 200]);
+    assert!(
+        requests[1].at - requests[0].at >= Duration::from_millis(50),
+        "the retry waited its backoff"
+    );
+    for r in &requests {
+        assert_eq!(r.headers["idempotency-key"], "m-1");
+        assert_eq!(r.headers["x-team"], "growth");
+        let (ts, sig) = (
+            &r.headers["x-sluice-timestamp"],
+            &r.headers["x-sluice-signature"],
+        );
+        assert!(verify("s3cret", ts, &r.body, sig), "signature verifies");
+        assert!(!verify("other", ts, &r.body, sig));
+        let mut tampered = r.body.clone();
+        tampered[0] = b' ';
+        assert!(
+            !verify("s3cret", ts, &tampered, sig),
+            "a changed body fails"
+        );
+        let age = chrono::Utc::now().timestamp() - ts.parse::<i64>().unwrap();
+        assert!((0..30).contains(&age), "the timestamp is now");
+    }
+    let message = &requests[2].messages()[0];
+    assert_eq!(message["event"], "Order Completed");
+    assert_eq!(message["userId"], "ann");
+    assert!(
+        message["receivedAt"].is_string(),
+        "Segment-spec, enriched: {message}"
+    );
+    let s = stats(&server, "crm");
+    assert_eq!(
+        (s["delivered"].as_u64(), s["retried"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(s["type"], "webhook");
+}
+
+#[test]
+fn a_refused_message_goes_to_the_dead_letter_at_once_and_replays_exactly_once() {
+    let accept = Arc::new(AtomicBool::new(false));
+    let receiver = Receiver::answering({
+        let accept = accept.clone();
+        move |_, _| {
+            if accept.load(Ordering::SeqCst) {
+                (200, vec![], "{}".into())
+            } else {
+                (400, vec![], "{\"error\":\"bad payload\"}".into())
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "crm",
+        &webhook(&receiver.url(), "[delivery]\nretry_backoff = \"50ms\"\n"),
+    );
+    let server = Server::start_in(dir, "");
+    let sent: Vec<String> = (0..3).map(|i| format!("dead-{i}")).collect();
+    for (i, id) in sent.iter().enumerate() {
+        assert_eq!(
+            server
+                .send("/v1/track", &track_from(&format!("u{i}"), id))
+                .status,
+            200
+        );
+    }
+    eventually("three refusals", Duration::from_secs(10), || {
+        (stats(&server, "crm")["dead_letter"] == 3).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(receiver.received().len(), 3, "a 400 is never retried");
+    let s = stats(&server, "crm");
+    assert_eq!(
+        (s["dead_lettered"].as_u64(), s["retried"].as_u64()),
+        (Some(3), Some(0))
+    );
+
+    let dead = admin_get(&server, "/admin/destinations/crm/dead");
+    let dead = dead["dead"].as_array().unwrap();
+    assert_eq!(dead.len(), 3);
+    for d in dead {
+        assert_eq!(d["status"], 400);
+        assert!(d["reason"].as_str().unwrap().contains("bad payload"), "{d}");
+    }
+
+    accept.store(true, Ordering::SeqCst);
+    assert_eq!(
+        admin_post(&server, "/admin/destinations/crm/replay")["replayed"],
+        3
+    );
+    eventually("the replayed messages", Duration::from_secs(10), || {
+        (receiver.delivered().len() == 3).then_some(())
+    });
+    assert_eq!(
+        admin_post(&server, "/admin/destinations/crm/replay")["replayed"],
+        0
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut delivered = ids(&receiver.delivered());
+    delivered.sort();
+    assert_eq!(delivered, sent, "each dead message once");
+    assert_eq!(stats(&server, "crm")["dead_letter"], 0);
+    let unknown = request(
+        server.addr,
+        "POST",
+        "/admin/destinations/nope/replay",
+        &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        b"",
+    );
+    assert_eq!(unknown.status, 404);
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let receiver = Receiver::answering(|_, i| {
+        if i == 0 {
+            (
+                429,
+                vec![("Retry-After".into(), "2".into())],
+                "slow down".into(),
+            )
+        } else {
+            (200, vec![], "{}".into())
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "crm",
+        &webhook(&receiver.url(), "[delivery]\nretry_backoff = \"10ms\"\n"),
+    );
+    let server = Server::start_in(dir, "");
+    // Two users: the pause is for the whole destination, not only the refused user.
+    assert_eq!(
+        server.send("/v1/track", &track_from("ann", "ra-1")).status,
+        200
+    );
+    eventually("the 429", Duration::from_secs(10), || {
+        (!receiver.received().is_empty()).then_some(())
+    });
+    assert_eq!(
+        server.send("/v1/track", &track_from("bob", "ra-2")).status,
+        200
+    );
+    eventually("both deliveries", Duration::from_secs(10), || {
+        (receiver.delivered().len() == 2).then_some(())
+    });
+    let requests = receiver.received();
+    let gap = requests[1].at - requests[0].at;
+    assert!(
+        gap >= Duration::from_millis(1950),
+        "asked for 2 s, waited {gap:?}"
+    );
+}
+
+#[test]
+fn the_rate_limit_holds_at_the_receiver() {
+    let receiver = Receiver::ok();
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "crm",
+        &webhook(
+            &receiver.url(),
+            "[delivery]\nrate_limit = 10\nconcurrency = 8\n",
+        ),
+    );
+    let server = Server::start_in(dir, "");
+    let messages: Vec<String> = (0..30)
+        .map(|i| track_from(&format!("user-{i}"), &format!("rl-{i}")))
+        .collect();
+    let batch = format!("{{\"batch\":[{}]}}", messages.join(","));
+    assert_eq!(server.send("/v1/batch", &batch).status, 200);
+    eventually("30 deliveries", Duration::from_secs(20), || {
+        (receiver.delivered().len() == 30).then_some(())
+    });
+    let times: Vec<Instant> = receiver.received().iter().map(|r| r.at).collect();
+    let busiest = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && **t - *start < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest <= 11,
+        "{busiest} requests within one second at 10/s"
+    );
+    let span = *times.iter().max().unwrap() - *times.iter().min().unwrap();
+    assert!(
+        span >= Duration::from_millis(2700),
+        "30 requests at 10/s took {span:?}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3, ..ProptestConfig::default() })]
+
+    /// Whatever fails when, every message arrives, and each user's arrive in the order sent.
+    #[test]
+    fn per_user_order_survives_random_failures(pattern in proptest::collection::vec(any::<bool>(), 16..48)) {
+        let fail = Arc::new(pattern);
+        let receiver = Receiver::answering({
+            let fail = fail.clone();
+            move |_, i| {
+                if fail[i % fail.len()] && i < 400 {
+                    (503, vec![], "flaky".into())
+                } else {
+                    (200, vec![], "{}".into())
+                }
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        destination(
+            dir.path(),
+            "crm",
+            &webhook(
+                &receiver.url(),
+                "[delivery]\nbatch_size = 4\nconcurrency = 3\nretry_backoff = \"5ms\"\n",
+            ),
+        );
+        let server = Server::start_in(dir, "");
+        let users = ["ann", "bob", "cy", "dee"];
+        let mut sent: HashMap<&str, Vec<String>> = HashMap::new();
+        for round in 0..3 {
+            let mut batch = Vec::new();
+            for n in 0..5 {
+                for user in users {
+                    let id = format!("{user}-{round}-{n}");
+                    batch.push(track_from(user, &id));
+                    sent.entry(user).or_default().push(id);
+                }
+            }
+            let body = format!("{{\"batch\":[{}]}}", batch.join(","));
+            prop_assert_eq!(server.send("/v1/batch", &body).status, 200);
+        }
+        eventually("every message", Duration::from_secs(60), || {
+            (receiver.delivered().len() >= 60).then_some(())
+        });
+        let mut got: HashMap<String, Vec<String>> = HashMap::new();
+        for m in receiver.delivered() {
+            got.entry(m["userId"].as_str().unwrap().to_string())
+                .or_default()
+                .push(m["messageId"].as_str().unwrap().to_string());
+        }
+        for user in users {
+            prop_assert_eq!(&got[user], &sent[user], "{}'s messages, once each, in order", user);
+        }
+    }
+}
+
+#[test]
+fn a_dead_destination_does_not_slow_a_healthy_one() {
+    let healthy = Receiver::ok();
+    let dead_url = format!("http://127.0.0.1:{}/gone", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    destination(dir.path(), "healthy", &webhook(&healthy.url(), ""));
+    destination(
+        dir.path(),
+        "dead",
+        &webhook(
+            &dead_url,
+            "[delivery]\nretry_backoff = \"20ms\"\ntimeout = \"200ms\"\n",
+        ),
+    );
+    let server = Server::start_in(dir, "");
+    let mut accepted_at = HashMap::new();
+    for round in 0..30 {
+        let ids: Vec<String> = (0..10).map(|i| format!("lat-{round}-{i}")).collect();
+        let body = format!(
+            "{{\"batch\":[{}]}}",
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| track_from(&format!("user-{i}"), id))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let before = Instant::now();
+        assert_eq!(server.send("/v1/batch", &body).status, 200);
+        for id in ids {
+            accepted_at.insert(id, before);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eventually("the healthy deliveries", Duration::from_secs(20), || {
+        (healthy.delivered().len() == 300).then_some(())
+    });
+    let mut latencies: Vec<Duration> = healthy
+        .received()
+        .iter()
+        .flat_map(|r| {
+            r.messages()
+                .into_iter()
+                .map(|m| r.at - accepted_at[m["messageId"].as_str().unwrap()])
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    assert!(
+        p99 < Duration::from_millis(250),
+        "healthy p99 {p99:?} beside a dead destination"
+    );
+    let dead = stats(&server, "dead");
+    assert_eq!(dead["delivered"], 0);
+    assert!(dead["retried"].as_u64().unwrap() > 0, "{dead}");
+    assert!(dead["backlog"].as_u64().unwrap() > 0, "{dead}");
+}
+
+#[test]
+fn a_second_sluice_as_segment_destination_receives_everything_once() {
+    let downstream = Server::start("");
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "mirror",
+        &format!(
+            "type = \"segment\"\nurl = \"http://{}\"\nwrite_key = \"{WRITE_KEY}\"\n[delivery]\nbatch_size = 50\n",
+            downstream.addr
+        ),
+    );
+    let upstream = Server::start_in(dir, "");
+    let mut sent = Vec::new();
+    for round in 0..6 {
+        let ids: Vec<String> = (0..20).map(|i| format!("mirror-{round}-{i}")).collect();
+        assert_eq!(upstream.send("/v1/batch", &batch_of(&ids)).status, 200);
+        sent.extend(ids);
+    }
+    let log = downstream.log_dir();
+    eventually("the mirror", Duration::from_secs(20), || {
+        (accepted_ids(&log).len() >= sent.len()).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut got = accepted_ids(&log);
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent, "every message, once");
+    let first = dump(&log)
+        .into_iter()
+        .find(|r| r["status"] == "accepted")
+        .unwrap();
+    assert_eq!(first["message"]["properties"]["currency"], "EUR");
+}
