@@ -15,6 +15,7 @@
 //! concurrency = 4                           # requests in flight
 //! timeout = "10s"                           # one request
 //! retry_backoff = "1s"                      # first retry delay, doubling up to 5 min
+//! buffer = 10000                            # messages in memory before the queue takes over
 //! ```
 //!
 //! The keys every type shares are read here with their places; the rest of the file goes to the
@@ -60,6 +61,9 @@ pub struct Delivery {
     pub timeout: Duration,
     /// The first retry's delay; each next one doubles, up to 5 minutes.
     pub retry_backoff: Duration,
+    /// Messages held in memory before their first try. When it stays full for 2 s the
+    /// destination is lagging, and what it holds moves to the destination's durable queue.
+    pub buffer: usize,
 }
 
 impl Default for Delivery {
@@ -71,6 +75,7 @@ impl Default for Delivery {
             concurrency: 4,
             timeout: Duration::from_secs(10),
             retry_backoff: Duration::from_secs(1),
+            buffer: 10_000,
         }
     }
 }
@@ -207,6 +212,13 @@ fn read_delivery(r: &mut Reader, root: &mut Section) -> Delivery {
     }
     if let Some(d) = r.duration(&mut s, "timeout") {
         delivery.timeout = d.max(Duration::from_millis(1));
+    }
+    if let Some(n) = r.integer(&mut s, "buffer") {
+        if (1..=1_000_000).contains(&n.value) {
+            delivery.buffer = n.value as usize;
+        } else {
+            r.error(n.span, "`delivery.buffer` must be between 1 and 1000000");
+        }
     }
     if let Some(d) = r.duration(&mut s, "retry_backoff") {
         delivery.retry_backoff = d.clamp(Duration::from_millis(1), BACKOFF_CAP);

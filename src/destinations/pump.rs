@@ -44,8 +44,6 @@ use crate::entry::{Entry, Status};
 use crate::intake_log::Consumer;
 use crate::metrics::{DestinationLabels, DestinationMetrics};
 
-/// Messages held in memory before their first attempt.
-const MAX_BUFFERED: usize = 10_000;
 /// How long the buffer may stay full before it is parked, so the log can move on.
 pub const SPILL_AFTER: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 1_000;
@@ -167,7 +165,7 @@ impl Pump {
             let wake = state.launch(&mut in_flight)?;
             let position = state.pump.consumer.position();
             let mut log_end = state.pump.log_end.clone();
-            let can_read = state.buffered_count < MAX_BUFFERED;
+            let can_read = state.buffered_count < state.pump.delivery.buffer;
             let wake = wake.min(next_commit);
             tokio::select! {
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
@@ -198,7 +196,7 @@ impl Pump {
 
 impl State {
     fn read_log(&mut self) -> Result<(), QueueError> {
-        while self.buffered_count < MAX_BUFFERED {
+        while self.buffered_count < self.pump.delivery.buffer {
             let records = match self.pump.consumer.read(READ_CHUNK) {
                 Ok(r) => r,
                 Err(e) => {
@@ -282,7 +280,7 @@ impl State {
     /// When the buffer has stayed full for a while the destination is not keeping up: park
     /// everything buffered (but what busy users hold), so the log cursor can move on.
     fn spill_if_lagging(&mut self) -> Result<(), QueueError> {
-        if self.buffered_count < MAX_BUFFERED {
+        if self.buffered_count < self.pump.delivery.buffer {
             self.full_since = None;
             return Ok(());
         }
