@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Destination benchmark: sluice (release) pinned to core 1; the load generator and the webhook
+# receiver (tools/loadgen's sluice-receiver) on core 0; loopback.
+#
+#   benches/destinations.sh [SECONDS]
+#
+# 1. latency: one webhook destination (batch_size 100) at 25,000 messages/s offered (half the
+#    50 k/s target): the receiver prints acceptance-to-arrival percentiles.
+# 2. throughput: the same destination with ingestion at full load (closed loop): messages/s
+#    acknowledged vs received.
+# 3. ten destinations, one dead: ingestion at full load with no destination, then with nine
+#    healthy ones and a dead one (connection refused); the ratio is the cost.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-30}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
+bin="$CARGO_TARGET_DIR/release"
+work="$(mktemp -d)"
+trap 'pkill -f "$work/sluice.toml" || true; pkill -f sluice-receiver || true; rm -rf "$work"' EXIT
+port=18088
+receiver_port=19099
+
+config() { # config N_HEALTHY N_DEAD
+  rm -rf "$work/data" "$work/destinations"
+  mkdir -p "$work/destinations"
+  cat > "$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[[sources]]
+name = "bench"
+write_key = "demo-server-key"
+[destinations]
+dir = "destinations"
+TOML
+  for i in $(seq 1 "$1"); do
+    printf 'type = "webhook"\nurl = "http://127.0.0.1:%s/hook"\n[delivery]\nbatch_size = 100\nconcurrency = 4\n' \
+      "$receiver_port" > "$work/destinations/healthy$i.toml"
+  done
+  for i in $(seq 1 "$2"); do
+    printf 'type = "webhook"\nurl = "http://127.0.0.1:9/gone"\n[delivery]\nbatch_size = 100\n' \
+      > "$work/destinations/dead$i.toml"
+  done
+}
+
+run() { # NAME HEALTHY DEAD -- loadgen args
+  local name="$1" healthy="$2" dead="$3"; shift 3
+  config "$healthy" "$dead"
+  if [ "$healthy" -gt 0 ]; then
+    taskset -c 0 "$bin/sluice-receiver" --listen "127.0.0.1:$receiver_port" \
+      --warmup 5 --duration "$seconds" > "$work/receiver.out" &
+  fi
+  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
+  local pid=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  echo "--- $name"
+  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --warmup 5 --duration "$seconds" "$@"
+  kill -TERM "$pid"; wait "$pid" || true
+  if [ "$healthy" -gt 0 ]; then wait; cat "$work/receiver.out"; fi
+}
+
+run "latency: 1 webhook, 25k msg/s offered" 1 0 --mode batch --batch 100 --connections 16 --rate 250
+run "throughput: 1 webhook, ingestion at full load" 1 0 --mode batch --batch 100 --connections 32
+run "no destinations, ingestion at full load" 0 0 --mode batch --batch 100 --connections 32
+run "ten destinations (one dead), ingestion at full load" 9 1 --mode batch --batch 100 --connections 32
