@@ -3,7 +3,9 @@
 # @segment/analytics-node from npm, and @segment/analytics-next in headless Chromium on a page of
 # another origin) send real traffic to the sluice binary over loopback, and `sluice log dump` shows
 # that every message arrived exactly once, intact. A tracking plan (tests/interop/schemas) blocks
-# the Python client's violations and flags the Node client's. The lake goes to an S3-compatible
+# the Python client's violations and flags the Node client's. A webhook destination delivers
+# every accepted message to a receiver written with Python's standard library, which verifies each
+# signature with its own HMAC code. The lake goes to an S3-compatible
 # server (moto, from PyPI) and is read back with pyarrow, DuckDB and `sluice query`.
 #
 #   tests/interop/run.sh [path/to/sluice]
@@ -44,7 +46,9 @@ fi
 work="$(mktemp -d)"
 server_pid=""
 moto_pid=""
+hook_pid=""
 cleanup() {
+  if [ -n "$hook_pid" ]; then kill "$hook_pid" 2>/dev/null || true; fi
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then kill -9 "$server_pid" || true; fi
   if [ -n "$moto_pid" ]; then kill "$moto_pid" 2>/dev/null || true; fi
   rm -rf "$work"
@@ -63,6 +67,20 @@ for _ in $(seq 1 100); do
   if "$py" -c "import boto3; boto3.client('s3').create_bucket(Bucket='sluice-interop')" 2>/dev/null; then break; fi
   sleep 0.2
 done
+
+# A webhook destination: a receiver written with Python's standard library checks every signature.
+hook_port="$(free_port)"
+"$py" "$here/receive_webhook.py" --port "$hook_port" --secret interop-secret \
+  --out "$work/webhook.jsonl" &
+hook_pid=$!
+mkdir -p "$work/destinations"
+cat > "$work/destinations/hook.toml" <<TOML
+type = "webhook"
+url = "http://127.0.0.1:$hook_port/sluice"
+secret = "interop-secret"
+[delivery]
+retry_backoff = "100ms"
+TOML
 
 port="$(free_port)"
 cat > "$work/sluice.toml" <<TOML
@@ -92,6 +110,9 @@ dir = "data/log"
 
 [schemas]
 dir = "$here/schemas"
+
+[destinations]
+dir = "destinations"
 TOML
 
 "$bin" --config "$work/sluice.toml" serve 2> "$work/server.log" &
@@ -122,6 +143,15 @@ if [ -n "$chromium" ]; then
   checks+=("browser=$here/browser/expected.jsonl")
 fi
 
+# Every accepted client message reaches the webhook before the server stops.
+for _ in $(seq 1 300); do
+  "$bin" --config "$work/sluice.toml" log dump > "$work/log-now.jsonl"
+  want="$("$py" -c 'import json,sys; print(len({r["messageId"] for r in map(json.loads, open(sys.argv[1])) if r["status"] == "accepted" and r["source"] != "sluice"}))' "$work/log-now.jsonl")"
+  have="$("$py" -c 'import json,sys; print(len({r["messageId"] for r in map(json.loads, open(sys.argv[1])) if r["verified"]}))' "$work/webhook.jsonl" 2>/dev/null || echo 0)"
+  [ "$have" -ge "$want" ] && break
+  sleep 0.2
+done
+
 # A clean stop: SIGTERM, exit status 0.
 kill -TERM "$server_pid"
 status=0
@@ -135,6 +165,8 @@ fi
 
 "$bin" --config "$work/sluice.toml" log dump > "$work/log.jsonl"
 "$py" "$here/check.py" "$work/log.jsonl" "${checks[@]}"
+"$py" "$here/check_webhook.py" "$work/log.jsonl" "$work/webhook.jsonl"
+kill "$hook_pid" 2>/dev/null || true
 
 # The lake: SIGTERM flushed it to S3; read it back three ways.
 "$bin" --config "$work/sluice.toml" query --format json \
