@@ -152,11 +152,12 @@ fn a_failing_request_is_retried_then_delivered_signed_with_one_idempotency_key()
         message["receivedAt"].is_string(),
         "Segment-spec, enriched: {message}"
     );
-    let s = stats(&server, "crm");
-    assert_eq!(
-        (s["delivered"].as_u64(), s["retried"].as_u64()),
-        (Some(1), Some(2))
-    );
+    // The receiver records a request before it answers: the stats follow a moment later.
+    let s = eventually("the stats", Duration::from_secs(5), || {
+        let s = stats(&server, "crm");
+        (s["delivered"] == 1).then_some(s)
+    });
+    assert_eq!(s["retried"], 2);
     assert_eq!(s["type"], "webhook");
 }
 
@@ -377,20 +378,23 @@ proptest! {
     }
 }
 
-#[test]
-fn a_dead_destination_does_not_slow_a_healthy_one() {
+/// Acceptance-to-arrival latencies at a healthy webhook over 3 s of steady traffic, with or
+/// without a dead destination (connection refused) beside it.
+fn healthy_latencies(with_dead: bool) -> (Vec<Duration>, Option<Value>) {
     let healthy = Receiver::ok();
-    let dead_url = format!("http://127.0.0.1:{}/gone", free_port());
     let dir = tempfile::tempdir().unwrap();
     destination(dir.path(), "healthy", &webhook(&healthy.url(), ""));
-    destination(
-        dir.path(),
-        "dead",
-        &webhook(
-            &dead_url,
-            "[delivery]\nretry_backoff = \"20ms\"\ntimeout = \"200ms\"\n",
-        ),
-    );
+    if with_dead {
+        let dead_url = format!("http://127.0.0.1:{}/gone", free_port());
+        destination(
+            dir.path(),
+            "dead",
+            &webhook(
+                &dead_url,
+                "[delivery]\nretry_backoff = \"20ms\"\ntimeout = \"200ms\"\n",
+            ),
+        );
+    }
     let server = Server::start_in(dir, "");
     let mut accepted_at = HashMap::new();
     for round in 0..30 {
@@ -424,12 +428,22 @@ fn a_dead_destination_does_not_slow_a_healthy_one() {
         })
         .collect();
     latencies.sort();
-    let p99 = latencies[latencies.len() * 99 / 100];
+    let dead = with_dead.then(|| stats(&server, "dead"));
+    (latencies, dead)
+}
+
+#[test]
+fn a_dead_destination_does_not_slow_a_healthy_one() {
+    let (alone, _) = healthy_latencies(false);
+    let (beside, dead) = healthy_latencies(true);
+    let p99 = |l: &[Duration]| l[l.len() * 99 / 100];
+    let (alone, beside) = (p99(&alone), p99(&beside));
+    // Compared within one run: the machine may be busy, but about equally for both.
     assert!(
-        p99 < Duration::from_millis(250),
-        "healthy p99 {p99:?} beside a dead destination"
+        beside < alone * 3 + Duration::from_millis(100),
+        "healthy p99 {beside:?} beside a dead destination, {alone:?} alone"
     );
-    let dead = stats(&server, "dead");
+    let dead = dead.unwrap();
     assert_eq!(dead["delivered"], 0);
     assert!(dead["retried"].as_u64().unwrap() > 0, "{dead}");
     assert!(dead["backlog"].as_u64().unwrap() > 0, "{dead}");
@@ -602,7 +616,7 @@ fn a_lagging_destination_moves_its_backlog_off_the_intake_log() {
         "slow",
         &webhook(
             &receiver.url(),
-            "[delivery]\nrate_limit = 20\nbuffer = 10\n",
+            "[delivery]\nrate_limit = 10\nbuffer = 10\n",
         ),
     );
     let server = Server::start_in(dir, "");
@@ -618,7 +632,7 @@ fn a_lagging_destination_moves_its_backlog_off_the_intake_log() {
     let body = format!("{{\"batch\":[{}]}}", batch.join(","));
     assert_eq!(server.send("/v1/batch", &body).status, 200);
     let log_dir = server.log_dir();
-    // At 20 requests a second the receiver has seen few of them when the log is released.
+    // At 10 requests a second the receiver has seen few of them when the log is released.
     let released_with = eventually(
         "the cursor past the backlog",
         Duration::from_secs(15),
