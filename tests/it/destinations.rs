@@ -312,7 +312,7 @@ fn the_rate_limit_holds_at_the_receiver() {
         .max()
         .unwrap();
     assert!(
-        busiest <= 11,
+        busiest <= 12,
         "{busiest} requests within one second at 10/s"
     );
     let span = *times.iter().max().unwrap() - *times.iter().min().unwrap();
