@@ -162,18 +162,13 @@ impl Destinations {
             let (commands, receiver) = mpsc::channel(4);
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-dest-{name}"))
-                .spawn({
-                    let name = name.clone();
-                    move || {
-                        crate::thread_priority::lower();
-                        let runtime = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .expect("a current-thread runtime builds");
-                        if let Err(e) = runtime.block_on(pump.run(receiver)) {
-                            tracing::error!(destination = %name, error = %e, "delivery stopped; the next start resumes from its cursor and queue");
-                        }
-                    }
+                .spawn(move || {
+                    crate::thread_priority::lower();
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a current-thread runtime builds");
+                    runtime.block_on(pump.run(receiver));
                 })?;
             tracing::info!(destination = %name, kind = file.kind.type_name(), "destination started");
             running.push(Running {

@@ -94,8 +94,8 @@ struct Batch {
     origins: Vec<Origin>,
 }
 
-struct State {
-    pump: Pump,
+struct State<'p> {
+    pump: &'p mut Pump,
     labels: DestinationLabels,
     limiter: Option<DefaultDirectRateLimiter>,
     buffered: HashMap<String, VecDeque<Outgoing>>,
@@ -128,7 +128,39 @@ pub fn backoff(start: Duration, attempts: u32, seed: u64) -> Duration {
 
 impl Pump {
     /// Runs until `commands` closes, then waits for requests in flight and commits the cursor.
-    pub async fn run(self, mut commands: mpsc::Receiver<Command>) -> Result<(), QueueError> {
+    /// When its state fails (the queue cannot be written: a full disk; the log cannot be read),
+    /// it starts over from what is durable, its cursor and its queue, after a pause.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut failures = 0;
+        loop {
+            let error = match self.run_once(&mut commands).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            failures += 1;
+            let pause = backoff(Duration::from_secs(1), failures, failures as u64);
+            tracing::error!(destination = %self.name, error = %error, ?pause, "delivery failed; resuming from the destination's cursor and queue");
+            self.consumer.rewind();
+            if let Err(e) = self.queue.reopen() {
+                tracing::error!(destination = %self.name, error = %e, "reopening the destination's queue");
+            }
+            let resume = tokio::time::sleep(pause);
+            tokio::pin!(resume);
+            loop {
+                tokio::select! {
+                    _ = &mut resume => break,
+                    command = commands.recv() => match command {
+                        Some(Command::Replay(reply)) => {
+                            let _ = reply.send(Err(format!("the destination is recovering: {error}")));
+                        }
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    async fn run_once(&mut self, commands: &mut mpsc::Receiver<Command>) -> anyhow::Result<()> {
         let limiter = self.delivery.rate_limit.map(|rate| {
             let rate = std::num::NonZeroU32::new(rate).expect("validated positive");
             DefaultDirectRateLimiter::direct(
@@ -190,20 +222,14 @@ impl Pump {
             let (batch, attempt) = done.expect("delivery tasks do not panic");
             state.finish(batch, attempt)?;
         }
-        state.commit()
+        Ok(state.commit()?)
     }
 }
 
-impl State {
-    fn read_log(&mut self) -> Result<(), QueueError> {
+impl State<'_> {
+    fn read_log(&mut self) -> anyhow::Result<()> {
         while self.buffered_count < self.pump.delivery.buffer {
-            let records = match self.pump.consumer.read(READ_CHUNK) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(destination = %self.pump.name, error = %e, "reading the intake log");
-                    return Ok(());
-                }
-            };
+            let records = self.pump.consumer.read(READ_CHUNK)?;
             if records.is_empty() {
                 return Ok(());
             }

@@ -10,7 +10,8 @@
 //!
 //! Every write commits durably before the log cursor moves past what it holds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -107,7 +108,9 @@ impl Dead {
 }
 
 pub struct Queue {
-    db: Database,
+    path: PathBuf,
+    /// `None` only while [`Queue::reopen`] replaces it.
+    db: RwLock<Option<Database>>,
 }
 
 /// Changes made together, durably.
@@ -134,31 +137,54 @@ impl Change {
 impl Queue {
     pub fn open(dir: &Path, name: &str) -> Result<Queue, QueueError> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::builder()
-            .set_cache_size(8 << 20)
-            .create(dir.join(format!("{name}.redb")))?;
-        let w = db.begin_write()?;
-        w.open_table(PARKED)?;
-        w.open_table(USERS)?;
-        w.open_table(DEAD)?;
-        w.open_table(META)?;
-        w.commit()?;
-        Ok(Queue { db })
+        let path = dir.join(format!("{name}.redb"));
+        let db = open_db(&path)?;
+        Ok(Queue {
+            path,
+            db: RwLock::new(Some(db)),
+        })
+    }
+
+    /// Closes and opens the file again: after a failed write (a full disk) redb refuses to go on
+    /// with the handle it has.
+    pub fn reopen(&self) -> Result<(), QueueError> {
+        let mut db = self.db.write().unwrap();
+        db.take();
+        *db = Some(open_db(&self.path)?);
+        Ok(())
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, QueueError> {
+        match self.db.read().unwrap().as_ref() {
+            Some(db) => Ok(db.begin_read()?),
+            None => Err(self.closed()),
+        }
+    }
+
+    fn write(&self) -> Result<redb::WriteTransaction, QueueError> {
+        match self.db.read().unwrap().as_ref() {
+            Some(db) => Ok(db.begin_write()?),
+            None => Err(self.closed()),
+        }
+    }
+
+    fn closed(&self) -> QueueError {
+        QueueError(format!("{} is not open", self.path.display()))
     }
 
     pub fn apply(&self, change: Change) -> Result<(), QueueError> {
         if change.is_empty() {
             return Ok(());
         }
-        let w = self.db.begin_write()?;
-        write(&w, &change)?;
+        let w = self.write()?;
+        write_change(&w, &change)?;
         w.commit()?;
         Ok(())
     }
 
     /// Up to `limit` of `user`'s parked messages, oldest first, with their seqs.
     pub fn load(&self, user: &str, limit: usize) -> Result<Vec<(u64, Outgoing)>, QueueError> {
-        let r = self.db.begin_read()?;
+        let r = self.read()?;
         let parked = r.open_table(PARKED)?;
         let mut out = Vec::new();
         for row in parked.range((user, 0)..=(user, u64::MAX))?.take(limit) {
@@ -170,7 +196,7 @@ impl Queue {
 
     /// Every parked user and its state: what a restart resumes from.
     pub fn users(&self) -> Result<Vec<(String, UserState)>, QueueError> {
-        let r = self.db.begin_read()?;
+        let r = self.read()?;
         let users = r.open_table(USERS)?;
         let mut out = Vec::new();
         for row in users.iter()? {
@@ -184,16 +210,16 @@ impl Queue {
     }
 
     pub fn parked_count(&self) -> Result<u64, QueueError> {
-        Ok(self.db.begin_read()?.open_table(PARKED)?.len()?)
+        Ok(self.read()?.open_table(PARKED)?.len()?)
     }
 
     pub fn dead_count(&self) -> Result<u64, QueueError> {
-        Ok(self.db.begin_read()?.open_table(DEAD)?.len()?)
+        Ok(self.read()?.open_table(DEAD)?.len()?)
     }
 
     /// Up to `limit` dead letters after `after`, oldest first.
     pub fn dead(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, Dead)>, QueueError> {
-        let r = self.db.begin_read()?;
+        let r = self.read()?;
         let dead = r.open_table(DEAD)?;
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::new();
@@ -210,7 +236,7 @@ impl Queue {
         &self,
         decide: impl FnOnce(Vec<(Outgoing, bool)>) -> Change,
     ) -> Result<usize, QueueError> {
-        let w = self.db.begin_write()?;
+        let w = self.write()?;
         let taken = {
             let mut dead = w.open_table(DEAD)?;
             let mut taken = Vec::new();
@@ -222,7 +248,7 @@ impl Queue {
             taken
         };
         let count = taken.len();
-        write(
+        write_change(
             &w,
             &decide(taken.into_iter().map(Dead::into_outgoing).collect()),
         )?;
@@ -231,7 +257,18 @@ impl Queue {
     }
 }
 
-fn write(w: &redb::WriteTransaction, change: &Change) -> Result<(), QueueError> {
+fn open_db(path: &Path) -> Result<Database, QueueError> {
+    let db = Database::builder().set_cache_size(8 << 20).create(path)?;
+    let w = db.begin_write()?;
+    w.open_table(PARKED)?;
+    w.open_table(USERS)?;
+    w.open_table(DEAD)?;
+    w.open_table(META)?;
+    w.commit()?;
+    Ok(db)
+}
+
+fn write_change(w: &redb::WriteTransaction, change: &Change) -> Result<(), QueueError> {
     let mut meta = w.open_table(META)?;
     let mut seq = meta.get("next_seq")?.map_or(0, |v| v.value());
     let mut parked = w.open_table(PARKED)?;

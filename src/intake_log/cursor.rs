@@ -110,6 +110,11 @@ impl Consumer {
         self.reader.position()
     }
 
+    /// Goes back to the durable cursor: what was read since is read again.
+    pub fn rewind(&mut self) {
+        self.reader = LogReader::new(self.shared.clone(), self.committed);
+    }
+
     pub fn read(&mut self, max: usize) -> Result<Vec<Record>, ReadError> {
         self.reader.read(max)
     }

@@ -663,3 +663,89 @@ fn a_lagging_destination_moves_its_backlog_off_the_intake_log() {
         assert_eq!(got[user], sent[user], "{user}");
     }
 }
+
+#[test]
+fn a_queue_on_a_full_disk_holds_the_log_and_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    let accept = Arc::new(AtomicBool::new(false));
+    let receiver = Receiver::answering({
+        let accept = accept.clone();
+        move |_, _| match accept.load(Ordering::SeqCst) {
+            true => (200, vec![], "{}".into()),
+            false => (503, vec![], "down".into()),
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "crm",
+        &webhook(
+            &receiver.url(),
+            "[delivery]\nbatch_size = 50\nbuffer = 100\nretry_backoff = \"50ms\"\n",
+        ),
+    );
+    let extra = "[log]\nsegment_size = \"512KiB\"\n";
+    // The stores start at about 1 MiB; files may not grow past 1.5 MiB (EFBIG, as on a full
+    // disk), so the destination's queue fills up while the log's small segments still fit.
+    drop(ChildServer::spawn(dir.path(), extra, |_| {}));
+    let limit: libc::rlim_t = 1536 * 1024;
+    let child = ChildServer::spawn(dir.path(), extra, move |cmd| unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    });
+    let auth = basic(WRITE_KEY);
+    let mut acked = Vec::new();
+    let big = "x".repeat(1500);
+    for round in 0..60 {
+        let batch: Vec<String> = (0..50)
+            .map(|n| {
+                let id = format!("full-{round}-{n}");
+                acked.push(id.clone());
+                format!(
+                    r#"{{"type":"track","event":"Big","userId":"u{}","messageId":"{id}","properties":{{"pad":"{big}"}}}}"#,
+                    n % 5
+                )
+            })
+            .collect();
+        let body = format!("{{\"batch\":[{}]}}", batch.join(","));
+        let r = request(
+            child.addr,
+            "POST",
+            "/v1/batch",
+            &[("Authorization", &auth)],
+            body.as_bytes(),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "ingestion goes on: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let log_dir = dir.path().join("data/log");
+    let cursor = sluice::intake_log::cursor::load(&log_dir, "destination-crm")
+        .unwrap()
+        .unwrap_or(0);
+    assert!(
+        cursor < acked.len() as u64,
+        "the queue could not take the backlog, so the log keeps it (cursor {cursor})"
+    );
+    drop(child);
+    // Space is back and the receiver is up: every message arrives.
+    accept.store(true, Ordering::SeqCst);
+    let _child = ChildServer::spawn(dir.path(), extra, |_| {});
+    eventually("every message", Duration::from_secs(60), || {
+        let got: std::collections::HashSet<String> =
+            ids(&receiver.delivered()).into_iter().collect();
+        (got.len() == acked.len()).then_some(())
+    });
+}
