@@ -43,6 +43,7 @@ use super::sender::{Attempt, Outgoing, Sender};
 use crate::entry::{Entry, Status};
 use crate::intake_log::Consumer;
 use crate::metrics::{DestinationLabels, DestinationMetrics};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 
 /// How long the buffer may stay full before it is parked, so the log can move on.
 pub const SPILL_AFTER: Duration = Duration::from_secs(2);
@@ -451,7 +452,7 @@ impl State<'_> {
         // The batch's users, in order of first appearance.
         let mut users: Vec<&str> = Vec::new();
         for m in &batch.messages {
-            if users.last() != Some(&m.user.as_str()) && !users.contains(&m.user.as_str()) {
+            if !users.contains(&m.user.as_str()) {
                 users.push(&m.user);
             }
         }
@@ -463,21 +464,10 @@ impl State<'_> {
                     let now_micros = now * 1000;
                     for (m, origin) in batch.messages.iter().zip(&batch.origins) {
                         latency.observe((now_micros - m.accepted_micros).max(0) as f64 / 1e6);
-                        match origin {
-                            Origin::Log => finished_offsets.push(m.offset),
-                            Origin::Queue(seq) => change.remove.push((m.user.clone(), *seq)),
-                        }
+                        settle(m, *origin, &mut change, &mut finished_offsets);
                     }
                 }
-                self.pump
-                    .metrics
-                    .delivered
-                    .get_or_create(&self.labels)
-                    .inc_by(n as u64);
-                self.pump
-                    .stats
-                    .delivered
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.count(&self.pump.metrics.delivered, &self.pump.stats.delivered, n);
                 for user in &users {
                     if self.parked.contains_key(*user) {
                         self.reset_parked(user, now, &mut change);
@@ -491,10 +481,7 @@ impl State<'_> {
                     change
                         .dead
                         .push(Dead::new(m, true, Some(*status), reason.clone(), now));
-                    match origin {
-                        Origin::Log => finished_offsets.push(m.offset),
-                        Origin::Queue(seq) => change.remove.push((m.user.clone(), *seq)),
-                    }
+                    settle(m, *origin, &mut change, &mut finished_offsets);
                 }
                 tracing::warn!(destination = %self.pump.name, status, messages = n, "destination refused messages; they are in its dead letter");
                 self.count_dead(n);
@@ -506,15 +493,7 @@ impl State<'_> {
             }
             Attempt::Retry { after, reason } => {
                 self.failures_in_a_row += 1;
-                self.pump
-                    .metrics
-                    .retried
-                    .get_or_create(&self.labels)
-                    .inc_by(n as u64);
-                self.pump
-                    .stats
-                    .retried
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.count(&self.pump.metrics.retried, &self.pump.stats.retried, n);
                 let pause = match after {
                     Some(after) => Some(*after),
                     None if self.failures_in_a_row >= PAUSE_AFTER => Some(backoff(
@@ -539,10 +518,7 @@ impl State<'_> {
                             let why =
                                 format!("retried for longer than max_retry_age; last: {reason}");
                             change.dead.push(Dead::new(m, true, None, why, now));
-                            match origin {
-                                Origin::Queue(seq) => change.remove.push((m.user.clone(), *seq)),
-                                Origin::Log => finished_offsets.push(m.offset),
-                            }
+                            settle(m, *origin, &mut change, &mut finished_offsets);
                         } else if *origin == Origin::Log {
                             change.park.push(m.clone());
                             finished_offsets.push(m.offset);
@@ -608,18 +584,19 @@ impl State<'_> {
     }
 
     fn count_dead(&self, n: usize) {
-        if n == 0 {
-            return;
+        self.count(
+            &self.pump.metrics.dead_lettered,
+            &self.pump.stats.dead_lettered,
+            n,
+        );
+    }
+
+    /// Adds `n` to a counter of the metrics and to its twin in the admin stats.
+    fn count(&self, metric: &Family<DestinationLabels, Counter>, stat: &AtomicU64, n: usize) {
+        if n > 0 {
+            metric.get_or_create(&self.labels).inc_by(n as u64);
+            stat.fetch_add(n as u64, Ordering::Relaxed);
         }
-        self.pump
-            .metrics
-            .dead_lettered
-            .get_or_create(&self.labels)
-            .inc_by(n as u64);
-        self.pump
-            .stats
-            .dead_lettered
-            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Moves the cursor to the first unfinished offset, and publishes the backlog.
@@ -699,6 +676,14 @@ impl State<'_> {
         }
         tracing::info!(destination = %self.pump.name, messages = count, "dead letter replayed");
         Ok(count)
+    }
+}
+
+/// A message of a finished request is done with: out of the queue, or off the log.
+fn settle(message: &Outgoing, origin: Origin, change: &mut Change, finished: &mut Vec<u64>) {
+    match origin {
+        Origin::Log => finished.push(message.offset),
+        Origin::Queue(seq) => change.remove.push((message.user.clone(), seq)),
     }
 }
 
