@@ -749,3 +749,58 @@ fn a_queue_on_a_full_disk_holds_the_log_and_loses_nothing() {
         (got.len() == acked.len()).then_some(())
     });
 }
+
+#[test]
+fn sluice_replay_names_a_destination_on_the_command_line() {
+    let accept = Arc::new(AtomicBool::new(false));
+    let receiver = Receiver::answering({
+        let accept = accept.clone();
+        move |_, _| match accept.load(Ordering::SeqCst) {
+            true => (200, vec![], "{}".into()),
+            false => (422, vec![], "unprocessable".into()),
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    destination(dir.path(), "crm", &webhook(&receiver.url(), ""));
+    let server = ChildServer::spawn(dir.path(), "", |_| {});
+    let r = request(
+        server.addr,
+        "POST",
+        "/v1/track",
+        &[("Authorization", &basic(WRITE_KEY))],
+        track_from("ann", "cli-1").as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    eventually("the refusal", Duration::from_secs(10), || {
+        (!receiver.received().is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    accept.store(true, Ordering::SeqCst);
+    let config = dir.path().join("sluice.toml");
+    let replay = |name: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--config", config.to_str().unwrap(), "replay", name])
+            .output()
+            .unwrap()
+    };
+    let out = replay("crm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"replayed":1}"#
+    );
+    eventually("the replayed delivery", Duration::from_secs(10), || {
+        (ids(&receiver.delivered()) == ["cli-1"]).then_some(())
+    });
+    let unknown = replay("nowhere");
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+}
