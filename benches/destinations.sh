@@ -6,8 +6,9 @@
 #
 # 1. latency: one webhook destination (batch_size 100) at 25,000 messages/s offered (half the
 #    50 k/s target): the receiver prints acceptance-to-arrival percentiles.
-# 2. throughput: the same destination with ingestion at full load (closed loop): messages/s
-#    acknowledged vs received.
+# 2. throughput: the same destination at 50,000 messages/s offered, without and with the 50
+#    segments of benches/fifty-segments (the whole server), then at full load (closed loop):
+#    messages/s acknowledged vs received, and the delivery delay.
 # 3. ten destinations, one dead: ingestion at full load with no destination, then with nine
 #    healthy ones and a dead one (connection refused); the ratio is the cost.
 set -euo pipefail
@@ -21,7 +22,8 @@ trap 'pkill -f "$work/sluice.toml" || true; pkill -f sluice-receiver || true; rm
 port=18088
 receiver_port=19099
 
-config() { # config N_HEALTHY N_DEAD
+segments="$PWD/benches/fifty-segments"
+config() { # config N_HEALTHY N_DEAD [segments]
   rm -rf "$work/data" "$work/destinations"
   mkdir -p "$work/destinations"
   cat > "$work/sluice.toml" <<TOML
@@ -33,6 +35,9 @@ write_key = "demo-server-key"
 [destinations]
 dir = "destinations"
 TOML
+  if [ "${3:-}" = segments ]; then
+    printf '[segments]\ndir = "%s"\n' "$segments" >> "$work/sluice.toml"
+  fi
   for i in $(seq 1 "$1"); do
     printf 'type = "webhook"\nurl = "http://127.0.0.1:%s/hook"\n[delivery]\nbatch_size = 100\nconcurrency = 4\n' \
       "$receiver_port" > "$work/destinations/healthy$i.toml"
@@ -43,9 +48,9 @@ TOML
   done
 }
 
-run() { # NAME HEALTHY DEAD -- loadgen args
-  local name="$1" healthy="$2" dead="$3"; shift 3
-  config "$healthy" "$dead"
+run() { # NAME HEALTHY DEAD SEGMENTS(segments|-) -- loadgen args
+  local name="$1" healthy="$2" dead="$3" with="$4"; shift 4
+  config "$healthy" "$dead" "$with"
   if [ "$healthy" -gt 0 ]; then
     taskset -c 0 "$bin/sluice-receiver" --listen "127.0.0.1:$receiver_port" \
       --warmup 5 --duration "$seconds" > "$work/receiver.out" &
@@ -59,7 +64,9 @@ run() { # NAME HEALTHY DEAD -- loadgen args
   if [ "$healthy" -gt 0 ]; then wait; cat "$work/receiver.out"; fi
 }
 
-run "latency: 1 webhook, 25k msg/s offered" 1 0 --mode batch --batch 100 --connections 16 --rate 250
-run "throughput: 1 webhook, ingestion at full load" 1 0 --mode batch --batch 100 --connections 32
-run "no destinations, ingestion at full load" 0 0 --mode batch --batch 100 --connections 32
-run "ten destinations (one dead), ingestion at full load" 9 1 --mode batch --batch 100 --connections 32
+run "latency: 1 webhook, 25k msg/s offered" 1 0 - --mode batch --batch 100 --connections 16 --rate 250
+run "throughput: 1 webhook, 50k msg/s offered" 1 0 - --mode batch --batch 100 --connections 16 --rate 500
+run "throughput: 1 webhook, 50 segments, 50k msg/s offered" 1 0 segments --mode batch --batch 100 --connections 16 --rate 500 --events web
+run "throughput: 1 webhook, ingestion at full load" 1 0 - --mode batch --batch 100 --connections 32
+run "no destinations, ingestion at full load" 0 0 - --mode batch --batch 100 --connections 32
+run "ten destinations (one dead), ingestion at full load" 9 1 - --mode batch --batch 100 --connections 32

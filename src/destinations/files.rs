@@ -15,7 +15,7 @@
 //! concurrency = 4                           # requests in flight
 //! timeout = "10s"                           # one request
 //! retry_backoff = "1s"                      # first retry delay, doubling up to 5 min
-//! buffer = 10000                            # messages in memory before the queue takes over
+//! buffer = 10000                            # messages in memory before their first try
 //! ```
 //!
 //! The keys every type shares are read here with their places; the rest of the file goes to the
@@ -61,8 +61,8 @@ pub struct Delivery {
     pub timeout: Duration,
     /// The first retry's delay; each next one doubles, up to 5 minutes.
     pub retry_backoff: Duration,
-    /// Messages held in memory before their first try. When it stays full for 2 s the
-    /// destination is lagging, and what it holds moves to the destination's durable queue.
+    /// Messages held in memory before their first try. When it is full while the intake log
+    /// fills up, what it holds moves to the destination's durable queue (see `pump`).
     pub buffer: usize,
 }
 

@@ -154,6 +154,7 @@ impl Destinations {
                 delivery: file.delivery.clone(),
                 consumer,
                 log_end: parts.log.watch_end(),
+                log: parts.log.clone(),
                 queue: queue.clone(),
                 segments: parts.segments.clone(),
                 metrics: parts.metrics.clone(),
@@ -163,7 +164,7 @@ impl Destinations {
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-dest-{name}"))
                 .spawn(move || {
-                    crate::thread_priority::lower();
+                    crate::thread_priority::lowest();
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

@@ -7,7 +7,8 @@
 //!   so a crash re-reads them.
 //! - **Parked** (the destination's [`Queue`], durable): messages of a user whose request failed,
 //!   and everything after them for that user, until that user is through; and, when the
-//!   destination lags (the buffer stays full for [`SPILL_AFTER`]), everything buffered. Once
+//!   destination lags while the log fills (its buffer is full and the log holds more than
+//!   [`SPILL_AT`] of its `max_size`), everything buffered. Once
 //!   parked, a message no longer holds the log: a dead or slow destination never keeps the
 //!   intake log's disk.
 //! - **Dead** (the queue's dead letter): rejected with a 4xx other than 408/429, retried for
@@ -45,8 +46,10 @@ use crate::intake_log::Consumer;
 use crate::metrics::{DestinationLabels, DestinationMetrics};
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
-/// How long the buffer may stay full before it is parked, so the log can move on.
-pub const SPILL_AFTER: Duration = Duration::from_secs(2);
+/// How full the intake log may get (a share of its `max_size`) before a lagging destination
+/// moves its backlog into its own queue. Below it, a destination that is merely behind reads on
+/// from the log, which is cheaper than parking.
+pub const SPILL_AT: f64 = 0.5;
 const READ_CHUNK: usize = 1_000;
 /// Failures in a row, across users, after which the whole destination pauses.
 const PAUSE_AFTER: u32 = 3;
@@ -76,6 +79,8 @@ pub struct Pump {
     pub delivery: Delivery,
     pub consumer: Consumer,
     pub log_end: watch::Receiver<u64>,
+    /// For its fill level (see [`SPILL_AT`]).
+    pub log: Arc<crate::intake_log::IntakeLog>,
     pub queue: Arc<Queue>,
     pub segments: SegmentRoutes,
     pub metrics: Arc<DestinationMetrics>,
@@ -110,7 +115,6 @@ struct State<'p> {
     /// Log offsets read and wanted, not yet delivered, dead or parked: the cursor is the first.
     unfinished: BTreeSet<u64>,
     in_flight_messages: usize,
-    full_since: Option<Instant>,
     failures_in_a_row: u32,
     paused_until: Option<Instant>,
 }
@@ -181,7 +185,6 @@ impl Pump {
             due: BTreeSet::new(),
             unfinished: BTreeSet::new(),
             in_flight_messages: 0,
-            full_since: None,
             failures_in_a_row: 0,
             paused_until: None,
             pump: self,
@@ -304,15 +307,14 @@ impl State<'_> {
         taken
     }
 
-    /// When the buffer has stayed full for a while the destination is not keeping up: park
-    /// everything buffered (but what busy users hold), so the log cursor can move on.
+    /// When the buffer is full and the log is filling up, the destination is holding the log:
+    /// park everything buffered (but what busy users hold), so the log cursor can move on.
     fn spill_if_lagging(&mut self) -> Result<(), QueueError> {
         if self.buffered_count < self.pump.delivery.buffer {
-            self.full_since = None;
             return Ok(());
         }
-        let since = *self.full_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < SPILL_AFTER {
+        let log = self.pump.log.stats();
+        if (log.bytes as f64) < log.max_bytes as f64 * SPILL_AT {
             return Ok(());
         }
         let mut change = Change::default();
@@ -336,7 +338,6 @@ impl State<'_> {
         for offset in offsets {
             self.unfinished.remove(&offset);
         }
-        self.full_since = None;
         Ok(())
     }
 
@@ -394,20 +395,25 @@ impl State<'_> {
         let cap = self.pump.delivery.batch_size;
         let mut batch = Batch::default();
         let now = now_ms();
-        while batch.messages.len() < cap {
+        let mut through = Change::default();
+        let reader = match self.due.first() {
+            Some((at, _)) if *at <= now => Some(self.pump.queue.reader()?),
+            _ => None,
+        };
+        while let Some(reader) = &reader {
+            if batch.messages.len() >= cap {
+                break;
+            }
             match self.due.first() {
                 Some((at, _)) if *at <= now => {}
                 _ => break,
             }
             let (_, user) = self.due.pop_first().expect("checked above");
-            let loaded = self.pump.queue.load(&user, cap - batch.messages.len())?;
+            let loaded = reader.load(&user, cap - batch.messages.len())?;
             if loaded.is_empty() {
                 // Through: the user's next messages are buffered again.
                 self.parked.remove(&user);
-                self.pump.queue.apply(Change {
-                    users: vec![(user, None)],
-                    ..Change::default()
-                })?;
+                through.users.push((user, None));
                 continue;
             }
             self.busy.insert(user);
@@ -416,6 +422,8 @@ impl State<'_> {
                 batch.origins.push(Origin::Queue(seq));
             }
         }
+        drop(reader);
+        self.pump.queue.apply(through)?;
         while batch.messages.len() < cap {
             let Some(user) = self.ready.pop_front() else {
                 break;

@@ -182,16 +182,9 @@ impl Queue {
         Ok(())
     }
 
-    /// Up to `limit` of `user`'s parked messages, oldest first, with their seqs.
-    pub fn load(&self, user: &str, limit: usize) -> Result<Vec<(u64, Outgoing)>, QueueError> {
-        let r = self.read()?;
-        let parked = r.open_table(PARKED)?;
-        let mut out = Vec::new();
-        for row in parked.range((user, 0)..=(user, u64::MAX))?.take(limit) {
-            let (key, value) = row?;
-            out.push((key.value().1, postcard::from_bytes(value.value())?));
-        }
-        Ok(out)
+    /// A consistent view to load several users' parked messages from.
+    pub fn reader(&self) -> Result<QueueReader, QueueError> {
+        Ok(QueueReader(self.read()?.open_table(PARKED)?))
     }
 
     /// Every parked user and its state: what a restart resumes from.
@@ -254,6 +247,20 @@ impl Queue {
         )?;
         w.commit()?;
         Ok(count)
+    }
+}
+
+pub struct QueueReader(redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>);
+
+impl QueueReader {
+    /// Up to `limit` of `user`'s parked messages, oldest first, with their seqs.
+    pub fn load(&self, user: &str, limit: usize) -> Result<Vec<(u64, Outgoing)>, QueueError> {
+        let mut out = Vec::new();
+        for row in self.0.range((user, 0)..=(user, u64::MAX))?.take(limit) {
+            let (key, value) = row?;
+            out.push((key.value().1, postcard::from_bytes(value.value())?));
+        }
+        Ok(out)
     }
 }
 

@@ -619,14 +619,22 @@ fn a_lagging_destination_moves_its_backlog_off_the_intake_log() {
             "[delivery]\nrate_limit = 10\nbuffer = 10\n",
         ),
     );
-    let server = Server::start_in(dir, "");
+    // A small log: 60 padded messages fill more than half of it, which is when a lagging
+    // destination must let go of it.
+    let server = Server::start_in(
+        dir,
+        "[log]\nsegment_size = \"4KiB\"\nmax_size = \"64KiB\"\n",
+    );
     let users = ["ann", "bob"];
     let mut sent: HashMap<&str, Vec<String>> = HashMap::new();
     let mut batch = Vec::new();
+    let pad = "p".repeat(600);
     for n in 0..60 {
         let user = users[n % 2];
         let id = format!("lag-{n}");
-        batch.push(track_from(user, &id));
+        batch.push(format!(
+            r#"{{"type":"track","event":"Lag","userId":"{user}","messageId":"{id}","properties":{{"pad":"{pad}"}}}}"#
+        ));
         sent.entry(user).or_default().push(id);
     }
     let body = format!("{{\"batch\":[{}]}}", batch.join(","));
