@@ -6,11 +6,13 @@ pub fn lower() {
     nice(10);
 }
 
-/// The lowest CPU priority (nice 19), for work that runs on many threads at once: each
-/// destination has its own thread, and ten of them at nice 10 would together weigh about as much
-/// as one ingestion thread; at nice 19 ten weigh about a seventh of one.
-pub fn lowest() {
-    nice(19);
+/// For one of `threads` threads that share one kind of background work (each destination has its
+/// own): a nice value at which all of them together weigh about what one thread at nice 10 does
+/// (the scheduler's weight falls by 1.25× per nice step), so that ten destinations do not take
+/// ten times the share of the profile stage or of ingestion.
+pub fn lower_shared(threads: usize) {
+    let steps = (threads.max(1) as f64).ln() / 1.25f64.ln();
+    nice((10.0 + steps.round()).min(19.0) as libc::c_int);
 }
 
 fn nice(value: libc::c_int) {

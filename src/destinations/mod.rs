@@ -10,7 +10,8 @@
 //!
 //! Each destination runs on its own thread, with its own log cursor (`destination-<name>`),
 //! queue file and rate limit: one that is slow or dead shares nothing with the others or with
-//! ingestion but the log it reads.
+//! ingestion but the log it reads. The threads run below ingestion's CPU priority, all of them
+//! together weighing about what the profile stage does.
 //!
 //! ## Adding a type
 //! Make a folder beside `webhook/` with `settings.rs` (a serde struct with
@@ -138,6 +139,7 @@ impl Destinations {
         parts: Parts,
     ) -> anyhow::Result<Destinations> {
         let mut running = Vec::new();
+        let count = loaded.len();
         for (file, route) in loaded {
             let name = file.name.clone();
             let consumer = parts.log.consumer(&consumer_name(&name))?;
@@ -164,7 +166,7 @@ impl Destinations {
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-dest-{name}"))
                 .spawn(move || {
-                    crate::thread_priority::lowest();
+                    crate::thread_priority::lower_shared(count);
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
