@@ -3,6 +3,7 @@
 # receiver (tools/loadgen's sluice-receiver) on core 0; loopback.
 #
 #   benches/destinations.sh [SECONDS]
+#   SLUICE_BENCH_COST=REPEATS benches/destinations.sh [SECONDS]   # only 3., REPEATS times
 #
 # 1. latency: one webhook destination (batch_size 100) at 25,000 messages/s offered (half the
 #    50 k/s target): the receiver prints acceptance-to-arrival percentiles.
@@ -63,6 +64,14 @@ run() { # NAME HEALTHY DEAD SEGMENTS(segments|-) -- loadgen args
   kill -TERM "$pid"; wait "$pid" || true
   if [ "$healthy" -gt 0 ]; then wait; cat "$work/receiver.out"; fi
 }
+
+if [ -n "${SLUICE_BENCH_COST:-}" ]; then
+  for i in $(seq 1 "$SLUICE_BENCH_COST"); do
+    run "no destinations, ingestion at full load #$i" 0 0 - --mode batch --batch 100 --connections 32
+    run "ten destinations (one dead), ingestion at full load #$i" 9 1 - --mode batch --batch 100 --connections 32
+  done
+  exit 0
+fi
 
 run "latency: 1 webhook, 25k msg/s offered" 1 0 - --mode batch --batch 100 --connections 16 --rate 250
 run "throughput: 1 webhook, 50k msg/s offered" 1 0 - --mode batch --batch 100 --connections 16 --rate 500

@@ -155,7 +155,6 @@ impl Destinations {
                 sender: file.kind.sender(client, &file.delivery),
                 delivery: file.delivery.clone(),
                 consumer,
-                log_end: parts.log.watch_end(),
                 log: parts.log.clone(),
                 queue: queue.clone(),
                 segments: parts.segments.clone(),

@@ -8,7 +8,8 @@
 //! - **Parked** (the destination's [`Queue`], durable): messages of a user whose request failed,
 //!   and everything after them for that user, until that user is through; and, when the
 //!   destination lags while the log fills (its buffer is full and the log holds more than
-//!   [`SPILL_AT`] of its `max_size`), everything buffered. Once
+//!   [`SPILL_AT`] of its `max_size`), everything buffered. While the destination is down
+//!   (paused), it reads nothing new until the log fills that far. Once
 //!   parked, a message no longer holds the log: a dead or slow destination never keeps the
 //!   intake log's disk.
 //! - **Dead** (the queue's dead letter): rejected with a 4xx other than 408/429, retried for
@@ -33,7 +34,8 @@ use std::time::Duration;
 
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota};
-use tokio::sync::{mpsc, oneshot, watch};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -42,9 +44,8 @@ use super::queue::{Change, Dead, Queue, QueueError, UserState};
 use super::route::{Head, Route, Shaped};
 use super::sender::{Attempt, Outgoing, Sender};
 use crate::entry::{Entry, Status};
-use crate::intake_log::Consumer;
+use crate::intake_log::{Consumer, IntakeLog};
 use crate::metrics::{DestinationLabels, DestinationMetrics};
-use prometheus_client::metrics::{counter::Counter, family::Family};
 
 /// How full the intake log may get (a share of its `max_size`) before a lagging destination
 /// moves its backlog into its own queue. Below it, a destination that is merely behind reads on
@@ -78,9 +79,8 @@ pub struct Pump {
     pub sender: Arc<dyn Sender>,
     pub delivery: Delivery,
     pub consumer: Consumer,
-    pub log_end: watch::Receiver<u64>,
-    /// For its fill level (see [`SPILL_AT`]).
-    pub log: Arc<crate::intake_log::IntakeLog>,
+    /// For its end (to wait for more) and its fill level (see [`SPILL_AT`]).
+    pub log: Arc<IntakeLog>,
     pub queue: Arc<Queue>,
     pub segments: SegmentRoutes,
     pub metrics: Arc<DestinationMetrics>,
@@ -193,6 +193,7 @@ impl Pump {
             state.due.insert((s.retry_at_ms, user.clone()));
             state.parked.insert(user, s);
         }
+        let log_end = state.pump.log.watch_end();
         let mut in_flight: JoinSet<(Batch, Attempt)> = JoinSet::new();
         let mut next_commit = Instant::now() + COMMIT_EVERY;
         loop {
@@ -200,8 +201,8 @@ impl Pump {
             state.spill_if_lagging()?;
             let wake = state.launch(&mut in_flight)?;
             let position = state.pump.consumer.position();
-            let mut log_end = state.pump.log_end.clone();
-            let can_read = state.buffered_count < state.pump.delivery.buffer;
+            let mut log_end = log_end.clone();
+            let can_read = state.should_read();
             let wake = wake.min(next_commit);
             tokio::select! {
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
@@ -231,8 +232,27 @@ impl Pump {
 }
 
 impl State<'_> {
+    /// Whether to read on: room in the buffer, and the destination not paused (down), unless the
+    /// log is filling up. A down destination's messages wait in the log, which costs nothing,
+    /// rather than being copied into its queue.
+    fn should_read(&self) -> bool {
+        if self.buffered_count >= self.pump.delivery.buffer {
+            return false;
+        }
+        match self.paused_until {
+            Some(until) if until > Instant::now() => self.log_filling(),
+            _ => true,
+        }
+    }
+
+    /// The log holds more than [`SPILL_AT`] of its `max_size`.
+    fn log_filling(&self) -> bool {
+        let log = self.pump.log.stats();
+        log.bytes as f64 >= log.max_bytes as f64 * SPILL_AT
+    }
+
     fn read_log(&mut self) -> anyhow::Result<()> {
-        while self.buffered_count < self.pump.delivery.buffer {
+        while self.should_read() {
             let records = self.pump.consumer.read(READ_CHUNK)?;
             if records.is_empty() {
                 return Ok(());
@@ -310,11 +330,7 @@ impl State<'_> {
     /// When the buffer is full and the log is filling up, the destination is holding the log:
     /// park everything buffered (but what busy users hold), so the log cursor can move on.
     fn spill_if_lagging(&mut self) -> Result<(), QueueError> {
-        if self.buffered_count < self.pump.delivery.buffer {
-            return Ok(());
-        }
-        let log = self.pump.log.stats();
-        if (log.bytes as f64) < log.max_bytes as f64 * SPILL_AT {
+        if self.buffered_count < self.pump.delivery.buffer || !self.log_filling() {
             return Ok(());
         }
         let mut change = Change::default();
@@ -614,7 +630,7 @@ impl State<'_> {
         if let Err(e) = self.pump.consumer.commit(cursor) {
             tracing::error!(destination = %self.pump.name, error = %e, "saving the destination's log cursor");
         }
-        let unread = self.pump.log_end.borrow().saturating_sub(position);
+        let unread = self.pump.log.end().saturating_sub(position);
         let backlog = unread + self.buffered_count as u64 + self.pump.queue.parked_count()?;
         self.pump.stats.backlog.store(backlog, Ordering::Relaxed);
         self.pump

@@ -692,7 +692,9 @@ fn a_queue_on_a_full_disk_holds_the_log_and_loses_nothing() {
             "[delivery]\nbatch_size = 50\nbuffer = 100\nretry_backoff = \"50ms\"\n",
         ),
     );
-    let extra = "[log]\nsegment_size = \"512KiB\"\n";
+    // A down destination leaves its backlog in the log until the log is half full: 3,000
+    // messages of 1.6 KB fill more than half of 8 MB, so the queue must take them.
+    let extra = "[log]\nsegment_size = \"512KiB\"\nmax_size = \"8MB\"\n";
     // The stores start at about 1 MiB; files may not grow past 1.5 MiB (EFBIG, as on a full
     // disk), so the destination's queue fills up while the log's small segments still fit.
     drop(ChildServer::spawn(dir.path(), extra, |_| {}));
