@@ -4,6 +4,8 @@
 #
 #   benches/destinations.sh [SECONDS]
 #   SLUICE_BENCH_COST=REPEATS benches/destinations.sh [SECONDS]   # only 3., REPEATS times
+#   SLUICE_BENCH_RATES="750 1000" benches/destinations.sh [SECONDS] # one webhook at these
+#                                                                   # requests/s (100 messages each)
 #
 # 1. latency: one webhook destination (batch_size 100) at 25,000 messages/s offered (half the
 #    50 k/s target): the receiver prints acceptance-to-arrival percentiles.
@@ -64,6 +66,13 @@ run() { # NAME HEALTHY DEAD SEGMENTS(segments|-) -- loadgen args
   kill -TERM "$pid"; wait "$pid" || true
   if [ "$healthy" -gt 0 ]; then wait; cat "$work/receiver.out"; fi
 }
+
+if [ -n "${SLUICE_BENCH_RATES:-}" ]; then
+  for rate in $SLUICE_BENCH_RATES; do
+    run "1 webhook, $((rate * 100)) msg/s offered" 1 0 - --mode batch --batch 100 --connections 16 --rate "$rate"
+  done
+  exit 0
+fi
 
 if [ -n "${SLUICE_BENCH_COST:-}" ]; then
   for i in $(seq 1 "$SLUICE_BENCH_COST"); do

@@ -159,6 +159,14 @@ fn a_failing_request_is_retried_then_delivered_signed_with_one_idempotency_key()
     });
     assert_eq!(s["retried"], 2);
     assert_eq!(s["type"], "webhook");
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    for line in [
+        "sluice_destination_delivered_total{destination=\"crm\"} 1",
+        "sluice_destination_retried_total{destination=\"crm\"} 2",
+        "sluice_destination_delivery_seconds_count{destination=\"crm\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 }
 
 #[test]
@@ -816,5 +824,54 @@ fn sluice_replay_names_a_destination_on_the_command_line() {
         String::from_utf8_lossy(&unknown.stderr).contains("404"),
         "{}",
         String::from_utf8_lossy(&unknown.stderr)
+    );
+}
+
+#[test]
+fn past_max_retry_age_a_message_is_dead_and_the_dead_letter_survives_a_restart() {
+    let receiver = Receiver::answering(|_, _| (503, vec![], "still down".into()));
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "crm",
+        &webhook(
+            &receiver.url(),
+            "[delivery]\nmax_retry_age = \"400ms\"\nretry_backoff = \"50ms\"\n",
+        ),
+    );
+    let server = Server::start_in(dir, "");
+    assert_eq!(
+        server.send("/v1/track", &track_from("ann", "old-1")).status,
+        200
+    );
+    eventually("the dead letter", Duration::from_secs(10), || {
+        (stats(&server, "crm")["dead_letter"] == 1).then_some(())
+    });
+    let tries = receiver.received().len();
+    assert!(tries >= 2, "retried before giving up ({tries} tries)");
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    for line in [
+        "sluice_destination_dead_lettered_total{destination=\"crm\"} 1",
+        &format!("sluice_destination_retried_total{{destination=\"crm\"}} {tries}"),
+        "sluice_destination_in_flight{destination=\"crm\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    let dir = server.stop();
+    let server = Server::start_in(dir, "");
+    let dead = admin_get(&server, "/admin/destinations/crm/dead");
+    let dead = dead["dead"].as_array().unwrap().clone();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["message_id"], "old-1");
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("max_retry_age") && reason.contains("still down"),
+        "{reason}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        receiver.received().len(),
+        tries,
+        "a dead message is not retried"
     );
 }
