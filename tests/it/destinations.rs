@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,41 @@ fn track_from(user: &str, id: &str) -> String {
     format!(
         r#"{{"type":"track","event":"Order Completed","userId":"{user}","messageId":"{id}","properties":{{"n":1}}}}"#
     )
+}
+
+/// Batch bodies of `rounds` × `per_user` tracks from each of `users`, interleaved, and the
+/// messageIds each user sent, in order.
+fn interleaved_batches(
+    users: &[&str],
+    rounds: usize,
+    per_user: usize,
+) -> (Vec<String>, HashMap<String, Vec<String>>) {
+    let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+    let bodies = (0..rounds)
+        .map(|round| {
+            let mut batch = Vec::new();
+            for n in 0..per_user {
+                for user in users {
+                    let id = format!("{user}-{round}-{n}");
+                    batch.push(track_from(user, &id));
+                    sent.entry(user.to_string()).or_default().push(id);
+                }
+            }
+            format!("{{\"batch\":[{}]}}", batch.join(","))
+        })
+        .collect();
+    (bodies, sent)
+}
+
+/// messageIds by userId, in the order given.
+fn by_user(messages: &[Value]) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for m in messages {
+        out.entry(m["userId"].as_str().unwrap().to_string())
+            .or_default()
+            .push(m["messageId"].as_str().unwrap().to_string());
+    }
+    out
 }
 
 fn ids(messages: &[Value]) -> Vec<String> {
@@ -171,17 +206,7 @@ fn a_failing_request_is_retried_then_delivered_signed_with_one_idempotency_key()
 
 #[test]
 fn a_refused_message_goes_to_the_dead_letter_at_once_and_replays_exactly_once() {
-    let accept = Arc::new(AtomicBool::new(false));
-    let receiver = Receiver::answering({
-        let accept = accept.clone();
-        move |_, _| {
-            if accept.load(Ordering::SeqCst) {
-                (200, vec![], "{}".into())
-            } else {
-                (400, vec![], "{\"error\":\"bad payload\"}".into())
-            }
-        }
-    });
+    let (receiver, accept) = Receiver::refusing_until_switched(400, "{\"error\":\"bad payload\"}");
     let dir = tempfile::tempdir().unwrap();
     destination(
         dir.path(),
@@ -358,28 +383,14 @@ proptest! {
         );
         let server = Server::start_in(dir, "");
         let users = ["ann", "bob", "cy", "dee"];
-        let mut sent: HashMap<&str, Vec<String>> = HashMap::new();
-        for round in 0..3 {
-            let mut batch = Vec::new();
-            for n in 0..5 {
-                for user in users {
-                    let id = format!("{user}-{round}-{n}");
-                    batch.push(track_from(user, &id));
-                    sent.entry(user).or_default().push(id);
-                }
-            }
-            let body = format!("{{\"batch\":[{}]}}", batch.join(","));
+        let (bodies, sent) = interleaved_batches(&users, 3, 5);
+        for body in bodies {
             prop_assert_eq!(server.send("/v1/batch", &body).status, 200);
         }
         eventually("every message", Duration::from_secs(60), || {
             (receiver.delivered().len() >= 60).then_some(())
         });
-        let mut got: HashMap<String, Vec<String>> = HashMap::new();
-        for m in receiver.delivered() {
-            got.entry(m["userId"].as_str().unwrap().to_string())
-                .or_default()
-                .push(m["messageId"].as_str().unwrap().to_string());
-        }
+        let got = by_user(&receiver.delivered());
         for user in users {
             prop_assert_eq!(&got[user], &sent[user], "{}'s messages, once each, in order", user);
         }
@@ -553,18 +564,9 @@ fn a_crash_during_delivery_loses_nothing_and_repeats_carry_the_same_idempotency_
     );
     let mut server = ChildServer::spawn(dir.path(), "", |_| {});
     let users = ["ann", "bob", "cy", "dee"];
-    let mut sent: HashMap<&str, Vec<String>> = HashMap::new();
+    let (bodies, sent) = interleaved_batches(&users, 10, 10);
     let auth = basic(WRITE_KEY);
-    for round in 0..10 {
-        let mut batch = Vec::new();
-        for n in 0..10 {
-            for user in users {
-                let id = format!("{user}-{round}-{n}");
-                batch.push(track_from(user, &id));
-                sent.entry(user).or_default().push(id);
-            }
-        }
-        let body = format!("{{\"batch\":[{}]}}", batch.join(","));
+    for body in bodies {
         let r = request(
             server.addr,
             "POST",
@@ -673,12 +675,7 @@ fn a_lagging_destination_moves_its_backlog_off_the_intake_log() {
         Duration::from_secs(20),
         || (receiver.delivered().len() == 60).then_some(()),
     );
-    let mut got: HashMap<String, Vec<String>> = HashMap::new();
-    for m in receiver.delivered() {
-        got.entry(m["userId"].as_str().unwrap().to_string())
-            .or_default()
-            .push(m["messageId"].as_str().unwrap().to_string());
-    }
+    let got = by_user(&receiver.delivered());
     for user in users {
         assert_eq!(got[user], sent[user], "{user}");
     }
@@ -686,15 +683,7 @@ fn a_lagging_destination_moves_its_backlog_off_the_intake_log() {
 
 #[test]
 fn a_queue_on_a_full_disk_holds_the_log_and_loses_nothing() {
-    use std::os::unix::process::CommandExt;
-    let accept = Arc::new(AtomicBool::new(false));
-    let receiver = Receiver::answering({
-        let accept = accept.clone();
-        move |_, _| match accept.load(Ordering::SeqCst) {
-            true => (200, vec![], "{}".into()),
-            false => (503, vec![], "down".into()),
-        }
-    });
+    let (receiver, accept) = Receiver::refusing_until_switched(503, "down");
     let dir = tempfile::tempdir().unwrap();
     destination(
         dir.path(),
@@ -710,19 +699,8 @@ fn a_queue_on_a_full_disk_holds_the_log_and_loses_nothing() {
     // The stores start at about 1 MiB; files may not grow past 1.5 MiB (EFBIG, as on a full
     // disk), so the destination's queue fills up while the log's small segments still fit.
     drop(ChildServer::spawn(dir.path(), extra, |_| {}));
-    let limit: libc::rlim_t = 1536 * 1024;
-    let child = ChildServer::spawn(dir.path(), extra, move |cmd| unsafe {
-        cmd.pre_exec(move || {
-            let l = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    });
+    let limit: u64 = 1536 * 1024;
+    let child = ChildServer::spawn(dir.path(), extra, |cmd| limit_file_size(cmd, limit));
     let auth = basic(WRITE_KEY);
     let mut acked = Vec::new();
     let big = "x".repeat(1500);
@@ -774,14 +752,7 @@ fn a_queue_on_a_full_disk_holds_the_log_and_loses_nothing() {
 
 #[test]
 fn sluice_replay_names_a_destination_on_the_command_line() {
-    let accept = Arc::new(AtomicBool::new(false));
-    let receiver = Receiver::answering({
-        let accept = accept.clone();
-        move |_, _| match accept.load(Ordering::SeqCst) {
-            true => (200, vec![], "{}".into()),
-            false => (422, vec![], "unprocessable".into()),
-        }
-    });
+    let (receiver, accept) = Receiver::refusing_until_switched(422, "unprocessable");
     let dir = tempfile::tempdir().unwrap();
     destination(dir.path(), "crm", &webhook(&receiver.url(), ""));
     let server = ChildServer::spawn(dir.path(), "", |_| {});

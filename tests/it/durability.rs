@@ -2,7 +2,6 @@
 //! load, a disk that refuses writes, a shutdown signal.
 
 use std::collections::HashMap;
-use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,21 +112,10 @@ fn a_disk_that_refuses_writes_gives_503_and_harms_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "[log]\nsegment_size = \"4MiB\"\n";
     // Files may not grow past 256 KiB: writes beyond fail with EFBIG, as on a full disk.
-    let limit: libc::rlim_t = 256 * 1024;
+    let limit: u64 = 256 * 1024;
     // A first start creates the profile store (its file starts larger than the limit).
     drop(ChildServer::spawn(dir.path(), extra, |_| {}));
-    let child = ChildServer::spawn(dir.path(), extra, move |cmd| unsafe {
-        cmd.pre_exec(move || {
-            let l = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    });
+    let child = ChildServer::spawn(dir.path(), extra, |cmd| limit_file_size(cmd, limit));
     let mut acked = Vec::new();
     let mut refused = 0;
     for i in 0..200 {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,20 @@ impl Receiver {
             }
         });
         Receiver { addr, requests }
+    }
+
+    /// Answers `status` with `body` until the returned switch is set, then 200.
+    pub fn refusing_until_switched(status: u16, body: &str) -> (Receiver, Arc<AtomicBool>) {
+        let accept = Arc::new(AtomicBool::new(false));
+        let body = body.to_string();
+        let receiver = Receiver::answering({
+            let accept = accept.clone();
+            move |_, _| match accept.load(Ordering::SeqCst) {
+                true => (200, vec![], "{}".into()),
+                false => (status, vec![], body.clone()),
+            }
+        });
+        (receiver, accept)
     }
 
     pub fn url(&self) -> String {

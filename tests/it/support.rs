@@ -448,3 +448,23 @@ pub fn load(
         })
         .collect()
 }
+
+/// Makes `command`'s process unable to grow any file past `bytes` (writes beyond fail with
+/// EFBIG), as on a full disk.
+pub fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = bytes as libc::rlim_t;
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
