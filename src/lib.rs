@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! http  →  ingest  →  intake_log  →  consumers: lake (Parquet), dedup snapshots,
-//!                          ↑                  audience (profiles → segments)
+//!                          ↑                  audience (profiles → segments),
+//!                          │                  destinations (one each: webhooks, Segment APIs)
 //!                          └── Audience Entered / Exited ──┘
 //! query  ←  lake
 //! ```
@@ -21,8 +22,21 @@
 //!   changes back into the log.
 //! - [`profiles`]: the profile, identity resolution, the embedded store.
 //! - [`segments`]: segment files, the Rhai sandbox and rule API, evaluation.
+//! - [`destinations`]: destination files, routing, the delivery engine, queue and dead letter.
 //! - [`app`]: the wiring, and the only module that knows the whole chain.
 //! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`]: around the flow.
+
+/// `impl From<E> for $error` for each `E` listed, keeping only the message: for the errors of
+/// stores whose callers report them rather than match on them.
+macro_rules! error_from {
+    ($error:ident: $($t:ty),* $(,)?) => {$(
+        impl From<$t> for $error {
+            fn from(e: $t) -> Self {
+                $error(e.to_string())
+            }
+        }
+    )*};
+}
 
 pub mod app;
 pub mod audience;

@@ -27,16 +27,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 #[error("destination queue: {0}")]
 pub struct QueueError(String);
 
-macro_rules! impl_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for QueueError {
-            fn from(e: $t) -> Self {
-                QueueError(e.to_string())
-            }
-        }
-    )*};
-}
-impl_from!(
+error_from!(
+    QueueError:
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,

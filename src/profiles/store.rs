@@ -37,16 +37,8 @@ impl StoreError {
     }
 }
 
-macro_rules! impl_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError(e.to_string())
-            }
-        }
-    )*};
-}
-impl_from!(
+error_from!(
+    StoreError:
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,

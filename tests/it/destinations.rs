@@ -23,6 +23,13 @@ fn webhook(url: &str, extra: &str) -> String {
     format!("type = \"webhook\"\nurl = \"{url}\"\n{extra}")
 }
 
+/// A server with one webhook destination `name` posting to `url`, with `extra` keys.
+fn serve_one(name: &str, url: &str, extra: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    destination(dir.path(), name, &webhook(url, extra));
+    Server::start_in(dir, "")
+}
+
 fn admin_get(server: &Server, path: &str) -> Value {
     let auth = format!("Bearer {ADMIN_TOKEN}");
     let r = request(server.addr, "GET", path, &[("Authorization", &auth)], b"");
@@ -138,16 +145,7 @@ fn a_failing_request_is_retried_then_delivered_signed_with_one_idempotency_key()
             (200, vec![], "{}".into())
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    destination(
-        dir.path(),
-        "crm",
-        &webhook(
-            &receiver.url(),
-            "secret = \"s3cret\"\nheaders = { \"X-Team\" = \"growth\" }\n[delivery]\nretry_backoff = \"100ms\"\n",
-        ),
-    );
-    let server = Server::start_in(dir, "");
+    let server = serve_one("crm", &receiver.url(), "secret = \"s3cret\"\nheaders = { \"X-Team\" = \"growth\" }\n[delivery]\nretry_backoff = \"100ms\"\n");
     assert_eq!(
         server.send("/v1/track", &track_from("ann", "m-1")).status,
         200
@@ -207,13 +205,11 @@ fn a_failing_request_is_retried_then_delivered_signed_with_one_idempotency_key()
 #[test]
 fn a_refused_message_goes_to_the_dead_letter_at_once_and_replays_exactly_once() {
     let (receiver, accept) = Receiver::refusing_until_switched(400, "{\"error\":\"bad payload\"}");
-    let dir = tempfile::tempdir().unwrap();
-    destination(
-        dir.path(),
+    let server = serve_one(
         "crm",
-        &webhook(&receiver.url(), "[delivery]\nretry_backoff = \"50ms\"\n"),
+        &receiver.url(),
+        "[delivery]\nretry_backoff = \"50ms\"\n",
     );
-    let server = Server::start_in(dir, "");
     let sent: Vec<String> = (0..3).map(|i| format!("dead-{i}")).collect();
     for (i, id) in sent.iter().enumerate() {
         assert_eq!(
@@ -282,13 +278,11 @@ fn retry_after_is_honoured() {
             (200, vec![], "{}".into())
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    destination(
-        dir.path(),
+    let server = serve_one(
         "crm",
-        &webhook(&receiver.url(), "[delivery]\nretry_backoff = \"10ms\"\n"),
+        &receiver.url(),
+        "[delivery]\nretry_backoff = \"10ms\"\n",
     );
-    let server = Server::start_in(dir, "");
     // Two users: the pause is for the whole destination, not only the refused user.
     assert_eq!(
         server.send("/v1/track", &track_from("ann", "ra-1")).status,
@@ -315,16 +309,11 @@ fn retry_after_is_honoured() {
 #[test]
 fn the_rate_limit_holds_at_the_receiver() {
     let receiver = Receiver::ok();
-    let dir = tempfile::tempdir().unwrap();
-    destination(
-        dir.path(),
+    let server = serve_one(
         "crm",
-        &webhook(
-            &receiver.url(),
-            "[delivery]\nrate_limit = 10\nconcurrency = 8\n",
-        ),
+        &receiver.url(),
+        "[delivery]\nrate_limit = 10\nconcurrency = 8\n",
     );
-    let server = Server::start_in(dir, "");
     let messages: Vec<String> = (0..30)
         .map(|i| track_from(&format!("user-{i}"), &format!("rl-{i}")))
         .collect();
@@ -801,16 +790,11 @@ fn sluice_replay_names_a_destination_on_the_command_line() {
 #[test]
 fn past_max_retry_age_a_message_is_dead_and_the_dead_letter_survives_a_restart() {
     let receiver = Receiver::answering(|_, _| (503, vec![], "still down".into()));
-    let dir = tempfile::tempdir().unwrap();
-    destination(
-        dir.path(),
+    let server = serve_one(
         "crm",
-        &webhook(
-            &receiver.url(),
-            "[delivery]\nmax_retry_age = \"400ms\"\nretry_backoff = \"50ms\"\n",
-        ),
+        &receiver.url(),
+        "[delivery]\nmax_retry_age = \"400ms\"\nretry_backoff = \"50ms\"\n",
     );
-    let server = Server::start_in(dir, "");
     assert_eq!(
         server.send("/v1/track", &track_from("ann", "old-1")).status,
         200
