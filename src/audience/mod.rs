@@ -192,11 +192,14 @@ struct Stage {
     reader: LogReader,
     live: Arc<LiveSegments>,
     set: Arc<SegmentSet>,
-    cache: HashMap<u64, Held>,
+    /// hashbrown's hasher (foldhash, seeded at random per process) rather than SipHash: these
+    /// two maps are looked up several times per message, and both are bounded by the cache size,
+    /// so keys chosen to collide could slow them but not grow them.
+    cache: hashbrown::HashMap<u64, Held>,
     /// Profiles changed in this batch (in the cache).
     dirty: Vec<u64>,
     /// The identity index as far as it was read or written: this stage is its only writer.
-    identities: HashMap<String, u64>,
+    identities: hashbrown::HashMap<String, u64>,
     cache_size: usize,
     /// Profiles merged away in this batch, with the members the store holds for them.
     removed: Vec<(u64, BTreeSet<String>, Option<Millis>)>,
@@ -239,9 +242,9 @@ impl Stage {
             consumer,
             live,
             set,
-            cache: HashMap::new(),
+            cache: hashbrown::HashMap::new(),
             dirty: Vec::new(),
-            identities: HashMap::new(),
+            identities: hashbrown::HashMap::new(),
             cache_size: parts.cache_size.max(1),
             removed: Vec::new(),
             next_id,
