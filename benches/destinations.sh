@@ -14,14 +14,9 @@
 #    messages/s acknowledged vs received, and the delivery delay.
 # 3. ten destinations, one dead: ingestion at full load with no destination, then with nine
 #    healthy ones and a dead one (connection refused); the ratio is the cost.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 seconds="${1:-30}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
-bin="$CARGO_TARGET_DIR/release"
-work="$(mktemp -d)"
-trap 'pkill -f "$work/sluice.toml" || true; pkill -f sluice-receiver || true; rm -rf "$work"' EXIT
+trap 'pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true; bench_cleanup' EXIT
 port=18088
 receiver_port=19099
 
@@ -58,9 +53,7 @@ run() { # NAME HEALTHY DEAD SEGMENTS(segments|-) -- loadgen args
     taskset -c 0 "$bin/sluice-receiver" --listen "127.0.0.1:$receiver_port" \
       --warmup 5 --duration "$seconds" > "$work/receiver.out" &
   fi
-  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
-  local pid=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  start_sluice
   echo "--- $name"
   taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --warmup 5 --duration "$seconds" "$@"
   kill -TERM "$pid"; wait "$pid" || true

@@ -8,17 +8,11 @@
 # Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0,
 # varied web events (`--events web`, ~560 bytes enriched). DuckDB comes from PyPI into
 # $SLUICE_BENCH_VENV (default ~/.cache/sluice-bench-venv).
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
-bin="$CARGO_TARGET_DIR/release"
 venv="${SLUICE_BENCH_VENV:-$HOME/.cache/sluice-bench-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb==2.0.0
-work="$(mktemp -d)"
-trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT
 port=18089
 cat > "$work/sluice.toml" <<TOML
 [server]
@@ -33,16 +27,11 @@ url = "file://./data/lake"
 flush_interval = "10s"
 TOML
 
-start() {
-  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
-  pid=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-}
 lag() { curl -fsS "http://127.0.0.1:$port/metrics" | awk '/^sluice_log_consumer_lag_records\{consumer="lake"\}/ {print $2}'; }
 
 echo "--- 80,000 messages/s (800 batches of 100 per second, open loop) for $seconds s, lake writer running"
 rm -rf "$work/data"
-start
+start_sluice
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
 sampler=$!
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
@@ -55,7 +44,7 @@ bytes="$(find "$work/data/lake/events" -name '*.parquet' -printf '%s\n' | awk '{
 echo "lake: $rows events in $bytes bytes of Parquet: $(awk -v b="$bytes" -v r="$rows" 'BEGIN {printf "%.1f", b / r}') bytes per message"
 
 echo "--- filling the lake to 10,000,000 messages (closed loop)"
-start
+start_sluice
 while :; do
   have="$("$bin/sluice" --config "$work/sluice.toml" query --format csv "SELECT count(*) FROM events" | tail -1)"
   [ "$have" -ge 10000000 ] && break

@@ -10,15 +10,9 @@
 # With SLUICE_BENCH_PLAN=1 it instead alternates /v1/batch at full load without and with the
 # shipped tracking plan (`schemas/`, violations blocked), so the two can be compared as a ratio
 # measured in one run; the loadgen's "Order Completed" satisfies that plan.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
 repeats="${2:-3}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
-bin="$CARGO_TARGET_DIR/release"
-work="$(mktemp -d)"
-trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT
 port=18088
 config() {
   cat > "$work/sluice.toml" <<TOML
@@ -39,9 +33,7 @@ config
 run() {
   local name="$1"; shift
   rm -rf "$work/data"
-  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
-  local pid=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  start_sluice
   echo "--- $name"
   taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --duration "$seconds" --pid "$pid" "$@"
   curl -fsS "http://127.0.0.1:$port/metrics" | grep '^sluice_schema_checks_total' || true

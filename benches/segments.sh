@@ -12,14 +12,8 @@
 # 3. 1,000,000 distinct users at 50,000 messages/s for 2×SECONDS: RSS every 10 s and the store's
 #    size, with 1M profiles.
 # Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
-bin="$CARGO_TARGET_DIR/release"
-work="$(mktemp -d)"
-trap 'pkill -f "$work/sluice.toml" || true; rm -rf "$work"' EXIT
 port=18090
 cp -r benches/fifty-segments "$work/segments"
 cat > "$work/sluice.toml" <<TOML
@@ -41,9 +35,7 @@ TOML
 
 start() {
   rm -rf "$work/data"
-  SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
-  pid=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  start_sluice
 }
 metric() { curl -fsS "http://127.0.0.1:$port/metrics"; }
 lag() { metric | awk '/^sluice_log_consumer_lag_records\{consumer="profiles"\}/ {print $2}'; }

@@ -189,6 +189,8 @@ impl Pump {
             paused_until: None,
             pump: self,
         };
+        // A failed run's requests were dropped with it.
+        state.publish_in_flight();
         for (user, s) in state.pump.queue.users()? {
             state.due.insert((s.retry_at_ms, user.clone()));
             state.parked.insert(user, s);
@@ -247,8 +249,7 @@ impl State<'_> {
 
     /// The log holds more than [`SPILL_AT`] of its `max_size`.
     fn log_filling(&self) -> bool {
-        let log = self.pump.log.stats();
-        log.bytes as f64 >= log.max_bytes as f64 * SPILL_AT
+        self.pump.log.fill() >= SPILL_AT
     }
 
     fn read_log(&mut self) -> anyhow::Result<()> {
@@ -386,11 +387,7 @@ impl State<'_> {
                 continue;
             }
             self.in_flight_messages += batch.messages.len();
-            self.pump
-                .metrics
-                .in_flight
-                .get_or_create(&self.labels)
-                .set(self.in_flight_messages as i64);
+            self.publish_in_flight();
             let sender = self.pump.sender.clone();
             in_flight.spawn(async move {
                 let attempt = sender.send(&batch.messages).await;
@@ -465,11 +462,7 @@ impl State<'_> {
     fn finish(&mut self, batch: Batch, attempt: Attempt) -> Result<(), QueueError> {
         let n = batch.messages.len();
         self.in_flight_messages -= n;
-        self.pump
-            .metrics
-            .in_flight
-            .get_or_create(&self.labels)
-            .set(self.in_flight_messages as i64);
+        self.publish_in_flight();
         let now = now_ms();
         let mut change = Change::default();
         let mut finished_offsets = Vec::new();
@@ -605,6 +598,14 @@ impl State<'_> {
             self.parked.insert(user.to_string(), state);
             change.users.push((user.to_string(), Some(state)));
         }
+    }
+
+    fn publish_in_flight(&self) {
+        self.pump
+            .metrics
+            .in_flight
+            .get_or_create(&self.labels)
+            .set(self.in_flight_messages as i64);
     }
 
     fn count_dead(&self, n: usize) {

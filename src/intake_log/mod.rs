@@ -303,6 +303,13 @@ impl IntakeLog {
         Consumer::register(self.shared.clone(), name)
     }
 
+    /// How much of `max_size` the log holds, from 0 to 1 (past 1 appends fail). Cheaper than
+    /// [`IntakeLog::stats`] for a caller that asks often.
+    pub fn fill(&self) -> f64 {
+        let held = self.shared.state.lock().unwrap().total_bytes;
+        held as f64 / self.options.max_size.max(1) as f64
+    }
+
     pub fn stats(&self) -> LogStats {
         let (start, bytes, segments) = {
             let state = self.shared.state.lock().unwrap();

@@ -1,3 +1,5 @@
+use std::fmt::Write as _;
+
 use ring::hmac;
 
 use super::Settings;
@@ -38,7 +40,7 @@ pub fn signature(key: &hmac::Key, timestamp: i64, body: &[u8]) -> String {
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256=");
     for b in tag.as_ref() {
-        out.push_str(&format!("{b:02x}"));
+        let _ = write!(out, "{b:02x}");
     }
     out
 }
