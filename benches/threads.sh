@@ -6,6 +6,7 @@
 #   benches/threads.sh [MESSAGES_PER_SECOND] [fixed|web] [WEBHOOK_DESTINATIONS]
 #
 # Defaults: 25000 messages/s (/v1/batch, 100 per request), the fixed track, no destination.
+# SLUICE_BENCH_SEGMENTS=1 loads the 50 segments of benches/fifty-segments/.
 source "$(dirname "$0")/common.sh"
 rate="${1:-25000}"
 events="${2:-fixed}"
@@ -24,6 +25,10 @@ write_key = "demo-server-key"
 [destinations]
 dir = "destinations"
 TOML
+if [ -n "${SLUICE_BENCH_SEGMENTS:-}" ]; then
+  cp -r benches/fifty-segments "$work/segments"
+  printf '[segments]\ndir = "segments"\n' >> "$work/sluice.toml"
+fi
 for i in $(seq 1 "$destinations"); do
   printf 'type = "webhook"\nurl = "http://127.0.0.1:%s/hook"\n[delivery]\nbatch_size = 100\n' \
     "$receiver_port" > "$work/destinations/webhook$i.toml"
@@ -49,7 +54,7 @@ ticks > "$work/before"
 sleep 10
 ticks > "$work/after"
 hz="$(getconf CLK_TCK)"
-echo "--- $rate messages/s offered, --events $events, $destinations webhook destination(s): share of one core over 10 s"
+echo "--- $rate messages/s offered, --events $events, $destinations webhook destination(s), segments: ${SLUICE_BENCH_SEGMENTS:-none}: share of one core over 10 s"
 join "$work/before" "$work/after" \
   | awk -v hz="$hz" '{ share = ($3 - $2) / (10 * hz) * 100; if (share >= 0.5) printf "%-28s %5.1f %%\n", $1, share }' \
   | sort -k2 -rn

@@ -3,18 +3,24 @@
 //! new or edited segments, and appends the resulting `Audience Entered` / `Audience Exited`
 //! messages to the intake log (from where they reach the lake and destinations like any message).
 //!
-//! ## One batch, exactly once
+//! ## Batches, saves, exactly once
 //! The stage works in batches: read up to [`BATCH`] records, apply each to its profile and
-//! evaluate, then wake due timers and advance any backfill. The messages it emits are appended to
-//! the log (durably) before the profile store commits the batch together with the log offset it
-//! reached. A crash before that commit redoes the batch from the same state, which emits the
-//! same changes with the same messageIds, and the dedup drops those the log already holds; a
-//! crash after it resumes past the batch. Nothing is emitted twice, and nothing is lost.
+//! evaluate, then wake due timers and advance any backfill. The messages a batch emits are
+//! appended to the log (durably) at the end of the batch, so their delay is one batch.
 //!
-//! Commits wait for the disk at most once every [`DURABLE_EVERY`]; the ones between are visible
-//! but not yet durable. A crash then loses up to that much of the store's progress, which is
-//! redone from the log in the same way (same ids, dropped by the dedup). The log's cursor for this
-//! stage only advances with durable commits, so the log keeps what a redo needs.
+//! The profile store is written in one transaction that stays open across batches and commits
+//! (durably, with the log offset the stage reached) once every [`SAVE_EVERY`], or sooner when the
+//! profiles changed since the last save fill half the cache. Changed profiles wait in the cache
+//! and are written once per save, however many messages they took: redb copies a B-tree page for
+//! each write in a transaction, so writing a profile per batch cost a page copy per message. The
+//! timers and the members index go into the open transaction at every batch, so that due timers
+//! are read from it as they are.
+//!
+//! A crash loses what was not saved, and the stage redoes it from the log: the same messages on
+//! the same state emit the same changes with the same messageIds, and the dedup drops those the
+//! log already holds. Nothing is emitted twice, and nothing is lost. The log's cursor for this
+//! stage only advances with saves, so the log keeps what a redo needs. Readers of the store (the
+//! admin API) see it as of the last save.
 //!
 //! Messages from the reserved source `sluice` (our own emissions) are not applied to profiles:
 //! memberships are already on the profile.
@@ -64,8 +70,8 @@ pub const BATCH: usize = 2_000;
 const BACKFILL_CHUNK: usize = 1_000;
 /// Due timers handled per batch.
 const TIMER_CHUNK: usize = 2_000;
-/// How often the store's commit waits for the disk.
-pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// How often the store saves (commits, durably) what the stage has done.
+pub const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
 
@@ -155,7 +161,10 @@ struct Held {
     profile: Profile,
     stored_members: BTreeSet<String>,
     stored_recheck: Option<Millis>,
-    dirty: bool,
+    /// Touched in the batch in progress (its timer and memberships are settled at the batch's end).
+    touched: bool,
+    /// Changed since the last save.
+    unsaved: bool,
 }
 
 impl Held {
@@ -164,7 +173,8 @@ impl Held {
             stored_members: members(&profile),
             stored_recheck: profile.next_recheck(),
             profile,
-            dirty: false,
+            touched: false,
+            unsaved: false,
         }
     }
 }
@@ -196,8 +206,12 @@ struct Stage {
     /// two maps are looked up several times per message, and both are bounded by the cache size,
     /// so keys chosen to collide could slow them but not grow them.
     cache: hashbrown::HashMap<u64, Held>,
-    /// Profiles changed in this batch (in the cache).
-    dirty: Vec<u64>,
+    /// The store transaction open since the last save.
+    open: Option<Writer>,
+    /// Profiles touched in the batch in progress (in the cache).
+    touched: Vec<u64>,
+    /// Profiles changed since the last save (in the cache, unless merged away).
+    unsaved: Vec<u64>,
     /// The identity index as far as it was read or written: this stage is its only writer.
     identities: hashbrown::HashMap<String, u64>,
     cache_size: usize,
@@ -212,8 +226,9 @@ struct Stage {
     mark_backfilled: Vec<usize>,
     emissions: Vec<Emission>,
     last_change: HashMap<String, Millis>,
-    /// When the store last committed durably.
-    last_durable: Instant,
+    /// The log offset of the last save.
+    saved_offset: u64,
+    last_saved: Instant,
     last_conflict_log: Option<Instant>,
 }
 
@@ -243,7 +258,9 @@ impl Stage {
             live,
             set,
             cache: hashbrown::HashMap::new(),
-            dirty: Vec::new(),
+            open: None,
+            touched: Vec::new(),
+            unsaved: Vec::new(),
             identities: hashbrown::HashMap::new(),
             cache_size: parts.cache_size.max(1),
             removed: Vec::new(),
@@ -254,13 +271,18 @@ impl Stage {
             mark_backfilled: Vec::new(),
             emissions: Vec::new(),
             last_change: HashMap::new(),
-            last_durable: Instant::now(),
+            saved_offset: offset,
+            last_saved: Instant::now(),
             last_conflict_log: None,
         })
     }
 
     /// Puts `set` in force and plans the backfill of segments whose rule is new.
     fn install(&mut self, set: Arc<SegmentSet>) -> Result<(), StageError> {
+        // A backfill walks the saved profiles: save first, so that it meets every one.
+        if self.pending() {
+            self.save()?;
+        }
         let r = self.store.read()?;
         let mut stale = HashSet::new();
         self.mark_backfilled.clear();
@@ -305,12 +327,11 @@ impl Stage {
             match self.step() {
                 Ok(true) => failures = 0,
                 Ok(false) => {
-                    // Quiet now: make what was committed since the last durable commit durable.
-                    if self.consumer.committed() < self.offset
-                        && self.last_durable.elapsed() >= DURABLE_EVERY
-                    {
-                        if let Err(e) = self.make_durable() {
-                            tracing::warn!(error = %e, "durable commit of the profile store failed; retrying");
+                    // Quiet now: save what is pending, once it is due.
+                    if self.pending() && self.last_saved.elapsed() >= SAVE_EVERY {
+                        if let Err(e) = self.save() {
+                            tracing::error!(error = %e, "saving the profile store failed; redoing from the last save");
+                            self.reset();
                         }
                     }
                     self.idle()
@@ -323,26 +344,49 @@ impl Stage {
                 }
             }
         }
-        if let Err(e) = self.make_durable() {
-            tracing::error!(error = %e, "the profile store's last commit is not durable; the next start redoes it from the log");
+        if self.pending() {
+            if let Err(e) = self.save() {
+                tracing::error!(error = %e, "the profile store's last save failed; the next start redoes it from the log");
+            }
         }
     }
 
-    /// A durable commit of what is committed, and the log cursor moved up to it.
-    fn make_durable(&mut self) -> Result<(), StageError> {
-        let mut w = self.store.write()?;
-        w.set_durable(true)?;
+    /// Whether anything was done since the last save.
+    fn pending(&self) -> bool {
+        self.offset != self.saved_offset || self.open.is_some()
+    }
+
+    /// Writes every profile changed since the last save and commits the open transaction,
+    /// durably, with the offset reached; then lets the log's cursor move up to it.
+    fn save(&mut self) -> Result<(), StageError> {
+        let w = match self.open.take() {
+            Some(w) => w,
+            None => self.store.write()?,
+        };
+        for id in std::mem::take(&mut self.unsaved) {
+            // Profiles merged away since are no longer in the cache.
+            if let Some(held) = self.cache.get_mut(&id) {
+                w.put_profile(&held.profile)?;
+                held.unsaved = false;
+            }
+        }
         w.set_meta("offset", self.offset)?;
+        w.set_meta("next_id", self.next_id)?;
+        w.set_meta("profiles", self.profiles)?;
         w.commit()?;
-        self.last_durable = Instant::now();
+        self.saved_offset = self.offset;
+        self.last_saved = Instant::now();
         self.consumer.commit(self.offset)?;
+        self.trim_cache();
         Ok(())
     }
 
-    /// Forgets everything not committed and goes back to the store's state.
+    /// Forgets everything not saved and goes back to the store's state.
     fn reset(&mut self) {
+        self.open = None; // aborts the transaction
         self.cache.clear();
-        self.dirty.clear();
+        self.touched.clear();
+        self.unsaved.clear();
         self.identities.clear();
         self.removed.clear();
         self.emissions.clear();
@@ -352,6 +396,7 @@ impl Stage {
             self.next_id = w.meta("next_id").ok().flatten().unwrap_or(self.next_id);
             self.profiles = w.meta("profiles").ok().flatten().unwrap_or(self.profiles);
         }
+        self.saved_offset = self.offset;
         self.reader = self.log.reader(self.offset);
         let set = self.set.clone();
         let _ = self.install(set);
@@ -359,11 +404,15 @@ impl Stage {
 
     /// Waits for new records or the next timer, briefly.
     fn idle(&self) {
-        let next_due = self
-            .store
-            .read()
-            .ok()
-            .and_then(|r| r.next_due().ok().flatten());
+        // The timers as the open transaction has them, if one is open.
+        let next_due = match &self.open {
+            Some(w) => w.next_due().ok().flatten(),
+            None => self
+                .store
+                .read()
+                .ok()
+                .and_then(|r| r.next_due().ok().flatten()),
+        };
         let now = (self.clock)().timestamp_millis();
         let wait = match next_due {
             Some(due) if due <= now => return,
@@ -382,7 +431,11 @@ impl Stage {
         let records = self.reader.read(BATCH)?;
         let now = (self.clock)();
         let now_ms = now.timestamp_millis();
-        let w = self.store.write()?;
+        let was_open = self.open.is_some();
+        let w = match self.open.take() {
+            Some(w) => w,
+            None => self.store.write()?,
+        };
         let due = w.due(now_ms, TIMER_CHUNK)?;
         let backfill_ids = match &self.backfill {
             Some(b) => Some(w.profile_ids(b.after, BACKFILL_CHUNK)?),
@@ -393,6 +446,9 @@ impl Stage {
             && backfill_ids.is_none()
             && self.mark_backfilled.is_empty()
         {
+            if was_open {
+                self.open = Some(w);
+            } // else it wrote nothing: let it go
             return Ok(false);
         }
         let set = self.set.clone();
@@ -413,22 +469,30 @@ impl Stage {
             batch.backfill(&set, ids, now)?;
         }
         let end = records.last().map_or(self.offset, |r| r.offset + 1);
-        self.commit(
-            w,
-            &set,
-            end,
-            backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK),
-            now,
-        )?;
+        let backfill_done = backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK);
+        self.settle(&w, &set, backfill_done, now)?;
+        self.offset = end;
+        self.open = Some(w);
+        if self.last_saved.elapsed() >= SAVE_EVERY
+            || self.unsaved.len() >= self.cache_size / 2
+            || backfill_done == Some(true)
+        {
+            self.save()?;
+        }
+        if backfill_done == Some(true) {
+            tracing::info!("segment backfill finished");
+            self.backfill = None;
+        }
         Ok(true)
     }
 
-    /// Emits, then writes everything the batch changed and the offset in one transaction.
-    fn commit(
+    /// The end of a batch: appends what it emitted to the log, then brings the timers, the
+    /// members index and segment sizes in the open transaction up to date with the profiles it
+    /// touched (which are written at the next save).
+    fn settle(
         &mut self,
-        mut w: Writer,
+        w: &Writer,
         set: &SegmentSet,
-        offset: u64,
         backfill_done: Option<bool>,
         now: DateTime<Utc>,
     ) -> Result<(), StageError> {
@@ -442,82 +506,66 @@ impl Stage {
             w.move_timer(id, recheck, None)?;
             w.delete_profile(id)?;
         }
-        for id in std::mem::take(&mut self.dirty) {
+        for id in std::mem::take(&mut self.touched) {
             // Profiles merged away this batch are no longer in the cache.
             let Some(held) = self.cache.get_mut(&id) else {
                 continue;
             };
-            let p = &held.profile;
-            let now_members = members(p);
-            for key in now_members.difference(&held.stored_members) {
-                w.set_member(key, p.id, true)?;
-                *size_delta.entry(key.clone()).or_default() += 1;
+            held.touched = false;
+            if !held.unsaved {
+                held.unsaved = true;
+                self.unsaved.push(id);
             }
-            for key in held.stored_members.difference(&now_members) {
-                w.set_member(key, p.id, false)?;
-                *size_delta.entry(key.clone()).or_default() -= 1;
+            let p = &held.profile;
+            if !p
+                .segments()
+                .eq(held.stored_members.iter().map(String::as_str))
+            {
+                let now_members = members(p);
+                for key in now_members.difference(&held.stored_members) {
+                    w.set_member(key, p.id, true)?;
+                    *size_delta.entry(key.clone()).or_default() += 1;
+                }
+                for key in held.stored_members.difference(&now_members) {
+                    w.set_member(key, p.id, false)?;
+                    *size_delta.entry(key.clone()).or_default() -= 1;
+                }
+                held.stored_members = now_members;
             }
             let recheck = p.next_recheck();
             w.move_timer(p.id, held.stored_recheck, recheck)?;
-            w.put_profile(p)?;
-            held.stored_members = now_members;
             held.stored_recheck = recheck;
-            held.dirty = false;
         }
-        let mut touched: HashSet<String> = size_delta.keys().cloned().collect();
-        touched.extend(self.last_change.keys().cloned());
+        let mut changed: HashSet<String> = size_delta.keys().cloned().collect();
+        changed.extend(self.last_change.keys().cloned());
         let done: Vec<usize> = match (backfill_done, &self.backfill) {
             (Some(true), Some(b)) => b.segments.iter().copied().collect(),
             _ => Vec::new(),
         };
         for &i in done.iter().chain(&self.mark_backfilled) {
-            touched.insert(set.segments[i].key.clone());
+            changed.insert(set.segments[i].key.clone());
         }
-        let mut sizes = Vec::new();
-        for key in touched {
+        for key in changed {
             let mut stats = w.segment_stats(&key)?;
             stats.size =
                 (stats.size as i64 + size_delta.get(&key).copied().unwrap_or(0)).max(0) as u64;
             if let Some(at) = self.last_change.get(&key) {
                 stats.last_change = Some(*at);
             }
-            if let Some(s) = set.segments.iter().position(|s| s.key == key) {
+            if let Some(s) = set.position(&key) {
                 if done.contains(&s) || self.mark_backfilled.contains(&s) {
                     stats.backfilled = Some(set.segments[s].fingerprint);
                 }
             }
             w.put_segment_stats(&key, &stats)?;
-            sizes.push((key, stats.size));
-        }
-        w.set_meta("offset", offset)?;
-        w.set_meta("next_id", self.next_id)?;
-        w.set_meta("profiles", self.profiles)?;
-        let durable = self.last_durable.elapsed() >= DURABLE_EVERY || backfill_done == Some(true);
-        w.set_durable(durable)?;
-        w.commit()?;
-        self.metrics.profiles.set(self.profiles as i64);
-        self.offset = offset;
-        self.last_change.clear();
-        self.mark_backfilled.clear();
-        match backfill_done {
-            Some(true) => {
-                tracing::info!("segment backfill finished");
-                self.backfill = None;
-            }
-            Some(false) => {}
-            None => {}
-        }
-        for (key, size) in sizes {
             self.metrics
                 .sizes
                 .get_or_create(&SegmentLabels { segment: key })
-                .set(size as i64);
+                .set(stats.size as i64);
         }
-        if durable {
-            self.last_durable = Instant::now();
-            self.consumer.commit(offset)?;
-        }
-        self.trim_cache();
+        self.metrics.profiles.set(self.profiles as i64);
+        self.last_change.clear();
+        self.mark_backfilled.clear();
         Ok(())
     }
 
@@ -559,8 +607,8 @@ impl Stage {
         Ok(())
     }
 
-    /// Keeps the caches within their sizes by dropping arbitrary entries (all clean after a
-    /// commit): hash order makes that a random eviction, cheap and good enough here.
+    /// Keeps the caches within their sizes by dropping arbitrary entries (all saved: it runs
+    /// right after a save): hash order makes that a random eviction, cheap and good enough here.
     fn trim_cache(&mut self) {
         if self.cache.len() > self.cache_size {
             let excess = self.cache.len() - self.cache_size * 9 / 10;
@@ -877,9 +925,9 @@ impl Directory for Batch<'_, '_> {
             self.stage.cache.insert(id, Held::new(profile));
         }
         let held = self.stage.cache.get_mut(&id).expect("inserted above");
-        if !held.dirty {
-            held.dirty = true;
-            self.stage.dirty.push(id);
+        if !held.touched {
+            held.touched = true;
+            self.stage.touched.push(id);
         }
         Ok(&mut held.profile)
     }
@@ -889,9 +937,9 @@ impl Directory for Batch<'_, '_> {
         self.stage.next_id += 1;
         self.stage.profiles += 1;
         let mut held = Held::new(Profile::new(id));
-        held.dirty = true;
+        held.touched = true;
         self.stage.cache.insert(id, held);
-        self.stage.dirty.push(id);
+        self.stage.touched.push(id);
         Ok(id)
     }
 

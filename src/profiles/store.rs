@@ -133,9 +133,7 @@ impl Reader {
 
     /// The earliest timer, if any.
     pub fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        let t = self.0.open_table(TIMERS)?;
-        let first = t.first()?;
-        Ok(first.map(|(k, _)| k.value().0))
+        next_due(&self.0.open_table(TIMERS)?)
     }
 }
 
@@ -143,19 +141,6 @@ impl Reader {
 pub struct Writer(redb::WriteTransaction);
 
 impl Writer {
-    /// Whether this transaction's commit waits for the disk (the default) or only makes the
-    /// changes visible, to become durable with the next durable commit.
-    pub fn set_durable(&mut self, durable: bool) -> Result<(), StoreError> {
-        let level = if durable {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        };
-        self.0
-            .set_durability(level)
-            .map_err(|e| StoreError(e.to_string()))
-    }
-
     pub fn profile(&self, id: u64) -> Result<Option<Profile>, StoreError> {
         decode(&self.0.open_table(PROFILES)?, id)
     }
@@ -216,6 +201,11 @@ impl Writer {
         Ok(())
     }
 
+    /// The earliest timer, if any, as this transaction has it.
+    pub fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        next_due(&self.0.open_table(TIMERS)?)
+    }
+
     /// Up to `limit` profiles whose timer is due at `now`, earliest first.
     pub fn due(&self, now: Millis, limit: usize) -> Result<Vec<(Millis, u64)>, StoreError> {
         let t = self.0.open_table(TIMERS)?;
@@ -263,7 +253,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes everything written visible at once, and durable unless `set_durable(false)`.
+    /// Makes everything written visible and durable at once.
     pub fn commit(self) -> Result<(), StoreError> {
         Ok(self.0.commit()?)
     }
@@ -277,6 +267,10 @@ fn decode(
         Some(bytes) => Some(postcard::from_bytes(bytes.value())?),
         None => None,
     })
+}
+
+fn next_due(t: &impl ReadableTable<(i64, u64), ()>) -> Result<Option<Millis>, StoreError> {
+    Ok(t.first()?.map(|(k, _)| k.value().0))
 }
 
 fn segment_stats(
