@@ -5,8 +5,9 @@
 //! and the change count, so that redoing a batch after a crash produces the same ids (and the
 //! dedup drops the repeats).
 
+use std::io::Write;
+
 use chrono::{DateTime, Utc};
-use serde_json::{json, Map, Value};
 
 use crate::profiles::Profile;
 use crate::segments::rules::Segment;
@@ -24,7 +25,9 @@ pub struct Emission {
 
 pub use crate::metrics::Cause;
 
-/// The track and the identify for one change of `profile`'s membership of `segment`.
+/// The track and the identify for one change of `profile`'s membership of `segment`. Written
+/// straight as JSON text: a change can come with every other message, and building
+/// `serde_json::Value`s for it cost more than evaluating the rule.
 pub fn change(
     segment: &Segment,
     profile: &Profile,
@@ -35,54 +38,123 @@ pub fn change(
 ) -> [Emission; 2] {
     let key = segment.key.as_str();
     let direction = if entered { "entered" } else { "exited" };
-    let base_id = format!("audience-{key}-{}-{changes}-{direction}", profile.id);
+    let track_id = format!("audience-{key}-{}-{changes}-{direction}", profile.id);
+    let identify_id = format!("{track_id}-identify");
     let time = crate::ingest::format_time(now);
-    let mut common = Map::new();
+    // What both messages share, from the opening brace on.
+    let mut common = Vec::with_capacity(256);
+    common.push(b'{');
     if let Some(user) = &profile.user_id {
-        common.insert("userId".into(), user.as_str().into());
+        field(&mut common, "userId", user);
     }
     if let Some(anon) = profile.anonymous_ids.first() {
-        common.insert("anonymousId".into(), anon.as_str().into());
+        field(&mut common, "anonymousId", anon);
     }
-    common.insert("timestamp".into(), time.clone().into());
-    common.insert("receivedAt".into(), time.into());
-    common.insert(
-        "context".into(),
-        json!({
-            "library": {"name": "sluice", "version": env!("CARGO_PKG_VERSION")},
-            "sluice": {"audience": key},
-        }),
-    );
-    let message = |fields: Value, id: String| {
-        let mut m = common.clone();
-        if let Value::Object(fields) = fields {
-            m.extend(fields);
-        }
-        m.insert("messageId".into(), id.clone().into());
+    field(&mut common, "timestamp", &time);
+    field(&mut common, "receivedAt", &time);
+    common.extend_from_slice(br#""context":{"library":{"name":"sluice","version":"#);
+    string(&mut common, env!("CARGO_PKG_VERSION"));
+    common.extend_from_slice(br#"},"sluice":{"audience":"#);
+    string(&mut common, key);
+    common.extend_from_slice(b"}},");
+    let message = |id: String, rest: &dyn Fn(&mut Vec<u8>)| {
+        let mut body = common.clone();
+        field(&mut body, "messageId", &id);
+        rest(&mut body);
+        body.push(b'}');
         Emission {
             message_id: id,
-            body: serde_json::to_vec(&m).expect("JSON values serialize"),
+            body,
             cause,
         }
     };
-    let mut properties = Map::new();
-    properties.insert("audience_key".into(), key.into());
-    properties.insert("audience_name".into(), segment.name.as_str().into());
-    properties.insert(key.into(), entered.into());
-    let mut traits = Map::new();
-    traits.insert(key.into(), entered.into());
-    [
-        message(
-            json!({
-                "type": "track",
-                "event": if entered { "Audience Entered" } else { "Audience Exited" },
-                "properties": properties,
-            }),
-            base_id.clone(),
-        ),
-        message(
-            json!({"type": "identify", "traits": traits}),
-            format!("{base_id}-identify"),
-        ),
-    ]
+    let track = message(track_id, &|b| {
+        field(
+            b,
+            "event",
+            if entered {
+                "Audience Entered"
+            } else {
+                "Audience Exited"
+            },
+        );
+        b.extend_from_slice(br#""type":"track","properties":{"#);
+        // The segment's own key comes last and wins if it is one of the other two names.
+        if key != "audience_key" {
+            field(b, "audience_key", key);
+        }
+        if key != "audience_name" {
+            field(b, "audience_name", &segment.name);
+        }
+        flag(b, key, entered);
+        b.push(b'}');
+    });
+    let identify = message(identify_id, &|b| {
+        b.extend_from_slice(br#""type":"identify","traits":{"#);
+        flag(b, key, entered);
+        b.push(b'}');
+    });
+    [track, identify]
+}
+
+/// `"name":"value",`
+fn field(out: &mut Vec<u8>, name: &str, value: &str) {
+    string(out, name);
+    out.push(b':');
+    string(out, value);
+    out.push(b',');
+}
+
+/// `"name":true` (no comma: it ends its object)
+fn flag(out: &mut Vec<u8>, name: &str, value: bool) {
+    string(out, name);
+    let _ = write!(out, ":{value}");
+}
+
+fn string(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("a string serializes");
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::segments::files;
+
+    #[test]
+    fn both_messages_are_json_with_every_field() {
+        let file = files::parse(
+            std::path::Path::new("segments/vip.toml"),
+            "name = 'Very \"important\"'\nrule = 'true'\n",
+        );
+        let (set, problems) = crate::segments::SegmentSet::build(vec![file.unwrap()], None);
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut profile = Profile::new(7);
+        profile.user_id = Some("u-1".into());
+        profile.add_anonymous_id("a-1");
+        let now = DateTime::from_timestamp_millis(1_767_225_600_000).unwrap();
+        let [track, identify] = change(&set.segments[0], &profile, true, 3, now, None);
+        let track: Value = serde_json::from_slice(&track.body).unwrap();
+        let identify: Value = serde_json::from_slice(&identify.body).unwrap();
+        let key = set.segments[0].key.as_str();
+        assert_eq!(track["type"], "track");
+        assert_eq!(track["event"], "Audience Entered");
+        assert_eq!(track["userId"], "u-1");
+        assert_eq!(track["anonymousId"], "a-1");
+        assert_eq!(track["messageId"], format!("audience-{key}-7-3-entered"));
+        assert_eq!(track["timestamp"], track["receivedAt"]);
+        assert_eq!(
+            track["properties"],
+            json!({"audience_key": key, "audience_name": "Very \"important\"", key: true})
+        );
+        assert_eq!(track["context"]["sluice"]["audience"], key);
+        assert_eq!(track["context"]["library"]["name"], "sluice");
+        assert_eq!(identify["type"], "identify");
+        assert_eq!(identify["traits"], json!({key: true}));
+        assert_eq!(
+            identify["messageId"],
+            format!("audience-{key}-7-3-entered-identify")
+        );
+    }
 }

@@ -35,7 +35,7 @@ impl Dependencies {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Token {
+pub(super) enum Token {
     Ident(String),
     Str(String),
     Num(String),
@@ -154,7 +154,7 @@ fn literal_duration(tokens: &[Token]) -> Option<Millis> {
     Some(n.saturating_mul(unit))
 }
 
-fn tokenize(text: &str) -> Vec<Token> {
+pub(super) fn tokenize(text: &str) -> Vec<Token> {
     let chars: Vec<char> = text.chars().collect();
     let mut out = Vec::new();
     let mut i = 0;

@@ -60,7 +60,7 @@ impl Duration {
         }
     }
 
-    fn compare(a: Duration, b: Duration) -> std::cmp::Ordering {
+    pub fn compare(a: Duration, b: Duration) -> std::cmp::Ordering {
         // age <op> d flips when the age reaches d: at anchor + d (+1 ms for strict comparisons;
         // noting the later of the two is harmless for the other).
         match (a.anchor, b.anchor) {
@@ -127,55 +127,49 @@ pub struct Event {
     pub kind: ImmutableString,
 }
 
-impl User {
-    fn did(&mut self, name: &str) -> bool {
-        self.0.profile.events.contains_key(name)
+impl Round {
+    pub fn did(&self, name: &str) -> bool {
+        self.profile.events.contains_key(name)
     }
 
     /// Occurrences of `name` within `within` of now, oldest first.
     fn within<'a>(&'a self, name: &'a str, within: Duration) -> impl Iterator<Item = Millis> + 'a {
-        let r = &self.0;
-        let horizon = r.now - within.millis;
-        let start = r.profile.history.partition_point(|o| o.at < horizon);
-        r.profile.history[start..]
+        let horizon = self.now - within.millis;
+        let start = self.profile.history.partition_point(|o| o.at < horizon);
+        self.profile.history[start..]
             .iter()
-            .filter(move |o| o.name == name && o.at <= r.now)
+            .filter(move |o| o.name == name && o.at <= self.now)
             .map(|o| o.at)
     }
 
-    fn did_within(&mut self, name: &str, within: Duration) -> bool {
+    pub fn did_within(&self, name: &str, within: Duration) -> bool {
         let latest = self.within(name, within).last();
         if let Some(at) = latest {
-            note_flip(at + within.millis + 1, self.0.now);
+            note_flip(at + within.millis + 1, self.now);
         }
         latest.is_some()
     }
 
-    fn count(&mut self, name: &str) -> i64 {
-        self.0
-            .profile
-            .events
-            .get(name)
-            .map_or(0, |s| s.count as i64)
+    pub fn count(&self, name: &str) -> i64 {
+        self.profile.events.get(name).map_or(0, |s| s.count as i64)
     }
 
-    fn count_within(&mut self, name: &str, within: Duration) -> i64 {
+    pub fn count_within(&self, name: &str, within: Duration) -> i64 {
         let mut times = self.within(name, within);
         let Some(oldest) = times.next() else {
             return 0;
         };
-        note_flip(oldest + within.millis + 1, self.0.now);
+        note_flip(oldest + within.millis + 1, self.now);
         1 + times.count() as i64
     }
 
-    fn sum(&mut self, name: &str, property: &str, within: Duration) -> f64 {
-        let r = &self.0;
-        let horizon = r.now - within.millis;
-        let start = r.profile.history.partition_point(|o| o.at < horizon);
+    pub fn sum(&self, name: &str, property: &str, within: Duration) -> f64 {
+        let horizon = self.now - within.millis;
+        let start = self.profile.history.partition_point(|o| o.at < horizon);
         let mut total = 0.0;
         let mut oldest = None;
-        for o in &r.profile.history[start..] {
-            if o.name == name && o.at <= r.now {
+        for o in &self.profile.history[start..] {
+            if o.name == name && o.at <= self.now {
                 oldest.get_or_insert(o.at);
                 total += o
                     .values
@@ -185,11 +179,20 @@ impl User {
             }
         }
         if let Some(at) = oldest {
-            note_flip(at + within.millis + 1, r.now);
+            note_flip(at + within.millis + 1, self.now);
         }
         total
     }
 
+    pub fn in_segment(&self, key: &str) -> bool {
+        match self.keys.get(key) {
+            Some(&index) => self.member(index, key),
+            None => false,
+        }
+    }
+}
+
+impl User {
     fn occurrence(&self, name: &str, first: bool) -> Dynamic {
         let Some(stats) = self.0.profile.events.get(name) else {
             return Dynamic::UNIT;
@@ -215,13 +218,6 @@ impl User {
                 json_to_dynamic(&serde_json::Value::Object(self.0.profile.traits.clone()))
             })
             .clone()
-    }
-
-    fn in_segment(&mut self, key: &str) -> bool {
-        match self.0.keys.get(key) {
-            Some(&index) => self.0.member(index, key),
-            None => false,
-        }
     }
 
     fn first_seen(&mut self) -> Dynamic {
@@ -285,14 +281,23 @@ pub fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
 pub fn register(engine: &mut Engine) {
     engine
         .register_type_with_name::<User>("User")
-        .register_fn("did", User::did)
-        .register_fn("did", User::did_within)
-        .register_fn("count", User::count)
-        .register_fn("count", User::count_within)
-        .register_fn("sum", User::sum)
+        .register_fn("did", |u: &mut User, name: &str| u.0.did(name))
+        .register_fn("did", |u: &mut User, name: &str, within: Duration| {
+            u.0.did_within(name, within)
+        })
+        .register_fn("count", |u: &mut User, name: &str| u.0.count(name))
+        .register_fn("count", |u: &mut User, name: &str, within: Duration| {
+            u.0.count_within(name, within)
+        })
+        .register_fn(
+            "sum",
+            |u: &mut User, name: &str, property: &str, within: Duration| {
+                u.0.sum(name, property, within)
+            },
+        )
         .register_fn("first", |u: &mut User, name: &str| u.occurrence(name, true))
         .register_fn("last", |u: &mut User, name: &str| u.occurrence(name, false))
-        .register_fn("in_segment", User::in_segment)
+        .register_fn("in_segment", |u: &mut User, key: &str| u.0.in_segment(key))
         .register_get("traits", User::traits)
         .register_get("first_seen", User::first_seen)
         .register_get("last_seen", User::last_seen);

@@ -6,6 +6,7 @@
 //! - [`api`]: what a rule sees (`user`, `event`, durations), and how time conditions note the
 //!   moment they flip.
 //! - [`analysis`]: what a rule reads, to evaluate on a message only the rules it can affect.
+//! - [`native`]: rules of the common shapes, evaluated without Rhai (the same answers).
 //! - [`rules`]: the compiled set and the evaluation of one profile.
 //! - [`cases`]: the files' `[[test]]` cases, run by `sluice check`.
 //! - [`watch`]: hot reload, keeping the last good version of a broken file.
@@ -16,6 +17,7 @@ pub mod analysis;
 pub mod api;
 pub mod cases;
 pub mod files;
+pub mod native;
 pub mod rules;
 pub mod sandbox;
 pub mod watch;

@@ -14,6 +14,7 @@ use rhai::{Dynamic, Engine, AST};
 use super::analysis::{analyse, Dependencies};
 use super::api::{self, Event, Round, User};
 use super::files::SegmentFile;
+use super::native::{self, Native};
 use super::sandbox;
 use crate::diagnostic::Diagnostic;
 use crate::profiles::profile::{Millis, Names, Profile, Retention};
@@ -29,6 +30,8 @@ pub struct Segment {
     pub deps: Dependencies,
     pub file: SegmentFile,
     ast: AST,
+    /// The rule compiled for the native interpreter, when it is of a shape that one knows.
+    native: Option<Native>,
     pub health: Health,
 }
 
@@ -167,6 +170,7 @@ impl SegmentSet {
                 backfill: file.backfill,
                 fingerprint: xxhash_rust::xxh3::xxh3_64(file.rule.as_bytes()),
                 deps: analyse(&file.rule),
+                native: native::compile(&file.rule),
                 file,
                 ast,
                 health: Health::default(),
@@ -284,28 +288,42 @@ impl SegmentSet {
         if !wanted.iter().any(|w| *w) {
             return out;
         }
-        let event = match trigger {
-            Trigger::Message { event_object, .. } | Trigger::All(Some(event_object)) => {
-                Dynamic::from(event_object.clone())
-            }
-            _ => Dynamic::UNIT,
-        };
         let shared = Arc::new(std::mem::take(profile));
         let round = Round::new(shared.clone(), now, self.by_key.clone());
         let mut answers: Vec<(usize, bool, Option<Millis>)> = Vec::new();
         {
-            let mut scope = sandbox::scope(Dynamic::from(User(round.clone())), event);
+            // Made for the first rule that needs Rhai, if one does.
+            let mut scope: Option<rhai::Scope> = None;
             for i in 0..self.segments.len() {
                 if !wanted[i] {
                     continue;
                 }
                 let segment = &self.segments[i];
                 api::start_recording();
-                let result = self
-                    .engine
-                    .eval_ast_with_scope::<Dynamic>(&mut scope, &segment.ast);
-                // What a rule declared (even a `let user = ...` shadowing) ends with it.
-                scope.rewind(2);
+                // A rule the native interpreter fails runs again on Rhai, for Rhai's error.
+                let native = segment.native.as_ref().and_then(|rule| rule.eval(&round));
+                let result = match native {
+                    Some(answer) => Ok(Dynamic::from_bool(answer)),
+                    None => {
+                        api::start_recording();
+                        let scope = scope.get_or_insert_with(|| {
+                            let event = match trigger {
+                                Trigger::Message { event_object, .. }
+                                | Trigger::All(Some(event_object)) => {
+                                    Dynamic::from(event_object.clone())
+                                }
+                                _ => Dynamic::UNIT,
+                            };
+                            sandbox::scope(Dynamic::from(User(round.clone())), event)
+                        });
+                        let result = self
+                            .engine
+                            .eval_ast_with_scope::<Dynamic>(scope, &segment.ast);
+                        // What a rule declared (even a `let user = ...` shadowing) ends with it.
+                        scope.rewind(2);
+                        result
+                    }
+                };
                 let answer = match result {
                     Ok(v) => match v.as_bool() {
                         Ok(b) => b,
