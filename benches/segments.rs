@@ -1,6 +1,7 @@
 //! Profile update plus segment evaluation, alone: the web traffic mix of the load generator
 //! (page views and eight kinds of tracks over 50,000 users) applied to in-memory profiles with
-//! the 50 segments of `benches/fifty-segments/` loaded.
+//! the 50 segments of `benches/fifty-segments/` loaded. And one rule on one profile, on the
+//! native interpreter and on Rhai.
 //!
 //!     cargo bench --bench segments
 
@@ -143,5 +144,51 @@ fn profile_update_and_segments(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, profile_update_and_segments);
+/// `busy_0` of the fifty segments, on a profile with 40 occurrences in its history.
+fn one_rule_native_and_rhai(c: &mut Criterion) {
+    use rhai::Dynamic;
+    use sluice::segments::api::{Round, User};
+    use sluice::segments::{native, sandbox};
+
+    let rule = r#"user.count("Product Viewed", hours(24)) >= 3 && !user.did("Order Completed")"#;
+    let set = fifty_segments();
+    let mut profile = Profile::new(1);
+    for i in 0..40 {
+        let m = Observed {
+            kind: MessageType::Track,
+            event: Some(EVENTS[i % 4]),
+            at: T0 + i as i64 * 60_000,
+            properties: None,
+            traits: None,
+        };
+        profile.apply(&m, &set.retention, T0 + 40 * 60_000);
+    }
+    let round = Round::new(
+        std::sync::Arc::new(profile),
+        T0 + 40 * 60_000,
+        Default::default(),
+    );
+    let compiled = native::compile(rule).expect("in the native subset");
+    let engine = sandbox::engine();
+    let ast = engine
+        .compile_with_scope(&sandbox::compile_scope(), rule)
+        .unwrap();
+    let mut group = c.benchmark_group("one_rule");
+    group.bench_function("native", |b| b.iter(|| compiled.eval(&round)));
+    group.bench_function("rhai", |b| {
+        b.iter(|| {
+            let mut scope = sandbox::scope(Dynamic::from(User(round.clone())), Dynamic::UNIT);
+            engine
+                .eval_ast_with_scope::<Dynamic>(&mut scope, &ast)
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    profile_update_and_segments,
+    one_rule_native_and_rhai
+);
 criterion_main!(benches);

@@ -158,6 +158,7 @@ pub async fn run_with_clock(
             clock: clock.clone(),
             runtime: tokio::runtime::Handle::current(),
             cache_size: config.profiles.cache_size,
+            cache_memory: config.profiles.cache_memory as usize,
             lake: Some(query.clone()),
         },
         segment_set,

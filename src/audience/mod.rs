@@ -28,6 +28,7 @@
 //! This module owns the loop and the bookkeeping (timers, the members index, segment sizes); the
 //! profile is `crate::profiles`, the rules are `crate::segments`.
 
+mod cache;
 pub mod emit;
 pub mod history;
 
@@ -58,6 +59,7 @@ use crate::profiles::store::{ProfileStore, StoreError, Writer};
 use crate::query::QueryEngine;
 use crate::segments::api::Event;
 use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
+use cache::{members, Cache, Held};
 use emit::Emission;
 pub use emit::SOURCE;
 
@@ -111,8 +113,9 @@ pub struct Parts {
     pub metrics: Arc<SegmentMetrics>,
     pub clock: Clock,
     pub runtime: tokio::runtime::Handle,
-    /// Profiles kept decoded in memory between batches.
+    /// Profiles kept decoded in memory between batches, at most, and their (estimated) bytes.
     pub cache_size: usize,
+    pub cache_memory: usize,
     /// The lake, to read back history a backfill needs.
     pub lake: Option<QueryEngine>,
 }
@@ -156,33 +159,6 @@ impl AudienceHandle {
     }
 }
 
-/// A profile held in memory, with what the store holds for it (to know what to write).
-struct Held {
-    profile: Profile,
-    stored_members: BTreeSet<String>,
-    stored_recheck: Option<Millis>,
-    /// Touched in the batch in progress (its timer and memberships are settled at the batch's end).
-    touched: bool,
-    /// Changed since the last save.
-    unsaved: bool,
-}
-
-impl Held {
-    fn new(profile: Profile) -> Held {
-        Held {
-            stored_members: members(&profile),
-            stored_recheck: profile.next_recheck(),
-            profile,
-            touched: false,
-            unsaved: false,
-        }
-    }
-}
-
-fn members(p: &Profile) -> BTreeSet<String> {
-    p.segments().map(str::to_string).collect()
-}
-
 struct Backfill {
     segments: HashSet<usize>,
     after: Option<u64>,
@@ -202,10 +178,7 @@ struct Stage {
     reader: LogReader,
     live: Arc<LiveSegments>,
     set: Arc<SegmentSet>,
-    /// hashbrown's hasher (foldhash, seeded at random per process) rather than SipHash: these
-    /// two maps are looked up several times per message, and both are bounded by the cache size,
-    /// so keys chosen to collide could slow them but not grow them.
-    cache: hashbrown::HashMap<u64, Held>,
+    cache: Cache,
     /// The store transaction open since the last save.
     open: Option<Writer>,
     /// Profiles touched in the batch in progress (in the cache).
@@ -213,8 +186,10 @@ struct Stage {
     /// Profiles changed since the last save (in the cache, unless merged away).
     unsaved: Vec<u64>,
     /// The identity index as far as it was read or written: this stage is its only writer.
+    /// hashbrown's hasher for the same reason as the cache's.
     identities: hashbrown::HashMap<String, u64>,
-    cache_size: usize,
+    /// Identities kept in memory, at most.
+    max_identities: usize,
     /// Profiles merged away in this batch, with the members the store holds for them.
     removed: Vec<(u64, BTreeSet<String>, Option<Millis>)>,
     next_id: u64,
@@ -257,12 +232,12 @@ impl Stage {
             consumer,
             live,
             set,
-            cache: hashbrown::HashMap::new(),
+            cache: Cache::new(parts.cache_size, parts.cache_memory),
             open: None,
             touched: Vec::new(),
             unsaved: Vec::new(),
             identities: hashbrown::HashMap::new(),
-            cache_size: parts.cache_size.max(1),
+            max_identities: parts.cache_size.max(1) * 2,
             removed: Vec::new(),
             next_id,
             profiles,
@@ -365,7 +340,7 @@ impl Stage {
         };
         for id in std::mem::take(&mut self.unsaved) {
             // Profiles merged away since are no longer in the cache.
-            if let Some(held) = self.cache.get_mut(&id) {
+            if let Some(held) = self.cache.get_mut(id) {
                 w.put_profile(&held.profile)?;
                 held.unsaved = false;
             }
@@ -474,7 +449,7 @@ impl Stage {
         self.offset = end;
         self.open = Some(w);
         if self.last_saved.elapsed() >= SAVE_EVERY
-            || self.unsaved.len() >= self.cache_size / 2
+            || self.cache.half_unsaved(self.unsaved.len())
             || backfill_done == Some(true)
         {
             self.save()?;
@@ -508,7 +483,8 @@ impl Stage {
         }
         for id in std::mem::take(&mut self.touched) {
             // Profiles merged away this batch are no longer in the cache.
-            let Some(held) = self.cache.get_mut(&id) else {
+            self.cache.resize(id);
+            let Some(held) = self.cache.get_mut(id) else {
                 continue;
             };
             held.touched = false;
@@ -607,17 +583,11 @@ impl Stage {
         Ok(())
     }
 
-    /// Keeps the caches within their sizes by dropping arbitrary entries (all saved: it runs
-    /// right after a save): hash order makes that a random eviction, cheap and good enough here.
+    /// Keeps the caches within their bounds (it runs right after a save, when every profile
+    /// is saved and may go): random eviction, by hash order.
     fn trim_cache(&mut self) {
-        if self.cache.len() > self.cache_size {
-            let excess = self.cache.len() - self.cache_size * 9 / 10;
-            let victims: Vec<u64> = self.cache.keys().take(excess).copied().collect();
-            for id in victims {
-                self.cache.remove(&id);
-            }
-        }
-        let max_identities = self.cache_size * 2;
+        self.cache.trim();
+        let max_identities = self.max_identities;
         if self.identities.len() > max_identities {
             let excess = self.identities.len() - max_identities * 9 / 10;
             let victims: Vec<String> = self.identities.keys().take(excess).cloned().collect();
@@ -746,7 +716,7 @@ impl Batch<'_, '_> {
         due: Millis,
         now: DateTime<Utc>,
     ) -> Result<(), StageError> {
-        if !self.stage.cache.contains_key(&id) && self.w.profile(id)?.is_none() {
+        if !self.stage.cache.contains(id) && self.w.profile(id)?.is_none() {
             // A stale timer of a profile merged away: drop it.
             self.w.move_timer(id, Some(due), None)?;
             return Ok(());
@@ -896,7 +866,7 @@ impl Batch<'_, '_> {
         Ok(self
             .stage
             .cache
-            .get_mut(&id)
+            .get_mut(id)
             .expect("loaded by Directory::profile"))
     }
 }
@@ -920,11 +890,11 @@ impl Directory for Batch<'_, '_> {
     }
 
     fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError> {
-        if !self.stage.cache.contains_key(&id) {
+        if !self.stage.cache.contains(id) {
             let profile = self.w.profile(id)?.ok_or_else(|| StoreError::missing(id))?;
             self.stage.cache.insert(id, Held::new(profile));
         }
-        let held = self.stage.cache.get_mut(&id).expect("inserted above");
+        let held = self.stage.cache.get_mut(id).expect("inserted above");
         if !held.touched {
             held.touched = true;
             self.stage.touched.push(id);
@@ -945,7 +915,7 @@ impl Directory for Batch<'_, '_> {
 
     fn remove(&mut self, id: u64) -> Result<Profile, StoreError> {
         Directory::profile(self, id)?;
-        let held = self.stage.cache.remove(&id).expect("loaded above");
+        let held = self.stage.cache.remove(id).expect("loaded above");
         self.stage.profiles -= 1;
         self.stage
             .removed

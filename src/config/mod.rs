@@ -113,8 +113,10 @@ pub struct QueryConfig {
 pub struct ProfilesConfig {
     /// Where the profile store lives.
     pub dir: PathBuf,
-    /// Profiles kept decoded in memory; the rest are read from the store when needed.
+    /// Profiles kept decoded in memory, at most; the rest are read from the store when needed.
     pub cache_size: usize,
+    /// What those profiles may take, at most (estimated from their contents).
+    pub cache_memory: u64,
     /// The store's page cache.
     pub store_cache: u64,
 }
@@ -400,16 +402,18 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     };
 
     let profiles = {
-        let (mut dir, mut cache_size, mut store_cache) = (None, None, None);
+        let (mut dir, mut cache_size, mut cache_memory, mut store_cache) = (None, None, None, None);
         if let Some(mut s) = r.section(root, "profiles") {
             dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
             cache_size = r.integer(&mut s, "cache_size").map(|n| n.value as usize);
+            cache_memory = r.size(&mut s, "cache_memory");
             store_cache = r.size(&mut s, "store_cache");
             r.finish(s);
         }
         ProfilesConfig {
             dir: dir.unwrap_or_else(|| resolve(base, "data/profiles")),
             cache_size: cache_size.unwrap_or(100_000),
+            cache_memory: cache_memory.unwrap_or(256 << 20),
             store_cache: store_cache.unwrap_or(64 << 20),
         }
     };

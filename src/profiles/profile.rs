@@ -50,6 +50,7 @@ pub struct Profile {
     pub last_seen: Millis,
     pub events: BTreeMap<String, EventStats>,
     /// Occurrences inside the retention window, oldest first.
+    #[serde(with = "compact_history")]
     pub history: Vec<Occurrence>,
     pub memberships: BTreeMap<String, Membership>,
 }
@@ -369,6 +370,77 @@ pub fn numeric_values(
         .collect()
 }
 
+/// History is stored with each name (event or property) written once and referred to by its
+/// place, and each time as the step from the one before: a profile is rewritten whenever it
+/// changes, and its history is most of it, so this halves what each save encodes and writes.
+mod compact_history {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{Millis, Occurrence};
+
+    /// (name, time step, [(property name, value)])
+    type Entry = (u16, Millis, Vec<(u16, f64)>);
+
+    #[derive(Serialize, Deserialize)]
+    struct Stored<N> {
+        names: Vec<N>,
+        entries: Vec<Entry>,
+    }
+
+    pub fn serialize<'h, S: Serializer>(
+        history: &'h [Occurrence],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut names: Vec<&str> = Vec::new();
+        // A profile's history uses a handful of names: a scan beats hashing them.
+        let mut place = |name: &'h str| -> u16 {
+            match names.iter().position(|n| *n == name) {
+                Some(i) => i as u16,
+                None => {
+                    names.push(name);
+                    (names.len() - 1) as u16
+                }
+            }
+        };
+        let mut previous = 0;
+        let entries = history
+            .iter()
+            .map(|o| {
+                let step = o.at - previous;
+                previous = o.at;
+                let values = o.values.iter().map(|(k, v)| (place(k), *v)).collect();
+                (place(&o.name), step, values)
+            })
+            .collect();
+        Stored { names, entries }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Occurrence>, D::Error> {
+        let stored = Stored::<String>::deserialize(d)?;
+        let name = |i: u16| {
+            stored
+                .names
+                .get(usize::from(i))
+                .cloned()
+                .ok_or_else(|| serde::de::Error::custom("history refers to a missing name"))
+        };
+        let mut at = 0;
+        let mut history = Vec::with_capacity(stored.entries.len());
+        for (n, step, values) in &stored.entries {
+            at += step;
+            history.push(Occurrence {
+                name: name(*n)?,
+                at,
+                values: values
+                    .iter()
+                    .map(|(k, v)| Ok((name(*k)?, *v)))
+                    .collect::<Result<_, D::Error>>()?,
+            });
+        }
+        Ok(history)
+    }
+}
+
 /// Traits are stored as JSON text: the binary encoding cannot hold arbitrary JSON values.
 mod json_text {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -509,7 +581,32 @@ mod tests {
                 recheck_at: Some(9),
             },
         );
+        let o = |name: &str, at, values: &[(&str, f64)]| Occurrence {
+            name: name.into(),
+            at,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        p.history = vec![
+            o("Order Completed", 1_767_225_600_000, &[("revenue", 30.5)]),
+            o("Page Viewed", 1_767_225_600_000, &[]),
+            o(
+                "Order Completed",
+                1_767_225_660_000,
+                &[("revenue", 2.0), ("tax", 0.5)],
+            ),
+        ];
         let bytes = postcard::to_allocvec(&p).unwrap();
         assert_eq!(postcard::from_bytes::<Profile>(&bytes).unwrap(), p);
+        // Each name once and small time steps: an entry takes about a third of what writing out
+        // its names and times would (36 bytes for an order with its revenue).
+        let mut longer = p.clone();
+        for i in 1..=100 {
+            let at = 1_767_225_660_000 + i * 60_000;
+            longer
+                .history
+                .push(o("Order Completed", at, &[("revenue", 2.0)]));
+        }
+        let per_entry = (postcard::to_allocvec(&longer).unwrap().len() - bytes.len()) / 100;
+        assert!(per_entry <= 14, "{per_entry} bytes per entry");
     }
 }

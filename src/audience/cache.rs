@@ -1,0 +1,209 @@
+//! The profiles the stage holds decoded in memory, bounded both in number and in (estimated)
+//! bytes: a profile's size depends on its history, so a count alone does not bound memory.
+//! Changed profiles stay until the next save; only saved ones are ever dropped.
+
+use std::collections::BTreeSet;
+
+use crate::profiles::profile::{Millis, Profile};
+
+/// A profile held in memory, with what the store holds for it (to know what to write).
+pub struct Held {
+    pub profile: Profile,
+    pub stored_members: BTreeSet<String>,
+    pub stored_recheck: Option<Millis>,
+    /// Touched in the batch in progress (its timer and memberships are settled at the batch's end).
+    pub touched: bool,
+    /// Changed since the last save.
+    pub unsaved: bool,
+    /// The estimate counted for it in [`Cache::bytes`].
+    bytes: usize,
+}
+
+impl Held {
+    pub fn new(profile: Profile) -> Held {
+        Held {
+            stored_members: members(&profile),
+            stored_recheck: profile.next_recheck(),
+            bytes: estimate(&profile),
+            profile,
+            touched: false,
+            unsaved: false,
+        }
+    }
+}
+
+/// The keys of the segments `p` is in.
+pub fn members(p: &Profile) -> BTreeSet<String> {
+    p.segments().map(str::to_string).collect()
+}
+
+/// Roughly what a decoded profile takes on the heap, from its lengths alone (walking its history
+/// on every message would cost more than the estimate is worth). The constants are the sizes of
+/// the entries with their allocations, for typical name lengths.
+fn estimate(p: &Profile) -> usize {
+    512 + p.anonymous_ids.len() * 64
+        + p.traits.len() * 128
+        + p.events.len() * 160
+        + p.history.len() * 112
+        + p.memberships.len() * 96
+}
+
+pub struct Cache {
+    /// hashbrown's hasher (foldhash, seeded at random per process) rather than SipHash: it is
+    /// looked up several times per message, and it is bounded, so keys chosen to collide could
+    /// slow it but not grow it.
+    map: hashbrown::HashMap<u64, Held>,
+    bytes: usize,
+    max_profiles: usize,
+    max_bytes: usize,
+}
+
+impl Cache {
+    pub fn new(max_profiles: usize, max_bytes: usize) -> Cache {
+        Cache {
+            map: hashbrown::HashMap::new(),
+            bytes: 0,
+            max_profiles: max_profiles.max(1),
+            max_bytes,
+        }
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.map.contains_key(&id)
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Held> {
+        self.map.get_mut(&id)
+    }
+
+    pub fn insert(&mut self, id: u64, held: Held) {
+        self.bytes += held.bytes;
+        if let Some(old) = self.map.insert(id, held) {
+            self.bytes -= old.bytes;
+        }
+    }
+
+    pub fn remove(&mut self, id: u64) -> Option<Held> {
+        let held = self.map.remove(&id)?;
+        self.bytes -= held.bytes;
+        Some(held)
+    }
+
+    /// Estimates a profile's size again, after it changed.
+    pub fn resize(&mut self, id: u64) {
+        if let Some(held) = self.map.get_mut(&id) {
+            let bytes = estimate(&held.profile);
+            self.bytes = self.bytes - held.bytes + bytes;
+            held.bytes = bytes;
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether it holds more than either bound allows.
+    pub fn over(&self) -> bool {
+        self.map.len() > self.max_profiles || self.bytes > self.max_bytes
+    }
+
+    /// Whether the changed profiles it must keep until the next save take half of it.
+    pub fn half_unsaved(&self, unsaved: usize) -> bool {
+        unsaved >= self.max_profiles / 2 || self.bytes >= self.max_bytes
+    }
+
+    /// Drops saved profiles, in hash order (a random eviction: cheap, and good enough here),
+    /// until it holds at most 90 % of both bounds.
+    pub fn trim(&mut self) {
+        if !self.over() {
+            return;
+        }
+        let (max_profiles, max_bytes) = (self.max_profiles * 9 / 10, self.max_bytes / 10 * 9);
+        let (mut len, mut bytes) = (self.map.len(), self.bytes);
+        let mut victims = Vec::new();
+        for (id, held) in &self.map {
+            if len <= max_profiles && bytes <= max_bytes {
+                break;
+            }
+            if !held.unsaved {
+                victims.push(*id);
+                len -= 1;
+                bytes -= held.bytes;
+            }
+        }
+        for id in victims {
+            self.remove(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiles::profile::Occurrence;
+
+    fn with_history(id: u64, entries: usize) -> Profile {
+        let mut p = Profile::new(id);
+        p.history = (0..entries)
+            .map(|i| Occurrence {
+                name: "Page Viewed".into(),
+                at: i as Millis,
+                values: Vec::new(),
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn trimming_keeps_both_bounds_and_every_unsaved_profile() {
+        let mut cache = Cache::new(100, 200_000);
+        for id in 0..50 {
+            let mut held = Held::new(with_history(id, 100));
+            held.unsaved = id < 10;
+            cache.insert(id, held);
+        }
+        assert!(cache.over(), "50 profiles of ~11 KB are over 200 KB");
+        cache.trim();
+        assert!(cache.bytes() <= 180_000, "{}", cache.bytes());
+        assert!(
+            (0..10).all(|id| cache.contains(id)),
+            "unsaved profiles stay"
+        );
+        let kept = cache.len();
+        assert!((10..50).contains(&kept), "{kept}");
+
+        let mut small = Cache::new(10, usize::MAX);
+        (0..20).for_each(|id| small.insert(id, Held::new(Profile::new(id))));
+        small.trim();
+        assert_eq!(small.len(), 9);
+    }
+
+    #[test]
+    fn the_byte_count_follows_changes() {
+        let mut cache = Cache::new(10, usize::MAX);
+        cache.insert(1, Held::new(Profile::new(1)));
+        let empty = cache.bytes();
+        cache.get_mut(1).unwrap().profile = with_history(1, 1_000);
+        cache.resize(1);
+        assert!(cache.bytes() >= empty + 100_000);
+        cache.insert(1, Held::new(Profile::new(1)));
+        assert_eq!(
+            cache.bytes(),
+            empty,
+            "a replaced entry is not counted twice"
+        );
+        cache.remove(1);
+        assert_eq!(cache.bytes(), 0);
+    }
+}
