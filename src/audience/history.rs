@@ -13,14 +13,16 @@
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::TimestampMicrosecondType;
 
-use crate::profiles::profile::{numeric_values, Millis, Names, Occurrence, Retention};
+use crate::profiles::profile::{numeric_values, Millis, Names, Retention};
 use crate::query::{QueryEngine, QueryError};
 
 /// One occurrence read from the lake, with whom it belongs to.
 pub struct LakeOccurrence {
     pub user_id: Option<String>,
     pub anonymous_id: Option<String>,
-    pub occurrence: Occurrence,
+    pub name: String,
+    pub at: Millis,
+    pub values: Vec<(String, f64)>,
 }
 
 /// The SQL that reads what `needed` asks for, from `since` on.
@@ -94,29 +96,13 @@ pub async fn read(
             out.push(LakeOccurrence {
                 user_id: (!user.is_null(i)).then(|| user.value(i).to_string()),
                 anonymous_id: (!anon.is_null(i)).then(|| anon.value(i).to_string()),
-                occurrence: Occurrence {
-                    name: name.to_string(),
-                    at: at.value(i) / 1_000,
-                    values,
-                },
+                name: name.to_string(),
+                at: at.value(i) / 1_000,
+                values,
             });
         }
     }
     Ok(out)
-}
-
-/// Merges `o` into `history` (sorted by time): an occurrence with the same name and time is
-/// replaced rather than added.
-pub fn merge(history: &mut Vec<Occurrence>, o: Occurrence) {
-    let start = history.partition_point(|h| h.at < o.at);
-    let same = history[start..]
-        .iter()
-        .take_while(|h| h.at == o.at)
-        .position(|h| h.name == o.name);
-    match same {
-        Some(i) => history[start + i] = o,
-        None => history.insert(start, o),
-    }
 }
 
 #[cfg(test)]
@@ -141,32 +127,5 @@ mod tests {
         assert!(sql.contains("source <> 'sluice'"), "{sql}");
         let nothing = Retention::default();
         assert_eq!(super::sql(&nothing, 0), "");
-    }
-
-    #[test]
-    fn merging_never_counts_an_occurrence_twice() {
-        let o = |name: &str, at, v| Occurrence {
-            name: name.into(),
-            at,
-            values: vec![("revenue".into(), v)],
-        };
-        let mut history = vec![o("A", 1, 1.0), o("B", 2, 1.0), o("A", 3, 1.0)];
-        merge(&mut history, o("A", 2, 5.0));
-        merge(&mut history, o("A", 3, 7.0));
-        merge(&mut history, o("A", 0, 1.0));
-        let got: Vec<(&str, Millis, f64)> = history
-            .iter()
-            .map(|h| (h.name.as_str(), h.at, h.values[0].1))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("A", 0, 1.0),
-                ("A", 1, 1.0),
-                ("A", 2, 5.0),
-                ("B", 2, 1.0),
-                ("A", 3, 7.0)
-            ]
-        );
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! The profile store is written in one transaction that stays open across batches and commits
 //! (durably, with the log offset the stage reached) once every [`SAVE_EVERY`], or sooner when the
-//! profiles changed since the last save fill half the cache. Changed profiles wait in the cache
+//! profiles changed since the last save fill the cache. Changed profiles wait in the cache
 //! and are written once per save, however many messages they took: redb copies a B-tree page for
 //! each write in a transaction, so writing a profile per batch cost a page copy per message. The
 //! timers and the members index go into the open transaction at every batch, so that due timers
@@ -448,8 +448,11 @@ impl Stage {
         self.settle(&w, &set, backfill_done, now)?;
         self.offset = end;
         self.open = Some(w);
+        // Over its bounds, the cache drops saved profiles; if it is still over, the unsaved ones
+        // alone fill it, and a save lets them go.
+        self.cache.trim();
         if self.last_saved.elapsed() >= SAVE_EVERY
-            || self.cache.half_unsaved(self.unsaved.len())
+            || self.cache.over()
             || backfill_done == Some(true)
         {
             self.save()?;
@@ -791,7 +794,9 @@ impl Batch<'_, '_> {
                 },
                 (None, None) => continue,
             };
-            history::merge(&mut self.held(id)?.profile.history, row.occurrence);
+            self.held(id)?
+                .profile
+                .record(&row.name, row.at, &row.values, true);
             touched.insert(id);
         }
         for id in &touched {

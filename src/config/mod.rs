@@ -413,7 +413,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         ProfilesConfig {
             dir: dir.unwrap_or_else(|| resolve(base, "data/profiles")),
             cache_size: cache_size.unwrap_or(100_000),
-            cache_memory: cache_memory.unwrap_or(256 << 20),
+            cache_memory: cache_memory.unwrap_or(512 << 20),
             store_cache: store_cache.unwrap_or(64 << 20),
         }
     };

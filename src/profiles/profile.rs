@@ -24,6 +24,8 @@ pub const MAX_EVENT_NAMES: usize = 500;
 pub const MAX_ANONYMOUS_IDS: usize = 100;
 pub const MAX_TRAITS: usize = 200;
 pub const MAX_HISTORY: usize = 2000;
+/// Names the history refers to, at most; past half of it, prune drops the unused ones.
+pub const MAX_NAMES: usize = 4096;
 /// Properties kept with a first or last occurrence are dropped past this size (bytes of JSON).
 pub const MAX_KEPT_PROPERTIES: usize = 2048;
 
@@ -49,8 +51,11 @@ pub struct Profile {
     pub first_seen: Millis,
     pub last_seen: Millis,
     pub events: BTreeMap<String, EventStats>,
+    /// The event and property names `history` refers to, each once, by place: a name is a
+    /// string once per profile instead of once per occurrence, in memory and in the store.
+    pub names: Vec<String>,
     /// Occurrences inside the retention window, oldest first.
-    #[serde(with = "compact_history")]
+    #[serde(with = "time_steps")]
     pub history: Vec<Occurrence>,
     pub memberships: BTreeMap<String, Membership>,
 }
@@ -66,12 +71,13 @@ pub struct EventStats {
     pub last_properties: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Occurrence {
-    pub name: String,
+    /// The event's name, by place in [`Profile::names`].
+    pub name: u16,
     pub at: Millis,
-    /// The numeric properties the rules sum.
-    pub values: Vec<(String, f64)>,
+    /// The numeric properties the rules sum, names by place in [`Profile::names`].
+    pub values: Vec<(u16, f64)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -243,17 +249,55 @@ impl Profile {
                 m.properties.map(RawValue::get),
                 retention.values.as_ref(),
             );
-            let at = self.history.partition_point(|o| o.at <= m.at);
-            self.history.insert(
-                at,
-                Occurrence {
-                    name: name.to_string(),
-                    at: m.at,
-                    values,
-                },
-            );
+            self.record(name, m.at, &values, false);
         }
         self.prune(retention, now);
+    }
+
+    /// The place of `name` in [`Profile::names`], added if new; `None` when the table is full.
+    fn place(&mut self, name: &str) -> Option<u16> {
+        if let Some(i) = self.find(name) {
+            return Some(i);
+        }
+        if self.names.len() >= MAX_NAMES {
+            return None;
+        }
+        self.names.push(name.to_string());
+        Some((self.names.len() - 1) as u16)
+    }
+
+    /// The place of `name`, if the history refers to it. A profile's history uses a handful of
+    /// names: a scan beats hashing them.
+    pub fn find(&self, name: &str) -> Option<u16> {
+        self.names.iter().position(|n| n == name).map(|i| i as u16)
+    }
+
+    /// The name at `place` ("" for a place past the table, which a damaged record could hold).
+    pub fn name(&self, place: u16) -> &str {
+        name_at(&self.names, place)
+    }
+
+    /// Adds an occurrence to the history, in time order. With `replace`, an occurrence of the
+    /// same name at the same time is replaced rather than added (history read back from the lake
+    /// may hold what the profile has).
+    pub fn record(&mut self, name: &str, at: Millis, values: &[(String, f64)], replace: bool) {
+        let Some(name) = self.place(name) else {
+            return;
+        };
+        let values = values
+            .iter()
+            .filter_map(|(k, v)| Some((self.place(k)?, *v)))
+            .collect();
+        let o = Occurrence { name, at, values };
+        let end = self.history.partition_point(|h| h.at <= at);
+        if replace {
+            let start = self.history.partition_point(|h| h.at < at);
+            if let Some(i) = (start..end).find(|&i| self.history[i].name == name) {
+                self.history[i] = o;
+                return;
+            }
+        }
+        self.history.insert(end, o);
     }
 
     /// Drops history outside the window, and the oldest entries past the cap.
@@ -264,6 +308,35 @@ impl Profile {
         // Entries of names no longer needed are not hunted down here (that would cost a lookup
         // per entry per message): they leave with the window or the cap.
         self.history.drain(..old + over);
+        if self.names.len() > MAX_NAMES / 2 {
+            self.compact_names();
+        }
+    }
+
+    /// Drops the names no occurrence refers to any more.
+    fn compact_names(&mut self) {
+        let mut used = vec![false; self.names.len()];
+        for o in &self.history {
+            used[usize::from(o.name)] = true;
+            o.values
+                .iter()
+                .for_each(|(k, _)| used[usize::from(*k)] = true);
+        }
+        let mut moved = vec![0u16; self.names.len()];
+        let mut kept = 0u16;
+        for (i, name) in std::mem::take(&mut self.names).into_iter().enumerate() {
+            if used[i] {
+                moved[i] = kept;
+                kept += 1;
+                self.names.push(name);
+            }
+        }
+        for o in &mut self.history {
+            o.name = moved[usize::from(o.name)];
+            o.values
+                .iter_mut()
+                .for_each(|(k, _)| *k = moved[usize::from(*k)]);
+        }
     }
 
     /// Takes in everything `other` knows (its messages are disjoint from ours, so counts add).
@@ -305,7 +378,21 @@ impl Profile {
             }
         }
         let mut history = std::mem::take(&mut self.history);
-        history.extend(other.history);
+        for o in &other.history {
+            let Some(name) = self.place(name_at(&other.names, o.name)) else {
+                continue;
+            };
+            let values = o
+                .values
+                .iter()
+                .filter_map(|(k, v)| Some((self.place(name_at(&other.names, *k))?, *v)))
+                .collect();
+            history.push(Occurrence {
+                name,
+                at: o.at,
+                values,
+            });
+        }
         history.sort_by_key(|o| o.at);
         let over = history.len().saturating_sub(MAX_HISTORY);
         history.drain(..over);
@@ -333,6 +420,10 @@ impl Profile {
             .filter(|(_, m)| m.member)
             .map(|(k, _)| k.as_str())
     }
+}
+
+fn name_at(names: &[String], place: u16) -> &str {
+    names.get(usize::from(place)).map_or("", String::as_str)
 }
 
 pub fn user_key(user_id: &str) -> String {
@@ -370,74 +461,34 @@ pub fn numeric_values(
         .collect()
 }
 
-/// History is stored with each name (event or property) written once and referred to by its
-/// place, and each time as the step from the one before: a profile is rewritten whenever it
-/// changes, and its history is most of it, so this halves what each save encodes and writes.
-mod compact_history {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+/// History is stored with each time as the step from the one before (a few bytes instead of
+/// eight): a profile is rewritten whenever it changes, and its history is most of it.
+mod time_steps {
+    use serde::{Deserialize, Deserializer, Serializer};
 
     use super::{Millis, Occurrence};
 
     /// (name, time step, [(property name, value)])
     type Entry = (u16, Millis, Vec<(u16, f64)>);
 
-    #[derive(Serialize, Deserialize)]
-    struct Stored<N> {
-        names: Vec<N>,
-        entries: Vec<Entry>,
-    }
-
-    pub fn serialize<'h, S: Serializer>(
-        history: &'h [Occurrence],
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        let mut names: Vec<&str> = Vec::new();
-        // A profile's history uses a handful of names: a scan beats hashing them.
-        let mut place = |name: &'h str| -> u16 {
-            match names.iter().position(|n| *n == name) {
-                Some(i) => i as u16,
-                None => {
-                    names.push(name);
-                    (names.len() - 1) as u16
-                }
-            }
-        };
+    pub fn serialize<S: Serializer>(history: &[Occurrence], s: S) -> Result<S::Ok, S::Error> {
         let mut previous = 0;
-        let entries = history
-            .iter()
-            .map(|o| {
-                let step = o.at - previous;
-                previous = o.at;
-                let values = o.values.iter().map(|(k, v)| (place(k), *v)).collect();
-                (place(&o.name), step, values)
-            })
-            .collect();
-        Stored { names, entries }.serialize(s)
+        s.collect_seq(history.iter().map(|o| {
+            let step = o.at - previous;
+            previous = o.at;
+            (o.name, step, &o.values)
+        }))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Occurrence>, D::Error> {
-        let stored = Stored::<String>::deserialize(d)?;
-        let name = |i: u16| {
-            stored
-                .names
-                .get(usize::from(i))
-                .cloned()
-                .ok_or_else(|| serde::de::Error::custom("history refers to a missing name"))
-        };
         let mut at = 0;
-        let mut history = Vec::with_capacity(stored.entries.len());
-        for (n, step, values) in &stored.entries {
-            at += step;
-            history.push(Occurrence {
-                name: name(*n)?,
-                at,
-                values: values
-                    .iter()
-                    .map(|(k, v)| Ok((name(*k)?, *v)))
-                    .collect::<Result<_, D::Error>>()?,
-            });
-        }
-        Ok(history)
+        Ok(Vec::<Entry>::deserialize(d)?
+            .into_iter()
+            .map(|(name, step, values)| {
+                at += step;
+                Occurrence { name, at, values }
+            })
+            .collect())
     }
 }
 
@@ -504,7 +555,9 @@ mod tests {
         assert_eq!(p.traits["plan"], "pro");
         let times: Vec<_> = p.history.iter().map(|o| o.at).collect();
         assert_eq!(times, [1_000, 2_000, 3_000]);
-        assert_eq!(p.history[0].values, [("revenue".to_string(), 30.0)]);
+        let (property, value) = p.history[0].values[0];
+        assert_eq!((p.name(property), value), ("revenue", 30.0));
+        assert_eq!(p.name(p.history[0].name), "Order Completed");
     }
 
     #[test]
@@ -581,32 +634,82 @@ mod tests {
                 recheck_at: Some(9),
             },
         );
-        let o = |name: &str, at, values: &[(&str, f64)]| Occurrence {
-            name: name.into(),
-            at,
-            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        let values = |v: &[(&str, f64)]| -> Vec<(String, f64)> {
+            v.iter().map(|(k, v)| (k.to_string(), *v)).collect()
         };
-        p.history = vec![
-            o("Order Completed", 1_767_225_600_000, &[("revenue", 30.5)]),
-            o("Page Viewed", 1_767_225_600_000, &[]),
-            o(
-                "Order Completed",
-                1_767_225_660_000,
-                &[("revenue", 2.0), ("tax", 0.5)],
-            ),
-        ];
+        let t = 1_767_225_600_000;
+        p.record("Order Completed", t, &values(&[("revenue", 30.5)]), false);
+        p.record("Page Viewed", t, &[], false);
+        let both = values(&[("revenue", 2.0), ("tax", 0.5)]);
+        p.record("Order Completed", t + 60_000, &both, false);
         let bytes = postcard::to_allocvec(&p).unwrap();
         assert_eq!(postcard::from_bytes::<Profile>(&bytes).unwrap(), p);
         // Each name once and small time steps: an entry takes about a third of what writing out
         // its names and times would (36 bytes for an order with its revenue).
         let mut longer = p.clone();
         for i in 1..=100 {
-            let at = 1_767_225_660_000 + i * 60_000;
-            longer
-                .history
-                .push(o("Order Completed", at, &[("revenue", 2.0)]));
+            let at = t + 60_000 + i * 60_000;
+            longer.record("Order Completed", at, &values(&[("revenue", 2.0)]), false);
         }
         let per_entry = (postcard::to_allocvec(&longer).unwrap().len() - bytes.len()) / 100;
         assert!(per_entry <= 14, "{per_entry} bytes per entry");
+    }
+
+    #[test]
+    fn recording_what_the_history_has_replaces_it() {
+        let mut p = Profile::new(1);
+        let v = |x: f64| vec![("revenue".to_string(), x)];
+        for (name, at) in [("A", 1), ("B", 2), ("A", 3)] {
+            p.record(name, at, &v(1.0), false);
+        }
+        p.record("A", 2, &v(5.0), true);
+        p.record("A", 3, &v(7.0), true);
+        p.record("A", 0, &v(1.0), true);
+        let got: Vec<(&str, Millis, f64)> = p
+            .history
+            .iter()
+            .map(|o| (p.name(o.name), o.at, o.values[0].1))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("A", 0, 1.0),
+                ("A", 1, 1.0),
+                ("B", 2, 1.0),
+                ("A", 2, 5.0),
+                ("A", 3, 7.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn names_no_occurrence_uses_are_dropped_and_places_follow() {
+        let mut p = Profile::new(1);
+        let keep = Retention {
+            window: 1_000,
+            ..keep_all()
+        };
+        for i in 0..MAX_NAMES / 2 {
+            p.record(&format!("old {i}"), 0, &[], false);
+        }
+        p.record("new", 5_000, &[("price".to_string(), 2.0)], false);
+        p.prune(&keep, 5_000);
+        assert_eq!(p.names, ["new", "price"]);
+        let o = &p.history[0];
+        assert_eq!((p.name(o.name), p.name(o.values[0].0)), ("new", "price"));
+    }
+
+    #[test]
+    fn merged_history_keeps_its_names() {
+        let r = keep_all();
+        let (mut a, mut b) = (Profile::new(1), Profile::new(2));
+        a.record("A", 1, &[], false);
+        b.record("B", 2, &[("price".to_string(), 3.0)], false);
+        b.record("A", 3, &[], false);
+        a.merge(b);
+        a.prune(&r, 10);
+        let got: Vec<(&str, Millis)> = a.history.iter().map(|o| (a.name(o.name), o.at)).collect();
+        assert_eq!(got, [("A", 1), ("B", 2), ("A", 3)]);
+        assert_eq!(a.name(a.history[1].values[0].0), "price");
     }
 }

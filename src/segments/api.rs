@@ -133,12 +133,13 @@ impl Round {
     }
 
     /// Occurrences of `name` within `within` of now, oldest first.
-    fn within<'a>(&'a self, name: &'a str, within: Duration) -> impl Iterator<Item = Millis> + 'a {
+    fn within(&self, name: &str, within: Duration) -> impl Iterator<Item = Millis> + '_ {
+        let place = self.profile.find(name);
         let horizon = self.now - within.millis;
         let start = self.profile.history.partition_point(|o| o.at < horizon);
         self.profile.history[start..]
             .iter()
-            .filter(move |o| o.name == name && o.at <= self.now)
+            .filter(move |o| Some(o.name) == place && o.at <= self.now)
             .map(|o| o.at)
     }
 
@@ -164,17 +165,18 @@ impl Round {
     }
 
     pub fn sum(&self, name: &str, property: &str, within: Duration) -> f64 {
+        let (place, property) = (self.profile.find(name), self.profile.find(property));
         let horizon = self.now - within.millis;
         let start = self.profile.history.partition_point(|o| o.at < horizon);
         let mut total = 0.0;
         let mut oldest = None;
         for o in &self.profile.history[start..] {
-            if o.name == name && o.at <= self.now {
+            if Some(o.name) == place && o.at <= self.now {
                 oldest.get_or_insert(o.at);
                 total += o
                     .values
                     .iter()
-                    .find(|(k, _)| k == property)
+                    .find(|(k, _)| Some(*k) == property)
                     .map_or(0.0, |(_, v)| *v);
             }
         }

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use rhai::Dynamic;
 
 use super::*;
-use crate::profiles::profile::{EventStats, Membership, Millis, Occurrence, Profile};
+use crate::profiles::profile::{EventStats, Membership, Millis, Profile};
 use crate::segments::api::{self, User};
 use crate::segments::sandbox;
 
@@ -165,11 +165,8 @@ fn profiles() -> impl Strategy<Value = (Profile, Millis)> {
                     });
                     stats.count += 1;
                     stats.last = at;
-                    p.history.push(Occurrence {
-                        name: name.to_string(),
-                        at,
-                        values: vec![("price".to_string(), f64::from(price) / 2.0)],
-                    });
+                    let values = [("price".to_string(), f64::from(price) / 2.0)];
+                    p.record(name, at, &values, false);
                 }
                 p.first_seen = p.history.first().map_or(now - seen_ago, |o| o.at);
                 p.last_seen = p.history.last().map_or(now - seen_ago, |o| o.at);
