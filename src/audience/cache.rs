@@ -15,6 +15,9 @@ pub struct Held {
     pub touched: bool,
     /// Changed since the last save.
     pub unsaved: bool,
+    /// Its memberships may differ from `stored_members` (a segment was entered or left, or a
+    /// profile merged in): only then are the two compared.
+    pub memberships_changed: bool,
     /// The estimate counted for it in [`Cache::bytes`].
     bytes: usize,
 }
@@ -28,6 +31,7 @@ impl Held {
             profile,
             touched: false,
             unsaved: false,
+            memberships_changed: false,
         }
     }
 }
@@ -71,6 +75,10 @@ impl Cache {
 
     pub fn contains(&self, id: u64) -> bool {
         self.map.contains_key(&id)
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Held> {
+        self.map.get(&id)
     }
 
     pub fn get_mut(&mut self, id: u64) -> Option<&mut Held> {

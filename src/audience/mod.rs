@@ -338,13 +338,20 @@ impl Stage {
             Some(w) => w,
             None => self.store.write()?,
         };
-        for id in std::mem::take(&mut self.unsaved) {
+        let unsaved = std::mem::take(&mut self.unsaved);
+        for &id in &unsaved {
             // Profiles merged away since are no longer in the cache.
             if let Some(held) = self.cache.get_mut(id) {
-                w.put_profile(&held.profile)?;
                 held.unsaved = false;
             }
         }
+        let cache = &self.cache;
+        w.put_profiles(
+            unsaved
+                .iter()
+                .filter_map(|&id| cache.get(id))
+                .map(|h| &h.profile),
+        )?;
         w.set_meta("offset", self.offset)?;
         w.set_meta("next_id", self.next_id)?;
         w.set_meta("profiles", self.profiles)?;
@@ -496,9 +503,10 @@ impl Stage {
                 self.unsaved.push(id);
             }
             let p = &held.profile;
-            if !p
-                .segments()
-                .eq(held.stored_members.iter().map(String::as_str))
+            if std::mem::take(&mut held.memberships_changed)
+                && !p
+                    .segments()
+                    .eq(held.stored_members.iter().map(String::as_str))
             {
                 let now_members = members(p);
                 for key in now_members.difference(&held.stored_members) {
@@ -656,6 +664,8 @@ impl Batch<'_, '_> {
         metrics.messages.inc();
         if resolved.absorbed.is_some() {
             metrics.merges.inc();
+            // The merge brought in the other profile's memberships.
+            self.held(resolved.id)?.memberships_changed = true;
         }
         if resolved.conflict {
             metrics.conflicts.inc();
@@ -821,6 +831,7 @@ impl Batch<'_, '_> {
         let metrics = self.stage.metrics.clone();
         let held = self.held(id)?;
         let evaluation = set.evaluate(&mut held.profile, trigger, now_ms);
+        held.memberships_changed |= !evaluation.transitions.is_empty();
         metrics
             .evaluations
             .inc_by((evaluation.transitions.len() + evaluation.failures.len()) as u64);

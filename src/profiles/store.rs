@@ -146,10 +146,22 @@ impl Writer {
     }
 
     pub fn put_profile(&self, profile: &Profile) -> Result<(), StoreError> {
-        let bytes = postcard::to_allocvec(profile)?;
-        self.0
-            .open_table(PROFILES)?
-            .insert(profile.id, bytes.as_slice())?;
+        self.put_profiles([profile])
+    }
+
+    /// Writes many profiles with one table handle and one encoding buffer (grown once rather
+    /// than from empty for each profile).
+    pub fn put_profiles<'p>(
+        &self,
+        profiles: impl IntoIterator<Item = &'p Profile>,
+    ) -> Result<(), StoreError> {
+        let mut table = self.0.open_table(PROFILES)?;
+        let mut buffer = Vec::with_capacity(16 << 10);
+        for profile in profiles {
+            buffer.clear();
+            buffer = postcard::to_extend(profile, buffer)?;
+            table.insert(profile.id, buffer.as_slice())?;
+        }
         Ok(())
     }
 

@@ -268,33 +268,31 @@ impl Parser<'_> {
 
     /// `||` binds loosest, then `&&`.
     fn expr(&mut self) -> Option<Typed> {
-        let (mut left, ty) = self.and()?;
-        while self.peek(0) == Some(&Token::Punct('|')) {
-            if ty != Type::Bool || self.peek(1) != Some(&Token::Punct('|')) {
-                return None;
-            }
-            self.at += 2;
-            let (right, rty) = self.and()?;
-            if rty != Type::Bool {
-                return None;
-            }
-            left = Expr::Or(Box::new(left), Box::new(right));
-        }
-        Some((left, ty))
+        self.chain('|', Self::and, Expr::Or)
     }
 
     fn and(&mut self) -> Option<Typed> {
-        let (mut left, ty) = self.comparison()?;
-        while self.peek(0) == Some(&Token::Punct('&')) {
-            if ty != Type::Bool || self.peek(1) != Some(&Token::Punct('&')) {
+        self.chain('&', Self::comparison, Expr::And)
+    }
+
+    /// `operand (cc operand)*` for a doubled `c` (`&&`, `||`), where every operand is a bool.
+    fn chain(
+        &mut self,
+        c: char,
+        operand: fn(&mut Self) -> Option<Typed>,
+        join: fn(Box<Expr>, Box<Expr>) -> Expr,
+    ) -> Option<Typed> {
+        let (mut left, ty) = operand(self)?;
+        while self.peek(0) == Some(&Token::Punct(c)) {
+            if ty != Type::Bool || self.peek(1) != Some(&Token::Punct(c)) {
                 return None;
             }
             self.at += 2;
-            let (right, rty) = self.comparison()?;
+            let (right, rty) = operand(self)?;
             if rty != Type::Bool {
                 return None;
             }
-            left = Expr::And(Box::new(left), Box::new(right));
+            left = join(Box::new(left), Box::new(right));
         }
         Some((left, ty))
     }
