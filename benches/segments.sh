@@ -8,8 +8,9 @@
 # 1. After a warm-up (1,000,000 messages, then the stage catches up), 50,000 messages/s (open loop)
 #    for SECONDS: acknowledged rate, the profile stage's lag behind the log every 5 s (bounded = it
 #    keeps up) and the rate at which it applied messages.
-# 2. 25,000 messages/s for SECONDS: delay from a message's arrival (or a time condition's moment)
-#    to its Audience Entered/Exited being durable in the log, from the server's histogram.
+# 2. After a warm-up, 25,000 messages/s for SECONDS: delay from a message's arrival (or a time
+#    condition's moment) to its Audience Entered/Exited being durable in the log, from the
+#    server's histogram (the run's share of it).
 # 3. 1,000,000 distinct users at 50,000 messages/s for 2×SECONDS: RSS every 10 s and the store's
 #    size, with 1M profiles.
 # Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0.
@@ -41,26 +42,32 @@ start() {
 metric() { curl -fsS "http://127.0.0.1:$port/metrics"; }
 lag() { metric | awk '/^sluice_log_consumer_lag_records\{consumer="profiles"\}/ {print $2}'; }
 stop() { kill -TERM "$pid"; wait "$pid" || true; }
-# Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays.
+buckets() { metric | grep '^sluice_segment_change_delay_seconds_bucket{' || true; }
+# Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays since the
+# buckets were saved in $work/buckets.
 delays() {
-  metric | awk -v cause="$1" '
+  buckets | awk -v cause="$1" -v before="$work/buckets" '
+    BEGIN { while ((getline line < before) > 0) { split(line, f, " "); was[f[1]] = f[2] } }
     $0 ~ /^sluice_segment_change_delay_seconds_bucket\{/ && index($0, "cause=\"" cause "\"") {
-      match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[++k] = $2; b[k] = le }
+      match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[++k] = $2 - was[$1]; b[k] = le }
     END { total = n[k]; if (total == 0) { print cause ": no changes"; exit }
       for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i] }
       printf "%s: %d changes, p50 <= %s s, p99 <= %s s\n", cause, total, p50, p99 }'
 }
+# Each of the 50,000 users gets a profile and enters most of its segments (a one-off of about 20
+# changes per user, each emitted as two messages); then the stage catches up. What is measured
+# after is the steady state a running deployment is in.
+warm_up() {
+  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
+    --connections 32 --rate 500 --duration 20 --pid "$pid" > /dev/null
+  waited=0
+  while [ "$(lag)" != "0" ] && [ "$waited" -lt 600 ]; do sleep 1; waited=$((waited + 1)); done
+  echo "warm-up: 1,000,000 messages; the stage caught up $waited s after the load stopped"
+}
 
 echo "--- 1. 50,000 messages/s for $seconds s, after a warm-up: 50 segments, lake, profiles"
 start
-# Warm-up: each of the 50,000 users gets a profile and enters most of its segments (a one-off of
-# about 20 changes per user, each emitted as two messages); then the stage catches up. What is
-# measured after is the steady state a running deployment is in.
-taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
-  --connections 32 --rate 500 --duration 20 --pid "$pid" > /dev/null
-waited=0
-while [ "$(lag)" != "0" ] && [ "$waited" -lt 600 ]; do sleep 1; waited=$((waited + 1)); done
-echo "warm-up: 1,000,000 messages; the stage caught up $waited s after the load stopped"
+warm_up
 applied() { metric | awk '/^sluice_profile_messages_total / {print $2}'; }
 before="$(applied)"
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
@@ -76,8 +83,10 @@ echo "profile stage applied $((applied_now - before)) messages in $((elapsed_ms 
 metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) '
 stop
 
-echo "--- 2. 25,000 messages/s for $seconds s: change delays"
+echo "--- 2. 25,000 messages/s for $seconds s, after a warm-up: change delays"
 start
+warm_up
+buckets > "$work/buckets"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
 sleep 2
