@@ -295,8 +295,13 @@ impl Stage {
         let mut failures = 0u32;
         while !stop.load(Ordering::Relaxed) {
             if let Some(set) = sets.try_iter().last() {
-                if let Err(e) = self.install(set) {
-                    tracing::error!(error = %e, "installing reloaded segments failed");
+                if let Err(e) = self.install(set.clone()) {
+                    // The save before it failed: go back to the last one, then try again.
+                    tracing::error!(error = %e, "installing reloaded segments failed; redoing from the last save");
+                    self.reset();
+                    if let Err(e) = self.install(set) {
+                        tracing::error!(error = %e, "installing reloaded segments failed");
+                    }
                 }
             }
             match self.step() {
