@@ -11,8 +11,9 @@
 # 2. After a warm-up, 25,000 messages/s for SECONDS: delay from a message's arrival (or a time
 #    condition's moment) to its Audience Entered/Exited being durable in the log, from the
 #    server's histogram (the run's share of it).
-# 3. 1,000,000 distinct users at 50,000 messages/s for 2×SECONDS: RSS every 10 s and the store's
-#    size, with 1M profiles.
+# 3. 1,000,000 distinct users at 50,000 messages/s (SLUICE_BENCH_MEMORY_RATE) for 2×SECONDS: RSS
+#    every 10 s, profiles every 30 s, and the store's size.
+# SLUICE_BENCH_PHASES="3" runs only the phases named.
 # Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0.
 source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
@@ -65,6 +66,11 @@ warm_up() {
   echo "warm-up: 1,000,000 messages; the stage caught up $waited s after the load stopped"
 }
 
+phases="${SLUICE_BENCH_PHASES:-1 2 3}"
+memory_rate="${SLUICE_BENCH_MEMORY_RATE:-50000}"
+phase() { [[ " $phases " == *" $1 "* ]]; }
+
+if phase 1; then
 echo "--- 1. 50,000 messages/s for $seconds s, after a warm-up: 50 segments, lake, profiles"
 start
 warm_up
@@ -83,6 +89,9 @@ echo "profile stage applied $((applied_now - before)) messages in $((elapsed_ms 
 metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) '
 stop
 
+fi
+
+if phase 2; then
 echo "--- 2. 25,000 messages/s for $seconds s, after a warm-up: change delays"
 start
 warm_up
@@ -94,11 +103,20 @@ delays Message
 delays Timer
 stop
 
-echo "--- 3. 1,000,000 users at 50,000 messages/s for $((2 * seconds)) s: memory"
+fi
+
+if phase 3; then
+echo "--- 3. 1,000,000 users at $memory_rate messages/s for $((2 * seconds)) s: memory"
 start
+( for _ in $(seq 1 $((2 * seconds / 30))); do sleep 30
+    printf '%s ' "$(metric | awk '/^sluice_profiles / {print $2}')"; done ) > "$work/profiles" &
+sampler=$!
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --users 1000000 --mode batch \
-  --batch 100 --connections 32 --rate 500 --duration "$((2 * seconds))" --pid "$pid"
+  --batch 100 --connections 32 --rate "$((memory_rate / 100))" --duration "$((2 * seconds))" --pid "$pid"
+wait "$sampler" || true
+echo "profiles every 30 s: $(cat "$work/profiles")"
 sleep 5
 metric | grep -E '^sluice_profiles |^sluice_log_consumer_lag_records\{consumer="profiles"\}'
-du -sh "$work/data/profiles" "$work/data/lake"
+du -sh "$work/data/profiles" "$work/data/lake" "$work/data/log"
 stop
+fi
