@@ -24,12 +24,7 @@ segments="$PWD/benches/fifty-segments"
 config() { # config N_HEALTHY N_DEAD [segments]
   rm -rf "$work/data" "$work/destinations"
   mkdir -p "$work/destinations"
-  cat > "$work/sluice.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[[sources]]
-name = "bench"
-write_key = "demo-server-key"
+  write_config <<TOML
 [destinations]
 dir = "destinations"
 TOML

@@ -14,12 +14,7 @@ venv="${SLUICE_BENCH_VENV:-$HOME/.cache/sluice-bench-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb==2.0.0
 port=18089
-cat > "$work/sluice.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[[sources]]
-name = "bench"
-write_key = "demo-server-key"
+write_config <<TOML
 [log]
 dir = "data/log"
 [storage]

@@ -15,12 +15,7 @@ seconds="${1:-60}"
 repeats="${2:-3}"
 port=18088
 config() {
-  cat > "$work/sluice.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[[sources]]
-name = "bench"
-write_key = "demo-server-key"
+  write_config <<TOML
 [log]
 dir = "data/log"
 TOML

@@ -19,12 +19,7 @@ source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
 port=18090
 cp -r benches/fifty-segments "$work/segments"
-cat > "$work/sluice.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[[sources]]
-name = "bench"
-write_key = "demo-server-key"
+write_config <<TOML
 [log]
 dir = "data/log"
 [storage]

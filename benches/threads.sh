@@ -16,12 +16,7 @@ receiver_port=19098
 trap 'pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true; bench_cleanup' EXIT
 
 mkdir -p "$work/destinations"
-cat > "$work/sluice.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[[sources]]
-name = "bench"
-write_key = "demo-server-key"
+write_config <<TOML
 [destinations]
 dir = "destinations"
 TOML

@@ -315,27 +315,29 @@ impl Profile {
 
     /// Drops the names no occurrence refers to any more.
     fn compact_names(&mut self) {
+        // A place past the table (a damaged record could hold one) stays past it: `name` gives "".
+        const PAST: u16 = u16::MAX;
         let mut used = vec![false; self.names.len()];
+        let mut mark = |place: u16| {
+            if let Some(u) = used.get_mut(usize::from(place)) {
+                *u = true;
+            }
+        };
         for o in &self.history {
-            used[usize::from(o.name)] = true;
-            o.values
-                .iter()
-                .for_each(|(k, _)| used[usize::from(*k)] = true);
+            mark(o.name);
+            o.values.iter().for_each(|(k, _)| mark(*k));
         }
-        let mut moved = vec![0u16; self.names.len()];
-        let mut kept = 0u16;
-        for (i, name) in std::mem::take(&mut self.names).into_iter().enumerate() {
-            if used[i] {
-                moved[i] = kept;
-                kept += 1;
+        let mut moved = Vec::with_capacity(self.names.len());
+        for (name, used) in std::mem::take(&mut self.names).into_iter().zip(used) {
+            moved.push(if used { self.names.len() as u16 } else { PAST });
+            if used {
                 self.names.push(name);
             }
         }
+        let new_place = |place: u16| moved.get(usize::from(place)).copied().unwrap_or(PAST);
         for o in &mut self.history {
-            o.name = moved[usize::from(o.name)];
-            o.values
-                .iter_mut()
-                .for_each(|(k, _)| *k = moved[usize::from(*k)]);
+            o.name = new_place(o.name);
+            o.values.iter_mut().for_each(|(k, _)| *k = new_place(*k));
         }
     }
 
@@ -697,6 +699,15 @@ mod tests {
         assert_eq!(p.names, ["new", "price"]);
         let o = &p.history[0];
         assert_eq!((p.name(o.name), p.name(o.values[0].0)), ("new", "price"));
+
+        // A place past the table (a damaged record) neither panics nor takes a name.
+        p.history[0].values.push((60_000, 1.0));
+        for i in 0..MAX_NAMES / 2 {
+            p.record(&format!("more {i}"), 0, &[], false);
+        }
+        p.prune(&keep, 5_000);
+        assert_eq!(p.names, ["new", "price"]);
+        assert_eq!(p.name(p.history[0].values[1].0), "");
     }
 
     #[test]

@@ -145,10 +145,6 @@ impl Writer {
         decode(&self.0.open_table(PROFILES)?, id)
     }
 
-    pub fn put_profile(&self, profile: &Profile) -> Result<(), StoreError> {
-        self.put_profiles([profile])
-    }
-
     /// Writes many profiles with one table handle and one encoding buffer (grown once rather
     /// than from empty for each profile).
     pub fn put_profiles<'p>(
@@ -307,7 +303,7 @@ mod tests {
             let w = store.write().unwrap();
             let mut p = Profile::new(1);
             p.user_id = Some("u1".into());
-            w.put_profile(&p).unwrap();
+            w.put_profiles([&p]).unwrap();
             w.link("user:u1", 1).unwrap();
             w.set_member("vip", 1, true).unwrap();
             w.move_timer(1, None, Some(500)).unwrap();
