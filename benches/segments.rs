@@ -186,9 +186,63 @@ fn one_rule_native_and_rhai(c: &mut Criterion) {
     group.finish();
 }
 
+/// A profile's stored encoding, both ways: 10,000 profiles of 50 messages each over 25 minutes
+/// (about what a user of `benches/segments.sh` has after its warm-up), so many that they do not
+/// fit in the CPU's caches, as in the server.
+fn profile_encoding(c: &mut Criterion) {
+    use sluice::profiles::codec;
+
+    let set = fifty_segments();
+    let mut profiles = HashMap::new();
+    for (i, m) in traffic(500_000).iter().enumerate() {
+        let m = Message {
+            user: i as u64 % 10_000,
+            properties: m.properties.clone(),
+            ..*m
+        };
+        process(&set, &mut profiles, &m, T0 + i as i64 * 3);
+    }
+    let profiles: Vec<Profile> = profiles.into_values().collect();
+    let mut buffer = Vec::new();
+    let encoded: Vec<Vec<u8>> = profiles
+        .iter()
+        .map(|p| {
+            let mut out = Vec::new();
+            codec::encode(p, &mut out);
+            out
+        })
+        .collect();
+    let bytes: usize = encoded.iter().map(Vec::len).sum();
+    println!(
+        "profile_encoding: {} bytes per profile",
+        bytes / encoded.len()
+    );
+    let mut group = c.benchmark_group("profile_encoding");
+    group.throughput(Throughput::Elements(profiles.len() as u64));
+    group.bench_function("encode_x10000", |b| {
+        b.iter(|| {
+            for p in &profiles {
+                buffer.clear();
+                codec::encode(p, &mut buffer);
+            }
+            buffer.len()
+        })
+    });
+    group.bench_function("decode_x10000", |b| {
+        b.iter(|| {
+            encoded
+                .iter()
+                .map(|e| codec::decode(e).unwrap().history.len())
+                .sum::<usize>()
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     profile_update_and_segments,
-    one_rule_native_and_rhai
+    one_rule_native_and_rhai,
+    profile_encoding
 );
 criterion_main!(benches);

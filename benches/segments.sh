@@ -7,7 +7,8 @@
 #
 # 1. After a warm-up (1,000,000 messages, then the stage catches up), 50,000 messages/s (open loop)
 #    for SECONDS: acknowledged rate, the profile stage's lag behind the log every 5 s (bounded = it
-#    keeps up) and the rate at which it applied messages.
+#    keeps up), the rate at which it applied messages, and the profile thread's CPU time per
+#    message it applied (what a message costs the stage, whatever share of the core it got).
 # 2. After a warm-up, 25,000 messages/s for SECONDS: delay from a message's arrival (or a time
 #    condition's moment) to its Audience Entered/Exited being durable in the log, from the
 #    server's histogram (the run's share of it).
@@ -70,7 +71,14 @@ echo "--- 1. 50,000 messages/s for $seconds s, after a warm-up: 50 segments, lak
 start
 warm_up
 applied() { metric | awk '/^sluice_profile_messages_total / {print $2}'; }
+# CPU time of the profile thread, in clock ticks (1/100 s).
+stage_ticks() {
+  local task
+  task="$(grep -l '^sluice-profiles' /proc/"$pid"/task/*/comm | head -1 | xargs dirname)"
+  awk '{print $14 + $15}' "$task/stat"
+}
 before="$(applied)"
+ticks_before="$(stage_ticks)"
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
 sampler=$!
 started="$(date +%s%N)"
@@ -79,8 +87,10 @@ taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode 
 wait "$sampler" || true
 elapsed_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 applied_now="$(applied)"
+ticks="$(( $(stage_ticks) - ticks_before ))"
 echo "profile stage lag (records) every 5 s: $(cat "$work/lag")"
 echo "profile stage applied $((applied_now - before)) messages in $((elapsed_ms / 1000)) s: $(( (applied_now - before) * 1000 / elapsed_ms )) per second"
+echo "profile thread CPU: $((ticks / 100)) s, $(( ticks * 10000 / (applied_now > before ? applied_now - before : 1) )) µs per message applied"
 metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) '
 stop
 

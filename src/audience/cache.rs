@@ -4,12 +4,12 @@
 
 use std::collections::BTreeSet;
 
-use crate::profiles::profile::{Millis, Profile};
+use crate::profiles::profile::{Millis, Name, Profile};
 
 /// A profile held in memory, with what the store holds for it (to know what to write).
 pub struct Held {
     pub profile: Profile,
-    pub stored_members: BTreeSet<String>,
+    pub stored_members: BTreeSet<Name>,
     pub stored_recheck: Option<Millis>,
     /// Touched in the batch in progress (its timer and memberships are settled at the batch's end).
     pub touched: bool,
@@ -37,20 +37,25 @@ impl Held {
 }
 
 /// The keys of the segments `p` is in.
-pub fn members(p: &Profile) -> BTreeSet<String> {
-    p.segments().map(str::to_string).collect()
+pub fn members(p: &Profile) -> BTreeSet<Name> {
+    p.memberships
+        .iter()
+        .filter(|(_, m)| m.member)
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 /// Roughly what a decoded profile takes on the heap, from its lengths alone (walking its history
 /// on every message would cost more than the estimate is worth). The constants are the sizes of
-/// the entries with their allocations, for typical name lengths.
+/// the entries with their allocations, for typical lengths; names are shared (interned), so an
+/// entry counts only its pointer to one.
 fn estimate(p: &Profile) -> usize {
     512 + p.anonymous_ids.len() * 64
         + p.traits.len() * 128
-        + p.events.len() * 160
-        + p.names.len() * 48
+        + p.events.len() * 120
+        + p.names.len() * 16
         + p.history.len() * 72
-        + p.memberships.len() * 96
+        + p.memberships.len() * 64
 }
 
 pub struct Cache {

@@ -53,7 +53,7 @@ use crate::metrics::{
 };
 use crate::profiles::identity::{self, Directory, Identifiers};
 use crate::profiles::profile::{
-    anonymous_key, event_name, user_key, Millis, Names, Observed, Profile, Retention,
+    anonymous_key, event_name, user_key, Millis, Name, Names, Observed, Profile, Retention,
 };
 use crate::profiles::store::{ProfileStore, StoreError, Writer};
 use crate::query::QueryEngine;
@@ -191,7 +191,7 @@ struct Stage {
     /// Identities kept in memory, at most.
     max_identities: usize,
     /// Profiles merged away in this batch, with the members the store holds for them.
-    removed: Vec<(u64, BTreeSet<String>, Option<Millis>)>,
+    removed: Vec<(u64, BTreeSet<Name>, Option<Millis>)>,
     next_id: u64,
     /// Profiles in the store (kept in `meta`, as counting a table is not free).
     profiles: u64,
@@ -491,7 +491,7 @@ impl Stage {
         for (id, stored, recheck) in self.removed.drain(..) {
             for key in stored {
                 w.set_member(&key, id, false)?;
-                *size_delta.entry(key).or_default() -= 1;
+                *size_delta.entry(key.to_string()).or_default() -= 1;
             }
             w.move_timer(id, recheck, None)?;
             w.delete_profile(id)?;
@@ -509,18 +509,16 @@ impl Stage {
             }
             let p = &held.profile;
             if std::mem::take(&mut held.memberships_changed)
-                && !p
-                    .segments()
-                    .eq(held.stored_members.iter().map(String::as_str))
+                && !p.segments().eq(held.stored_members.iter().map(|k| &**k))
             {
                 let now_members = members(p);
                 for key in now_members.difference(&held.stored_members) {
                     w.set_member(key, p.id, true)?;
-                    *size_delta.entry(key.clone()).or_default() += 1;
+                    *size_delta.entry(key.to_string()).or_default() += 1;
                 }
                 for key in held.stored_members.difference(&now_members) {
                     w.set_member(key, p.id, false)?;
-                    *size_delta.entry(key.clone()).or_default() -= 1;
+                    *size_delta.entry(key.to_string()).or_default() -= 1;
                 }
                 held.stored_members = now_members;
             }

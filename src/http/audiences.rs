@@ -37,7 +37,7 @@ pub fn profile_json(p: &Profile) -> Value {
         .iter()
         .map(|(name, s)| {
             (
-                name.clone(),
+                name.to_string(),
                 json!({"count": s.count, "first": time(s.first), "last": time(s.last)}),
             )
         })

@@ -10,10 +10,12 @@
 //!
 //! - [`profile`]: the profile itself, applying a message and merging two profiles (pure).
 //! - [`identity`]: which profile a message belongs to, linking and merging identifiers.
+//! - [`codec`]: a profile's stored encoding.
 //! - [`store`]: the redb tables.
 //!
 //! This module knows nothing of rules or the intake log: `crate::audience` drives it.
 
+pub mod codec;
 pub mod identity;
 pub mod profile;
 pub mod store;

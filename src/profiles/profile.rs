@@ -2,13 +2,14 @@
 //! that the loaded segment rules need, and the person's segment memberships. Pure data: applying a
 //! message and merging two profiles touch nothing else.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Sets of names, with a fast hash: they are looked up for every message.
 pub type Set<T> = hashbrown::HashSet<T>;
 use Set as HashSet;
 
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -16,6 +17,35 @@ use crate::ingest::message::MessageType;
 
 /// Times are milliseconds since the epoch.
 pub type Millis = i64;
+
+/// An event, property or segment name held by profiles: interned, so that a name is one
+/// allocation shared by every profile rather than one per profile. Besides memory, that is
+/// speed: a profile's names are read on every encode and lookup, and a private copy of each is
+/// a cache miss of its own, while shared ones stay in the cache.
+pub type Name = Arc<str>;
+
+/// Names interned per thread, at most; past it, [`intern`] hands out private copies (event names
+/// are chosen by clients, and the table must not grow without bound).
+const MAX_INTERNED: usize = 65_536;
+
+thread_local! {
+    static INTERNED: RefCell<hashbrown::HashSet<Name>> = RefCell::new(hashbrown::HashSet::new());
+}
+
+/// `name` as a shared [`Name`]. Per thread, so that no lock is taken: the profile stage, which
+/// holds nearly all profiles, is one thread.
+pub fn intern(name: &str) -> Name {
+    INTERNED.with_borrow_mut(|names| {
+        if let Some(shared) = names.get(name) {
+            return shared.clone();
+        }
+        let shared: Name = Arc::from(name);
+        if names.len() < MAX_INTERNED {
+            names.insert(shared.clone());
+        }
+        shared
+    })
+}
 
 /// A profile keeps at most this many event names, anonymousIds, traits and history entries, so
 /// that one noisy device cannot grow a profile without bound. What is past a cap is dropped and
@@ -40,27 +70,25 @@ pub fn event_name(kind: MessageType, event: Option<&str>) -> Option<&str> {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Profile {
     pub id: u64,
     /// A profile holds at most one userId: two are never merged.
     pub user_id: Option<String>,
     pub anonymous_ids: Vec<String>,
-    #[serde(with = "json_text")]
     pub traits: Map<String, Value>,
     pub first_seen: Millis,
     pub last_seen: Millis,
-    pub events: BTreeMap<String, EventStats>,
+    pub events: BTreeMap<Name, EventStats>,
     /// The event and property names `history` refers to, each once, by place: a name is a
     /// string once per profile instead of once per occurrence, in memory and in the store.
-    pub names: Vec<String>,
+    pub names: Vec<Name>,
     /// Occurrences inside the retention window, oldest first.
-    #[serde(with = "time_steps")]
     pub history: Vec<Occurrence>,
-    pub memberships: BTreeMap<String, Membership>,
+    pub memberships: BTreeMap<Name, Membership>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EventStats {
     pub count: u64,
     pub first: Millis,
@@ -80,7 +108,7 @@ pub struct Occurrence {
     pub values: Vec<(u16, f64)>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Membership {
     pub member: bool,
     /// How many times membership changed: makes the ids of emitted messages deterministic.
@@ -231,7 +259,7 @@ impl Profile {
             None if room => {
                 let kept = properties();
                 self.events.insert(
-                    name.to_string(),
+                    intern(name),
                     EventStats {
                         count: 1,
                         first: m.at,
@@ -262,14 +290,17 @@ impl Profile {
         if self.names.len() >= MAX_NAMES {
             return None;
         }
-        self.names.push(name.to_string());
+        self.names.push(intern(name));
         Some((self.names.len() - 1) as u16)
     }
 
     /// The place of `name`, if the history refers to it. A profile's history uses a handful of
     /// names: a scan beats hashing them.
     pub fn find(&self, name: &str) -> Option<u16> {
-        self.names.iter().position(|n| n == name).map(|i| i as u16)
+        self.names
+            .iter()
+            .position(|n| &**n == name)
+            .map(|i| i as u16)
     }
 
     /// The name at `place` ("" for a place past the table, which a damaged record could hold).
@@ -420,12 +451,12 @@ impl Profile {
         self.memberships
             .iter()
             .filter(|(_, m)| m.member)
-            .map(|(k, _)| k.as_str())
+            .map(|(k, _)| &**k)
     }
 }
 
-fn name_at(names: &[String], place: u16) -> &str {
-    names.get(usize::from(place)).map_or("", String::as_str)
+fn name_at(names: &[Name], place: u16) -> &str {
+    names.get(usize::from(place)).map_or("", |n| n)
 }
 
 pub fn user_key(user_id: &str) -> String {
@@ -463,52 +494,6 @@ pub fn numeric_values(
         .collect()
 }
 
-/// History is stored with each time as the step from the one before (a few bytes instead of
-/// eight): a profile is rewritten whenever it changes, and its history is most of it.
-mod time_steps {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use super::{Millis, Occurrence};
-
-    /// (name, time step, [(property name, value)])
-    type Entry = (u16, Millis, Vec<(u16, f64)>);
-
-    pub fn serialize<S: Serializer>(history: &[Occurrence], s: S) -> Result<S::Ok, S::Error> {
-        let mut previous = 0;
-        s.collect_seq(history.iter().map(|o| {
-            let step = o.at - previous;
-            previous = o.at;
-            (o.name, step, &o.values)
-        }))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Occurrence>, D::Error> {
-        let mut at = 0;
-        Ok(Vec::<Entry>::deserialize(d)?
-            .into_iter()
-            .map(|(name, step, values)| {
-                at += step;
-                Occurrence { name, at, values }
-            })
-            .collect())
-    }
-}
-
-/// Traits are stored as JSON text: the binary encoding cannot hold arbitrary JSON values.
-mod json_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use serde_json::{Map, Value};
-
-    pub fn serialize<S: Serializer>(map: &Map<String, Value>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&serde_json::to_string(map).map_err(serde::ser::Error::custom)?)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        serde_json::from_str(&text).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,6 +509,23 @@ mod tests {
             values: None,
             objects: Names::All,
         }
+    }
+
+    #[test]
+    fn a_name_is_shared_until_the_table_is_full() {
+        let a = intern("Order Completed");
+        assert!(Arc::ptr_eq(&a, &intern("Order Completed")));
+        assert!(!Arc::ptr_eq(&a, &intern("Order Completed ")));
+        for i in 0..MAX_INTERNED {
+            intern(&format!("name {i}"));
+        }
+        let late = intern("late");
+        assert_eq!(&*late, "late");
+        assert!(
+            !Arc::ptr_eq(&late, &intern("late")),
+            "past the cap, a private copy"
+        );
+        assert!(Arc::ptr_eq(&a, &intern("Order Completed")));
     }
 
     #[test]
@@ -623,41 +625,6 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_through_the_stored_encoding() {
-        let mut p = Profile::new(7);
-        p.traits
-            .insert("nested".into(), serde_json::json!({"a": [1, 2]}));
-        p.memberships.insert(
-            "vip".into(),
-            Membership {
-                member: true,
-                changes: 1,
-                since: 5,
-                recheck_at: Some(9),
-            },
-        );
-        let values = |v: &[(&str, f64)]| -> Vec<(String, f64)> {
-            v.iter().map(|(k, v)| (k.to_string(), *v)).collect()
-        };
-        let t = 1_767_225_600_000;
-        p.record("Order Completed", t, &values(&[("revenue", 30.5)]), false);
-        p.record("Page Viewed", t, &[], false);
-        let both = values(&[("revenue", 2.0), ("tax", 0.5)]);
-        p.record("Order Completed", t + 60_000, &both, false);
-        let bytes = postcard::to_allocvec(&p).unwrap();
-        assert_eq!(postcard::from_bytes::<Profile>(&bytes).unwrap(), p);
-        // Each name once and small time steps: an entry takes about a third of what writing out
-        // its names and times would (36 bytes for an order with its revenue).
-        let mut longer = p.clone();
-        for i in 1..=100 {
-            let at = t + 60_000 + i * 60_000;
-            longer.record("Order Completed", at, &values(&[("revenue", 2.0)]), false);
-        }
-        let per_entry = (postcard::to_allocvec(&longer).unwrap().len() - bytes.len()) / 100;
-        assert!(per_entry <= 14, "{per_entry} bytes per entry");
-    }
-
-    #[test]
     fn recording_what_the_history_has_replaces_it() {
         let mut p = Profile::new(1);
         let v = |x: f64| vec![("revenue".to_string(), x)];
@@ -696,7 +663,7 @@ mod tests {
         }
         p.record("new", 5_000, &[("price".to_string(), 2.0)], false);
         p.prune(&keep, 5_000);
-        assert_eq!(p.names, ["new", "price"]);
+        assert_eq!(p.names, [intern("new"), intern("price")]);
         let o = &p.history[0];
         assert_eq!((p.name(o.name), p.name(o.values[0].0)), ("new", "price"));
 
@@ -706,7 +673,7 @@ mod tests {
             p.record(&format!("more {i}"), 0, &[], false);
         }
         p.prune(&keep, 5_000);
-        assert_eq!(p.names, ["new", "price"]);
+        assert_eq!(p.names, [intern("new"), intern("price")]);
         assert_eq!(p.name(p.history[0].values[1].0), "");
     }
 

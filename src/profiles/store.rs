@@ -1,7 +1,7 @@
 //! The durable profile store: one redb file under the data dir.
 //!
 //! Tables:
-//! - `profiles`: profile id → the profile (postcard).
+//! - `profiles`: profile id → the profile (its encoding: [`super::codec`]).
 //! - `identities`: `user:<id>` / `anon:<id>` → profile id.
 //! - `members`: (segment key, profile id) → (), for paging through a segment.
 //! - `timers`: (due millis, profile id) → (): the timer index. Due entries are read in time order
@@ -18,6 +18,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::codec::{self, CodecError};
 use super::profile::{Millis, Profile};
 
 const PROFILES: TableDefinition<u64, &[u8]> = TableDefinition::new("profiles");
@@ -44,7 +45,7 @@ error_from!(
     redb::TableError,
     redb::StorageError,
     redb::CommitError,
-    postcard::Error,
+    CodecError,
     serde_json::Error,
     std::io::Error
 );
@@ -155,7 +156,7 @@ impl Writer {
         let mut buffer = Vec::with_capacity(16 << 10);
         for profile in profiles {
             buffer.clear();
-            buffer = postcard::to_extend(profile, buffer)?;
+            codec::encode(profile, &mut buffer);
             table.insert(profile.id, buffer.as_slice())?;
         }
         Ok(())
@@ -272,7 +273,7 @@ fn decode(
     id: u64,
 ) -> Result<Option<Profile>, StoreError> {
     Ok(match t.get(id)? {
-        Some(bytes) => Some(postcard::from_bytes(bytes.value())?),
+        Some(bytes) => Some(codec::decode(bytes.value())?),
         None => None,
     })
 }

@@ -79,7 +79,10 @@ pub fn run(set: &SegmentSet, index: usize, case: &TestCase) -> Result<(), String
         ));
     }
     let key = &set.segments[index].key;
-    let member = profile.memberships.get(key).is_some_and(|m| m.member);
+    let member = profile
+        .memberships
+        .get(key.as_str())
+        .is_some_and(|m| m.member);
     if member == case.expect {
         Ok(())
     } else if case.expect {

@@ -17,7 +17,7 @@ use super::files::SegmentFile;
 use super::native::{self, Native};
 use super::sandbox;
 use crate::diagnostic::Diagnostic;
-use crate::profiles::profile::{Millis, Names, Profile, Retention};
+use crate::profiles::profile::{intern, Millis, Names, Profile, Retention};
 
 pub struct Segment {
     pub key: String,
@@ -280,7 +280,7 @@ impl SegmentSet {
         // Whatever trigger, a segment whose time has come is looked at.
         for (key, m) in &profile.memberships {
             if m.recheck_at.is_some_and(|t| t <= now) {
-                if let Some(&i) = self.by_key.get(key) {
+                if let Some(&i) = self.by_key.get(&**key) {
                     wanted[i] = true;
                 }
             }
@@ -355,13 +355,16 @@ impl SegmentSet {
         *profile = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
         for (i, answer, recheck_at) in answers {
             let key = &self.segments[i].key;
-            if !profile.memberships.contains_key(key) {
+            if !profile.memberships.contains_key(key.as_str()) {
                 if !answer && recheck_at.is_none() {
                     continue; // nothing to remember
                 }
-                profile.memberships.insert(key.clone(), Default::default());
+                profile.memberships.insert(intern(key), Default::default());
             }
-            let m = profile.memberships.get_mut(key).expect("inserted above");
+            let m = profile
+                .memberships
+                .get_mut(key.as_str())
+                .expect("inserted above");
             m.recheck_at = recheck_at;
             if m.member != answer {
                 m.member = answer;
@@ -377,7 +380,7 @@ impl SegmentSet {
         // A failed rule keeps its answer but loses its timer, so that it is not woken again and
         // again; its next message re-evaluates it.
         for (i, _) in &out.failures {
-            if let Some(m) = profile.memberships.get_mut(&self.segments[*i].key) {
+            if let Some(m) = profile.memberships.get_mut(self.segments[*i].key.as_str()) {
                 m.recheck_at = None;
             }
         }

@@ -159,7 +159,7 @@ fn profiles() -> impl Strategy<Value = (Profile, Millis)> {
                 for (name, ago, price) in sorted {
                     let at = now - ago;
                     let name = NAMES[name];
-                    let stats = p.events.entry(name.to_string()).or_insert(EventStats {
+                    let stats = p.events.entry(name.into()).or_insert(EventStats {
                         first: at,
                         ..EventStats::default()
                     });
@@ -175,7 +175,7 @@ fn profiles() -> impl Strategy<Value = (Profile, Millis)> {
                 }
                 for (key, member) in [("a", in_a), ("b", in_b)] {
                     p.memberships.insert(
-                        key.to_string(),
+                        key.into(),
                         Membership {
                             member,
                             ..Membership::default()
