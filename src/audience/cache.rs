@@ -54,7 +54,7 @@ fn estimate(p: &Profile) -> usize {
         + p.traits.len() * 128
         + p.events.len() * 120
         + p.names.len() * 16
-        + p.history.len() * 72
+        + p.history.len() * 40
         + p.memberships.len() * 64
 }
 
@@ -198,7 +198,7 @@ mod tests {
         let empty = cache.bytes();
         cache.get_mut(1).unwrap().profile = with_history(1, 1_000);
         cache.resize(1);
-        assert!(cache.bytes() >= empty + 50_000, "{}", cache.bytes());
+        assert!(cache.bytes() >= empty + 30_000, "{}", cache.bytes());
         cache.insert(1, Held::new(Profile::new(1)));
         assert_eq!(
             cache.bytes(),

@@ -23,7 +23,7 @@
 
 use serde_json::Map;
 
-use super::profile::{intern, EventStats, Membership, Millis, Name, Occurrence, Profile};
+use super::profile::{intern, EventStats, Membership, Millis, Name, Occurrence, Profile, Values};
 
 /// The first byte of every encoded profile; a store written in another format does not decode.
 const FORMAT: u8 = 1;
@@ -120,11 +120,13 @@ pub fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
     let history = r.list("history", |r| {
         let name = r.place("occurrence name")?;
         at = at.wrapping_add(r.signed("occurrence time")?);
-        let values = r.list("occurrence values", |r| {
+        let count = r.count("occurrence values")?;
+        let mut values = Values::with_capacity(count);
+        for _ in 0..count {
             let place = r.place("property name")?;
             let value = f64::from_le_bytes(r.take(8, "property value")?.try_into().unwrap());
-            Ok((place, value))
-        })?;
+            values.push((place, value));
+        }
         Ok(Occurrence { name, at, values })
     })?;
     let memberships = r
@@ -282,18 +284,24 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn list<T>(
-        &mut self,
-        what: &str,
-        mut read: impl FnMut(&mut Self) -> Result<T, CodecError>,
-    ) -> Result<Vec<T>, CodecError> {
+    /// The length of a list.
+    fn count(&mut self, what: &str) -> Result<usize, CodecError> {
         let len = self.unsigned(what)?;
         // Every item takes at least one byte: a length past what is left is damage, and must not
         // reserve memory.
         if len > (self.bytes.len() - self.at) as u64 {
             return Err(CodecError(format!("{what}: {len} items in fewer bytes")));
         }
-        let mut items = Vec::with_capacity(len as usize);
+        Ok(len as usize)
+    }
+
+    fn list<T>(
+        &mut self,
+        what: &str,
+        mut read: impl FnMut(&mut Self) -> Result<T, CodecError>,
+    ) -> Result<Vec<T>, CodecError> {
+        let len = self.count(what)?;
+        let mut items = Vec::with_capacity(len);
         for _ in 0..len {
             items.push(read(self)?);
         }

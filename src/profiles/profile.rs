@@ -104,9 +104,13 @@ pub struct Occurrence {
     /// The event's name, by place in [`Profile::names`].
     pub name: u16,
     pub at: Millis,
-    /// The numeric properties the rules sum, names by place in [`Profile::names`].
-    pub values: Vec<(u16, f64)>,
+    /// The numeric properties the rules sum, names by place in [`Profile::names`]. Rules sum
+    /// one property of an event, nearly always: one is kept in place, as an allocation of its
+    /// own per occurrence is a cache miss each time the history is read or written.
+    pub values: Values,
 }
+
+pub type Values = smallvec::SmallVec<[(u16, f64); 1]>;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Membership {
