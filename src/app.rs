@@ -159,6 +159,7 @@ pub async fn run_with_clock(
             runtime: tokio::runtime::Handle::current(),
             cache_size: config.profiles.cache_size,
             cache_memory: config.profiles.cache_memory as usize,
+            save_every: config.profiles.save_interval,
             lake: Some(query.clone()),
         },
         segment_set,

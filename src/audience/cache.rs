@@ -9,14 +9,18 @@ use crate::profiles::profile::{Millis, Name, Profile};
 /// A profile held in memory, with what the store holds for it (to know what to write).
 pub struct Held {
     pub profile: Profile,
+    /// The memberships and the timer as of the last save: the store's.
     pub stored_members: BTreeSet<Name>,
     pub stored_recheck: Option<Millis>,
+    /// The timer as of the last batch's end; until the next save, the stage's timers in memory
+    /// hold it for a changed profile, not the store.
+    pub timer: Option<Millis>,
     /// Touched in the batch in progress (its timer and memberships are settled at the batch's end).
     pub touched: bool,
     /// Changed since the last save.
     pub unsaved: bool,
     /// Its memberships may differ from `stored_members` (a segment was entered or left, or a
-    /// profile merged in): only then are the two compared.
+    /// profile merged in) since the last save: only then are the two compared.
     pub memberships_changed: bool,
     /// The estimate counted for it in [`Cache::bytes`].
     bytes: usize,
@@ -27,6 +31,7 @@ impl Held {
         Held {
             stored_members: members(&profile),
             stored_recheck: profile.next_recheck(),
+            timer: profile.next_recheck(),
             bytes: estimate(&profile),
             profile,
             touched: false,

@@ -9,12 +9,13 @@
 //! appended to the log (durably) at the end of the batch, so their delay is one batch.
 //!
 //! The profile store is written in one transaction that stays open across batches and commits
-//! (durably, with the log offset the stage reached) once every [`SAVE_EVERY`], or sooner when the
-//! profiles changed since the last save fill the cache. Changed profiles wait in the cache
-//! and are written once per save, however many messages they took: redb copies a B-tree page for
-//! each write in a transaction, so writing a profile per batch cost a page copy per message. The
-//! timers and the members index go into the open transaction at every batch, so that due timers
-//! are read from it as they are.
+//! (durably, with the log offset the stage reached) once every `profiles.save_interval`, or
+//! sooner when the profiles changed since the last save fill the cache. Changed profiles wait in
+//! the cache and are written once per save, with their memberships (the members index) and
+//! their timers, however many messages they took: redb copies a B-tree page for each write in a
+//! transaction, so writing per batch cost a page copy per message. Until the save, the timers of
+//! changed profiles are in memory ([`Stage::timers`]); due timers are read from both, skipping
+//! the store's entries for changed profiles.
 //!
 //! A crash loses what was not saved, and the stage redoes it from the log: the same messages on
 //! the same state emit the same changes with the same messageIds, and the dedup drops those the
@@ -72,8 +73,6 @@ pub const BATCH: usize = 2_000;
 const BACKFILL_CHUNK: usize = 1_000;
 /// Due timers handled per batch.
 const TIMER_CHUNK: usize = 2_000;
-/// How often the store saves (commits, durably) what the stage has done.
-pub const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
 
@@ -116,6 +115,8 @@ pub struct Parts {
     /// Profiles kept decoded in memory between batches, at most, and their (estimated) bytes.
     pub cache_size: usize,
     pub cache_memory: usize,
+    /// How often the store saves (commits, durably) what the stage has done.
+    pub save_every: Duration,
     /// The lake, to read back history a backfill needs.
     pub lake: Option<QueryEngine>,
 }
@@ -159,6 +160,15 @@ impl AudienceHandle {
     }
 }
 
+/// A profile merged away, with what the store (as of the last save) and the stage's timers hold
+/// for it.
+struct Removed {
+    id: u64,
+    stored_members: BTreeSet<Name>,
+    stored_recheck: Option<Millis>,
+    timer: Option<Millis>,
+}
+
 struct Backfill {
     segments: HashSet<usize>,
     after: Option<u64>,
@@ -190,20 +200,31 @@ struct Stage {
     identities: hashbrown::HashMap<String, u64>,
     /// Identities kept in memory, at most.
     max_identities: usize,
-    /// Profiles merged away in this batch, with the members the store holds for them.
-    removed: Vec<(u64, BTreeSet<Name>, Option<Millis>)>,
+    /// Profiles merged away in this batch, with what the store and the stage's timers hold for
+    /// them.
+    removed: Vec<Removed>,
     next_id: u64,
     /// Profiles in the store (kept in `meta`, as counting a table is not free).
     profiles: u64,
     offset: u64,
     backfill: Option<Backfill>,
-    /// Segments whose rule is in force without a backfill (`backfill = false`), to record.
-    mark_backfilled: Vec<usize>,
+    /// Segments whose rule is in force without a backfill (`backfill = false`) or whose backfill
+    /// finished, to record at the next save.
+    backfilled: Vec<usize>,
+    /// The timers of the profiles changed since the last save, (due, profile): the store's are as
+    /// of the last save.
+    timers: BTreeSet<(Millis, u64)>,
+    /// The last store timer read since the last save: those up to it were woken, or belong to
+    /// changed profiles (whose timers are in `timers`).
+    timer_cursor: Option<(Millis, u64)>,
+    /// How segment sizes changed since the last save.
+    size_delta: HashMap<String, i64>,
     emissions: Vec<Emission>,
     last_change: HashMap<String, Millis>,
     /// The log offset of the last save.
     saved_offset: u64,
     last_saved: Instant,
+    save_every: Duration,
     last_conflict_log: Option<Instant>,
 }
 
@@ -243,11 +264,15 @@ impl Stage {
             profiles,
             offset,
             backfill: None,
-            mark_backfilled: Vec::new(),
+            backfilled: Vec::new(),
+            timers: BTreeSet::new(),
+            timer_cursor: None,
+            size_delta: HashMap::new(),
             emissions: Vec::new(),
             last_change: HashMap::new(),
             saved_offset: offset,
             last_saved: Instant::now(),
+            save_every: parts.save_every,
             last_conflict_log: None,
         })
     }
@@ -260,7 +285,7 @@ impl Stage {
         }
         let r = self.store.read()?;
         let mut stale = HashSet::new();
-        self.mark_backfilled.clear();
+        self.backfilled.clear();
         for (i, s) in set.segments.iter().enumerate() {
             let stats = r.segment_stats(&s.key)?;
             self.metrics
@@ -273,7 +298,7 @@ impl Stage {
                 if s.backfill {
                     stale.insert(i);
                 } else {
-                    self.mark_backfilled.push(i);
+                    self.backfilled.push(i);
                 }
             }
         }
@@ -308,7 +333,7 @@ impl Stage {
                 Ok(true) => failures = 0,
                 Ok(false) => {
                     // Quiet now: save what is pending, once it is due.
-                    if self.pending() && self.last_saved.elapsed() >= SAVE_EVERY {
+                    if self.pending() && self.last_saved.elapsed() >= self.save_every {
                         if let Err(e) = self.save() {
                             tracing::error!(error = %e, "saving the profile store failed; redoing from the last save");
                             self.reset();
@@ -336,19 +361,39 @@ impl Stage {
         self.offset != self.saved_offset || self.open.is_some()
     }
 
-    /// Writes every profile changed since the last save and commits the open transaction,
-    /// durably, with the offset reached; then lets the log's cursor move up to it.
+    /// Writes every profile changed since the last save, with its memberships and its timer,
+    /// and the segment stats, then commits the open transaction, durably, with the offset
+    /// reached; then lets the log's cursor move up to it.
     fn save(&mut self) -> Result<(), StageError> {
         let w = match self.open.take() {
             Some(w) => w,
             None => self.store.write()?,
         };
         let unsaved = std::mem::take(&mut self.unsaved);
+        let mut size_delta = std::mem::take(&mut self.size_delta);
         for &id in &unsaved {
             // Profiles merged away since are no longer in the cache.
-            if let Some(held) = self.cache.get_mut(id) {
-                held.unsaved = false;
+            let Some(held) = self.cache.get_mut(id) else {
+                continue;
+            };
+            held.unsaved = false;
+            let p = &held.profile;
+            if std::mem::take(&mut held.memberships_changed)
+                && !p.segments().eq(held.stored_members.iter().map(|k| &**k))
+            {
+                let now_members = members(p);
+                for key in now_members.difference(&held.stored_members) {
+                    w.set_member(key, id, true)?;
+                    *size_delta.entry(key.to_string()).or_default() += 1;
+                }
+                for key in held.stored_members.difference(&now_members) {
+                    w.set_member(key, id, false)?;
+                    *size_delta.entry(key.to_string()).or_default() -= 1;
+                }
+                held.stored_members = now_members;
             }
+            w.move_timer(id, held.stored_recheck, held.timer)?;
+            held.stored_recheck = held.timer;
         }
         let cache = &self.cache;
         w.put_profiles(
@@ -357,14 +402,50 @@ impl Stage {
                 .filter_map(|&id| cache.get(id))
                 .map(|h| &h.profile),
         )?;
+        self.save_segment_stats(&w, &size_delta)?;
         w.set_meta("offset", self.offset)?;
         w.set_meta("next_id", self.next_id)?;
         w.set_meta("profiles", self.profiles)?;
         w.commit()?;
+        self.timers.clear();
+        self.timer_cursor = None;
         self.saved_offset = self.offset;
         self.last_saved = Instant::now();
         self.consumer.commit(self.offset)?;
+        self.metrics.profiles.set(self.profiles as i64);
         self.trim_cache();
+        Ok(())
+    }
+
+    /// Brings the stats of the segments that changed since the last save up to date: sizes,
+    /// last changes, the rule versions backfilled.
+    fn save_segment_stats(
+        &mut self,
+        w: &Writer,
+        size_delta: &HashMap<String, i64>,
+    ) -> Result<(), StageError> {
+        let set = self.set.clone();
+        let mut changed: HashSet<String> = size_delta.keys().cloned().collect();
+        changed.extend(self.last_change.keys().cloned());
+        let backfilled = std::mem::take(&mut self.backfilled);
+        changed.extend(backfilled.iter().map(|&i| set.segments[i].key.clone()));
+        for key in changed {
+            let mut stats = w.segment_stats(&key)?;
+            stats.size =
+                (stats.size as i64 + size_delta.get(&key).copied().unwrap_or(0)).max(0) as u64;
+            if let Some(at) = self.last_change.get(&key) {
+                stats.last_change = Some(*at);
+            }
+            if let Some(s) = set.position(&key).filter(|s| backfilled.contains(s)) {
+                stats.backfilled = Some(set.segments[s].fingerprint);
+            }
+            w.put_segment_stats(&key, &stats)?;
+            self.metrics
+                .sizes
+                .get_or_create(&SegmentLabels { segment: key })
+                .set(stats.size as i64);
+        }
+        self.last_change.clear();
         Ok(())
     }
 
@@ -378,6 +459,9 @@ impl Stage {
         self.removed.clear();
         self.emissions.clear();
         self.last_change.clear();
+        self.timers.clear();
+        self.timer_cursor = None;
+        self.size_delta.clear();
         if let Ok(w) = self.store.write() {
             self.offset = w.meta("offset").ok().flatten().unwrap_or(self.offset);
             self.next_id = w.meta("next_id").ok().flatten().unwrap_or(self.next_id);
@@ -391,9 +475,15 @@ impl Stage {
 
     /// Waits for new records or the next timer, briefly.
     fn idle(&self) {
-        // The timers as the open transaction has them, if one is open.
+        // The timers as the open transaction and the stage have them, if one is open.
         let next_due = match &self.open {
-            Some(w) => w.next_due().ok().flatten(),
+            Some(w) => {
+                let stored = w.next_due(self.timer_cursor).ok().flatten();
+                stored
+                    .into_iter()
+                    .chain(self.timers.first().map(|t| t.0))
+                    .min()
+            }
             None => self
                 .store
                 .read()
@@ -423,17 +513,14 @@ impl Stage {
             Some(w) => w,
             None => self.store.write()?,
         };
-        let due = w.due(now_ms, TIMER_CHUNK)?;
+        let due = self.due(&w, now_ms)?;
         let backfill_ids = match &self.backfill {
             Some(b) => Some(w.profile_ids(b.after, BACKFILL_CHUNK)?),
             None => None,
         };
-        if records.is_empty()
-            && due.is_empty()
-            && backfill_ids.is_none()
-            && self.mark_backfilled.is_empty()
-        {
-            if was_open {
+        if records.is_empty() && due.is_empty() && backfill_ids.is_none() {
+            // Segments to record as backfilled keep it open, so that the next save comes.
+            if was_open || !self.backfilled.is_empty() {
                 self.open = Some(w);
             } // else it wrote nothing: let it go
             return Ok(false);
@@ -457,13 +544,16 @@ impl Stage {
         }
         let end = records.last().map_or(self.offset, |r| r.offset + 1);
         let backfill_done = backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK);
-        self.settle(&w, &set, backfill_done, now)?;
+        self.settle(&w, now)?;
+        if let (Some(true), Some(b)) = (backfill_done, &self.backfill) {
+            self.backfilled.extend(b.segments.iter().copied());
+        }
         self.offset = end;
         self.open = Some(w);
         // Over its bounds, the cache drops saved profiles; if it is still over, the unsaved ones
         // alone fill it, and a save lets them go.
         self.cache.trim();
-        if self.last_saved.elapsed() >= SAVE_EVERY
+        if self.last_saved.elapsed() >= self.save_every
             || self.cache.over()
             || backfill_done == Some(true)
         {
@@ -476,25 +566,37 @@ impl Stage {
         Ok(true)
     }
 
-    /// The end of a batch: appends what it emitted to the log, then brings the timers, the
-    /// members index and segment sizes in the open transaction up to date with the profiles it
-    /// touched (which are written at the next save).
-    fn settle(
-        &mut self,
-        w: &Writer,
-        set: &SegmentSet,
-        backfill_done: Option<bool>,
-        now: DateTime<Utc>,
-    ) -> Result<(), StageError> {
+    /// Timers due at `now`: the store's past the cursor, except those of profiles changed since
+    /// the last save (their timers are in memory), and the stage's.
+    fn due(&mut self, w: &Writer, now: Millis) -> Result<Vec<(Millis, u64)>, StoreError> {
+        let stored = w.due(self.timer_cursor, now, TIMER_CHUNK)?;
+        if let Some(last) = stored.last() {
+            self.timer_cursor = Some(*last);
+        }
+        let cache = &self.cache;
+        let mut due: Vec<(Millis, u64)> = stored
+            .into_iter()
+            .filter(|(_, id)| !cache.get(*id).is_some_and(|h| h.unsaved))
+            .collect();
+        due.extend(self.timers.range(..=(now, u64::MAX)).take(TIMER_CHUNK));
+        Ok(due)
+    }
+
+    /// The end of a batch: appends what it emitted to the log, deletes the profiles merged away,
+    /// and brings the stage's timers up to date with the profiles it touched. Those profiles,
+    /// with their memberships and timers, are written at the next save.
+    fn settle(&mut self, w: &Writer, now: DateTime<Utc>) -> Result<(), StageError> {
         self.append_emissions(now)?;
-        let mut size_delta: HashMap<String, i64> = HashMap::new();
-        for (id, stored, recheck) in self.removed.drain(..) {
-            for key in stored {
-                w.set_member(&key, id, false)?;
-                *size_delta.entry(key.to_string()).or_default() -= 1;
+        for gone in self.removed.drain(..) {
+            for key in gone.stored_members {
+                w.set_member(&key, gone.id, false)?;
+                *self.size_delta.entry(key.to_string()).or_default() -= 1;
             }
-            w.move_timer(id, recheck, None)?;
-            w.delete_profile(id)?;
+            w.move_timer(gone.id, gone.stored_recheck, None)?;
+            if let Some(due) = gone.timer {
+                self.timers.remove(&(due, gone.id));
+            }
+            w.delete_profile(gone.id)?;
         }
         for id in std::mem::take(&mut self.touched) {
             // Profiles merged away this batch are no longer in the cache.
@@ -506,56 +608,22 @@ impl Stage {
             if !held.unsaved {
                 held.unsaved = true;
                 self.unsaved.push(id);
-            }
-            let p = &held.profile;
-            if std::mem::take(&mut held.memberships_changed)
-                && !p.segments().eq(held.stored_members.iter().map(|k| &**k))
-            {
-                let now_members = members(p);
-                for key in now_members.difference(&held.stored_members) {
-                    w.set_member(key, p.id, true)?;
-                    *size_delta.entry(key.to_string()).or_default() += 1;
-                }
-                for key in held.stored_members.difference(&now_members) {
-                    w.set_member(key, p.id, false)?;
-                    *size_delta.entry(key.to_string()).or_default() -= 1;
-                }
-                held.stored_members = now_members;
-            }
-            let recheck = p.next_recheck();
-            w.move_timer(p.id, held.stored_recheck, recheck)?;
-            held.stored_recheck = recheck;
-        }
-        let mut changed: HashSet<String> = size_delta.keys().cloned().collect();
-        changed.extend(self.last_change.keys().cloned());
-        let done: Vec<usize> = match (backfill_done, &self.backfill) {
-            (Some(true), Some(b)) => b.segments.iter().copied().collect(),
-            _ => Vec::new(),
-        };
-        for &i in done.iter().chain(&self.mark_backfilled) {
-            changed.insert(set.segments[i].key.clone());
-        }
-        for key in changed {
-            let mut stats = w.segment_stats(&key)?;
-            stats.size =
-                (stats.size as i64 + size_delta.get(&key).copied().unwrap_or(0)).max(0) as u64;
-            if let Some(at) = self.last_change.get(&key) {
-                stats.last_change = Some(*at);
-            }
-            if let Some(s) = set.position(&key) {
-                if done.contains(&s) || self.mark_backfilled.contains(&s) {
-                    stats.backfilled = Some(set.segments[s].fingerprint);
+                // From now until the save, the stage's timers hold this profile's.
+                if let Some(due) = held.timer {
+                    self.timers.insert((due, id));
                 }
             }
-            w.put_segment_stats(&key, &stats)?;
-            self.metrics
-                .sizes
-                .get_or_create(&SegmentLabels { segment: key })
-                .set(stats.size as i64);
+            let timer = held.profile.next_recheck();
+            if timer != held.timer {
+                if let Some(due) = held.timer {
+                    self.timers.remove(&(due, id));
+                }
+                if let Some(due) = timer {
+                    self.timers.insert((due, id));
+                }
+                held.timer = timer;
+            }
         }
-        self.metrics.profiles.set(self.profiles as i64);
-        self.last_change.clear();
-        self.mark_backfilled.clear();
         Ok(())
     }
 
@@ -936,9 +1004,12 @@ impl Directory for Batch<'_, '_> {
         Directory::profile(self, id)?;
         let held = self.stage.cache.remove(id).expect("loaded above");
         self.stage.profiles -= 1;
-        self.stage
-            .removed
-            .push((id, held.stored_members, held.stored_recheck));
+        self.stage.removed.push(Removed {
+            id,
+            stored_members: held.stored_members,
+            stored_recheck: held.stored_recheck,
+            timer: held.timer,
+        });
         Ok(held.profile)
     }
 }

@@ -119,6 +119,8 @@ pub struct ProfilesConfig {
     pub cache_memory: u64,
     /// The store's page cache.
     pub store_cache: u64,
+    /// How often the profile stage saves (commits durably) what it has done.
+    pub save_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -402,12 +404,14 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
     };
 
     let profiles = {
-        let (mut dir, mut cache_size, mut cache_memory, mut store_cache) = (None, None, None, None);
+        let (mut dir, mut cache_size, mut cache_memory, mut store_cache, mut save_interval) =
+            (None, None, None, None, None);
         if let Some(mut s) = r.section(root, "profiles") {
             dir = r.string(&mut s, "dir").map(|d| resolve(base, &d.value));
             cache_size = r.integer(&mut s, "cache_size").map(|n| n.value as usize);
             cache_memory = r.size(&mut s, "cache_memory");
             store_cache = r.size(&mut s, "store_cache");
+            save_interval = r.duration(&mut s, "save_interval");
             r.finish(s);
         }
         ProfilesConfig {
@@ -415,6 +419,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
             cache_size: cache_size.unwrap_or(100_000),
             cache_memory: cache_memory.unwrap_or(512 << 20),
             store_cache: store_cache.unwrap_or(64 << 20),
+            save_interval: save_interval.unwrap_or(Duration::from_secs(1)),
         }
     };
 

@@ -210,16 +210,27 @@ impl Writer {
         Ok(())
     }
 
-    /// The earliest timer, if any, as this transaction has it.
-    pub fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        next_due(&self.0.open_table(TIMERS)?)
+    /// The earliest timer after `after`, if any, as this transaction has it.
+    pub fn next_due(&self, after: Option<(Millis, u64)>) -> Result<Option<Millis>, StoreError> {
+        let t = self.0.open_table(TIMERS)?;
+        let first = t.range(timer_after(after)..)?.next().transpose()?;
+        Ok(first.map(|(k, _)| k.value().0))
     }
 
-    /// Up to `limit` profiles whose timer is due at `now`, earliest first.
-    pub fn due(&self, now: Millis, limit: usize) -> Result<Vec<(Millis, u64)>, StoreError> {
+    /// Up to `limit` timers (due time, profile) due at `now` and after `after`, earliest first.
+    pub fn due(
+        &self,
+        after: Option<(Millis, u64)>,
+        now: Millis,
+        limit: usize,
+    ) -> Result<Vec<(Millis, u64)>, StoreError> {
         let t = self.0.open_table(TIMERS)?;
         let mut out = Vec::new();
-        for row in t.range((i64::MIN, 0)..=(now, u64::MAX))? {
+        let start = timer_after(after);
+        if start > (now, u64::MAX) {
+            return Ok(out);
+        }
+        for row in t.range(start..=(now, u64::MAX))? {
             let (key, _) = row?;
             out.push(key.value());
             if out.len() == limit {
@@ -282,6 +293,15 @@ fn next_due(t: &impl ReadableTable<(i64, u64), ()>) -> Result<Option<Millis>, St
     Ok(t.first()?.map(|(k, _)| k.value().0))
 }
 
+/// The first timer key past `after` (the smallest key with none).
+fn timer_after(after: Option<(Millis, u64)>) -> (Millis, u64) {
+    match after {
+        None => (Millis::MIN, 0),
+        Some((due, id)) if id < u64::MAX => (due, id + 1),
+        Some((due, _)) => (due.saturating_add(1), 0),
+    }
+}
+
 fn segment_stats(
     t: &impl ReadableTable<&'static str, &'static [u8]>,
     key: &str,
@@ -324,10 +344,15 @@ mod tests {
         assert_eq!(r.members("vip", None, 10).unwrap(), [1]);
         let w = store.write().unwrap();
         assert_eq!(w.meta("offset").unwrap(), Some(42));
-        assert_eq!(w.due(499, 10).unwrap(), []);
-        assert_eq!(w.due(500, 10).unwrap(), [(500, 1)]);
+        assert_eq!(w.due(None, 499, 10).unwrap(), []);
+        assert_eq!(w.due(None, 500, 10).unwrap(), [(500, 1)]);
+        w.move_timer(2, None, Some(500)).unwrap();
+        assert_eq!(w.due(Some((500, 1)), 500, 10).unwrap(), [(500, 2)]);
+        assert_eq!(w.next_due(Some((500, 1))).unwrap(), Some(500));
+        assert_eq!(w.next_due(Some((500, 2))).unwrap(), None);
+        w.move_timer(2, Some(500), None).unwrap();
         w.move_timer(1, Some(500), Some(800)).unwrap();
-        assert_eq!(w.due(600, 10).unwrap(), []);
+        assert_eq!(w.due(None, 600, 10).unwrap(), []);
         w.commit().unwrap();
         assert_eq!(store.read().unwrap().next_due().unwrap(), Some(800));
     }

@@ -156,10 +156,21 @@ fn a_message_over_http_becomes_an_audience_entered_in_the_lake() {
 
 #[test]
 fn a_time_condition_flips_at_its_moment_and_after_a_restart() {
+    time_condition_flips("");
+}
+
+/// With no save for an hour, the timers live in the profile stage's memory (the store has
+/// none of them): they must come due all the same, and the save at shutdown keeps them.
+#[test]
+fn a_time_condition_flips_between_saves_too() {
+    time_condition_flips("[profiles]\nsave_interval = \"1h\"\n");
+}
+
+fn time_condition_flips(config: &str) {
     let dir = tempfile::tempdir().unwrap();
     segment(dir.path(), "stalled", STALLED);
     let clock = ManualClock::at("2026-01-01T00:00:00Z");
-    let server = Server::start_with_clock(dir, "", clock.clock());
+    let server = Server::start_with_clock(dir, config, clock.clock());
     let log = server.log_dir();
     let signup = |server: &Server, user: &str, clock: &ManualClock| {
         let at = sluice::ingest::format_time(clock.now());
@@ -183,7 +194,7 @@ fn a_time_condition_flips_at_its_moment_and_after_a_restart() {
     std::thread::sleep(Duration::from_millis(500));
     let dir = server.stop();
     clock.advance(Duration::from_secs(2 * 3600));
-    let server = Server::start_with_clock(dir, "", clock.clock());
+    let server = Server::start_with_clock(dir, config, clock.clock());
     let log = server.log_dir();
     wait_for(
         "u2 to enter after the restart",
