@@ -9,9 +9,9 @@
 //! - `segments`: segment key → its stats (size, last change, the rule version backfilled).
 //! - `meta`: `offset` (the intake-log offset every table reflects), `next_id`.
 //!
-//! Everything one batch of messages changes, the log offset included, is written in one
-//! transaction, so a crash leaves the store as of some batch boundary and the consumer resumes
-//! from exactly there.
+//! Everything the profile stage did since its last save, the log offset included, is written in
+//! one transaction, so a crash leaves the store as of some save and the consumer resumes from
+//! exactly there.
 
 use std::path::Path;
 
