@@ -5,6 +5,7 @@
 #   source "$(dirname "$0")/common.sh"
 #   write_config <<TOML   # $work/sluice.toml: listen on $port, the `bench` source, then stdin
 #   start_sluice          # serves $work/sluice.toml; sets $pid; returns once /healthz answers on $port
+#   metric; consumer_lag profiles; thread_id sluice-profiles; warm_up_profiles
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -25,5 +26,33 @@ write_config() {
 start_sluice() {
   SLUICE_LOG=warn taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" serve &
   pid=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "sluice did not answer on port $port (a config it cannot read?)" >&2
+  exit 1
+}
+
+metric() { curl -fsS "http://127.0.0.1:$port/metrics"; }
+
+# Records the log consumer named $1 has still to read.
+consumer_lag() {
+  metric | awk -v m="sluice_log_consumer_lag_records{consumer=\"$1\"}" '$1 == m {print $2}'
+}
+
+# The id of the server's thread named $1.
+thread_id() { grep -l "^$1\$" /proc/"$pid"/task/*/comm | head -1 | cut -d/ -f5; }
+
+# The profile benches' warm-up: each of the 50,000 users of the web mix gets a profile and enters
+# most of its segments (a one-off of about 20 changes per user, each emitted as two messages),
+# then the stage catches up, so that what is measured after is the steady state of a running
+# deployment. Prints how long the catching up took.
+warm_up_profiles() {
+  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
+    --connections 32 --rate 500 --duration 20 --pid "$pid" > /dev/null
+  local waited=0
+  while [ "$(consumer_lag profiles)" != "0" ] && [ "$waited" -lt 600 ]; do
+    kill -0 "$pid" || { echo "sluice exited during the warm-up" >&2; exit 1; }
+    sleep 1
+    waited=$((waited + 1))
+  done
+  echo "warm-up: 1,000,000 messages; the stage caught up $waited s after the load stopped"
 }

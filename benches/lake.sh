@@ -22,7 +22,7 @@ url = "file://./data/lake"
 flush_interval = "10s"
 TOML
 
-lag() { curl -fsS "http://127.0.0.1:$port/metrics" | awk '/^sluice_log_consumer_lag_records\{consumer="lake"\}/ {print $2}'; }
+lag() { consumer_lag lake; }
 
 echo "--- 80,000 messages/s (800 batches of 100 per second, open loop) for $seconds s, lake writer running"
 rm -rf "$work/data"

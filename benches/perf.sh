@@ -15,25 +15,20 @@ write_config <<TOML
 [segments]
 dir = "segments"
 TOML
-metric() { curl -fsS "http://127.0.0.1:$port/metrics"; }
-lag() { metric | awk '/^sluice_log_consumer_lag_records\{consumer="profiles"\}/ {print $2}'; }
 load() { # rate (requests/s) and duration
   taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
     --connections 32 --rate "$1" --duration "$2"
 }
 start_sluice
-if [ -n "${SLUICE_BENCH_WARM:-}" ]; then
-  load 500 20 > /dev/null
-  for _ in $(seq 1 600); do [ "$(lag)" = "0" ] && break; sleep 1; done
-fi
+[ -z "${SLUICE_BENCH_WARM:-}" ] || warm_up_profiles
 load "$((rate / 100))" "$((seconds + 10))" > "$work/load.out" &
 loader=$!
 sleep 5
-thread="$(grep -l '^sluice-profiles' /proc/"$pid"/task/*/comm | head -1 | cut -d/ -f5)"
+thread="$(thread_id sluice-profiles)"
 perf record --call-graph dwarf,16384 -F 499 -t "$thread" -o "$work/perf.data" -- sleep "$seconds" \
   > /dev/null 2>&1
 wait "$loader"
 grep acknowledged "$work/load.out"
-echo "profile stage lag (records): $(lag)"
+echo "profile stage lag (records): $(consumer_lag profiles)"
 perf report -i "$work/perf.data" --children --percent-limit 2.5 --stdio -g none 2>/dev/null \
   | grep -E '^ +[0-9]' | grep -v 'kernel\|inlined\|unknown' | head -40

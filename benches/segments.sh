@@ -38,8 +38,7 @@ start() {
   rm -rf "$work/data"
   start_sluice
 }
-metric() { curl -fsS "http://127.0.0.1:$port/metrics"; }
-lag() { metric | awk '/^sluice_log_consumer_lag_records\{consumer="profiles"\}/ {print $2}'; }
+lag() { consumer_lag profiles; }
 stop() { kill -TERM "$pid"; wait "$pid" || true; }
 buckets() { metric | grep '^sluice_segment_change_delay_seconds_bucket{' || true; }
 # Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays since the
@@ -53,16 +52,6 @@ delays() {
       for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i] }
       printf "%s: %d changes, p50 <= %s s, p99 <= %s s\n", cause, total, p50, p99 }'
 }
-# Each of the 50,000 users gets a profile and enters most of its segments (a one-off of about 20
-# changes per user, each emitted as two messages); then the stage catches up. What is measured
-# after is the steady state a running deployment is in.
-warm_up() {
-  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
-    --connections 32 --rate 500 --duration 20 --pid "$pid" > /dev/null
-  waited=0
-  while [ "$(lag)" != "0" ] && [ "$waited" -lt 600 ]; do sleep 1; waited=$((waited + 1)); done
-  echo "warm-up: 1,000,000 messages; the stage caught up $waited s after the load stopped"
-}
 
 phases="${SLUICE_BENCH_PHASES:-1 2 3}"
 memory_rate="${SLUICE_BENCH_MEMORY_RATE:-50000}"
@@ -71,14 +60,10 @@ phase() { [[ " $phases " == *" $1 "* ]]; }
 if phase 1; then
 echo "--- 1. 50,000 messages/s for $seconds s, after a warm-up: 50 segments, lake, profiles"
 start
-warm_up
+warm_up_profiles
 applied() { metric | awk '/^sluice_profile_messages_total / {print $2}'; }
 # CPU time of the profile thread, in clock ticks (1/100 s).
-stage_ticks() {
-  local task
-  task="$(grep -l '^sluice-profiles' /proc/"$pid"/task/*/comm | head -1 | xargs dirname)"
-  awk '{print $14 + $15}' "$task/stat"
-}
+stage_ticks() { awk '{print $14 + $15}' "/proc/$pid/task/$(thread_id sluice-profiles)/stat"; }
 before="$(applied)"
 ticks_before="$(stage_ticks)"
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
@@ -101,7 +86,7 @@ fi
 if phase 2; then
 echo "--- 2. 25,000 messages/s for $seconds s, after a warm-up: change delays"
 start
-warm_up
+warm_up_profiles
 buckets > "$work/buckets"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
