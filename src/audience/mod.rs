@@ -26,6 +26,14 @@
 //! Messages from the reserved source `sluice` (our own emissions) are not applied to profiles:
 //! memberships are already on the profile.
 //!
+//! ## The stage's time
+//! Rules and timers are evaluated at the stage's time ([`Stage::batch_time`]): the clock's once
+//! the stage has caught up with the log, and while it is behind, the arrival time of the last
+//! record it read. So time passes for the stage in the order the messages arrived, and a window
+//! does not close on a profile whose next message is already in the log, unread: evaluated at
+//! the clock's time, a stage catching up (after a restart, or behind a burst) would emit an exit
+//! and then the entry again for every such profile, and send both on to destinations.
+//!
 //! This module owns the loop and the bookkeeping (timers, the members index, segment sizes); the
 //! profile is `crate::profiles`, the rules are `crate::segments`.
 
@@ -47,7 +55,7 @@ use crate::clock::Clock;
 use crate::entry::{Entry, Status};
 use crate::ingest::dedup::{self, Dedup};
 use crate::ingest::message::MessageType;
-use crate::intake_log::{AppendError, IntakeLog, LogReader, RecordBatch};
+use crate::intake_log::{AppendError, IntakeLog, LogReader, Record, RecordBatch};
 use crate::metrics::{
     Cause, CauseLabels, Direction, FailureClass, RuleFailureLabels, SegmentChangeLabels,
     SegmentLabels, SegmentMetrics,
@@ -226,6 +234,8 @@ struct Stage {
     last_saved: Instant,
     save_every: Duration,
     last_conflict_log: Option<Instant>,
+    /// The time of the last batch: the stage's time never goes back.
+    time: DateTime<Utc>,
 }
 
 impl Stage {
@@ -274,6 +284,7 @@ impl Stage {
             last_saved: Instant::now(),
             save_every: parts.save_every,
             last_conflict_log: None,
+            time: DateTime::<Utc>::MIN_UTC,
         })
     }
 
@@ -506,7 +517,7 @@ impl Stage {
     /// One batch. Returns whether there was anything to do.
     fn step(&mut self) -> Result<bool, StageError> {
         let records = self.reader.read(BATCH)?;
-        let now = (self.clock)();
+        let now = self.batch_time(&records);
         let now_ms = now.timestamp_millis();
         let was_open = self.open.is_some();
         let w = match self.open.take() {
@@ -544,7 +555,7 @@ impl Stage {
         }
         let end = records.last().map_or(self.offset, |r| r.offset + 1);
         let backfill_done = backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK);
-        self.settle(&w, now)?;
+        self.settle(&w)?;
         if let (Some(true), Some(b)) = (backfill_done, &self.backfill) {
             self.backfilled.extend(b.segments.iter().copied());
         }
@@ -566,6 +577,24 @@ impl Stage {
         Ok(true)
     }
 
+    /// The moment a batch is evaluated at (see "The stage's time" above): the clock's when the
+    /// stage has read everything, else the arrival time of the last record read; never earlier
+    /// than the last batch's, nor later than the clock.
+    fn batch_time(&mut self, records: &[Record]) -> DateTime<Utc> {
+        let clock = (self.clock)();
+        let behind = self.reader.position() < self.log.end();
+        let arrived = records
+            .last()
+            .and_then(|r| Entry::decode(&r.payload).ok())
+            .and_then(|e| DateTime::from_timestamp_micros(e.received_at_micros));
+        let time = match arrived {
+            Some(arrived) if behind => arrived.min(clock),
+            _ => clock,
+        };
+        self.time = self.time.max(time);
+        self.time
+    }
+
     /// Timers due at `now`: the store's past the cursor, except those of profiles changed since
     /// the last save (their timers are in memory), and the stage's.
     fn due(&mut self, w: &Writer, now: Millis) -> Result<Vec<(Millis, u64)>, StoreError> {
@@ -585,8 +614,8 @@ impl Stage {
     /// The end of a batch: appends what it emitted to the log, deletes the profiles merged away,
     /// and brings the stage's timers up to date with the profiles it touched. Those profiles,
     /// with their memberships and timers, are written at the next save.
-    fn settle(&mut self, w: &Writer, now: DateTime<Utc>) -> Result<(), StageError> {
-        self.append_emissions(now)?;
+    fn settle(&mut self, w: &Writer) -> Result<(), StageError> {
+        self.append_emissions()?;
         for gone in self.removed.drain(..) {
             for key in gone.stored_members {
                 w.set_member(&key, gone.id, false)?;
@@ -627,10 +656,13 @@ impl Stage {
         Ok(())
     }
 
-    fn append_emissions(&mut self, now: DateTime<Utc>) -> Result<(), AppendError> {
+    /// Appends what the batch emitted to the log. The records arrive now, by the clock; the
+    /// messages in them carry the stage's time, at which the changes happened.
+    fn append_emissions(&mut self) -> Result<(), AppendError> {
         if self.emissions.is_empty() {
             return Ok(());
         }
+        let now = (self.clock)();
         let keys: Vec<Option<u64>> = self
             .emissions
             .iter()

@@ -216,6 +216,95 @@ fn time_condition_flips(config: &str) {
     });
 }
 
+const BROWSING: &str = r#"
+name = "Browsing"
+rule = 'user.did("Page Viewed", minutes(20))'
+"#;
+
+/// Appends accepted messages to the intake log in `log_dir` as if they had arrived at
+/// `received` (while no server runs on it).
+fn append_arrived(log_dir: &Path, received: chrono::DateTime<chrono::Utc>, messages: &[Value]) {
+    use sluice::entry::{Entry, Status};
+    use sluice::intake_log::{IntakeLog, LogOptions, RecordBatch};
+    let options = LogOptions {
+        dir: log_dir.to_path_buf(),
+        segment_size: 64 << 20,
+        max_size: 1 << 30,
+    };
+    let log = IntakeLog::open(options, Default::default()).unwrap();
+    let mut batch = RecordBatch::default();
+    for m in messages {
+        let body = m.to_string();
+        let id = m["messageId"].as_str().unwrap();
+        batch.push_with(|b| {
+            Entry::encode(b, Status::Accepted, received, "web", id, "", |b| {
+                b.extend_from_slice(body.as_bytes())
+            })
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(log.append(batch)).unwrap();
+}
+
+/// A stage that starts far behind the log (an hour of traffic arrived while it was stopped)
+/// lives through that hour in the order it passed: u1 viewed a page every ten minutes, so a
+/// twenty-minute window never closed on u1, and catching up must not emit an exit and a
+/// second entry. The hour spans several of the stage's batches.
+#[test]
+fn a_stage_catching_up_on_the_log_does_not_flap_memberships() {
+    let dir = tempfile::tempdir().unwrap();
+    segment(dir.path(), "browsing", BROWSING);
+    let clock = ManualClock::at("2026-01-01T00:00:00Z");
+    let page = |at: chrono::DateTime<chrono::Utc>, n: usize| {
+        let at = sluice::ingest::format_time(at);
+        json!({"type": "page", "name": "Home", "userId": "u1", "messageId": format!("p{n}"),
+               "timestamp": at, "receivedAt": at, "properties": {}, "context": {}})
+    };
+    let server = Server::start_with_clock(dir, "", clock.clock());
+    send(&server, page(clock.now(), 0));
+    let log = server.log_dir();
+    wait_for("u1 to enter", Duration::from_secs(5), || {
+        (changes(&log, "browsing") == [("u1".to_string(), true)]).then_some(())
+    });
+    let dir = server.stop();
+
+    let per_round = sluice::audience::BATCH + 100;
+    for round in 1..=6 {
+        clock.advance(Duration::from_secs(10 * 60));
+        let at = sluice::ingest::format_time(clock.now());
+        let mut messages = vec![page(clock.now(), round)];
+        messages.extend((0..per_round).map(|i| {
+            json!({"type": "track", "event": "Noise", "userId": format!("f{round}"),
+                   "messageId": format!("n{round}-{i}"), "timestamp": at, "receivedAt": at,
+                   "properties": {}, "context": {}})
+        }));
+        append_arrived(&dir.path().join("data/log"), clock.now(), &messages);
+    }
+    clock.advance(Duration::from_secs(60));
+    let server = Server::start_with_clock(dir, "", clock.clock());
+    let log = server.log_dir();
+    let applied = format!("sluice_profile_messages_total {}\n", 6 * (per_round + 1));
+    wait_for("the stage to catch up", Duration::from_secs(60), || {
+        let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+        metrics.contains(&applied).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        changes(&log, "browsing"),
+        [("u1".to_string(), true)],
+        "no exit while u1's next page view was in the log"
+    );
+    // Caught up, the window closes on the clock as always.
+    clock.advance(Duration::from_secs(20 * 60));
+    wait_for("u1 to leave", Duration::from_secs(5), || {
+        (changes(&log, "browsing") == [("u1".to_string(), true), ("u1".to_string(), false)])
+            .then_some(())
+    });
+}
+
 #[test]
 fn anonymous_history_merges_into_the_user_and_two_user_ids_never_do() {
     let dir = tempfile::tempdir().unwrap();
