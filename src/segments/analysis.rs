@@ -102,6 +102,11 @@ pub fn analyse(rule: &str) -> Dependencies {
             _ => {}
         }
     }
+    // The first and last occurrences keep their properties only for a rule that can read them:
+    // they are most of a profile's bytes, and copied on every message of their event.
+    if !tokens.iter().any(mentions_properties) {
+        objects = Names::default();
+    }
     deps.retention = Retention {
         window,
         history,
@@ -109,6 +114,17 @@ pub fn analyse(rule: &str) -> Dependencies {
         objects,
     };
     deps
+}
+
+/// Whether a token can be a way to an event's `properties`: the getter's name, or a string
+/// that names it (`Fn("get$properties")`) or that we do not read.
+fn mentions_properties(token: &Token) -> bool {
+    match token {
+        Token::Ident(name) => name == "properties",
+        Token::Str(text) => text.contains("properties"),
+        Token::Other => true,
+        Token::Num(_) | Token::Punct(_) => false,
+    }
 }
 
 /// The arguments of the call whose `(` is at `open`, each as its tokens.
@@ -251,12 +267,30 @@ mod tests {
             d.retention.history,
             only(&["Order Completed", "Page Viewed"])
         );
-        assert_eq!(d.retention.objects, only(&["Signed Up"]));
+        assert_eq!(d.retention.objects, only(&[]), "no properties are read");
         assert_eq!(
             d.retention.values,
             Some([("Order Completed".to_string(), "revenue".to_string())].into())
         );
         assert_eq!(d.segments, only(&[]));
+    }
+
+    #[test]
+    fn first_and_last_keep_properties_only_for_a_rule_that_reads_them() {
+        let reads = |rule: &str| analyse(rule).retention.objects;
+        assert_eq!(
+            reads(r#"user.last("Order Completed").properties.total > 100"#),
+            only(&["Order Completed"])
+        );
+        assert_eq!(
+            reads(r#"let o = user.first("Signed Up"); let p = o.properties; p.plan == "pro""#),
+            only(&["Signed Up"])
+        );
+        assert_eq!(
+            reads(r#"Fn("get$properties").call(user.first("Signed Up")) != ()"#),
+            only(&["Signed Up"])
+        );
+        assert_eq!(reads(r#"user.first("Signed Up").age() > hours(1)"#), only(&[]));
     }
 
     #[test]
