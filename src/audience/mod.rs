@@ -10,7 +10,8 @@
 //!
 //! The profile store is written in one transaction that stays open across batches and commits
 //! (durably, with the log offset the stage reached) once every `profiles.save_interval`, or
-//! sooner when the profiles changed since the last save fill the cache. Changed profiles wait in
+//! sooner when the profiles changed since the last save fill the cache or when no message has
+//! come for a second ([`QUIET`]). Changed profiles wait in
 //! the cache and are written once per save, with their memberships (the members index) and
 //! their timers, however many messages they took: redb copies a B-tree page for each write in a
 //! transaction, so writing per batch cost a page copy per message. Until the save, the timers of
@@ -83,6 +84,10 @@ const BACKFILL_CHUNK: usize = 1_000;
 const TIMER_CHUNK: usize = 2_000;
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
+/// After this long with nothing to do, what is pending is saved without waiting for
+/// `profiles.save_interval`: the interval spaces saves out under load, and a quiet store need
+/// not stay behind for it.
+const QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -232,6 +237,8 @@ struct Stage {
     /// The log offset of the last save.
     saved_offset: u64,
     last_saved: Instant,
+    /// When the last batch with anything to do ended.
+    last_busy: Instant,
     save_every: Duration,
     last_conflict_log: Option<Instant>,
     /// The time of the last batch: the stage's time never goes back.
@@ -282,6 +289,7 @@ impl Stage {
             last_change: HashMap::new(),
             saved_offset: offset,
             last_saved: Instant::now(),
+            last_busy: Instant::now(),
             save_every: parts.save_every,
             last_conflict_log: None,
             time: DateTime::<Utc>::MIN_UTC,
@@ -343,8 +351,11 @@ impl Stage {
             match self.step() {
                 Ok(true) => failures = 0,
                 Ok(false) => {
-                    // Quiet now: save what is pending, once it is due.
-                    if self.pending() && self.last_saved.elapsed() >= self.save_every {
+                    // Nothing to do now: save what is pending once it is due, or once it has
+                    // been quiet for a while.
+                    let due = self.last_saved.elapsed() >= self.save_every
+                        || self.last_busy.elapsed() >= QUIET;
+                    if self.pending() && due {
                         if let Err(e) = self.save() {
                             tracing::error!(error = %e, "saving the profile store failed; redoing from the last save");
                             self.reset();
@@ -561,6 +572,7 @@ impl Stage {
         }
         self.offset = end;
         self.open = Some(w);
+        self.last_busy = Instant::now();
         // Over its bounds, the cache drops saved profiles; if it is still over, the unsaved ones
         // alone fill it, and a save lets them go.
         self.cache.trim();

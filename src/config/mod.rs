@@ -419,7 +419,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
             cache_size: cache_size.unwrap_or(100_000),
             cache_memory: cache_memory.unwrap_or(512 << 20),
             store_cache: store_cache.unwrap_or(64 << 20),
-            save_interval: save_interval.unwrap_or(Duration::from_secs(1)),
+            save_interval: save_interval.unwrap_or(Duration::from_secs(5)),
         }
     };
 

@@ -290,7 +290,10 @@ mod tests {
             reads(r#"Fn("get$properties").call(user.first("Signed Up")) != ()"#),
             only(&["Signed Up"])
         );
-        assert_eq!(reads(r#"user.first("Signed Up").age() > hours(1)"#), only(&[]));
+        assert_eq!(
+            reads(r#"user.first("Signed Up").age() > hours(1)"#),
+            only(&[])
+        );
     }
 
     #[test]

@@ -156,21 +156,65 @@ fn a_message_over_http_becomes_an_audience_entered_in_the_lake() {
 
 #[test]
 fn a_time_condition_flips_at_its_moment_and_after_a_restart() {
-    time_condition_flips("");
+    time_condition_flips("", false);
 }
 
-/// With no save for an hour, the timers live in the profile stage's memory (the store has
-/// none of them): they must come due all the same, and the save at shutdown keeps them.
+/// With no save for an hour, and traffic that never lets the stage go quiet (which saves too),
+/// the timers live in the profile stage's memory (the store has none of them): they must come
+/// due all the same, and the save at shutdown keeps them.
 #[test]
 fn a_time_condition_flips_between_saves_too() {
-    time_condition_flips("[profiles]\nsave_interval = \"1h\"\n");
+    time_condition_flips("[profiles]\nsave_interval = \"1h\"\n", true);
 }
 
-fn time_condition_flips(config: &str) {
+/// Sends a message of another user every 100 ms until dropped.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(server: &Server) -> Traffic {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (addr, stopped) = (server.addr, stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                let body =
+                    json!({"batch": [{"type": "track", "event": "Noise", "userId": "other"}]});
+                let auth = basic(WRITE_KEY);
+                let r = request(
+                    addr,
+                    "POST",
+                    "/v1/batch",
+                    &[("Authorization", &auth)],
+                    body.to_string().as_bytes(),
+                );
+                assert_eq!(r.status, 200);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn time_condition_flips(config: &str, busy: bool) {
     let dir = tempfile::tempdir().unwrap();
     segment(dir.path(), "stalled", STALLED);
     let clock = ManualClock::at("2026-01-01T00:00:00Z");
     let server = Server::start_with_clock(dir, config, clock.clock());
+    let traffic = busy.then(|| Traffic::start(&server));
     let log = server.log_dir();
     let signup = |server: &Server, user: &str, clock: &ManualClock| {
         let at = sluice::ingest::format_time(clock.now());
@@ -192,6 +236,7 @@ fn time_condition_flips(config: &str) {
     // A second signup, then a restart while its hour passes: the timer is durable.
     signup(&server, "u2", &clock);
     std::thread::sleep(Duration::from_millis(500));
+    drop(traffic);
     let dir = server.stop();
     clock.advance(Duration::from_secs(2 * 3600));
     let server = Server::start_with_clock(dir, config, clock.clock());
