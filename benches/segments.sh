@@ -15,7 +15,7 @@
 # 3. 1,000,000 distinct users at 50,000 messages/s (SLUICE_BENCH_MEMORY_RATE) for 2×SECONDS: RSS
 #    every 10 s, profiles every 30 s, and the store's size.
 # SLUICE_BENCH_PHASES="3" runs only the phases named; SLUICE_BENCH_SAVE_INTERVAL sets
-# profiles.save_interval (1s).
+# profiles.save_interval (default: the config's, 5s).
 # Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0.
 source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
@@ -31,7 +31,7 @@ flush_interval = "10s"
 dir = "segments"
 [profiles]
 dir = "data/profiles"
-save_interval = "${SLUICE_BENCH_SAVE_INTERVAL:-1s}"
+${SLUICE_BENCH_SAVE_INTERVAL:+save_interval = \"$SLUICE_BENCH_SAVE_INTERVAL\"}
 TOML
 
 start() {

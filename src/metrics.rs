@@ -251,6 +251,10 @@ pub struct SegmentMetrics {
     pub profiles: Gauge,
     pub reloads: Family<ReloadLabels, Counter>,
     pub refused_files: Gauge,
+    /// How long a save of the profile store took: the profile stage applies nothing meanwhile.
+    pub save_seconds: Histogram,
+    /// Profiles written by saves (each once per save, however many messages it took).
+    pub saved_profiles: Counter,
 }
 
 /// What made a membership change.
@@ -297,6 +301,8 @@ impl Default for SegmentMetrics {
             profiles: Gauge::default(),
             reloads: Family::default(),
             refused_files: Gauge::default(),
+            save_seconds: delays(),
+            saved_profiles: Counter::default(),
         }
     }
 }
@@ -614,6 +620,16 @@ impl Metrics {
             "segment_refused_files",
             "Segment files refused at the last reload (their last good version stays loaded)",
             g.refused_files.clone(),
+        );
+        r.register(
+            "profile_save_seconds",
+            "Saves of the profile store (the profile stage applies nothing while one runs)",
+            g.save_seconds.clone(),
+        );
+        r.register(
+            "profile_saved_profiles",
+            "Profiles written by saves of the profile store, each once per save",
+            g.saved_profiles.clone(),
         );
         r
     }

@@ -387,17 +387,20 @@ impl Stage {
     /// and the segment stats, then commits the open transaction, durably, with the offset
     /// reached; then lets the log's cursor move up to it.
     fn save(&mut self) -> Result<(), StageError> {
+        let started = Instant::now();
         let w = match self.open.take() {
             Some(w) => w,
             None => self.store.write()?,
         };
         let unsaved = std::mem::take(&mut self.unsaved);
         let mut size_delta = std::mem::take(&mut self.size_delta);
+        let mut written = 0;
         for &id in &unsaved {
             // Profiles merged away since are no longer in the cache.
             let Some(held) = self.cache.get_mut(id) else {
                 continue;
             };
+            written += 1;
             held.unsaved = false;
             let p = &held.profile;
             if std::mem::take(&mut held.memberships_changed)
@@ -435,6 +438,10 @@ impl Stage {
         self.last_saved = Instant::now();
         self.consumer.commit(self.offset)?;
         self.metrics.profiles.set(self.profiles as i64);
+        self.metrics.saved_profiles.inc_by(written);
+        self.metrics
+            .save_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.trim_cache();
         Ok(())
     }

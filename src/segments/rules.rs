@@ -249,17 +249,30 @@ impl SegmentSet {
     /// memberships (member, change count, next recheck time).
     pub fn evaluate(&self, profile: &mut Profile, trigger: Trigger, now: Millis) -> Evaluation {
         let mut out = Evaluation::default();
-        // Memberships of segments no longer loaded are kept (a reload may bring them back), but
-        // their due timers are dropped.
+        let mut wanted = vec![false; self.segments.len()];
+        // Whatever the trigger, a segment whose time has come is looked at. Memberships of
+        // segments no longer loaded are kept (a reload may bring them back), but their due
+        // timers are dropped.
+        let mut emptied = Vec::new();
         for (key, m) in profile.memberships.iter_mut() {
-            if m.recheck_at.is_some_and(|t| t <= now) && self.position(key).is_none() {
-                m.recheck_at = None;
+            if m.recheck_at.is_some_and(|t| t <= now) {
+                match self.by_key.get(&**key) {
+                    Some(&i) => wanted[i] = true,
+                    None => {
+                        m.recheck_at = None;
+                        if !m.member && m.changes == 0 {
+                            emptied.push(key.clone());
+                        }
+                    }
+                }
             }
+        }
+        for key in emptied {
+            profile.memberships.remove(&key);
         }
         if self.segments.is_empty() {
             return out;
         }
-        let mut wanted = vec![false; self.segments.len()];
         let mut want = |list: &[usize]| list.iter().for_each(|&i| wanted[i] = true);
         match trigger {
             Trigger::Message {
@@ -276,14 +289,6 @@ impl SegmentSet {
             Trigger::Timer => {}
             Trigger::All(_) => wanted.iter_mut().for_each(|w| *w = true),
             Trigger::Only(set) => set.iter().for_each(|&i| wanted[i] = true),
-        }
-        // Whatever trigger, a segment whose time has come is looked at.
-        for (key, m) in &profile.memberships {
-            if m.recheck_at.is_some_and(|t| t <= now) {
-                if let Some(&i) = self.by_key.get(&**key) {
-                    wanted[i] = true;
-                }
-            }
         }
         if !wanted.iter().any(|w| *w) {
             return out;
@@ -353,6 +358,7 @@ impl SegmentSet {
         }
         drop(round);
         *profile = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
+        let answers_keys: Vec<usize> = answers.iter().map(|(i, _, _)| *i).collect();
         for (i, answer, recheck_at) in answers {
             let key = &self.segments[i].key;
             if !profile.memberships.contains_key(key.as_str()) {
@@ -385,10 +391,21 @@ impl SegmentSet {
             }
         }
         // Only what carries information is kept: a segment the profile was never in and that
-        // waits for no moment needs no entry.
-        profile
-            .memberships
-            .retain(|_, m| m.member || m.changes > 0 || m.recheck_at.is_some());
+        // waits for no moment needs no entry. Only the entries evaluated here can have become
+        // empty since the loop above.
+        let evaluated = answers_keys
+            .iter()
+            .chain(out.failures.iter().map(|(i, _)| i));
+        for &i in evaluated {
+            let key = self.segments[i].key.as_str();
+            if profile
+                .memberships
+                .get(key)
+                .is_some_and(|m| !m.member && m.changes == 0 && m.recheck_at.is_none())
+            {
+                profile.memberships.remove(key);
+            }
+        }
         out
     }
 }
