@@ -11,7 +11,7 @@
 #    message it applied (what a message costs the stage, whatever share of the core it got).
 # 2. After a warm-up, 25,000 messages/s for SECONDS: delay from a message's arrival (or a time
 #    condition's moment) to its Audience Entered/Exited being durable in the log, from the
-#    server's histogram (the run's share of it).
+#    server's histogram (the run's share of it), and the profile store's saves in the run.
 # 3. 1,000,000 distinct users at 50,000 messages/s (SLUICE_BENCH_MEMORY_RATE) for 2×SECONDS: RSS
 #    every 10 s, profiles every 30 s, and the store's size.
 # SLUICE_BENCH_PHASES="3" runs only the phases named; SLUICE_BENCH_SAVE_INTERVAL sets
@@ -41,6 +41,13 @@ start() {
 lag() { consumer_lag profiles; }
 stop() { kill -TERM "$pid"; wait "$pid" || true; }
 buckets() { metric | grep '^sluice_segment_change_delay_seconds_bucket{' || true; }
+changes() { metric | grep '^sluice_segment_changes_total{' || true; }
+# Saves so far: count, seconds in all, profiles written, and how many took 1 s or less.
+saves() {
+  metric | awk '/^sluice_profile_save_seconds_count / {c = $2} /^sluice_profile_save_seconds_sum / {t = $2}
+    /^sluice_profile_saved_profiles_total / {p = $2} /^sluice_profile_save_seconds_bucket\{le="1.0"\}/ {q = $2}
+    END {print c, t, p, q}'
+}
 # Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays since the
 # buckets were saved in $work/buckets.
 delays() {
@@ -88,11 +95,22 @@ echo "--- 2. 25,000 messages/s for $seconds s, after a warm-up: change delays"
 start
 warm_up_profiles
 buckets > "$work/buckets"
+saves > "$work/saves"
+changes > "$work/changes"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
 sleep 2
 delays Message
 delays Timer
+echo "most changes in the run, by segment and direction:"
+changes | awk -v before="$work/changes" '
+  BEGIN { while ((getline line < before) > 0) { split(line, f, " "); was[f[1]] = f[2] } }
+  { print $2 - was[$1], $1 }' | sort -rn | head -6
+# The saves of the profile store in the run: the stage applies nothing while one runs.
+saves | awk -v before="$work/saves" '
+  BEGIN { getline line < before; split(line, b, " ") }
+  { n = $1 - b[1]; if (n > 0) printf "saves: %d, %.2f s each on average, %d profiles each, %d of them over 1 s\n",
+      n, ($2 - b[2]) / n, ($3 - b[3]) / n, n - ($4 - b[4]) }'
 stop
 
 fi

@@ -19,7 +19,8 @@ pub struct Emission {
     pub message_id: String,
     pub body: Vec<u8>,
     /// What caused the change and when (microseconds): the message's arrival, or the moment a
-    /// time condition came due. For the delay metrics.
+    /// time condition came due. For the delay metric, which counts changes: only the track
+    /// carries it.
     pub cause: Option<(Cause, i64)>,
 }
 
@@ -57,7 +58,7 @@ pub fn change(
     common.extend_from_slice(br#"},"sluice":{"audience":"#);
     string(&mut common, key);
     common.extend_from_slice(b"}},");
-    let message = |id: String, rest: &dyn Fn(&mut Vec<u8>)| {
+    let message = |id: String, cause, rest: &dyn Fn(&mut Vec<u8>)| {
         let mut body = common.clone();
         field(&mut body, "messageId", &id);
         rest(&mut body);
@@ -68,7 +69,7 @@ pub fn change(
             cause,
         }
     };
-    let track = message(track_id, &|b| {
+    let track = message(track_id, cause, &|b| {
         field(
             b,
             "event",
@@ -89,7 +90,7 @@ pub fn change(
         flag(b, key, entered);
         b.push(b'}');
     });
-    let identify = message(identify_id, &|b| {
+    let identify = message(identify_id, None, &|b| {
         b.extend_from_slice(br#""type":"identify","traits":{"#);
         flag(b, key, entered);
         b.push(b'}');
@@ -134,7 +135,10 @@ mod tests {
         profile.user_id = Some("u-1".into());
         profile.add_anonymous_id("a-1");
         let now = DateTime::from_timestamp_millis(1_767_225_600_000).unwrap();
-        let [track, identify] = change(&set.segments[0], &profile, true, 3, now, None);
+        let cause = Some((Cause::Timer, 5));
+        let [track, identify] = change(&set.segments[0], &profile, true, 3, now, cause);
+        assert_eq!(track.cause, cause, "the delay metric counts a change once");
+        assert_eq!(identify.cause, None);
         let track: Value = serde_json::from_slice(&track.body).unwrap();
         let identify: Value = serde_json::from_slice(&identify.body).unwrap();
         let key = set.segments[0].key.as_str();
