@@ -11,10 +11,10 @@
 //! The profile store is written in one transaction that stays open across batches and commits
 //! (durably, with the log offset the stage reached) once every `profiles.save_interval`, or
 //! sooner when the profiles changed since the last save fill the cache or when no message has
-//! come for a second ([`QUIET`]). Changed profiles wait in
-//! the cache and are written once per save, with their memberships (the members index) and
-//! their timers, however many messages they took: redb copies a B-tree page for each write in a
-//! transaction, so writing per batch cost a page copy per message. Until the save, the timers of
+//! come for a second ([`QUIET`]). Changed profiles wait in the cache and are written once per
+//! save, with their memberships (the members index) and their timers, however many messages
+//! they took: redb copies a B-tree page for each write in a transaction, so writing per batch
+//! cost a page copy per message. Until the save, the timers of
 //! changed profiles are in memory ([`Stage::timers`]); due timers are read from both, skipping
 //! the store's entries for changed profiles.
 //!
