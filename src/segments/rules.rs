@@ -358,8 +358,7 @@ impl SegmentSet {
         }
         drop(round);
         *profile = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
-        let answers_keys: Vec<usize> = answers.iter().map(|(i, _, _)| *i).collect();
-        for (i, answer, recheck_at) in answers {
+        for &(i, answer, recheck_at) in &answers {
             let key = &self.segments[i].key;
             if !profile.memberships.contains_key(key.as_str()) {
                 if !answer && recheck_at.is_none() {
@@ -393,10 +392,8 @@ impl SegmentSet {
         // Only what carries information is kept: a segment the profile was never in and that
         // waits for no moment needs no entry. Only the entries evaluated here can have become
         // empty since the loop above.
-        let evaluated = answers_keys
-            .iter()
-            .chain(out.failures.iter().map(|(i, _)| i));
-        for &i in evaluated {
+        let answered = answers.iter().map(|(i, _, _)| i);
+        for &i in answered.chain(out.failures.iter().map(|(i, _)| i)) {
             let key = self.segments[i].key.as_str();
             if profile
                 .memberships
