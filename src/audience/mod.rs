@@ -14,9 +14,9 @@
 //! come for a second ([`QUIET`]). Changed profiles wait in the cache and are written once per
 //! save, with their memberships (the members index) and their timers, however many messages
 //! they took: redb copies a B-tree page for each write in a transaction, so writing per batch
-//! cost a page copy per message. Until the save, the timers of
-//! changed profiles are in memory ([`Stage::timers`]); due timers are read from both, skipping
-//! the store's entries for changed profiles.
+//! cost a page copy per message. Until the save, the timers of changed profiles are in memory
+//! ([`Stage::timers`]); due timers are read from both, skipping the store's entries for changed
+//! profiles.
 //!
 //! A crash loses what was not saved, and the stage redoes it from the log: the same messages on
 //! the same state emit the same changes with the same messageIds, and the dedup drops those the
