@@ -251,10 +251,13 @@ pub struct SegmentMetrics {
     pub profiles: Gauge,
     pub reloads: Family<ReloadLabels, Counter>,
     pub refused_files: Gauge,
-    /// How long a save of the profile store took: the profile stage applies nothing meanwhile.
+    /// How long a save of the profile store took to write and commit, on the saver's thread.
     pub save_seconds: Histogram,
     /// Profiles written by saves (each once per save, however many messages it took).
     pub saved_profiles: Counter,
+    /// Times the profile stage went back to the last save and redid the log from there, after a
+    /// batch or a save failed.
+    pub redos: Counter,
 }
 
 /// What made a membership change.
@@ -303,6 +306,7 @@ impl Default for SegmentMetrics {
             refused_files: Gauge::default(),
             save_seconds: delays(),
             saved_profiles: Counter::default(),
+            redos: Counter::default(),
         }
     }
 }
@@ -623,13 +627,18 @@ impl Metrics {
         );
         r.register(
             "profile_save_seconds",
-            "Saves of the profile store (the profile stage applies nothing while one runs)",
+            "Saves of the profile store, written and committed while the profile stage goes on",
             g.save_seconds.clone(),
         );
         r.register(
             "profile_saved_profiles",
             "Profiles written by saves of the profile store, each once per save",
             g.saved_profiles.clone(),
+        );
+        r.register(
+            "profile_stage_redos",
+            "Times the profile stage went back to its last save after a failure and redid the log from there",
+            g.redos.clone(),
         );
         r
     }

@@ -6,6 +6,11 @@ pub fn lower() {
     nice(10);
 }
 
+/// The lowest CPU priority (nice 19), for work that should only take what the core has left.
+pub fn lowest() {
+    nice(19);
+}
+
 /// For one of `threads` threads that share one kind of background work (each destination has its
 /// own): a nice value at which all of them together weigh about what one thread at nice 10 does
 /// (the scheduler's weight falls by 1.25× per nice step), so that ten destinations do not take

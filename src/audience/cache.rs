@@ -1,15 +1,19 @@
 //! The profiles the stage holds decoded in memory, bounded both in number and in (estimated)
 //! bytes: a profile's size depends on its history, so a count alone does not bound memory.
-//! Changed profiles stay until the next save; only saved ones are ever dropped.
+//! Changed profiles stay until the save that holds them has committed; only saved ones are ever
+//! dropped.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::profiles::profile::{Millis, Name, Profile};
 
 /// A profile held in memory, with what the store holds for it (to know what to write).
 pub struct Held {
-    pub profile: Profile,
-    /// The memberships and the timer as of the last save: the store's.
+    /// Shared with the saver while a save holding it is in flight; see [`Held::profile_mut`].
+    pub profile: Arc<Profile>,
+    /// The memberships and the timer as of the last save handed off: what the store holds once
+    /// that save commits.
     pub stored_members: BTreeSet<Name>,
     pub stored_recheck: Option<Millis>,
     /// The timer as of the last batch's end; until the next save, the stage's timers in memory
@@ -17,8 +21,11 @@ pub struct Held {
     pub timer: Option<Millis>,
     /// Touched in the batch in progress (its timer and memberships are settled at the batch's end).
     pub touched: bool,
-    /// Changed since the last save.
+    /// Changed since the last save handed off.
     pub unsaved: bool,
+    /// The number of the last save it went into (0: none since it was loaded). Until that save
+    /// commits, the store holds an older version, so it must stay in the cache.
+    pub saved_in: u64,
     /// Its memberships may differ from `stored_members` (a segment was entered or left, or a
     /// profile merged in) since the last save: only then are the two compared.
     pub memberships_changed: bool,
@@ -33,11 +40,23 @@ impl Held {
             stored_recheck: profile.next_recheck(),
             timer: profile.next_recheck(),
             bytes: estimate(&profile),
-            profile,
+            profile: Arc::new(profile),
             touched: false,
             unsaved: false,
+            saved_in: 0,
             memberships_changed: false,
         }
+    }
+
+    /// The profile, to change: copied first if a save in flight still holds it.
+    pub fn profile_mut(&mut self) -> &mut Profile {
+        Arc::make_mut(&mut self.profile)
+    }
+
+    /// Whether the store holds it as it is here (nothing unsaved, no save of it in flight), so
+    /// that it may be dropped.
+    fn saved(&self, committed: u64) -> bool {
+        !self.unsaved && self.saved_in <= committed
     }
 }
 
@@ -139,7 +158,8 @@ impl Cache {
 
     /// When it is over a bound, drops saved profiles in hash order (a random eviction: cheap,
     /// and good enough here) until it holds at most 90 % of both bounds, or only unsaved ones.
-    pub fn trim(&mut self) {
+    /// `committed` is the number of the last save committed.
+    pub fn trim(&mut self, committed: u64) {
         if !self.over() {
             return;
         }
@@ -150,7 +170,7 @@ impl Cache {
             if len <= max_profiles && bytes <= max_bytes {
                 break;
             }
-            if !held.unsaved {
+            if held.saved(committed) {
                 victims.push(*id);
                 len -= 1;
                 bytes -= held.bytes;
@@ -173,26 +193,28 @@ mod tests {
     }
 
     #[test]
-    fn trimming_keeps_both_bounds_and_every_unsaved_profile() {
+    fn trimming_keeps_both_bounds_and_every_profile_not_yet_saved() {
         let mut cache = Cache::new(100, 200_000);
         for id in 0..50 {
             let mut held = Held::new(with_history(id, 100));
-            held.unsaved = id < 10;
+            held.unsaved = id < 5;
+            // In save 7, which has not committed yet.
+            held.saved_in = if (5..10).contains(&id) { 7 } else { 6 };
             cache.insert(id, held);
         }
         assert!(cache.over(), "50 profiles of ~8 KB are over 200 KB");
-        cache.trim();
+        cache.trim(6);
         assert!(cache.bytes() <= 180_000, "{}", cache.bytes());
         assert!(
             (0..10).all(|id| cache.contains(id)),
-            "unsaved profiles stay"
+            "unsaved profiles and those of a save in flight stay"
         );
         let kept = cache.len();
         assert!((10..50).contains(&kept), "{kept}");
 
         let mut small = Cache::new(10, usize::MAX);
         (0..20).for_each(|id| small.insert(id, Held::new(Profile::new(id))));
-        small.trim();
+        small.trim(0);
         assert_eq!(small.len(), 9);
     }
 
@@ -201,7 +223,7 @@ mod tests {
         let mut cache = Cache::new(10, usize::MAX);
         cache.insert(1, Held::new(Profile::new(1)));
         let empty = cache.bytes();
-        cache.get_mut(1).unwrap().profile = with_history(1, 1_000);
+        *cache.get_mut(1).unwrap().profile_mut() = with_history(1, 1_000);
         cache.resize(1);
         assert!(cache.bytes() >= empty + 30_000, "{}", cache.bytes());
         cache.insert(1, Held::new(Profile::new(1)));

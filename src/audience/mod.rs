@@ -8,21 +8,27 @@
 //! evaluate, then wake due timers and advance any backfill. The messages a batch emits are
 //! appended to the log (durably) at the end of the batch, so their delay is one batch.
 //!
-//! The profile store is written in one transaction that stays open across batches and commits
-//! (durably, with the log offset the stage reached) once every `profiles.save_interval`, or
+//! The stage writes nothing to the profile store itself. Once every `profiles.save_interval`, or
 //! sooner when the profiles changed since the last save fill the cache or when no message has
-//! come for a second ([`QUIET`]). Changed profiles wait in the cache and are written once per
-//! save, with their memberships (the members index) and their timers, however many messages
+//! come for a second ([`QUIET`]), it hands a save to the [`saver`] thread: every changed profile
+//! (shared, not copied), its memberships (the members index) and its timer, the identities
+//! linked, the profiles merged away, and the log offset reached. The saver writes it all in one
+//! transaction and commits it, durably, while the stage goes on with the next batches; one save
+//! is in flight at a time. Changed profiles are written once per save however many messages
 //! they took: redb copies a B-tree page for each write in a transaction, so writing per batch
-//! cost a page copy per message. Until the save, the timers of changed profiles are in memory
-//! ([`Stage::timers`]); due timers are read from both, skipping the store's entries for changed
-//! profiles.
+//! cost a page copy per message.
 //!
-//! A crash loses what was not saved, and the stage redoes it from the log: the same messages on
+//! Meanwhile the stage reads the store as of the last save committed ([`Stage::read`]; redb
+//! reads a snapshot) with in-memory overlays for what is newer: profiles changed since stay in
+//! the cache until a committed save holds them, links stay in the identity map, profiles merged
+//! away are in [`Stage::deleted`], and the timers of changed profiles are in [`Stage::timers`]
+//! (due timers are read from both, skipping the store's entries for changed profiles).
+
+//! A crash (or a failed save) loses what was not saved, and the stage redoes it from the log: the same messages on
 //! the same state emit the same changes with the same messageIds, and the dedup drops those the
 //! log already holds. Nothing is emitted twice, and nothing is lost. The log's cursor for this
-//! stage only advances with saves, so the log keeps what a redo needs. Readers of the store (the
-//! admin API) see it as of the last save.
+//! stage only advances when a save commits, so the log keeps what a redo needs. Readers of the
+//! store (the admin API) see it as of the last save committed.
 //!
 //! Messages from the reserved source `sluice` (our own emissions) are not applied to profiles:
 //! memberships are already on the profile.
@@ -41,9 +47,10 @@
 mod cache;
 pub mod emit;
 pub mod history;
+mod saver;
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -65,13 +72,14 @@ use crate::profiles::identity::{self, Directory, Identifiers};
 use crate::profiles::profile::{
     anonymous_key, event_name, user_key, Millis, Name, Names, Observed, Profile, Retention,
 };
-use crate::profiles::store::{ProfileStore, StoreError, Writer};
+use crate::profiles::store::{ProfileStore, Reader, StoreError};
 use crate::query::QueryEngine;
 use crate::segments::api::Event;
 use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
 use cache::{members, Cache, Held};
 use emit::Emission;
 pub use emit::SOURCE;
+use saver::{Save, Saver, Writes};
 
 /// The intake-log consumer name; its cursor only holds back log retention: the offset that
 /// counts is the one committed in the profile store.
@@ -99,6 +107,8 @@ pub enum StageError {
     Read(#[from] crate::intake_log::ReadError),
     #[error("intake log cursor: {0}")]
     Cursor(#[from] std::io::Error),
+    #[error("starting the profile saver: {0}")]
+    Saver(std::io::Error),
 }
 
 /// The segment set in force, for the admin API.
@@ -173,8 +183,8 @@ impl AudienceHandle {
     }
 }
 
-/// A profile merged away, with what the store (as of the last save) and the stage's timers hold
-/// for it.
+/// A profile merged away, with what the store (once the last save handed off commits) and the
+/// stage's timers hold for it.
 struct Removed {
     id: u64,
     stored_members: BTreeSet<Name>,
@@ -189,8 +199,19 @@ struct Backfill {
     fill: Option<Retention>,
 }
 
+/// The save handed to the saver and not committed yet.
+struct InFlight {
+    /// Its number (see `Held::saved_in`).
+    number: u64,
+    offset: u64,
+    deletes: Vec<u64>,
+}
+
 struct Stage {
     store: Arc<ProfileStore>,
+    /// The store as of the last save committed.
+    read: Reader,
+    saver: Saver,
     log: Arc<IntakeLog>,
     dedup: Arc<Dedup>,
     metrics: Arc<SegmentMetrics>,
@@ -202,14 +223,22 @@ struct Stage {
     live: Arc<LiveSegments>,
     set: Arc<SegmentSet>,
     cache: Cache,
-    /// The store transaction open since the last save.
-    open: Option<Writer>,
     /// Profiles touched in the batch in progress (in the cache).
     touched: Vec<u64>,
-    /// Profiles changed since the last save (in the cache, unless merged away).
+    /// Profiles changed since the last save handed off (in the cache, unless merged away).
     unsaved: Vec<u64>,
+    /// What the next save writes besides the profiles.
+    writes: Writes,
+    in_flight: Option<InFlight>,
+    /// The number of the last save handed off, and of the last one committed.
+    handed: u64,
+    committed: u64,
+    /// Profiles merged away whose deletion is not committed yet: `read` still has them.
+    deleted: HashSet<u64>,
     /// The identity index as far as it was read or written: this stage is its only writer.
-    /// hashbrown's hasher for the same reason as the cache's.
+    /// hashbrown's hasher for the same reason as the cache's. It holds every link not committed
+    /// yet: it is trimmed only right after a save committed, and keeps the links made since the
+    /// last hand-off.
     identities: hashbrown::HashMap<String, u64>,
     /// Identities kept in memory, at most.
     max_identities: usize,
@@ -221,21 +250,16 @@ struct Stage {
     profiles: u64,
     offset: u64,
     backfill: Option<Backfill>,
-    /// Segments whose rule is in force without a backfill (`backfill = false`) or whose backfill
-    /// finished, to record at the next save.
-    backfilled: Vec<usize>,
-    /// The timers of the profiles changed since the last save, (due, profile): the store's are as
-    /// of the last save.
+    /// The timers of the profiles changed since the last save committed, (due, profile): the
+    /// store's are as of that save.
     timers: BTreeSet<(Millis, u64)>,
-    /// The last store timer read since the last save: those up to it were woken, or belong to
-    /// changed profiles (whose timers are in `timers`).
+    /// The last store timer read since the last save committed: those up to it were woken, or
+    /// belong to changed profiles (whose timers are in `timers`).
     timer_cursor: Option<(Millis, u64)>,
-    /// How segment sizes changed since the last save.
-    size_delta: HashMap<String, i64>,
     emissions: Vec<Emission>,
-    last_change: HashMap<String, Millis>,
-    /// The log offset of the last save.
+    /// The log offset of the last save handed off.
     saved_offset: u64,
+    /// When the last save was handed off.
     last_saved: Instant,
     /// When the last batch with anything to do ended.
     last_busy: Instant,
@@ -251,16 +275,19 @@ impl Stage {
         consumer: crate::intake_log::Consumer,
         live: Arc<LiveSegments>,
     ) -> Result<Stage, StageError> {
-        let w = parts.store.write()?;
-        let offset = w.meta("offset")?.unwrap_or(consumer.committed());
-        let next_id = w.meta("next_id")?.unwrap_or(1);
-        let profiles = w.meta("profiles")?.unwrap_or(0);
+        let read = parts.store.read()?;
+        let offset = read.meta("offset")?.unwrap_or(consumer.committed());
+        let next_id = read.meta("next_id")?.unwrap_or(1);
+        let profiles = read.meta("profiles")?.unwrap_or(0);
         parts.metrics.profiles.set(profiles as i64);
-        drop(w);
+        let saver =
+            Saver::start(parts.store.clone(), parts.metrics.clone()).map_err(StageError::Saver)?;
         let set = live.current();
         Ok(Stage {
             reader: parts.log.reader(offset),
             store: parts.store,
+            read,
+            saver,
             log: parts.log,
             dedup: parts.dedup,
             metrics: parts.metrics,
@@ -271,9 +298,13 @@ impl Stage {
             live,
             set,
             cache: Cache::new(parts.cache_size, parts.cache_memory),
-            open: None,
             touched: Vec::new(),
             unsaved: Vec::new(),
+            writes: Writes::default(),
+            in_flight: None,
+            handed: 0,
+            committed: 0,
+            deleted: HashSet::new(),
             identities: hashbrown::HashMap::new(),
             max_identities: parts.cache_size.max(1) * 2,
             removed: Vec::new(),
@@ -281,12 +312,9 @@ impl Stage {
             profiles,
             offset,
             backfill: None,
-            backfilled: Vec::new(),
             timers: BTreeSet::new(),
             timer_cursor: None,
-            size_delta: HashMap::new(),
             emissions: Vec::new(),
-            last_change: HashMap::new(),
             saved_offset: offset,
             last_saved: Instant::now(),
             last_busy: Instant::now(),
@@ -299,14 +327,10 @@ impl Stage {
     /// Puts `set` in force and plans the backfill of segments whose rule is new.
     fn install(&mut self, set: Arc<SegmentSet>) -> Result<(), StageError> {
         // A backfill walks the saved profiles: save first, so that it meets every one.
-        if self.pending() {
-            self.save()?;
-        }
-        let r = self.store.read()?;
+        self.flush()?;
         let mut stale = HashSet::new();
-        self.backfilled.clear();
         for (i, s) in set.segments.iter().enumerate() {
-            let stats = r.segment_stats(&s.key)?;
+            let stats = self.read.segment_stats(&s.key)?;
             self.metrics
                 .sizes
                 .get_or_create(&SegmentLabels {
@@ -317,7 +341,7 @@ impl Stage {
                 if s.backfill {
                     stale.insert(i);
                 } else {
-                    self.backfilled.push(i);
+                    self.writes.backfilled.push((s.key.clone(), s.fingerprint));
                 }
             }
         }
@@ -356,7 +380,7 @@ impl Stage {
                     let due = self.last_saved.elapsed() >= self.save_every
                         || self.last_busy.elapsed() >= QUIET;
                     if self.pending() && due {
-                        if let Err(e) = self.save() {
+                        if let Err(e) = self.hand_off() {
                             tracing::error!(error = %e, "saving the profile store failed; redoing from the last save");
                             self.reset();
                         }
@@ -371,130 +395,149 @@ impl Stage {
                 }
             }
         }
-        if self.pending() {
-            if let Err(e) = self.save() {
-                tracing::error!(error = %e, "the profile store's last save failed; the next start redoes it from the log");
-            }
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "the profile store's last save failed; the next start redoes it from the log");
         }
     }
 
-    /// Whether anything was done since the last save.
+    /// Whether anything was done since the last save handed off.
     fn pending(&self) -> bool {
-        self.offset != self.saved_offset || self.open.is_some()
+        self.offset != self.saved_offset || !self.unsaved.is_empty() || !self.writes.is_empty()
     }
 
-    /// Writes every profile changed since the last save, with its memberships and its timer,
-    /// and the segment stats, then commits the open transaction, durably, with the offset
-    /// reached; then lets the log's cursor move up to it.
-    fn save(&mut self) -> Result<(), StageError> {
-        let started = Instant::now();
-        let w = match self.open.take() {
-            Some(w) => w,
-            None => self.store.write()?,
-        };
+    /// Hands the saver every profile changed since the last save, with its memberships (the
+    /// members index) and its timer, the rest of `writes`, and the offset reached. One save is in
+    /// flight at a time: this first waits for the one before.
+    fn hand_off(&mut self) -> Result<(), StageError> {
+        self.wait_for_save()?;
+        let number = self.handed + 1;
         let unsaved = std::mem::take(&mut self.unsaved);
-        let mut size_delta = std::mem::take(&mut self.size_delta);
-        let mut written = 0;
-        for &id in &unsaved {
+        let writes = &mut self.writes;
+        let mut profiles = Vec::with_capacity(unsaved.len());
+        for id in unsaved {
             // Profiles merged away since are no longer in the cache.
             let Some(held) = self.cache.get_mut(id) else {
                 continue;
             };
-            written += 1;
             held.unsaved = false;
+            held.saved_in = number;
             let p = &held.profile;
             if std::mem::take(&mut held.memberships_changed)
                 && !p.segments().eq(held.stored_members.iter().map(|k| &**k))
             {
                 let now_members = members(p);
                 for key in now_members.difference(&held.stored_members) {
-                    w.set_member(key, id, true)?;
-                    *size_delta.entry(key.to_string()).or_default() += 1;
+                    writes.members.push((key.clone(), id, true));
+                    *writes.size_delta.entry(key.to_string()).or_default() += 1;
                 }
                 for key in held.stored_members.difference(&now_members) {
-                    w.set_member(key, id, false)?;
-                    *size_delta.entry(key.to_string()).or_default() -= 1;
+                    writes.members.push((key.clone(), id, false));
+                    *writes.size_delta.entry(key.to_string()).or_default() -= 1;
                 }
                 held.stored_members = now_members;
             }
-            w.move_timer(id, held.stored_recheck, held.timer)?;
-            held.stored_recheck = held.timer;
+            if held.stored_recheck != held.timer {
+                writes.timers.push((id, held.stored_recheck, held.timer));
+                held.stored_recheck = held.timer;
+            }
+            profiles.push(held.profile.clone());
         }
-        let cache = &self.cache;
-        w.put_profiles(
-            unsaved
-                .iter()
-                .filter_map(|&id| cache.get(id))
-                .map(|h| &h.profile),
-        )?;
-        self.save_segment_stats(&w, &size_delta)?;
-        w.set_meta("offset", self.offset)?;
-        w.set_meta("next_id", self.next_id)?;
-        w.set_meta("profiles", self.profiles)?;
-        w.commit()?;
-        self.timers.clear();
-        self.timer_cursor = None;
+        let writes = std::mem::take(&mut self.writes);
+        let deletes = writes.deletes.clone();
+        self.saver.send(Save {
+            profiles,
+            writes,
+            offset: self.offset,
+            next_id: self.next_id,
+            profile_count: self.profiles,
+        })?;
+        self.in_flight = Some(InFlight {
+            number,
+            offset: self.offset,
+            deletes,
+        });
+        self.handed = number;
         self.saved_offset = self.offset;
         self.last_saved = Instant::now();
-        self.consumer.commit(self.offset)?;
-        self.metrics.profiles.set(self.profiles as i64);
-        self.metrics.saved_profiles.inc_by(written);
-        self.metrics
-            .save_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.trim_cache();
         Ok(())
     }
 
-    /// Brings the stats of the segments that changed since the last save up to date: sizes,
-    /// last changes, the rule versions backfilled.
-    fn save_segment_stats(
-        &mut self,
-        w: &Writer,
-        size_delta: &HashMap<String, i64>,
-    ) -> Result<(), StageError> {
-        let set = self.set.clone();
-        let mut changed: HashSet<String> = size_delta.keys().cloned().collect();
-        changed.extend(self.last_change.keys().cloned());
-        let backfilled = std::mem::take(&mut self.backfilled);
-        changed.extend(backfilled.iter().map(|&i| set.segments[i].key.clone()));
-        for key in changed {
-            let mut stats = w.segment_stats(&key)?;
-            stats.size =
-                (stats.size as i64 + size_delta.get(&key).copied().unwrap_or(0)).max(0) as u64;
-            if let Some(at) = self.last_change.get(&key) {
-                stats.last_change = Some(*at);
-            }
-            if let Some(s) = set.position(&key).filter(|s| backfilled.contains(s)) {
-                stats.backfilled = Some(set.segments[s].fingerprint);
-            }
-            w.put_segment_stats(&key, &stats)?;
-            self.metrics
-                .sizes
-                .get_or_create(&SegmentLabels { segment: key })
-                .set(stats.size as i64);
+    /// Hands off what is pending and waits until every save has committed.
+    fn flush(&mut self) -> Result<(), StageError> {
+        if self.pending() {
+            self.hand_off()?;
         }
-        self.last_change.clear();
+        self.wait_for_save()
+    }
+
+    /// Waits for the save in flight, if any, to finish.
+    fn wait_for_save(&mut self) -> Result<(), StageError> {
+        if self.in_flight.is_some() {
+            let outcome = self.saver.wait();
+            self.saved(outcome)?;
+        }
+        Ok(())
+    }
+
+    /// Takes in the outcome of the save in flight, if it has finished.
+    fn poll_save(&mut self) -> Result<(), StageError> {
+        if self.in_flight.is_some() {
+            if let Some(outcome) = self.saver.poll() {
+                self.saved(outcome)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the save in flight finished: on success, reads the store as of it, takes the
+    /// timers it wrote out of memory, lets the log's cursor move up to its offset and the caches
+    /// drop what it saved. A failure goes up, and the caller resets to the last save committed.
+    fn saved(&mut self, outcome: Result<(), StoreError>) -> Result<(), StageError> {
+        let flight = self.in_flight.take().expect("a save in flight");
+        outcome?;
+        self.committed = flight.number;
+        self.read = self.store.read()?;
+        for id in &flight.deletes {
+            self.deleted.remove(id);
+        }
+        let cache = &self.cache;
+        self.timers = self
+            .unsaved
+            .iter()
+            .filter_map(|&id| Some((cache.get(id)?.timer?, id)))
+            .collect();
+        self.timer_cursor = None;
+        self.consumer.commit(flight.offset)?;
+        self.trim_cache();
         Ok(())
     }
 
     /// Forgets everything not saved and goes back to the store's state.
     fn reset(&mut self) {
-        self.open = None; // aborts the transaction
+        self.metrics.redos.inc();
+        // Whatever the save in flight does, the store will be as of some save: wait for it.
+        if self.in_flight.take().is_some() {
+            let _ = self.saver.wait();
+        }
         self.cache.clear();
         self.touched.clear();
         self.unsaved.clear();
+        self.writes = Writes::default();
+        self.deleted.clear();
         self.identities.clear();
         self.removed.clear();
         self.emissions.clear();
-        self.last_change.clear();
         self.timers.clear();
         self.timer_cursor = None;
-        self.size_delta.clear();
-        if let Ok(w) = self.store.write() {
-            self.offset = w.meta("offset").ok().flatten().unwrap_or(self.offset);
-            self.next_id = w.meta("next_id").ok().flatten().unwrap_or(self.next_id);
-            self.profiles = w.meta("profiles").ok().flatten().unwrap_or(self.profiles);
+        if let Ok(read) = self.store.read() {
+            self.offset = read.meta("offset").ok().flatten().unwrap_or(self.offset);
+            self.next_id = read.meta("next_id").ok().flatten().unwrap_or(self.next_id);
+            self.profiles = read
+                .meta("profiles")
+                .ok()
+                .flatten()
+                .unwrap_or(self.profiles);
+            self.read = read;
         }
         self.saved_offset = self.offset;
         self.reader = self.log.reader(self.offset);
@@ -504,21 +547,11 @@ impl Stage {
 
     /// Waits for new records or the next timer, briefly.
     fn idle(&self) {
-        // The timers as the open transaction and the stage have them, if one is open.
-        let next_due = match &self.open {
-            Some(w) => {
-                let stored = w.next_due(self.timer_cursor).ok().flatten();
-                stored
-                    .into_iter()
-                    .chain(self.timers.first().map(|t| t.0))
-                    .min()
-            }
-            None => self
-                .store
-                .read()
-                .ok()
-                .and_then(|r| r.next_due().ok().flatten()),
-        };
+        let stored = self.read.next_due(self.timer_cursor).ok().flatten();
+        let next_due = stored
+            .into_iter()
+            .chain(self.timers.first().map(|t| t.0))
+            .min();
         let now = (self.clock)().timestamp_millis();
         let wait = match next_due {
             Some(due) if due <= now => return,
@@ -534,28 +567,20 @@ impl Stage {
 
     /// One batch. Returns whether there was anything to do.
     fn step(&mut self) -> Result<bool, StageError> {
+        self.poll_save()?;
         let records = self.reader.read(BATCH)?;
         let now = self.batch_time(&records);
         let now_ms = now.timestamp_millis();
-        let was_open = self.open.is_some();
-        let w = match self.open.take() {
-            Some(w) => w,
-            None => self.store.write()?,
-        };
-        let due = self.due(&w, now_ms)?;
+        let due = self.due(now_ms)?;
         let backfill_ids = match &self.backfill {
-            Some(b) => Some(w.profile_ids(b.after, BACKFILL_CHUNK)?),
+            Some(b) => Some(self.read.profile_ids(b.after, BACKFILL_CHUNK)?),
             None => None,
         };
         if records.is_empty() && due.is_empty() && backfill_ids.is_none() {
-            // Segments to record as backfilled keep it open, so that the next save comes.
-            if was_open || !self.backfilled.is_empty() {
-                self.open = Some(w);
-            } // else it wrote nothing: let it go
             return Ok(false);
         }
         let set = self.set.clone();
-        let mut batch = Batch { stage: self, w: &w };
+        let mut batch = Batch { stage: self };
         for record in &records {
             let Ok(entry) = Entry::decode(&record.payload) else {
                 continue;
@@ -573,21 +598,23 @@ impl Stage {
         }
         let end = records.last().map_or(self.offset, |r| r.offset + 1);
         let backfill_done = backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK);
-        self.settle(&w)?;
+        self.settle()?;
         if let (Some(true), Some(b)) = (backfill_done, &self.backfill) {
-            self.backfilled.extend(b.segments.iter().copied());
+            let finished = b.segments.iter().map(|&i| &set.segments[i]);
+            self.writes
+                .backfilled
+                .extend(finished.map(|s| (s.key.clone(), s.fingerprint)));
         }
         self.offset = end;
-        self.open = Some(w);
         self.last_busy = Instant::now();
         // Over its bounds, the cache drops saved profiles; if it is still over, the unsaved ones
         // alone fill it, and a save lets them go.
-        self.cache.trim();
+        self.cache.trim(self.committed);
         if self.last_saved.elapsed() >= self.save_every
             || self.cache.over()
             || backfill_done == Some(true)
         {
-            self.save()?;
+            self.hand_off()?;
         }
         if backfill_done == Some(true) {
             tracing::info!("segment backfill finished");
@@ -615,36 +642,41 @@ impl Stage {
     }
 
     /// Timers due at `now`: the store's past the cursor, except those of profiles changed since
-    /// the last save (their timers are in memory), and the stage's.
-    fn due(&mut self, w: &Writer, now: Millis) -> Result<Vec<(Millis, u64)>, StoreError> {
-        let stored = w.due(self.timer_cursor, now, TIMER_CHUNK)?;
+    /// the last save committed (their timers are in memory), and the stage's.
+    fn due(&mut self, now: Millis) -> Result<Vec<(Millis, u64)>, StoreError> {
+        let stored = self.read.due(self.timer_cursor, now, TIMER_CHUNK)?;
         if let Some(last) = stored.last() {
             self.timer_cursor = Some(*last);
         }
-        let cache = &self.cache;
-        let mut due: Vec<(Millis, u64)> = stored
-            .into_iter()
-            .filter(|(_, id)| !cache.get(*id).is_some_and(|h| h.unsaved))
-            .collect();
+        let (cache, committed) = (&self.cache, self.committed);
+        let changed = |id: u64| {
+            cache
+                .get(id)
+                .is_some_and(|h| h.unsaved || h.saved_in > committed)
+        };
+        let mut due: Vec<(Millis, u64)> =
+            stored.into_iter().filter(|(_, id)| !changed(*id)).collect();
         due.extend(self.timers.range(..=(now, u64::MAX)).take(TIMER_CHUNK));
         Ok(due)
     }
 
     /// The end of a batch: appends what it emitted to the log, deletes the profiles merged away,
     /// and brings the stage's timers up to date with the profiles it touched. Those profiles,
-    /// with their memberships and timers, are written at the next save.
-    fn settle(&mut self, w: &Writer) -> Result<(), StageError> {
+    /// with their memberships and timers, are written by the next save.
+    fn settle(&mut self) -> Result<(), StageError> {
         self.append_emissions()?;
+        let writes = &mut self.writes;
         for gone in self.removed.drain(..) {
             for key in gone.stored_members {
-                w.set_member(&key, gone.id, false)?;
-                *self.size_delta.entry(key.to_string()).or_default() -= 1;
+                *writes.size_delta.entry(key.to_string()).or_default() -= 1;
+                writes.members.push((key, gone.id, false));
             }
-            w.move_timer(gone.id, gone.stored_recheck, None)?;
+            writes.timers.push((gone.id, gone.stored_recheck, None));
             if let Some(due) = gone.timer {
                 self.timers.remove(&(due, gone.id));
             }
-            w.delete_profile(gone.id)?;
+            writes.deletes.push(gone.id);
+            self.deleted.insert(gone.id);
         }
         for id in std::mem::take(&mut self.touched) {
             // Profiles merged away this batch are no longer in the cache.
@@ -716,14 +748,23 @@ impl Stage {
         Ok(())
     }
 
-    /// Keeps the caches within their bounds (it runs right after a save, when every profile
-    /// is saved and may go): random eviction, by hash order.
+    /// Keeps the caches within their bounds (it runs right after a save committed, when every
+    /// profile not changed since is saved and may go): random eviction, by hash order.
     fn trim_cache(&mut self) {
-        self.cache.trim();
+        self.cache.trim(self.committed);
         let max_identities = self.max_identities;
         if self.identities.len() > max_identities {
             let excess = self.identities.len() - max_identities * 9 / 10;
-            let victims: Vec<String> = self.identities.keys().take(excess).cloned().collect();
+            // Links made since the last save was handed off are not in the store yet: they stay
+            // (and the save in flight has just committed).
+            let links = &self.writes.links;
+            let victims: Vec<String> = self
+                .identities
+                .keys()
+                .filter(|k| !links.contains_key(*k))
+                .take(excess)
+                .cloned()
+                .collect();
             for key in victims {
                 self.identities.remove(&key);
             }
@@ -731,10 +772,9 @@ impl Stage {
     }
 }
 
-/// One batch in progress: the stage and the open transaction.
-struct Batch<'s, 'w> {
+/// One batch in progress.
+struct Batch<'s> {
     stage: &'s mut Stage,
-    w: &'w Writer,
 }
 
 /// The fields of a message the profile stage reads.
@@ -758,7 +798,7 @@ struct Fields<'a> {
     traits: Option<&'a RawValue>,
 }
 
-impl Batch<'_, '_> {
+impl Batch<'_> {
     fn message(
         &mut self,
         set: &SegmentSet,
@@ -839,7 +879,7 @@ impl Batch<'_, '_> {
             }
         };
         let held = self.held(resolved.id)?;
-        held.profile.apply(&observed, &set.retention, now_ms);
+        held.profile_mut().apply(&observed, &set.retention, now_ms);
         let cause = Some((Cause::Message, entry.received_at_micros));
         self.evaluate(set, resolved.id, trigger, now, cause)
     }
@@ -851,9 +891,12 @@ impl Batch<'_, '_> {
         due: Millis,
         now: DateTime<Utc>,
     ) -> Result<(), StageError> {
-        if !self.stage.cache.contains(id) && self.w.profile(id)?.is_none() {
+        let stage = &mut self.stage;
+        if stage.deleted.contains(&id)
+            || (!stage.cache.contains(id) && stage.read.profile(id)?.is_none())
+        {
             // A stale timer of a profile merged away: drop it.
-            self.w.move_timer(id, Some(due), None)?;
+            stage.writes.timers.push((id, Some(due), None));
             return Ok(());
         }
         self.stage.metrics.timer_wakeups.inc();
@@ -882,7 +925,10 @@ impl Batch<'_, '_> {
             self.fill_history(set, &needed, now)?;
         }
         for &id in ids {
-            self.evaluate(set, id, Trigger::Only(&segments), now, None)?;
+            // A profile merged away since the last save committed is still in the store.
+            if !self.stage.deleted.contains(&id) {
+                self.evaluate(set, id, Trigger::Only(&segments), now, None)?;
+            }
         }
         if let (Some(b), Some(last)) = (self.stage.backfill.as_mut(), ids.last()) {
             b.after = Some(*last);
@@ -927,12 +973,12 @@ impl Batch<'_, '_> {
                 (None, None) => continue,
             };
             self.held(id)?
-                .profile
+                .profile_mut()
                 .record(&row.name, row.at, &row.values, true);
             touched.insert(id);
         }
         for id in &touched {
-            self.held(*id)?.profile.prune(&set.retention, now_ms);
+            self.held(*id)?.profile_mut().prune(&set.retention, now_ms);
         }
         tracing::info!(
             profiles = touched.len(),
@@ -952,7 +998,7 @@ impl Batch<'_, '_> {
         let now_ms = now.timestamp_millis();
         let metrics = self.stage.metrics.clone();
         let held = self.held(id)?;
-        let evaluation = set.evaluate(&mut held.profile, trigger, now_ms);
+        let evaluation = set.evaluate(held.profile_mut(), trigger, now_ms);
         held.memberships_changed |= !evaluation.transitions.is_empty();
         metrics
             .evaluations
@@ -992,7 +1038,7 @@ impl Batch<'_, '_> {
             changed.push(segment.key.clone());
         }
         for key in changed {
-            self.stage.last_change.insert(key, now_ms);
+            self.stage.writes.last_change.insert(key, now_ms);
         }
         self.stage.emissions.extend(out);
         Ok(())
@@ -1009,12 +1055,13 @@ impl Batch<'_, '_> {
     }
 }
 
-impl Directory for Batch<'_, '_> {
+impl Directory for Batch<'_> {
     fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
-        if let Some(id) = self.stage.identities.get(identity) {
+        let stage = &mut self.stage;
+        if let Some(id) = stage.identities.get(identity) {
             return Ok(Some(*id));
         }
-        let found = self.w.lookup(identity)?;
+        let found = stage.read.lookup(identity)?;
         if let Some(id) = found {
             self.stage.identities.insert(identity.to_string(), id);
         }
@@ -1022,14 +1069,22 @@ impl Directory for Batch<'_, '_> {
     }
 
     fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
-        self.w.link(identity, id)?;
-        self.stage.identities.insert(identity.to_string(), id);
+        let stage = &mut self.stage;
+        stage.writes.links.insert(identity.to_string(), id);
+        stage.identities.insert(identity.to_string(), id);
         Ok(())
     }
 
     fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError> {
         if !self.stage.cache.contains(id) {
-            let profile = self.w.profile(id)?.ok_or_else(|| StoreError::missing(id))?;
+            if self.stage.deleted.contains(&id) {
+                return Err(StoreError::missing(id));
+            }
+            let profile = self
+                .stage
+                .read
+                .profile(id)?
+                .ok_or_else(|| StoreError::missing(id))?;
             self.stage.cache.insert(id, Held::new(profile));
         }
         let held = self.stage.cache.get_mut(id).expect("inserted above");
@@ -1037,7 +1092,7 @@ impl Directory for Batch<'_, '_> {
             held.touched = true;
             self.stage.touched.push(id);
         }
-        Ok(&mut held.profile)
+        Ok(held.profile_mut())
     }
 
     fn create(&mut self) -> Result<u64, StoreError> {
@@ -1061,7 +1116,7 @@ impl Directory for Batch<'_, '_> {
             stored_recheck: held.stored_recheck,
             timer: held.timer,
         });
-        Ok(held.profile)
+        Ok(Arc::try_unwrap(held.profile).unwrap_or_else(|shared| (*shared).clone()))
     }
 }
 

@@ -36,6 +36,10 @@ impl StoreError {
     pub fn missing(id: u64) -> StoreError {
         StoreError(format!("profile {id} is indexed but missing"))
     }
+
+    pub fn saver_gone() -> StoreError {
+        StoreError("the saver thread stopped".into())
+    }
 }
 
 error_from!(
@@ -132,9 +136,52 @@ impl Reader {
         segment_stats(&self.0.open_table(SEGMENTS)?, key)
     }
 
-    /// The earliest timer, if any.
-    pub fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        next_due(&self.0.open_table(TIMERS)?)
+    /// The earliest timer after `after`, if any.
+    pub fn next_due(&self, after: Option<(Millis, u64)>) -> Result<Option<Millis>, StoreError> {
+        let t = self.0.open_table(TIMERS)?;
+        let first = t.range(timer_after(after)..)?.next().transpose()?;
+        Ok(first.map(|(k, _)| k.value().0))
+    }
+
+    /// Up to `limit` timers (due time, profile) due at `now` and after `after`, earliest first.
+    pub fn due(
+        &self,
+        after: Option<(Millis, u64)>,
+        now: Millis,
+        limit: usize,
+    ) -> Result<Vec<(Millis, u64)>, StoreError> {
+        let t = self.0.open_table(TIMERS)?;
+        let mut out = Vec::new();
+        let start = timer_after(after);
+        if start > (now, u64::MAX) {
+            return Ok(out);
+        }
+        for row in t.range(start..=(now, u64::MAX))? {
+            let (key, _) = row?;
+            out.push(key.value());
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Profile ids after `after` in id order, for backfill.
+    pub fn profile_ids(&self, after: Option<u64>, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let t = self.0.open_table(PROFILES)?;
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::new();
+        for row in t.range(start..)? {
+            out.push(row?.0.value());
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.0.open_table(META)?.get(key)?.map(|v| v.value()))
     }
 }
 
@@ -142,10 +189,6 @@ impl Reader {
 pub struct Writer(redb::WriteTransaction);
 
 impl Writer {
-    pub fn profile(&self, id: u64) -> Result<Option<Profile>, StoreError> {
-        decode(&self.0.open_table(PROFILES)?, id)
-    }
-
     /// Writes many profiles with one table handle and one encoding buffer (grown once rather
     /// than from empty for each profile).
     pub fn put_profiles<'p>(
@@ -165,14 +208,6 @@ impl Writer {
     pub fn delete_profile(&self, id: u64) -> Result<(), StoreError> {
         self.0.open_table(PROFILES)?.remove(id)?;
         Ok(())
-    }
-
-    pub fn lookup(&self, identity: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .0
-            .open_table(IDENTITIES)?
-            .get(identity)?
-            .map(|v| v.value()))
     }
 
     pub fn link(&self, identity: &str, id: u64) -> Result<(), StoreError> {
@@ -210,36 +245,6 @@ impl Writer {
         Ok(())
     }
 
-    /// The earliest timer after `after`, if any, as this transaction has it.
-    pub fn next_due(&self, after: Option<(Millis, u64)>) -> Result<Option<Millis>, StoreError> {
-        let t = self.0.open_table(TIMERS)?;
-        let first = t.range(timer_after(after)..)?.next().transpose()?;
-        Ok(first.map(|(k, _)| k.value().0))
-    }
-
-    /// Up to `limit` timers (due time, profile) due at `now` and after `after`, earliest first.
-    pub fn due(
-        &self,
-        after: Option<(Millis, u64)>,
-        now: Millis,
-        limit: usize,
-    ) -> Result<Vec<(Millis, u64)>, StoreError> {
-        let t = self.0.open_table(TIMERS)?;
-        let mut out = Vec::new();
-        let start = timer_after(after);
-        if start > (now, u64::MAX) {
-            return Ok(out);
-        }
-        for row in t.range(start..=(now, u64::MAX))? {
-            let (key, _) = row?;
-            out.push(key.value());
-            if out.len() == limit {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
     pub fn segment_stats(&self, key: &str) -> Result<SegmentStats, StoreError> {
         segment_stats(&self.0.open_table(SEGMENTS)?, key)
     }
@@ -248,24 +253,6 @@ impl Writer {
         let bytes = serde_json::to_vec(stats)?;
         self.0.open_table(SEGMENTS)?.insert(key, bytes.as_slice())?;
         Ok(())
-    }
-
-    /// Profile ids after `after` in id order, for backfill.
-    pub fn profile_ids(&self, after: Option<u64>, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let t = self.0.open_table(PROFILES)?;
-        let start = after.map_or(0, |a| a.saturating_add(1));
-        let mut out = Vec::new();
-        for row in t.range(start..)? {
-            out.push(row?.0.value());
-            if out.len() == limit {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn meta(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.0.open_table(META)?.get(key)?.map(|v| v.value()))
     }
 
     pub fn set_meta(&self, key: &str, value: u64) -> Result<(), StoreError> {
@@ -287,10 +274,6 @@ fn decode(
         Some(bytes) => Some(codec::decode(bytes.value())?),
         None => None,
     })
-}
-
-fn next_due(t: &impl ReadableTable<(i64, u64), ()>) -> Result<Option<Millis>, StoreError> {
-    Ok(t.first()?.map(|(k, _)| k.value().0))
 }
 
 /// The first timer key past `after` (the smallest key with none).
@@ -342,18 +325,23 @@ mod tests {
             Some("u1")
         );
         assert_eq!(r.members("vip", None, 10).unwrap(), [1]);
+        assert_eq!(r.meta("offset").unwrap(), Some(42));
+        assert_eq!(r.due(None, 499, 10).unwrap(), []);
+        assert_eq!(r.due(None, 500, 10).unwrap(), [(500, 1)]);
         let w = store.write().unwrap();
-        assert_eq!(w.meta("offset").unwrap(), Some(42));
-        assert_eq!(w.due(None, 499, 10).unwrap(), []);
-        assert_eq!(w.due(None, 500, 10).unwrap(), [(500, 1)]);
         w.move_timer(2, None, Some(500)).unwrap();
-        assert_eq!(w.due(Some((500, 1)), 500, 10).unwrap(), [(500, 2)]);
-        assert_eq!(w.next_due(Some((500, 1))).unwrap(), Some(500));
-        assert_eq!(w.next_due(Some((500, 2))).unwrap(), None);
+        w.commit().unwrap();
+        let r = store.read().unwrap();
+        assert_eq!(r.due(Some((500, 1)), 500, 10).unwrap(), [(500, 2)]);
+        assert_eq!(r.next_due(Some((500, 1))).unwrap(), Some(500));
+        assert_eq!(r.next_due(Some((500, 2))).unwrap(), None);
+        let w = store.write().unwrap();
         w.move_timer(2, Some(500), None).unwrap();
         w.move_timer(1, Some(500), Some(800)).unwrap();
-        assert_eq!(w.due(None, 600, 10).unwrap(), []);
         w.commit().unwrap();
-        assert_eq!(store.read().unwrap().next_due().unwrap(), Some(800));
+        assert_eq!(store.read().unwrap().due(None, 600, 10).unwrap(), []);
+        // A reader keeps the view it began with (the profile stage reads so while a save commits).
+        assert_eq!(r.due(None, 600, 10).unwrap(), [(500, 1), (500, 2)]);
+        assert_eq!(store.read().unwrap().next_due(None).unwrap(), Some(800));
     }
 }

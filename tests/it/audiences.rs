@@ -630,3 +630,138 @@ fn a_backfill_reads_history_the_profiles_never_kept_from_the_lake() {
         (changes(&log, "spenders").len() == 2).then_some(())
     });
 }
+
+/// The profile stage hands its saves to a saver thread and goes on while they commit. With a
+/// save after every batch and a cache of 100 profiles, nearly every batch runs while the save of
+/// the one before is in flight: links, merges, evictions and reloads then go through the
+/// overlays of what is not committed yet. The store must end up as a stage that saved once at
+/// the end leaves it, and as the messages say.
+#[test]
+fn saves_in_flight_while_the_stage_runs_on_leave_the_store_as_one_save_would() {
+    const USERS: usize = 1_000;
+    let arrived = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .to_utc();
+    let at = sluice::ingest::format_time(arrived);
+    let mut messages = Vec::new();
+    let mut push = |mut m: Value| {
+        m["messageId"] = json!(format!("m{}", messages.len()));
+        m["timestamp"] = json!(at);
+        messages.push(m);
+    };
+    // A profile per userId and one per anonymousId, merged by the identify; later pages name
+    // only the anonymousId and must reach the merged profile. About 3.5 batches of the stage.
+    for k in 0..USERS {
+        push(json!({"type": "track", "event": "Signed Up", "userId": format!("u{k}")}));
+    }
+    for _ in 0..2 {
+        for k in 0..USERS {
+            push(json!({"type": "page", "name": "Home", "anonymousId": format!("a{k}")}));
+        }
+    }
+    for k in 0..USERS {
+        push(
+            json!({"type": "identify", "userId": format!("u{k}"), "anonymousId": format!("a{k}")}),
+        );
+    }
+    for _ in 0..2 {
+        for k in 0..USERS {
+            push(json!({"type": "page", "name": "Pricing", "anonymousId": format!("a{k}")}));
+        }
+    }
+    for k in (0..USERS).step_by(2) {
+        push(json!({"type": "track", "event": "Order Completed", "userId": format!("u{k}")}));
+    }
+    let run = |config: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        segment(
+            dir.path(),
+            "readers",
+            "rule = 'user.count(\"Page Viewed\") >= 4'",
+        );
+        segment(
+            dir.path(),
+            "buyers",
+            "rule = 'user.count(\"Page Viewed\") >= 3 && user.did(\"Order Completed\")'",
+        );
+        segment(dir.path(), "recent", BROWSING);
+        append_arrived(&dir.path().join("data/log"), arrived, &messages);
+        let clock = ManualClock::at("2026-01-01T00:00:01Z");
+        let server = Server::start_with_clock(dir, config, clock.clock());
+        let profiles = wait_for("every profile saved", Duration::from_secs(60), || {
+            let last = admin(&server, &format!("/admin/profiles/u{}", USERS - 2));
+            (last.status == 200 && last.json()["events"]["Order Completed"]["count"] == 1)
+                .then_some(())?;
+            let all: Vec<Value> = (0..USERS)
+                .map(|k| admin(&server, &format!("/admin/profiles/a{k}")).json())
+                .collect();
+            Some(all)
+        });
+        (server, clock, profiles)
+    };
+    let (reference, _, expected) = run("[profiles]\nsave_interval = \"1h\"\n");
+    let (server, clock, saved) = run("[profiles]\nsave_interval = \"0s\"\ncache_size = 100\n");
+    for (k, p) in saved.iter().enumerate() {
+        assert_eq!(p["identities"][0]["id"], format!("u{k}"), "{p}");
+        assert_eq!(p["events"]["Page Viewed"]["count"], 4, "{p}");
+    }
+    assert_eq!(saved, expected);
+    for key in ["readers", "buyers", "recent"] {
+        let mut got = changes(&server.log_dir(), key);
+        let mut want = changes(&reference.log_dir(), key);
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{key}");
+    }
+    assert_eq!(changes(&server.log_dir(), "buyers").len(), USERS / 2);
+    let sizes = |server: &Server| {
+        let segments = admin(server, "/admin/segments").json();
+        let sizes: HashMap<String, u64> = segments
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["key"].as_str().unwrap().to_string(),
+                    s["size"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        sizes
+    };
+    assert_eq!(sizes(&server), sizes(&reference));
+    assert_eq!(sizes(&server)["buyers"], USERS as u64 / 2);
+    let profiles = |server: &Server| {
+        let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("sluice_profiles "))
+            .map(str::to_string);
+        line.unwrap_or_else(|| panic!("{metrics}"))
+    };
+    assert_eq!(
+        profiles(&server),
+        format!("sluice_profiles {USERS}"),
+        "the anonymous profiles merged away are gone"
+    );
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    assert!(
+        metrics.contains("sluice_profile_stage_redos_total 0"),
+        "every batch went through the first time: {metrics}"
+    );
+
+    drop(reference);
+
+    // What was saved is what a restart starts from: a page by anonymousId reaches the user.
+    let dir = server.stop();
+    let server = Server::start_with_clock(dir, "", clock.clock());
+    send(
+        &server,
+        json!({"type": "page", "name": "Docs", "anonymousId": "a7"}),
+    );
+    wait_for("the page on u7", Duration::from_secs(10), || {
+        let p = admin(&server, "/admin/profiles/u7").json();
+        (p["events"]["Page Viewed"]["count"] == 5).then_some(())
+    });
+    assert_eq!(profiles(&server), format!("sluice_profiles {USERS}"));
+}

@@ -1,0 +1,189 @@
+//! The saver: writes what the profile stage hands it to the profile store, on its own thread, so
+//! that the stage goes on applying messages while a save is encoded, written and committed (a
+//! save of every profile a busy store changed in a few seconds takes a second or two).
+//!
+//! One save is in flight at a time. The stage hands over the changed profiles as `Arc`s and
+//! changes its own copy of one only by copying it first (`Arc::make_mut`), so the saver writes
+//! each profile as it was at the hand-off. The saver runs at the lowest CPU priority: it takes
+//! what the core has left, and when the stage needs the next save to go, it waits for this one.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::metrics::{SegmentLabels, SegmentMetrics};
+use crate::profiles::profile::{Millis, Name, Profile};
+use crate::profiles::store::{ProfileStore, StoreError, Writer};
+
+/// Everything written besides the profiles themselves, gathered since the last hand-off.
+#[derive(Default)]
+pub struct Writes {
+    /// Identities linked to a profile.
+    pub links: hashbrown::HashMap<String, u64>,
+    /// (segment, profile, member): the members index.
+    pub members: Vec<(Name, u64, bool)>,
+    /// (profile, from, to): timers moved.
+    pub timers: Vec<(u64, Option<Millis>, Option<Millis>)>,
+    /// Profiles merged away.
+    pub deletes: Vec<u64>,
+    /// How segment sizes changed.
+    pub size_delta: HashMap<String, i64>,
+    /// When each segment that changed last did.
+    pub last_change: HashMap<String, Millis>,
+    /// Segments (key, rule fingerprint) whose backfill finished or that need none.
+    pub backfilled: Vec<(String, u64)>,
+}
+
+impl Writes {
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+            && self.members.is_empty()
+            && self.timers.is_empty()
+            && self.deletes.is_empty()
+            && self.size_delta.is_empty()
+            && self.last_change.is_empty()
+            && self.backfilled.is_empty()
+    }
+}
+
+/// One save: committed in one transaction, so the store moves from one save's state to the next.
+pub struct Save {
+    pub profiles: Vec<Arc<Profile>>,
+    pub writes: Writes,
+    /// The log offset everything here reflects, and the counters kept in `meta`.
+    pub offset: u64,
+    pub next_id: u64,
+    pub profile_count: u64,
+}
+
+pub struct Saver {
+    saves: Option<SyncSender<Save>>,
+    done: Receiver<Result<(), StoreError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Saver {
+    pub fn start(store: Arc<ProfileStore>, metrics: Arc<SegmentMetrics>) -> std::io::Result<Saver> {
+        let (saves, inbox) = std::sync::mpsc::sync_channel::<Save>(1);
+        let (report, done) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("sluice-profile-saver".into())
+            .spawn(move || {
+                crate::thread_priority::lowest();
+                for save in inbox {
+                    let started = Instant::now();
+                    let written = save.profiles.len() as u64;
+                    let result = write(&store, &metrics, save);
+                    if result.is_ok() {
+                        metrics.saved_profiles.inc_by(written);
+                        metrics
+                            .save_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    if report.send(result).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Saver {
+            saves: Some(saves),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands `save` over; the caller waits for the previous one first ([`Saver::wait`]).
+    pub fn send(&self, save: Save) -> Result<(), StoreError> {
+        self.saves
+            .as_ref()
+            .expect("open until dropped")
+            .send(save)
+            .map_err(|_| StoreError::saver_gone())
+    }
+
+    /// The outcome of the save in flight, if it has finished.
+    pub fn poll(&self) -> Option<Result<(), StoreError>> {
+        match self.done.try_recv() {
+            Ok(result) => Some(result),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => Some(Err(StoreError::saver_gone())),
+        }
+    }
+
+    /// Waits for the save in flight to finish.
+    pub fn wait(&self) -> Result<(), StoreError> {
+        self.done.recv().map_err(|_| StoreError::saver_gone())?
+    }
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once it has written what it holds.
+        self.saves = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write(store: &ProfileStore, metrics: &SegmentMetrics, save: Save) -> Result<(), StoreError> {
+    let w = store.write()?;
+    let Save {
+        profiles,
+        writes,
+        offset,
+        next_id,
+        profile_count,
+    } = save;
+    for (identity, id) in &writes.links {
+        w.link(identity, *id)?;
+    }
+    for (segment, id, member) in &writes.members {
+        w.set_member(segment, *id, *member)?;
+    }
+    for &(id, from, to) in &writes.timers {
+        w.move_timer(id, from, to)?;
+    }
+    for &id in &writes.deletes {
+        w.delete_profile(id)?;
+    }
+    w.put_profiles(profiles.iter().map(|p| &**p))?;
+    drop(profiles);
+    segment_stats(&w, metrics, &writes)?;
+    w.set_meta("offset", offset)?;
+    w.set_meta("next_id", next_id)?;
+    w.set_meta("profiles", profile_count)?;
+    w.commit()?;
+    metrics.profiles.set(profile_count as i64);
+    Ok(())
+}
+
+/// Brings the stats of the segments that changed up to date: sizes, last changes, the rule
+/// versions backfilled.
+fn segment_stats(w: &Writer, metrics: &SegmentMetrics, writes: &Writes) -> Result<(), StoreError> {
+    let mut changed: Vec<&str> = writes.size_delta.keys().map(|k| k.as_str()).collect();
+    changed.extend(writes.last_change.keys().map(|k| k.as_str()));
+    changed.extend(writes.backfilled.iter().map(|(k, _)| k.as_str()));
+    changed.sort_unstable();
+    changed.dedup();
+    for key in changed {
+        let mut stats = w.segment_stats(key)?;
+        let delta = writes.size_delta.get(key).copied().unwrap_or(0);
+        stats.size = (stats.size as i64 + delta).max(0) as u64;
+        if let Some(at) = writes.last_change.get(key) {
+            stats.last_change = Some(*at);
+        }
+        if let Some((_, fingerprint)) = writes.backfilled.iter().find(|(k, _)| k == key) {
+            stats.backfilled = Some(*fingerprint);
+        }
+        w.put_segment_stats(key, &stats)?;
+        metrics
+            .sizes
+            .get_or_create(&SegmentLabels {
+                segment: key.to_string(),
+            })
+            .set(stats.size as i64);
+    }
+    Ok(())
+}
