@@ -48,6 +48,8 @@ mod cache;
 pub mod emit;
 pub mod history;
 mod saver;
+#[cfg(test)]
+mod tests;
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
@@ -233,7 +235,7 @@ struct Stage {
     /// The number of the last save handed off, and of the last one committed.
     handed: u64,
     committed: u64,
-    /// Profiles merged away whose deletion is not committed yet: `read` still has them.
+    /// Profiles merged away whose deletion is not committed yet: `read` may still have them.
     deleted: HashSet<u64>,
     /// The identity index as far as it was read or written: this stage is its only writer.
     /// hashbrown's hasher for the same reason as the cache's. It holds every link not committed
@@ -676,7 +678,6 @@ impl Stage {
                 self.timers.remove(&(due, gone.id));
             }
             writes.deletes.push(gone.id);
-            self.deleted.insert(gone.id);
         }
         for id in std::mem::take(&mut self.touched) {
             // Profiles merged away this batch are no longer in the cache.
@@ -1109,6 +1110,9 @@ impl Directory for Batch<'_> {
     fn remove(&mut self, id: u64) -> Result<Profile, StoreError> {
         Directory::profile(self, id)?;
         let held = self.stage.cache.remove(id).expect("loaded above");
+        // From now on: a timer read or a backfill chunk listed at the batch's start may still
+        // name it.
+        self.stage.deleted.insert(id);
         self.stage.profiles -= 1;
         self.stage.removed.push(Removed {
             id,

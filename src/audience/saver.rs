@@ -61,17 +61,49 @@ pub struct Saver {
     saves: Option<SyncSender<Save>>,
     done: Receiver<Result<(), StoreError>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Tests close it to hold a save in flight.
+    #[cfg(test)]
+    pub gate: Arc<Gate>,
+}
+
+/// Saves wait at it while it is closed.
+#[cfg(test)]
+pub struct Gate {
+    open: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+#[cfg(test)]
+impl Gate {
+    pub fn set(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let open = self.open.lock().unwrap();
+        drop(self.changed.wait_while(open, |open| !*open).unwrap());
+    }
 }
 
 impl Saver {
     pub fn start(store: Arc<ProfileStore>, metrics: Arc<SegmentMetrics>) -> std::io::Result<Saver> {
         let (saves, inbox) = std::sync::mpsc::sync_channel::<Save>(1);
         let (report, done) = std::sync::mpsc::sync_channel(1);
+        #[cfg(test)]
+        let gate = Arc::new(Gate {
+            open: std::sync::Mutex::new(true),
+            changed: std::sync::Condvar::new(),
+        });
+        #[cfg(test)]
+        let held = gate.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-profile-saver".into())
             .spawn(move || {
                 crate::thread_priority::lowest();
                 for save in inbox {
+                    #[cfg(test)]
+                    held.pass();
                     let started = Instant::now();
                     let written = save.profiles.len() as u64;
                     let result = write(&store, &metrics, save);
@@ -90,6 +122,8 @@ impl Saver {
             saves: Some(saves),
             done,
             thread: Some(thread),
+            #[cfg(test)]
+            gate,
         })
     }
 

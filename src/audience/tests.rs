@@ -1,0 +1,205 @@
+//! The stage driven batch by batch, with a save held in flight by the saver's test gate: what
+//! it keeps, reads and deletes while the store is behind it.
+
+use std::path::Path;
+use std::sync::atomic::AtomicI64;
+
+use serde_json::{json, Value};
+
+use super::*;
+use crate::config::DedupConfig;
+use crate::intake_log::LogOptions;
+use crate::segments::files;
+
+const T0: &str = "2026-01-01T00:00:00Z";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    log: Arc<IntakeLog>,
+    store: Arc<ProfileStore>,
+    /// The stage's clock, in milliseconds.
+    now: Arc<AtomicI64>,
+    stage: Stage,
+    messages: usize,
+}
+
+fn set(rules: &[(&str, &str)]) -> Arc<SegmentSet> {
+    let files = rules
+        .iter()
+        .map(|(key, rule)| {
+            let text = format!("rule = '''\n{rule}\n'''\n");
+            files::parse(Path::new(&format!("{key}.toml")), &text).unwrap()
+        })
+        .collect();
+    let (set, problems) = SegmentSet::build(files, None);
+    assert!(problems.is_empty(), "{problems:?}");
+    Arc::new(set)
+}
+
+impl Fixture {
+    fn new(cache_size: usize, segments: Arc<SegmentSet>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let options = LogOptions {
+            dir: dir.path().join("log"),
+            segment_size: 64 << 20,
+            max_size: 1 << 30,
+        };
+        let log = Arc::new(IntakeLog::open(options, Default::default()).unwrap());
+        let store = Arc::new(ProfileStore::open(&dir.path().join("profiles"), 1 << 20).unwrap());
+        let dedup = Dedup::new(
+            &DedupConfig {
+                window: Duration::from_secs(3600),
+                max_ids: 10_000,
+            },
+            Default::default(),
+        );
+        let start = DateTime::parse_from_rfc3339(T0).unwrap().timestamp_millis();
+        let now = Arc::new(AtomicI64::new(start));
+        let clock: Clock = {
+            let now = now.clone();
+            Arc::new(move || DateTime::from_timestamp_millis(now.load(Ordering::SeqCst)).unwrap())
+        };
+        let parts = Parts {
+            store: store.clone(),
+            log: log.clone(),
+            dedup: Arc::new(dedup),
+            metrics: Default::default(),
+            clock,
+            runtime: runtime.handle().clone(),
+            cache_size,
+            cache_memory: usize::MAX,
+            save_every: Duration::from_secs(3600),
+            lake: None,
+        };
+        let live = Arc::new(LiveSegments::new(segments.clone()));
+        let consumer = log.consumer(CONSUMER).unwrap();
+        let mut stage = Stage::new(parts, consumer, live).unwrap();
+        stage.install(segments).unwrap();
+        // The segments are new: their backfill (of no profiles) finishes with a save.
+        assert!(stage.step().unwrap());
+        stage.flush().unwrap();
+        assert!(stage.backfill.is_none());
+        Fixture {
+            _dir: dir,
+            runtime,
+            log,
+            store,
+            now,
+            stage,
+            messages: 0,
+        }
+    }
+
+    /// Appends `messages` to the log, then runs the stage over them in one batch.
+    fn step(&mut self, messages: &[Value]) -> Result<(), StageError> {
+        let received = (self.stage.clock)();
+        let mut records = RecordBatch::default();
+        for m in messages {
+            self.messages += 1;
+            let id = format!("m{}", self.messages);
+            let body = m.to_string();
+            records.push_with(|b| {
+                Entry::encode(b, Status::Accepted, received, "web", &id, "", |b| {
+                    b.extend_from_slice(body.as_bytes())
+                })
+            });
+        }
+        self.runtime.block_on(self.log.append(records)).unwrap();
+        assert!(self.stage.step()?, "the batch had work");
+        Ok(())
+    }
+
+    fn advance(&self, by: Duration) {
+        self.now.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+
+    /// The profile the store holds for `identity` (`user:...` or `anon:...`).
+    fn stored(&self, identity: &str) -> Option<Profile> {
+        let r = self.store.read().unwrap();
+        let id = r.lookup(identity).unwrap()?;
+        r.profile(id).unwrap()
+    }
+}
+
+fn page(who: Value) -> Value {
+    let mut m = json!({"type": "page", "name": "Home"});
+    m.as_object_mut()
+        .unwrap()
+        .extend(who.as_object().unwrap().clone());
+    m
+}
+
+/// A profile a save in flight holds is older in the store until that save commits: the cache
+/// must keep it, even over its bounds, or the next message reads the store's older version (here,
+/// none at all).
+#[test]
+fn a_profile_in_a_save_in_flight_stays_cached_until_the_save_commits() {
+    let mut f = Fixture::new(3, set(&[("viewers", r#"user.did("Page Viewed")"#)]));
+    let gate = f.stage.saver.gate.clone();
+    gate.set(false);
+    f.step(&[page(json!({"userId": "u1"})), page(json!({"userId": "u2"}))])
+        .unwrap();
+    f.stage.hand_off().unwrap();
+    // Two more profiles put the cache over its bound of three, so the stage hands the next save
+    // off and waits for this one: the gate opens a little later.
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        gate.set(true);
+    });
+    f.step(&[page(json!({"userId": "u3"})), page(json!({"userId": "u4"}))])
+        .unwrap();
+    f.step(&[page(json!({"userId": "u1"}))]).unwrap();
+    opener.join().unwrap();
+    f.stage.flush().unwrap();
+    let u1 = f.stored("user:u1").expect("u1 saved");
+    assert_eq!(u1.events["Page Viewed"].count, 2);
+    assert_eq!(f.stage.metrics.redos.get(), 0);
+}
+
+/// A batch's due timers and backfill chunk are listed at its start, from the store; a message in
+/// the same batch can merge one of those profiles away. It must stay gone: neither woken nor
+/// backfilled back into the cache, and so never saved again.
+#[test]
+fn a_profile_merged_away_is_not_woken_or_backfilled_back() {
+    let recent = ("recent", r#"user.did("Page Viewed", minutes(20))"#);
+    let mut f = Fixture::new(100, set(&[recent]));
+    f.step(&[
+        page(json!({"anonymousId": "a1"})),
+        json!({"type": "track", "event": "Signed Up", "userId": "u1"}),
+    ])
+    .unwrap();
+    f.stage.flush().unwrap();
+    let anonymous = f.stored("anon:a1").expect("a1's profile").id;
+    assert_eq!(
+        f.store.read().unwrap().next_due(None).unwrap(),
+        Some(f.stored("anon:a1").unwrap().first_seen + 20 * 60_000 + 1),
+        "a1's timer: the first moment its page view is out of the window"
+    );
+    // A new segment to backfill, and the window's end passed: the next batch lists a1's
+    // profile both as due and in its backfill chunk, then merges it into u1's.
+    f.stage
+        .install(set(&[recent, ("known", r#"user.traits.email != ()"#)]))
+        .unwrap();
+    f.advance(Duration::from_secs(21 * 60));
+    f.step(&[json!({"type": "identify", "userId": "u1", "anonymousId": "a1"})])
+        .unwrap();
+    f.stage.flush().unwrap();
+    let r = f.store.read().unwrap();
+    assert_eq!(
+        r.profile(anonymous).unwrap(),
+        None,
+        "a1's profile stays deleted"
+    );
+    assert_eq!(r.meta("profiles").unwrap(), Some(1));
+    assert_eq!(r.members("recent", None, 10).unwrap(), Vec::<u64>::new());
+    assert_eq!(r.next_due(None).unwrap(), None, "no timer left behind");
+    let u1 = f.stored("anon:a1").expect("a1 is u1 now");
+    assert_eq!(u1.user_id.as_deref(), Some("u1"));
+    assert_eq!(f.stage.metrics.redos.get(), 0);
+}
