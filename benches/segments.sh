@@ -7,8 +7,8 @@
 #
 # 1. After a warm-up (1,000,000 messages, then the stage catches up), 50,000 messages/s (open loop)
 #    for SECONDS: acknowledged rate, the profile stage's lag behind the log every 5 s (bounded = it
-#    keeps up), the rate at which it applied messages, and the profile thread's CPU time per
-#    message it applied (what a message costs the stage, whatever share of the core it got).
+#    keeps up), the rate at which it applied messages, and the CPU time per message it applied of
+#    the profile thread and of its saver (what a message costs, whatever share of the core they got).
 # 2. After a warm-up, 25,000 messages/s for SECONDS: delay from a message's arrival (or a time
 #    condition's moment) to its Audience Entered/Exited being durable in the log, from the
 #    server's histogram (the run's share of it), and the profile store's saves in the run.
@@ -69,10 +69,11 @@ echo "--- 1. 50,000 messages/s for $seconds s, after a warm-up: 50 segments, lak
 start
 warm_up_profiles
 applied() { metric | awk '/^sluice_profile_messages_total / {print $2}'; }
-# CPU time of the profile thread, in clock ticks (1/100 s).
-stage_ticks() { awk '{print $14 + $15}' "/proc/$pid/task/$(thread_id sluice-profiles)/stat"; }
+# CPU time of a thread, in clock ticks (1/100 s): the profile stage's, and its saver's.
+ticks() { awk '{print $14 + $15}' "/proc/$pid/task/$(thread_id "$1")/stat"; }
 before="$(applied)"
-ticks_before="$(stage_ticks)"
+ticks_before="$(ticks sluice-profiles)"
+saver_before="$(ticks sluice-saver)"
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
 sampler=$!
 started="$(date +%s%N)"
@@ -81,10 +82,14 @@ taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode 
 wait "$sampler" || true
 elapsed_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 applied_now="$(applied)"
-ticks="$(( $(stage_ticks) - ticks_before ))"
+ticks="$(( $(ticks sluice-profiles) - ticks_before ))"
+saver_ticks="$(( $(ticks sluice-saver) - saver_before ))"
+per_message() { echo "$(( $1 * 10000 / (applied_now > before ? applied_now - before : 1) ))"; }
 echo "profile stage lag (records) every 5 s: $(cat "$work/lag")"
 echo "profile stage applied $((applied_now - before)) messages in $((elapsed_ms / 1000)) s: $(( (applied_now - before) * 1000 / elapsed_ms )) per second"
-echo "profile thread CPU: $((ticks / 100)) s, $(( ticks * 10000 / (applied_now > before ? applied_now - before : 1) )) µs per message applied"
+echo "profile thread CPU: $((ticks / 100)) s, $(per_message "$ticks") µs per message applied"
+echo "saver thread CPU: $((saver_ticks / 100)) s, $(per_message "$saver_ticks") µs per message applied"
+echo "both: $(per_message $((ticks + saver_ticks))) µs per message applied"
 metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) '
 stop
 
@@ -106,7 +111,7 @@ echo "most changes in the run, by segment and direction:"
 changes | awk -v before="$work/changes" '
   BEGIN { while ((getline line < before) > 0) { split(line, f, " "); was[f[1]] = f[2] } }
   { print $2 - was[$1], $1 }' | sort -rn | head -6
-# The saves of the profile store in the run: the stage applies nothing while one runs.
+# The saves of the profile store in the run (on the saver thread, while the stage goes on).
 saves | awk -v before="$work/saves" '
   BEGIN { getline line < before; split(line, b, " ") }
   { n = $1 - b[1]; if (n > 0) printf "saves: %d, %.2f s each on average, %d profiles each, %d of them over 1 s\n",

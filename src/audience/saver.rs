@@ -98,7 +98,7 @@ impl Saver {
         #[cfg(test)]
         let held = gate.clone();
         let thread = std::thread::Builder::new()
-            .name("sluice-profile-saver".into())
+            .name("sluice-saver".into())
             .spawn(move || {
                 crate::thread_priority::lowest();
                 for save in inbox {
