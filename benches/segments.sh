@@ -56,8 +56,14 @@ delays() {
     $0 ~ /^sluice_segment_change_delay_seconds_bucket\{/ && index($0, "cause=\"" cause "\"") {
       match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[++k] = $2 - was[$1]; b[k] = le }
     END { total = n[k]; if (total == 0) { print cause ": no changes"; exit }
-      for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i] }
-      printf "%s: %d changes, p50 <= %s s, p99 <= %s s\n", cause, total, p50, p99 }'
+      for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i]
+        if (b[i] == "0.05") fast = n[i] }
+      printf "%s: %d changes, p50 <= %s s, p99 <= %s s, %.2f %% within 50 ms\n", cause, total, p50, p99, 100 * fast / total }'
+}
+# The stage's pauses for saves: count, seconds in all, how many over 50 ms.
+pauses() {
+  metric | awk '/^sluice_profile_save_pause_seconds_count / {c = $2} /^sluice_profile_save_pause_seconds_sum / {t = $2}
+    /^sluice_profile_save_pause_seconds_bucket\{le="0.05"\}/ {q = $2} END {print c, t, q}'
 }
 
 phases="${SLUICE_BENCH_PHASES:-1 2 3}"
@@ -101,6 +107,7 @@ start
 warm_up_profiles
 buckets > "$work/buckets"
 saves > "$work/saves"
+pauses > "$work/pauses"
 changes > "$work/changes"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
@@ -116,6 +123,10 @@ saves | awk -v before="$work/saves" '
   BEGIN { getline line < before; split(line, b, " ") }
   { n = $1 - b[1]; if (n > 0) printf "saves: %d, %.2f s each on average, %d profiles each, %d of them over 1 s\n",
       n, ($2 - b[2]) / n, ($3 - b[3]) / n, n - ($4 - b[4]) }'
+pauses | awk -v before="$work/pauses" '
+  BEGIN { getline line < before; split(line, b, " ") }
+  { n = $1 - b[1]; if (n > 0) printf "the stage paused for saves %d times, %.1f ms on average, %d of them over 50 ms\n",
+      n, 1000 * ($2 - b[2]) / n, n - ($3 - b[3]) }'
 stop
 
 fi

@@ -255,6 +255,9 @@ pub struct SegmentMetrics {
     pub save_seconds: Histogram,
     /// Profiles written by saves (each once per save, however many messages it took).
     pub saved_profiles: Counter,
+    /// Time the profile stage spent on saves: handing one off (and waiting for the one before,
+    /// when it had to), and taking in one that committed.
+    pub save_pause_seconds: Histogram,
     /// Times the profile stage went back to the last save and redid the log from there, after a
     /// batch or a save failed.
     pub redos: Counter,
@@ -306,6 +309,7 @@ impl Default for SegmentMetrics {
             refused_files: Gauge::default(),
             save_seconds: delays(),
             saved_profiles: Counter::default(),
+            save_pause_seconds: delays(),
             redos: Counter::default(),
         }
     }
@@ -634,6 +638,11 @@ impl Metrics {
             "profile_saved_profiles",
             "Profiles written by saves of the profile store, each once per save",
             g.saved_profiles.clone(),
+        );
+        r.register(
+            "profile_save_pause_seconds",
+            "Time the profile stage spent on saves: handing one off (waiting for the one before when it had to) and taking in one that committed",
+            g.save_pause_seconds.clone(),
         );
         r.register(
             "profile_stage_redos",

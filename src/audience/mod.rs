@@ -411,6 +411,7 @@ impl Stage {
     /// members index) and its timer, the rest of `writes`, and the offset reached. One save is in
     /// flight at a time: this first waits for the one before.
     fn hand_off(&mut self) -> Result<(), StageError> {
+        let started = Instant::now();
         self.wait_for_save()?;
         let number = self.handed + 1;
         let unsaved = std::mem::take(&mut self.unsaved);
@@ -461,6 +462,9 @@ impl Stage {
         self.handed = number;
         self.saved_offset = self.offset;
         self.last_saved = Instant::now();
+        self.metrics
+            .save_pause_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -485,7 +489,11 @@ impl Stage {
     fn poll_save(&mut self) -> Result<(), StageError> {
         if self.in_flight.is_some() {
             if let Some(outcome) = self.saver.poll() {
+                let started = Instant::now();
                 self.saved(outcome)?;
+                self.metrics
+                    .save_pause_seconds
+                    .observe(started.elapsed().as_secs_f64());
             }
         }
         Ok(())
@@ -610,12 +618,12 @@ impl Stage {
         self.offset = end;
         self.last_busy = Instant::now();
         // Over its bounds, the cache drops saved profiles; if it is still over, the unsaved ones
-        // alone fill it, and a save lets them go.
+        // and those of the save in flight fill it, and only saves let them go: then the stage
+        // waits for the save in flight. A save merely due does not wait: while one is in
+        // flight, the next grows.
         self.cache.trim(self.committed);
-        if self.last_saved.elapsed() >= self.save_every
-            || self.cache.over()
-            || backfill_done == Some(true)
-        {
+        let due = self.last_saved.elapsed() >= self.save_every || backfill_done == Some(true);
+        if self.cache.over() || (due && self.in_flight.is_none()) {
             self.hand_off()?;
         }
         if backfill_done == Some(true) {
