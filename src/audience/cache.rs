@@ -69,6 +69,30 @@ pub fn members(p: &Profile) -> BTreeSet<Name> {
         .collect()
 }
 
+/// The segments `p` entered and left since `stored` (the keys of those it was in), each in key
+/// order. A merge of the two sorted lists: nothing is allocated when nothing changed.
+pub fn membership_changes(stored: &BTreeSet<Name>, p: &Profile) -> (Vec<Name>, Vec<Name>) {
+    let mut now = p
+        .memberships
+        .iter()
+        .filter(|(_, m)| m.member)
+        .map(|(k, _)| k)
+        .peekable();
+    let mut was = stored.iter().peekable();
+    let (mut entered, mut left) = (Vec::new(), Vec::new());
+    loop {
+        match (now.peek(), was.peek()) {
+            (None, None) => return (entered, left),
+            (Some(n), Some(w)) if n == w => {
+                now.next();
+                was.next();
+            }
+            (Some(n), w) if w.is_none_or(|w| n < w) => entered.extend(now.next().cloned()),
+            _ => left.extend(was.next().cloned()),
+        }
+    }
+}
+
 /// Roughly what a decoded profile takes on the heap, from its lengths alone (walking its history
 /// on every message would cost more than the estimate is worth). The constants are the sizes of
 /// the entries with their allocations, for typical lengths; names are shared (interned), so an
@@ -216,6 +240,23 @@ mod tests {
         (0..20).for_each(|id| small.insert(id, Held::new(Profile::new(id))));
         small.trim(0);
         assert_eq!(small.len(), 9);
+    }
+
+    #[test]
+    fn membership_changes_are_what_entered_and_what_left() {
+        let mut p = Profile::new(1);
+        for (key, member) in [("a", true), ("b", false), ("c", true), ("e", true)] {
+            let m = p.memberships.entry(key.into()).or_default();
+            m.member = member;
+        }
+        let stored: BTreeSet<Name> = ["b", "c", "d"].into_iter().map(Name::from).collect();
+        let (entered, left) = membership_changes(&stored, &p);
+        assert_eq!(entered, [Name::from("a"), Name::from("e")]);
+        assert_eq!(left, [Name::from("b"), Name::from("d")]);
+        assert_eq!(
+            membership_changes(&members(&p), &p),
+            (Vec::new(), Vec::new())
+        );
     }
 
     #[test]

@@ -78,7 +78,7 @@ use crate::profiles::store::{ProfileStore, Reader, StoreError};
 use crate::query::QueryEngine;
 use crate::segments::api::Event;
 use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
-use cache::{members, Cache, Held};
+use cache::{membership_changes, Cache, Held};
 use emit::Emission;
 pub use emit::SOURCE;
 use saver::{Save, Saver, Writes};
@@ -205,7 +205,6 @@ struct Backfill {
 struct InFlight {
     /// Its number (see `Held::saved_in`).
     number: u64,
-    offset: u64,
     deletes: Vec<u64>,
 }
 
@@ -220,7 +219,6 @@ struct Stage {
     clock: Clock,
     runtime: tokio::runtime::Handle,
     lake: Option<QueryEngine>,
-    consumer: crate::intake_log::Consumer,
     reader: LogReader,
     live: Arc<LiveSegments>,
     set: Arc<SegmentSet>,
@@ -282,8 +280,8 @@ impl Stage {
         let next_id = read.meta("next_id")?.unwrap_or(1);
         let profiles = read.meta("profiles")?.unwrap_or(0);
         parts.metrics.profiles.set(profiles as i64);
-        let saver =
-            Saver::start(parts.store.clone(), parts.metrics.clone()).map_err(StageError::Saver)?;
+        let saver = Saver::start(parts.store.clone(), parts.metrics.clone(), consumer)
+            .map_err(StageError::Saver)?;
         let set = live.current();
         Ok(Stage {
             reader: parts.log.reader(offset),
@@ -296,7 +294,6 @@ impl Stage {
             clock: parts.clock,
             runtime: parts.runtime,
             lake: parts.lake,
-            consumer,
             live,
             set,
             cache: Cache::new(parts.cache_size, parts.cache_memory),
@@ -424,20 +421,18 @@ impl Stage {
             };
             held.unsaved = false;
             held.saved_in = number;
-            let p = &held.profile;
-            if std::mem::take(&mut held.memberships_changed)
-                && !p.segments().eq(held.stored_members.iter().map(|k| &**k))
-            {
-                let now_members = members(p);
-                for key in now_members.difference(&held.stored_members) {
-                    writes.members.push((key.clone(), id, true));
-                    *writes.size_delta.entry(key.to_string()).or_default() += 1;
+            if std::mem::take(&mut held.memberships_changed) {
+                let (entered, left) = membership_changes(&held.stored_members, &held.profile);
+                for key in entered {
+                    *writes.size_delta.entry(key.clone()).or_default() += 1;
+                    held.stored_members.insert(key.clone());
+                    writes.members.push((key, id, true));
                 }
-                for key in held.stored_members.difference(&now_members) {
-                    writes.members.push((key.clone(), id, false));
-                    *writes.size_delta.entry(key.to_string()).or_default() -= 1;
+                for key in left {
+                    *writes.size_delta.entry(key.clone()).or_default() -= 1;
+                    held.stored_members.remove(&key);
+                    writes.members.push((key, id, false));
                 }
-                held.stored_members = now_members;
             }
             if held.stored_recheck != held.timer {
                 writes.timers.push((id, held.stored_recheck, held.timer));
@@ -454,11 +449,7 @@ impl Stage {
             next_id: self.next_id,
             profile_count: self.profiles,
         })?;
-        self.in_flight = Some(InFlight {
-            number,
-            offset: self.offset,
-            deletes,
-        });
+        self.in_flight = Some(InFlight { number, deletes });
         self.handed = number;
         self.saved_offset = self.offset;
         self.last_saved = Instant::now();
@@ -500,8 +491,7 @@ impl Stage {
     }
 
     /// After the save in flight finished: on success, reads the store as of it, takes the
-    /// timers it wrote out of memory, lets the log's cursor move up to its offset and the caches
-    /// drop what it saved. A failure goes up, and the caller resets to the last save committed.
+    /// timers it wrote out of memory, and lets the caches drop what it saved. A failure goes up, and the caller resets to the last save committed.
     fn saved(&mut self, outcome: Result<(), StoreError>) -> Result<(), StageError> {
         let flight = self.in_flight.take().expect("a save in flight");
         outcome?;
@@ -517,7 +507,6 @@ impl Stage {
             .filter_map(|&id| Some((cache.get(id)?.timer?, id)))
             .collect();
         self.timer_cursor = None;
-        self.consumer.commit(flight.offset)?;
         self.trim_cache();
         Ok(())
     }
@@ -678,7 +667,7 @@ impl Stage {
         let writes = &mut self.writes;
         for gone in self.removed.drain(..) {
             for key in gone.stored_members {
-                *writes.size_delta.entry(key.to_string()).or_default() -= 1;
+                *writes.size_delta.entry(key.clone()).or_default() -= 1;
                 writes.members.push((key, gone.id, false));
             }
             writes.timers.push((gone.id, gone.stored_recheck, None));

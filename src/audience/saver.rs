@@ -12,6 +12,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::intake_log::Consumer;
 use crate::metrics::{SegmentLabels, SegmentMetrics};
 use crate::profiles::profile::{Millis, Name, Profile};
 use crate::profiles::store::{ProfileStore, StoreError, Writer};
@@ -28,7 +29,7 @@ pub struct Writes {
     /// Profiles merged away.
     pub deletes: Vec<u64>,
     /// How segment sizes changed.
-    pub size_delta: HashMap<String, i64>,
+    pub size_delta: HashMap<Name, i64>,
     /// When each segment that changed last did.
     pub last_change: HashMap<String, Millis>,
     /// Segments (key, rule fingerprint) whose backfill finished or that need none.
@@ -87,7 +88,13 @@ impl Gate {
 }
 
 impl Saver {
-    pub fn start(store: Arc<ProfileStore>, metrics: Arc<SegmentMetrics>) -> std::io::Result<Saver> {
+    /// Starts the saver; after each save commits, it moves the stage's log cursor (`consumer`) up
+    /// to the save's offset, so that the log keeps what a redo from that save needs.
+    pub fn start(
+        store: Arc<ProfileStore>,
+        metrics: Arc<SegmentMetrics>,
+        mut consumer: Consumer,
+    ) -> std::io::Result<Saver> {
         let (saves, inbox) = std::sync::mpsc::sync_channel::<Save>(1);
         let (report, done) = std::sync::mpsc::sync_channel(1);
         #[cfg(test)]
@@ -106,7 +113,9 @@ impl Saver {
                     held.pass();
                     let started = Instant::now();
                     let written = save.profiles.len() as u64;
-                    let result = write(&store, &metrics, save);
+                    let offset = save.offset;
+                    let result =
+                        write(&store, &metrics, save).and_then(|()| Ok(consumer.commit(offset)?));
                     if result.is_ok() {
                         metrics.saved_profiles.inc_by(written);
                         metrics
@@ -196,7 +205,7 @@ fn write(store: &ProfileStore, metrics: &SegmentMetrics, save: Save) -> Result<(
 /// Brings the stats of the segments that changed up to date: sizes, last changes, the rule
 /// versions backfilled.
 fn segment_stats(w: &Writer, metrics: &SegmentMetrics, writes: &Writes) -> Result<(), StoreError> {
-    let mut changed: Vec<&str> = writes.size_delta.keys().map(|k| k.as_str()).collect();
+    let mut changed: Vec<&str> = writes.size_delta.keys().map(|k| &**k).collect();
     changed.extend(writes.last_change.keys().map(|k| k.as_str()));
     changed.extend(writes.backfilled.iter().map(|(k, _)| k.as_str()));
     changed.sort_unstable();
