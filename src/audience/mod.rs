@@ -375,10 +375,11 @@ impl Stage {
                 Ok(true) => failures = 0,
                 Ok(false) => {
                     // Nothing to do now: save what is pending once it is due, or once it has
-                    // been quiet for a while.
+                    // been quiet for a while, and the save before has committed (messages may
+                    // come while it is written; the next step takes it in).
                     let due = self.last_saved.elapsed() >= self.save_every
                         || self.last_busy.elapsed() >= QUIET;
-                    if self.pending() && due {
+                    if self.pending() && due && self.in_flight.is_none() {
                         if let Err(e) = self.hand_off() {
                             tracing::error!(error = %e, "saving the profile store failed; redoing from the last save");
                             self.reset();
