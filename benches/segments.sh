@@ -60,10 +60,11 @@ delays() {
         if (b[i] == "0.05") fast = n[i] }
       printf "%s: %d changes, p50 <= %s s, p99 <= %s s, %.2f %% within 50 ms\n", cause, total, p50, p99, 100 * fast / total }'
 }
-# The stage's pauses for saves: count, seconds in all, how many over 50 ms.
+# The stage's pauses for saves at $1 (HandOff or Commit): count, seconds in all, how many within 50 ms.
 pauses() {
-  metric | awk '/^sluice_profile_save_pause_seconds_count / {c = $2} /^sluice_profile_save_pause_seconds_sum / {t = $2}
-    /^sluice_profile_save_pause_seconds_bucket\{le="0.05"\}/ {q = $2} END {print c, t, q}'
+  metric | awk -v at="at=\"$1\"" 'index($0, at) == 0 { next }
+    /^sluice_profile_save_pause_seconds_count/ {c = $2} /^sluice_profile_save_pause_seconds_sum/ {t = $2}
+    /^sluice_profile_save_pause_seconds_bucket/ && /le="0.05"/ {q = $2} END {print c + 0, t + 0, q + 0}'
 }
 
 phases="${SLUICE_BENCH_PHASES:-1 2 3}"
@@ -107,7 +108,8 @@ start
 warm_up_profiles
 buckets > "$work/buckets"
 saves > "$work/saves"
-pauses > "$work/pauses"
+pauses HandOff > "$work/pauses.HandOff"
+pauses Commit > "$work/pauses.Commit"
 changes > "$work/changes"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
@@ -123,10 +125,12 @@ saves | awk -v before="$work/saves" '
   BEGIN { getline line < before; split(line, b, " ") }
   { n = $1 - b[1]; if (n > 0) printf "saves: %d, %.2f s each on average, %d profiles each, %d of them over 1 s\n",
       n, ($2 - b[2]) / n, ($3 - b[3]) / n, n - ($4 - b[4]) }'
-pauses | awk -v before="$work/pauses" '
-  BEGIN { getline line < before; split(line, b, " ") }
-  { n = $1 - b[1]; if (n > 0) printf "the stage paused for saves %d times, %.1f ms on average, %d of them over 50 ms\n",
-      n, 1000 * ($2 - b[2]) / n, n - ($3 - b[3]) }'
+for at in HandOff Commit; do
+  pauses "$at" | awk -v at="$at" -v before="$work/pauses.$at" '
+    BEGIN { getline line < before; split(line, b, " ") }
+    { n = $1 - b[1]; if (n > 0) printf "the stage paused at a save'"'"'s %s %d times, %.1f ms on average, %d of them over 50 ms\n",
+        at, n, 1000 * ($2 - b[2]) / n, n - ($3 - b[3]) }'
+done
 stop
 
 fi

@@ -257,7 +257,7 @@ pub struct SegmentMetrics {
     pub saved_profiles: Counter,
     /// Time the profile stage spent on saves: handing one off (and waiting for the one before,
     /// when it had to), and taking in one that committed.
-    pub save_pause_seconds: Histogram,
+    pub save_pauses: Family<PauseLabels, Histogram, fn() -> Histogram>,
     /// Times the profile stage went back to the last save and redid the log from there, after a
     /// batch or a save failed.
     pub redos: Counter,
@@ -273,6 +273,18 @@ pub enum Cause {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabels {
     pub cause: Cause,
+}
+
+/// Which part of a save the profile stage paused for.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum SavePause {
+    HandOff,
+    Commit,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PauseLabels {
+    pub at: SavePause,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -309,7 +321,7 @@ impl Default for SegmentMetrics {
             refused_files: Gauge::default(),
             save_seconds: delays(),
             saved_profiles: Counter::default(),
-            save_pause_seconds: delays(),
+            save_pauses: Family::new_with_constructor(delays),
             redos: Counter::default(),
         }
     }
@@ -642,7 +654,7 @@ impl Metrics {
         r.register(
             "profile_save_pause_seconds",
             "Time the profile stage spent on saves: handing one off (waiting for the one before when it had to) and taking in one that committed",
-            g.save_pause_seconds.clone(),
+            g.save_pauses.clone(),
         );
         r.register(
             "profile_stage_redos",

@@ -67,8 +67,8 @@ use crate::ingest::dedup::{self, Dedup};
 use crate::ingest::message::MessageType;
 use crate::intake_log::{AppendError, IntakeLog, LogReader, Record, RecordBatch};
 use crate::metrics::{
-    Cause, CauseLabels, Direction, FailureClass, RuleFailureLabels, SegmentChangeLabels,
-    SegmentLabels, SegmentMetrics,
+    Cause, CauseLabels, Direction, FailureClass, PauseLabels, RuleFailureLabels, SavePause,
+    SegmentChangeLabels, SegmentLabels, SegmentMetrics,
 };
 use crate::profiles::identity::{self, Directory, Identifiers};
 use crate::profiles::profile::{
@@ -455,7 +455,10 @@ impl Stage {
         self.saved_offset = self.offset;
         self.last_saved = Instant::now();
         self.metrics
-            .save_pause_seconds
+            .save_pauses
+            .get_or_create(&PauseLabels {
+                at: SavePause::HandOff,
+            })
             .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -484,7 +487,10 @@ impl Stage {
                 let started = Instant::now();
                 self.saved(outcome)?;
                 self.metrics
-                    .save_pause_seconds
+                    .save_pauses
+                    .get_or_create(&PauseLabels {
+                        at: SavePause::Commit,
+                    })
                     .observe(started.elapsed().as_secs_f64());
             }
         }
