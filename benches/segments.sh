@@ -60,7 +60,7 @@ delays() {
         if (b[i] == "0.05") fast = n[i] }
       printf "%s: %d changes, p50 <= %s s, p99 <= %s s, %.2f %% within 50 ms\n", cause, total, p50, p99, 100 * fast / total }'
 }
-# The stage's pauses for saves at $1 (HandOff or Commit): count, seconds in all, how many within 50 ms.
+# The stage's pauses for saves at $1 (HandOff, Wait or Commit): count, seconds in all, how many within 50 ms.
 pauses() {
   metric | awk -v at="at=\"$1\"" 'index($0, at) == 0 { next }
     /^sluice_profile_save_pause_seconds_count/ {c = $2} /^sluice_profile_save_pause_seconds_sum/ {t = $2}
@@ -109,6 +109,7 @@ warm_up_profiles
 buckets > "$work/buckets"
 saves > "$work/saves"
 pauses HandOff > "$work/pauses.HandOff"
+pauses Wait > "$work/pauses.Wait"
 pauses Commit > "$work/pauses.Commit"
 changes > "$work/changes"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
@@ -125,7 +126,7 @@ saves | awk -v before="$work/saves" '
   BEGIN { getline line < before; split(line, b, " ") }
   { n = $1 - b[1]; if (n > 0) printf "saves: %d, %.2f s each on average, %d profiles each, %d of them over 1 s\n",
       n, ($2 - b[2]) / n, ($3 - b[3]) / n, n - ($4 - b[4]) }'
-for at in HandOff Commit; do
+for at in HandOff Wait Commit; do
   pauses "$at" | awk -v at="$at" -v before="$work/pauses.$at" '
     BEGIN { getline line < before; split(line, b, " ") }
     { n = $1 - b[1]; if (n > 0) printf "the stage paused at a save'"'"'s %s %d times, %.1f ms on average, %d of them over 50 ms\n",

@@ -275,10 +275,12 @@ pub struct CauseLabels {
     pub cause: Cause,
 }
 
-/// Which part of a save the profile stage paused for.
+/// What the profile stage paused for: handing a save off, waiting for the save in flight
+/// (when it had to hand off the next one), taking in a save that committed.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum SavePause {
     HandOff,
+    Wait,
     Commit,
 }
 

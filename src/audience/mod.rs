@@ -409,8 +409,12 @@ impl Stage {
     /// members index) and its timer, the rest of `writes`, and the offset reached. One save is in
     /// flight at a time: this first waits for the one before.
     fn hand_off(&mut self) -> Result<(), StageError> {
+        if self.in_flight.is_some() {
+            let waited = Instant::now();
+            self.wait_for_save()?;
+            self.pause(SavePause::Wait, waited);
+        }
         let started = Instant::now();
-        self.wait_for_save()?;
         let number = self.handed + 1;
         let unsaved = std::mem::take(&mut self.unsaved);
         let writes = &mut self.writes;
@@ -454,13 +458,16 @@ impl Stage {
         self.handed = number;
         self.saved_offset = self.offset;
         self.last_saved = Instant::now();
+        self.pause(SavePause::HandOff, started);
+        Ok(())
+    }
+
+    /// Counts a pause of the stage for saves, from `started` until now.
+    fn pause(&self, at: SavePause, started: Instant) {
         self.metrics
             .save_pauses
-            .get_or_create(&PauseLabels {
-                at: SavePause::HandOff,
-            })
+            .get_or_create(&PauseLabels { at })
             .observe(started.elapsed().as_secs_f64());
-        Ok(())
     }
 
     /// Hands off what is pending and waits until every save has committed.
@@ -486,12 +493,7 @@ impl Stage {
             if let Some(outcome) = self.saver.poll() {
                 let started = Instant::now();
                 self.saved(outcome)?;
-                self.metrics
-                    .save_pauses
-                    .get_or_create(&PauseLabels {
-                        at: SavePause::Commit,
-                    })
-                    .observe(started.elapsed().as_secs_f64());
+                self.pause(SavePause::Commit, started);
             }
         }
         Ok(())

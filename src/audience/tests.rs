@@ -1,7 +1,6 @@
 //! The stage driven batch by batch, with a save held in flight by the saver's test gate: what
 //! it keeps, reads and deletes while the store is behind it.
 
-use std::path::Path;
 use std::sync::atomic::AtomicI64;
 
 use serde_json::{json, Value};
@@ -9,7 +8,6 @@ use serde_json::{json, Value};
 use super::*;
 use crate::config::DedupConfig;
 use crate::intake_log::LogOptions;
-use crate::segments::files;
 
 const T0: &str = "2026-01-01T00:00:00Z";
 
@@ -25,16 +23,7 @@ struct Fixture {
 }
 
 fn set(rules: &[(&str, &str)]) -> Arc<SegmentSet> {
-    let files = rules
-        .iter()
-        .map(|(key, rule)| {
-            let text = format!("rule = '''\n{rule}\n'''\n");
-            files::parse(Path::new(&format!("{key}.toml")), &text).unwrap()
-        })
-        .collect();
-    let (set, problems) = SegmentSet::build(files, None);
-    assert!(problems.is_empty(), "{problems:?}");
-    Arc::new(set)
+    Arc::new(crate::segments::rules::tests::set(rules))
 }
 
 impl Fixture {

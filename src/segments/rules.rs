@@ -540,4 +540,4 @@ fn dependency_order(compiled: &[(SegmentFile, AST)]) -> (Vec<usize>, Vec<usize>)
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

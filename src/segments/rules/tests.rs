@@ -16,7 +16,8 @@ const HOUR: Millis = 3_600_000;
 const DAY: Millis = 24 * HOUR;
 const T0: Millis = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
-fn set(rules: &[(&str, &str)]) -> SegmentSet {
+/// The segments `rules` (key, rule) compiled; they must compile.
+pub(crate) fn set(rules: &[(&str, &str)]) -> SegmentSet {
     let files = rules
         .iter()
         .map(|(key, rule)| {
