@@ -12,9 +12,10 @@ use crate::profiles::profile::{Millis, Name, Profile};
 pub struct Held {
     /// Shared with the saver while a save holding it is in flight; see [`Held::profile_mut`].
     pub profile: Arc<Profile>,
-    /// The memberships and the timer as of the last save handed off: what the store holds once
-    /// that save commits.
+    /// The memberships the members index holds once the saves handed off and the stage's
+    /// `writes` commit (kept up to date at each batch's end).
     pub stored_members: BTreeSet<Name>,
+    /// The timer as of the last save handed off: the store's once that save commits.
     pub stored_recheck: Option<Millis>,
     /// The timer as of the last batch's end; until the next save, the stage's timers in memory
     /// hold it for a changed profile, not the store.
@@ -27,7 +28,8 @@ pub struct Held {
     /// commits, the store holds an older version, so it must stay in the cache.
     pub saved_in: u64,
     /// Its memberships may differ from `stored_members` (a segment was entered or left, or a
-    /// profile merged in) since the last save: only then are the two compared.
+    /// profile merged in) in the batch in progress: only then are the two compared, at the
+    /// batch's end.
     pub memberships_changed: bool,
     /// The estimate counted for it in [`Cache::bytes`].
     bytes: usize,

@@ -405,8 +405,8 @@ impl Stage {
         self.offset != self.saved_offset || !self.unsaved.is_empty() || !self.writes.is_empty()
     }
 
-    /// Hands the saver every profile changed since the last save, with its memberships (the
-    /// members index) and its timer, the rest of `writes`, and the offset reached. One save is in
+    /// Hands the saver every profile changed since the last save, with its timer, `writes` (the
+    /// members index changes among them), and the offset reached. One save is in
     /// flight at a time: this first waits for the one before.
     fn hand_off(&mut self) -> Result<(), StageError> {
         if self.in_flight.is_some() {
@@ -426,19 +426,6 @@ impl Stage {
             };
             held.unsaved = false;
             held.saved_in = number;
-            if std::mem::take(&mut held.memberships_changed) {
-                let (entered, left) = membership_changes(&held.stored_members, &held.profile);
-                for key in entered {
-                    *writes.size_delta.entry(key.clone()).or_default() += 1;
-                    held.stored_members.insert(key.clone());
-                    writes.members.push((key, id, true));
-                }
-                for key in left {
-                    *writes.size_delta.entry(key.clone()).or_default() -= 1;
-                    held.stored_members.remove(&key);
-                    writes.members.push((key, id, false));
-                }
-            }
             if held.stored_recheck != held.timer {
                 writes.timers.push((id, held.stored_recheck, held.timer));
                 held.stored_recheck = held.timer;
@@ -709,6 +696,22 @@ impl Stage {
                     self.timers.insert((due, id));
                 }
                 held.timer = timer;
+            }
+            // Here rather than at the hand-off, which would walk every changed profile at once
+            // (and, long after this batch, mostly out of the CPU's caches).
+            if std::mem::take(&mut held.memberships_changed) {
+                let writes = &mut self.writes;
+                let (entered, left) = membership_changes(&held.stored_members, &held.profile);
+                for key in entered {
+                    *writes.size_delta.entry(key.clone()).or_default() += 1;
+                    held.stored_members.insert(key.clone());
+                    writes.members.push((key, id, true));
+                }
+                for key in left {
+                    *writes.size_delta.entry(key.clone()).or_default() -= 1;
+                    held.stored_members.remove(&key);
+                    writes.members.push((key, id, false));
+                }
             }
         }
         Ok(())
