@@ -6,7 +6,7 @@
 //! changes its own copy of one only by copying it first (`Arc::make_mut`), so the saver writes
 //! each profile as it was at the hand-off. The saver runs at the lowest CPU priority: it takes
 //! what the core has left. At the stage's priority it finished sooner, but the stage applied
-//! messages at half speed meanwhile and fell behind (README, Performance). The stage waits for a
+//! messages at half speed meanwhile and fell behind (issue 5's notes). The stage waits for a
 //! save only when its cache is full of profiles not saved yet.
 
 use std::collections::HashMap;
