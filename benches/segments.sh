@@ -67,6 +67,24 @@ pauses() {
     /^sluice_profile_save_pause_seconds_bucket/ && /le="0.05"/ {q = $2} END {print c + 0, t + 0, q + 0}'
 }
 
+# A histogram's count, sum, and how many observations were within its first bound at or over $2
+# seconds, and that bound.
+histogram() {
+  metric | awk -v name="$1" -v t="$2" '
+    index($0, name "_count ") == 1 {c = $2} index($0, name "_sum ") == 1 {s = $2}
+    index($0, name "_bucket{") == 1 && !q_set {
+      match($0, /le="[^"]+"/); if (substr($0, RSTART + 4, RLENGTH - 5) + 0 >= t) { q = $2; le = substr($0, RSTART + 4, RLENGTH - 5); q_set = 1 } }
+    END {print c + 0, s + 0, q + 0, le}'
+}
+# What histogram $2 counted since `histogram` saved it in $work/$1: "N <$4>, X ms on average, M of
+# them over B ms" (B: its first bound at or over $3 seconds).
+since() {
+  histogram "$2" "$3" | awk -v what="$4" -v before="$work/$1" '
+    BEGIN { getline line < before; split(line, b, " ") }
+    { n = $1 - b[1]; if (n > 0) printf "%d %s, %.1f ms on average, %d of them over %.1f ms\n",
+        n, what, 1000 * ($2 - b[2]) / n, n - ($3 - b[3]), 1000 * $4 }'
+}
+
 phases="${SLUICE_BENCH_PHASES:-1 2 3}"
 memory_rate="${SLUICE_BENCH_MEMORY_RATE:-50000}"
 phase() { [[ " $phases " == *" $1 "* ]]; }
@@ -112,6 +130,8 @@ pauses HandOff > "$work/pauses.HandOff"
 pauses Wait > "$work/pauses.Wait"
 pauses Commit > "$work/pauses.Commit"
 changes > "$work/changes"
+histogram sluice_log_fsync_duration_seconds 0.01 > "$work/fsyncs"
+histogram sluice_lake_flush_duration_seconds 0.05 > "$work/flushes"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
 sleep 2
@@ -132,6 +152,9 @@ for at in HandOff Wait Commit; do
     { n = $1 - b[1]; if (n > 0) printf "the stage paused at a save'"'"'s %s %d times, %.1f ms on average, %d of them over 50 ms\n",
         at, n, 1000 * ($2 - b[2]) / n, n - ($3 - b[3]) }'
 done
+# What else shares the core and the disk with the stage.
+since fsyncs sluice_log_fsync_duration_seconds 0.01 "group commits of the log"
+since flushes sluice_lake_flush_duration_seconds 0.05 "lake flushes"
 stop
 
 fi

@@ -9,6 +9,11 @@ use sluice::commands::{self, DumpFrom};
 use sluice::config::Config;
 use sluice::query::Format;
 
+/// mimalloc rather than glibc's malloc: the profile stage allocates and frees small objects per
+/// message (README, Performance: "Profiles and segments", step 19).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

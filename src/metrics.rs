@@ -304,8 +304,8 @@ impl Default for SegmentMetrics {
     fn default() -> Self {
         fn delays() -> Histogram {
             Histogram::new([
-                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0,
-                5.0,
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.2, 0.5, 1.0,
+                2.0, 5.0,
             ])
         }
         SegmentMetrics {
