@@ -77,12 +77,13 @@ histogram() {
     END {print c + 0, s + 0, q + 0, le}'
 }
 # What histogram $2 counted since `histogram` saved it in $work/$1: "N <$4>, X ms on average, M of
-# them over B ms" (B: its first bound at or over $3 seconds).
+# them over B ms" (B: its first bound at or over $3 seconds). With $5 = records, the histogram
+# counts records, not seconds.
 since() {
-  histogram "$2" "$3" | awk -v what="$4" -v before="$work/$1" '
-    BEGIN { getline line < before; split(line, b, " ") }
-    { n = $1 - b[1]; if (n > 0) printf "%d %s, %.1f ms on average, %d of them over %.1f ms\n",
-        n, what, 1000 * ($2 - b[2]) / n, n - ($3 - b[3]), 1000 * $4 }'
+  histogram "$2" "$3" | awk -v what="$4" -v unit="${5:-ms}" -v before="$work/$1" '
+    BEGIN { getline line < before; split(line, b, " "); scale = unit == "ms" ? 1000 : 1 }
+    { n = $1 - b[1]; if (n > 0) printf "%d %s, %.1f %s on average, %d of them over %g %s\n",
+        n, what, scale * ($2 - b[2]) / n, unit, n - ($3 - b[3]), scale * $4, unit }'
 }
 
 phases="${SLUICE_BENCH_PHASES:-1 2 3}"
@@ -130,6 +131,8 @@ pauses HandOff > "$work/pauses.HandOff"
 pauses Wait > "$work/pauses.Wait"
 pauses Commit > "$work/pauses.Commit"
 changes > "$work/changes"
+histogram sluice_profile_batch_seconds 0.02 > "$work/batches"
+histogram sluice_profile_batch_records 500 > "$work/batch_records"
 histogram sluice_log_fsync_duration_seconds 0.01 > "$work/fsyncs"
 histogram sluice_lake_flush_duration_seconds 0.05 > "$work/flushes"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
@@ -152,6 +155,8 @@ for at in HandOff Wait Commit; do
     { n = $1 - b[1]; if (n > 0) printf "the stage paused at a save'"'"'s %s %d times, %.1f ms on average, %d of them over 50 ms\n",
         at, n, 1000 * ($2 - b[2]) / n, n - ($3 - b[3]) }'
 done
+since batches sluice_profile_batch_seconds 0.02 "batches of the stage"
+since batch_records sluice_profile_batch_records 500 "batches of the stage" records
 # What else shares the core and the disk with the stage.
 since fsyncs sluice_log_fsync_duration_seconds 0.01 "group commits of the log"
 since flushes sluice_lake_flush_duration_seconds 0.05 "lake flushes"

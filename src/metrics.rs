@@ -261,6 +261,11 @@ pub struct SegmentMetrics {
     /// Times the profile stage went back to the last save and redid the log from there, after a
     /// batch or a save failed.
     pub redos: Counter,
+    /// One batch of the profile stage: applying its records, waking due timers, and appending
+    /// what it emitted to the log, durably.
+    pub batch_seconds: Histogram,
+    /// Log records in one batch of the profile stage.
+    pub batch_records: Histogram,
 }
 
 /// What made a membership change.
@@ -325,6 +330,8 @@ impl Default for SegmentMetrics {
             saved_profiles: Counter::default(),
             save_pauses: Family::new_with_constructor(delays),
             redos: Counter::default(),
+            batch_seconds: delays(),
+            batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
         }
     }
 }
@@ -662,6 +669,16 @@ impl Metrics {
             "profile_stage_redos",
             "Times the profile stage went back to its last save after a failure and redid the log from there",
             g.redos.clone(),
+        );
+        r.register(
+            "profile_batch_seconds",
+            "Batches of the profile stage: applying the records read, waking due timers, and appending the changes emitted, durably",
+            g.batch_seconds.clone(),
+        );
+        r.register(
+            "profile_batch_records",
+            "Log records read by one batch of the profile stage",
+            g.batch_records.clone(),
         );
         r
     }

@@ -574,6 +574,7 @@ impl Stage {
         if records.is_empty() && due.is_empty() && backfill_ids.is_none() {
             return Ok(false);
         }
+        let started = Instant::now();
         let set = self.set.clone();
         let mut batch = Batch { stage: self };
         for record in &records {
@@ -594,6 +595,10 @@ impl Stage {
         let end = records.last().map_or(self.offset, |r| r.offset + 1);
         let backfill_done = backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK);
         self.settle()?;
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_records.observe(records.len() as f64);
         if let (Some(true), Some(b)) = (backfill_done, &self.backfill) {
             let finished = b.segments.iter().map(|&i| &set.segments[i]);
             self.writes

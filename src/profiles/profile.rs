@@ -475,8 +475,11 @@ fn parse(json: &str) -> Option<Value> {
     serde_json::from_str(json).ok()
 }
 
-/// The numbers among `properties` (JSON) that `wanted` asks to keep for event `name` (every one
-/// when `wanted` is `None`).
+/// The numbers among `properties` (a JSON object) that `wanted` asks to keep for event `name`
+/// (every one when `wanted` is `None`), at most 32, in the object's order.
+///
+/// It reads the object in place rather than into a `serde_json::Value`: that built a map, a key
+/// string and a value for every property of every message with a property some rule sums.
 pub fn numeric_values(
     name: &str,
     properties: Option<&str>,
@@ -487,15 +490,74 @@ pub fn numeric_values(
             return Vec::new();
         }
     }
-    let Some(Value::Object(props)) = properties.and_then(parse) else {
+    let Some(json) = properties else {
         return Vec::new();
     };
-    props
-        .into_iter()
-        .filter(|(k, _)| wanted.is_none_or(|w| w.iter().any(|(e, p)| e == name && p == k)))
-        .filter_map(|(k, v)| v.as_f64().map(|n| (k, n)))
-        .take(32)
-        .collect()
+    let keep = |key: &str| wanted.is_none_or(|w| w.iter().any(|(e, p)| e == name && p == key));
+    let mut found = Vec::new();
+    let mut reader = serde_json::Deserializer::from_str(json);
+    let numbers = Numbers {
+        keep,
+        found: &mut found,
+    };
+    if serde::Deserializer::deserialize_map(&mut reader, numbers).is_err() {
+        // Not an object, or not JSON: no numbers (the edge only logs objects, so this is rare).
+        found.clear();
+    }
+    found
+}
+
+/// Reads a JSON object's top-level numbers that `keep` names into `found`, skipping the rest.
+struct Numbers<'f, K> {
+    keep: K,
+    found: &'f mut Vec<(String, f64)>,
+}
+
+impl<'de, K: Fn(&str) -> bool> serde::de::Visitor<'de> for Numbers<'_, K> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let value: &RawValue = map.next_value()?;
+            if self.found.len() >= 32 || !(self.keep)(&key) {
+                continue;
+            }
+            let text = value.get();
+            if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+                // A JSON number is also valid Rust float syntax.
+                if let Some(n) = text.parse::<f64>().ok().filter(|n| n.is_finite()) {
+                    self.found.push((key.into_owned(), n));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the JSON unless it has escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(s.to_string())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
 }
 
 #[cfg(test)]
@@ -513,6 +575,45 @@ mod tests {
             values: None,
             objects: Names::All,
         }
+    }
+
+    #[test]
+    fn numeric_values_are_the_wanted_top_level_numbers() {
+        let json = r#"{"revenue": 12.5, "tax": -1e2, "n\u0061me": 3, "sku": "7", "nested": {"revenue": 9},
+            "list": [1, 2], "flag": true, "none": null, "big": 18446744073709551616}"#;
+        let all = numeric_values("Order Completed", Some(json), None);
+        assert_eq!(
+            all,
+            [
+                ("revenue".to_string(), 12.5),
+                ("tax".to_string(), -100.0),
+                ("name".to_string(), 3.0),
+                ("big".to_string(), 18446744073709551616.0),
+            ]
+        );
+        let wanted: HashSet<(String, String)> =
+            [("Order Completed".to_string(), "revenue".to_string())]
+                .into_iter()
+                .collect();
+        assert_eq!(
+            numeric_values("Order Completed", Some(json), Some(&wanted)),
+            [("revenue".to_string(), 12.5)]
+        );
+        assert!(numeric_values("Page Viewed", Some(json), Some(&wanted)).is_empty());
+        for not_an_object in ["[1, 2]", "3", "{\"a\": 1", "", "null"] {
+            assert!(
+                numeric_values("x", Some(not_an_object), None).is_empty(),
+                "{not_an_object}"
+            );
+        }
+        let many: String = (0..40)
+            .map(|i| format!("\"k{i}\": {i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            numeric_values("x", Some(&format!("{{{many}}}")), None).len(),
+            32
+        );
     }
 
     #[test]

@@ -185,22 +185,47 @@ impl Reader {
     }
 }
 
+/// Profiles in their stored encoding, one after another in one buffer, ready for
+/// [`Writer::put_profiles`]: whoever holds the profiles can let each go once it is encoded.
+#[derive(Default)]
+pub struct Encoded {
+    bytes: Vec<u8>,
+    /// Each profile's id and where its encoding ends in `bytes`.
+    ends: Vec<(u64, usize)>,
+}
+
+impl Encoded {
+    pub fn push(&mut self, profile: &Profile) {
+        codec::encode(profile, &mut self.bytes);
+        self.ends.push((profile.id, self.bytes.len()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, end)| end));
+        self.ends
+            .iter()
+            .zip(starts)
+            .map(|(&(id, end), start)| (id, &self.bytes[start..end]))
+    }
+}
+
 /// One transaction that changes the store; nothing is visible or durable before [`Writer::commit`].
 pub struct Writer(redb::WriteTransaction);
 
 impl Writer {
-    /// Writes many profiles with one table handle and one encoding buffer (grown once rather
-    /// than from empty for each profile).
-    pub fn put_profiles<'p>(
-        &self,
-        profiles: impl IntoIterator<Item = &'p Profile>,
-    ) -> Result<(), StoreError> {
+    /// Writes profiles encoded beforehand, with one table handle.
+    pub fn put_profiles(&self, profiles: &Encoded) -> Result<(), StoreError> {
         let mut table = self.0.open_table(PROFILES)?;
-        let mut buffer = Vec::with_capacity(16 << 10);
-        for profile in profiles {
-            buffer.clear();
-            codec::encode(profile, &mut buffer);
-            table.insert(profile.id, buffer.as_slice())?;
+        for (id, bytes) in profiles.iter() {
+            table.insert(id, bytes)?;
         }
         Ok(())
     }
@@ -307,7 +332,9 @@ mod tests {
             let w = store.write().unwrap();
             let mut p = Profile::new(1);
             p.user_id = Some("u1".into());
-            w.put_profiles([&p]).unwrap();
+            let mut encoded = Encoded::default();
+            encoded.push(&p);
+            w.put_profiles(&encoded).unwrap();
             w.link("user:u1", 1).unwrap();
             w.set_member("vip", 1, true).unwrap();
             w.move_timer(1, None, Some(500)).unwrap();
