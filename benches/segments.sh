@@ -134,6 +134,7 @@ changes > "$work/changes"
 histogram sluice_profile_batch_seconds 0.02 > "$work/batches"
 histogram sluice_profile_batch_records 500 > "$work/batch_records"
 histogram sluice_log_fsync_duration_seconds 0.01 > "$work/fsyncs"
+histogram sluice_log_fsync_duration_seconds 0.05 > "$work/slow_fsyncs"
 histogram sluice_lake_flush_duration_seconds 0.05 > "$work/flushes"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 250 --duration "$seconds" --pid "$pid"
@@ -159,6 +160,7 @@ since batches sluice_profile_batch_seconds 0.02 "batches of the stage"
 since batch_records sluice_profile_batch_records 500 "batches of the stage" records
 # What else shares the core and the disk with the stage.
 since fsyncs sluice_log_fsync_duration_seconds 0.01 "group commits of the log"
+since slow_fsyncs sluice_log_fsync_duration_seconds 0.05 "group commits of the log"
 since flushes sluice_lake_flush_duration_seconds 0.05 "lake flushes"
 stop
 

@@ -122,6 +122,13 @@ pub struct Membership {
     pub recheck_at: Option<Millis>,
 }
 
+impl Membership {
+    /// Whether it carries nothing: never a member, and waiting for no moment.
+    pub fn is_empty(&self) -> bool {
+        !self.member && self.changes == 0 && self.recheck_at.is_none()
+    }
+}
+
 /// Which event names a retention setting covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Names {

@@ -260,7 +260,7 @@ impl SegmentSet {
                     Some(&i) => wanted[i] = true,
                     None => {
                         m.recheck_at = None;
-                        if !m.member && m.changes == 0 {
+                        if m.is_empty() {
                             emptied.push(key.clone());
                         }
                     }
@@ -358,18 +358,15 @@ impl SegmentSet {
         }
         drop(round);
         *profile = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
+        // One lookup of the membership per answer: these are string-keyed B-tree lookups, and a
+        // message answers a dozen segments or more.
         for &(i, answer, recheck_at) in &answers {
-            let key = &self.segments[i].key;
-            if !profile.memberships.contains_key(key.as_str()) {
-                if !answer && recheck_at.is_none() {
-                    continue; // nothing to remember
-                }
-                profile.memberships.insert(intern(key), Default::default());
-            }
-            let m = profile
-                .memberships
-                .get_mut(key.as_str())
-                .expect("inserted above");
+            let key = self.segments[i].key.as_str();
+            let m = match profile.memberships.get_mut(key) {
+                Some(m) => m,
+                None if !answer && recheck_at.is_none() => continue, // nothing to remember
+                None => profile.memberships.entry(intern(key)).or_default(),
+            };
             m.recheck_at = recheck_at;
             if m.member != answer {
                 m.member = answer;
@@ -381,26 +378,21 @@ impl SegmentSet {
                     changes: m.changes,
                 });
             }
+            // Only what carries information is kept: a segment the profile was never in and that
+            // waits for no moment needs no entry.
+            if m.is_empty() {
+                profile.memberships.remove(key);
+            }
         }
         // A failed rule keeps its answer but loses its timer, so that it is not woken again and
         // again; its next message re-evaluates it.
         for (i, _) in &out.failures {
-            if let Some(m) = profile.memberships.get_mut(self.segments[*i].key.as_str()) {
+            let key = self.segments[*i].key.as_str();
+            if let Some(m) = profile.memberships.get_mut(key) {
                 m.recheck_at = None;
-            }
-        }
-        // Only what carries information is kept: a segment the profile was never in and that
-        // waits for no moment needs no entry. Only the entries evaluated here can have become
-        // empty since the loop above.
-        let answered = answers.iter().map(|(i, _, _)| i);
-        for &i in answered.chain(out.failures.iter().map(|(i, _)| i)) {
-            let key = self.segments[i].key.as_str();
-            if profile
-                .memberships
-                .get(key)
-                .is_some_and(|m| !m.member && m.changes == 0 && m.recheck_at.is_none())
-            {
-                profile.memberships.remove(key);
+                if m.is_empty() {
+                    profile.memberships.remove(key);
+                }
             }
         }
         out
