@@ -142,6 +142,26 @@ fn evaluation_notes_when_the_answer_flips() {
 }
 
 #[test]
+fn an_entry_that_only_waited_for_a_moment_goes_when_that_moment_changes_nothing() {
+    let s = set(&[(
+        "aged_buyer",
+        r#"let f = user.first("A"); f != () && f.age() > hours(1) && user.count("B") >= 1"#,
+    )]);
+    let mut p = Profile::new(1);
+    track(&mut p, &s, "A", T0, "{}");
+    s.evaluate(&mut p, Trigger::All(None), T0);
+    let m = &p.memberships["aged_buyer"];
+    assert!(!m.member);
+    assert_eq!(m.recheck_at, Some(T0 + HOUR + 1));
+    // An hour on, the first A is old enough but there is no B: still out, and nothing left to
+    // wait for, so the entry carries nothing.
+    let eval = s.evaluate(&mut p, Trigger::Timer, T0 + HOUR + 1);
+    assert!(eval.transitions.is_empty());
+    assert!(p.memberships.is_empty(), "{:?}", p.memberships);
+    assert_eq!(p.next_recheck(), None);
+}
+
+#[test]
 fn sum_first_last_traits_and_in_segment() {
     let s = set(&[
         (
