@@ -5,11 +5,13 @@
 //! One save is in flight at a time. The stage hands over the changed profiles as `Arc`s and
 //! changes its own copy of one only by copying it first (`Arc::make_mut`), so the saver writes
 //! each profile as it was at the hand-off. The saver encodes them all before it writes anything,
-//! letting go of each once encoded, so that the stage copies only the profiles it changes in that
-//! short while (encoding is a small part of a save). The saver runs at the lowest CPU priority: it takes
-//! what the core has left. At the stage's priority it finished sooner, but the stage applied
-//! messages at half speed meanwhile and fell behind (issue 5's notes). The stage waits for a
-//! save only when its cache is full of profiles not saved yet.
+//! letting go of each once encoded, so that the stage copies only the profiles it changes in
+//! that short while (encoding is a small part of a save).
+//!
+//! The saver runs at the lowest CPU priority: it takes what the core has left. At the stage's
+//! priority it finished sooner, but the stage applied messages at half speed meanwhile and fell
+//! behind (issue 5's notes). The stage waits for a save only when its cache is full of profiles
+//! not saved yet.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
