@@ -450,12 +450,15 @@ fn healthy_latencies(with_dead: bool) -> (Vec<Duration>, Option<Value>) {
 fn a_dead_destination_does_not_slow_a_healthy_one() {
     let (with_healthy, _) = healthy_latencies(false);
     let (with_dead, dead) = healthy_latencies(true);
-    let p99 = |l: &[Duration]| l[l.len() * 99 / 100];
-    let (with_healthy, with_dead) = (p99(&with_healthy), p99(&with_dead));
+    // The 90th percentile of 300: a healthy destination held up by the dead one's 200 ms
+    // timeouts would be late for most of its messages, while the p99 (the third-latest) also
+    // caught one-off stalls of a busy CI machine running the other tests (175 ms once).
+    let p90 = |l: &[Duration]| l[l.len() * 90 / 100];
+    let (with_healthy, with_dead) = (p90(&with_healthy), p90(&with_dead));
     // Compared within one run: the machine may be busy, but about equally for both.
     assert!(
         with_dead < with_healthy * 3 + Duration::from_millis(100),
-        "healthy p99 {with_dead:?} beside a dead destination, {with_healthy:?} beside a healthy one"
+        "healthy p90 {with_dead:?} beside a dead destination, {with_healthy:?} beside a healthy one"
     );
     let dead = dead.unwrap();
     assert_eq!(dead["delivered"], 0);
