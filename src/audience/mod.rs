@@ -6,7 +6,8 @@
 //! ## Batches, saves, exactly once
 //! The stage works in batches: read up to [`BATCH`] records, apply each to its profile and
 //! evaluate, then wake due timers and advance any backfill. The messages a batch emits are
-//! appended to the log (durably) at the end of the batch, so their delay is one batch.
+//! appended to the log (durably) at the end of the batch, and every [`EMIT_EVERY`] within a
+//! long one, so their delay is at most that much of a batch.
 //!
 //! The stage writes nothing to the profile store itself. Once every `profiles.save_interval`, or
 //! sooner when the profiles changed since the last save fill the cache or when no message has
@@ -92,6 +93,9 @@ pub const BATCH: usize = 2_000;
 const BACKFILL_CHUNK: usize = 1_000;
 /// Due timers handled per batch.
 const TIMER_CHUNK: usize = 2_000;
+/// A batch that runs longer than this (the stage behind, a burst of timers) appends what it has
+/// emitted so far before going on: a change's delay includes the rest of its batch.
+const EMIT_EVERY: Duration = Duration::from_millis(10);
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
 /// After this long with nothing to do, what is pending is saved without waiting for
@@ -577,6 +581,7 @@ impl Stage {
         let started = Instant::now();
         let set = self.set.clone();
         let mut batch = Batch { stage: self };
+        let mut emitted = started;
         for record in &records {
             let Ok(entry) = Entry::decode(&record.payload) else {
                 continue;
@@ -585,9 +590,11 @@ impl Stage {
                 continue;
             }
             batch.message(&set, &entry, now)?;
+            batch.emit_if_long(&mut emitted)?;
         }
         for (due, id) in &due {
             batch.wake(&set, *id, *due, now)?;
+            batch.emit_if_long(&mut emitted)?;
         }
         if let Some(ids) = &backfill_ids {
             batch.backfill(&set, ids, now)?;
@@ -814,6 +821,17 @@ struct Fields<'a> {
 }
 
 impl Batch<'_> {
+    /// Appends what the batch has emitted so far once it has run [`EMIT_EVERY`] since `since`
+    /// (the batch's start or the last such append). Safe mid-batch: a redo emits the same
+    /// messages with the same messageIds, and the dedup drops those already in the log.
+    fn emit_if_long(&mut self, since: &mut Instant) -> Result<(), StageError> {
+        if since.elapsed() >= EMIT_EVERY {
+            self.stage.append_emissions()?;
+            *since = Instant::now();
+        }
+        Ok(())
+    }
+
     fn message(
         &mut self,
         set: &SegmentSet,
