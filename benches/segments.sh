@@ -73,7 +73,8 @@ histogram() {
   metric | awk -v name="$1" -v t="$2" '
     index($0, name "_count ") == 1 {c = $2} index($0, name "_sum ") == 1 {s = $2}
     index($0, name "_bucket{") == 1 && !q_set {
-      match($0, /le="[^"]+"/); if (substr($0, RSTART + 4, RLENGTH - 5) + 0 >= t) { q = $2; le = substr($0, RSTART + 4, RLENGTH - 5); q_set = 1 } }
+      match($0, /le="[^"]+"/); b = substr($0, RSTART + 4, RLENGTH - 5)
+      if (b + 0 >= t) { q = $2; le = b; q_set = 1 } }
     END {print c + 0, s + 0, q + 0, le}'
 }
 # What histogram $2 counted since `histogram` saved it in $work/$1: "N <$4>, X ms on average, M of

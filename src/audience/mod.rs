@@ -491,7 +491,8 @@ impl Stage {
     }
 
     /// After the save in flight finished: on success, reads the store as of it, takes the
-    /// timers it wrote out of memory, and lets the caches drop what it saved. A failure goes up, and the caller resets to the last save committed.
+    /// timers it wrote out of memory, and lets the caches drop what it saved. A failure goes up,
+    /// and the caller resets to the last save committed.
     fn saved(&mut self, outcome: Result<(), StoreError>) -> Result<(), StageError> {
         let flight = self.in_flight.take().expect("a save in flight");
         outcome?;
