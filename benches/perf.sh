@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where the profile stage's time goes: `perf record` (DWARF call graphs) on the profile thread for
 # SECONDS while the load generator offers RATE messages/s of the web mix with the 50 segments of
-# benches/fifty-segments/ loaded, then the report by inclusive share. SLUICE_BENCH_WARM=1 first
+# benches/fifty-segments/ loaded, then the report by inclusive share and by self time. SLUICE_BENCH_WARM=1 first
 # runs the warm-up of benches/segments.sh (1,000,000 messages, then the stage catches up), to
 # look at the steady state rather than the first minute. Needs `perf`.
 #
@@ -32,3 +32,6 @@ grep acknowledged "$work/load.out"
 echo "profile stage lag (records): $(consumer_lag profiles)"
 perf report -i "$work/perf.data" --children --percent-limit 2.5 --stdio -g none 2>/dev/null \
   | grep -E '^ +[0-9]' | grep -v 'kernel\|inlined\|unknown' | head -40
+echo "--- self time"
+perf report -i "$work/perf.data" --no-children --percent-limit 0.7 --stdio -g none 2>/dev/null \
+  | grep -E '^ +[0-9]' | grep -v 'kernel\|unknown' | head -40

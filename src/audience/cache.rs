@@ -74,12 +74,14 @@ pub fn members(p: &Profile) -> BTreeSet<Name> {
 /// The segments `p` entered and left since `stored` (the keys of those it was in), each in key
 /// order. A merge of the two sorted lists: nothing is allocated when nothing changed.
 pub fn membership_changes(stored: &BTreeSet<Name>, p: &Profile) -> (Vec<Name>, Vec<Name>) {
-    let mut now = p
+    let mut now: Vec<&Name> = p
         .memberships
         .iter()
         .filter(|(_, m)| m.member)
         .map(|(k, _)| k)
-        .peekable();
+        .collect();
+    now.sort_unstable();
+    let mut now = now.into_iter().peekable();
     let mut was = stored.iter().peekable();
     let (mut entered, mut left) = (Vec::new(), Vec::new());
     loop {
@@ -248,7 +250,7 @@ mod tests {
     fn membership_changes_are_what_entered_and_what_left() {
         let mut p = Profile::new(1);
         for (key, member) in [("a", true), ("b", false), ("c", true), ("e", true)] {
-            let m = p.memberships.entry(key.into()).or_default();
+            let m = p.memberships.entry(key);
             m.member = member;
         }
         let stored: BTreeSet<Name> = ["b", "c", "d"].into_iter().map(Name::from).collect();

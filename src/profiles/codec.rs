@@ -66,13 +66,14 @@ pub fn encode(p: &Profile, out: &mut Vec<u8>) {
             w.0.extend_from_slice(&value.to_le_bytes());
         });
     });
-    w.list(&p.memberships, |w, (key, m)| {
+    w.unsigned(p.memberships.len() as u64);
+    for (key, m) in p.memberships.iter() {
         w.string(key);
         w.byte(u8::from(m.member));
         w.unsigned(u64::from(m.changes));
         w.signed(m.since);
         w.option(m.recheck_at, Writer::signed);
-    });
+    }
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
@@ -334,7 +335,7 @@ mod tests {
             },
         );
         p.memberships.insert(
-            "vip".into(),
+            "vip",
             Membership {
                 member: true,
                 changes: u32::MAX,
@@ -342,7 +343,7 @@ mod tests {
                 recheck_at: Some(-9),
             },
         );
-        p.memberships.insert("gone".into(), Membership::default());
+        p.memberships.insert("gone", Membership::default());
         let t = 1_767_225_600_000;
         let revenue = |x| vec![("revenue".to_string(), x)];
         p.record("Order Completed", t, &revenue(30.5), false);
@@ -369,7 +370,7 @@ mod tests {
     fn names_are_read_interned() {
         let p = decode(&encoded(&rich())).unwrap();
         let (event, _) = p.events.first_key_value().unwrap();
-        let (segment, _) = p.memberships.first_key_value().unwrap();
+        let (segment, _) = p.memberships.iter().next().unwrap();
         for name in [event, segment, &p.names[0]] {
             assert!(std::sync::Arc::ptr_eq(name, &intern(name)), "{name}");
         }

@@ -10,6 +10,7 @@
 //!
 //! - [`profile`]: the profile itself, applying a message and merging two profiles (pure).
 //! - [`identity`]: which profile a message belongs to, linking and merging identifiers.
+//! - [`memberships`]: a profile's segment memberships, laid out by the loaded segments.
 //! - [`codec`]: a profile's stored encoding.
 //! - [`store`]: the redb tables.
 //!
@@ -17,6 +18,7 @@
 
 pub mod codec;
 pub mod identity;
+pub mod memberships;
 pub mod profile;
 pub mod store;
 

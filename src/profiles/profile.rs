@@ -15,6 +15,8 @@ use serde_json::{Map, Value};
 
 use crate::ingest::message::MessageType;
 
+pub use super::memberships::{Membership, Memberships};
+
 /// Times are milliseconds since the epoch.
 pub type Millis = i64;
 
@@ -85,7 +87,7 @@ pub struct Profile {
     pub names: Vec<Name>,
     /// Occurrences inside the retention window, oldest first.
     pub history: Vec<Occurrence>,
-    pub memberships: BTreeMap<Name, Membership>,
+    pub memberships: Memberships,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -111,23 +113,6 @@ pub struct Occurrence {
 }
 
 pub type Values = smallvec::SmallVec<[(u16, f64); 1]>;
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Membership {
-    pub member: bool,
-    /// How many times membership changed: makes the ids of emitted messages deterministic.
-    pub changes: u32,
-    pub since: Millis,
-    /// The next moment at which the rule's answer could change with no new message.
-    pub recheck_at: Option<Millis>,
-}
-
-impl Membership {
-    /// Whether it carries nothing: never a member, and waiting for no moment.
-    pub fn is_empty(&self) -> bool {
-        !self.member && self.changes == 0 && self.recheck_at.is_none()
-    }
-}
 
 /// Which event names a retention setting covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,8 +426,8 @@ impl Profile {
         let over = history.len().saturating_sub(MAX_HISTORY);
         history.drain(..over);
         self.history = history;
-        for (key, theirs) in other.memberships {
-            let ours = self.memberships.entry(key).or_default();
+        for (key, theirs) in other.memberships.into_pairs() {
+            let ours = self.memberships.entry(&key);
             ours.member |= theirs.member;
             ours.changes = ours.changes.max(theirs.changes);
             ours.recheck_at = match (ours.recheck_at, theirs.recheck_at) {
@@ -454,7 +439,7 @@ impl Profile {
 
     /// The earliest moment any segment asked to be looked at again.
     pub fn next_recheck(&self) -> Option<Millis> {
-        self.memberships.values().filter_map(|m| m.recheck_at).min()
+        self.memberships.next_recheck()
     }
 
     /// Keys of the segments this profile is in.

@@ -98,12 +98,12 @@ impl Round {
         })
     }
 
-    /// Whether the profile is in segment `key` as of this round.
-    pub fn member(&self, index: usize, key: &str) -> bool {
+    /// Whether the profile is in the segment at `index` as of this round.
+    pub fn member(&self, index: usize) -> bool {
         let answers = self.answers.lock().unwrap();
         match answers.iter().rev().find(|(i, _)| *i == index) {
             Some((_, answer)) => *answer,
-            None => self.profile.memberships.get(key).is_some_and(|m| m.member),
+            None => self.profile.memberships.at(index).is_some_and(|m| m.member),
         }
     }
 
@@ -188,7 +188,7 @@ impl Round {
 
     pub fn in_segment(&self, key: &str) -> bool {
         match self.keys.get(key) {
-            Some(&index) => self.member(index, key),
+            Some(&index) => self.member(index),
             None => false,
         }
     }

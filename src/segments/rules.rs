@@ -17,6 +17,7 @@ use super::files::SegmentFile;
 use super::native::{self, Native};
 use super::sandbox;
 use crate::diagnostic::Diagnostic;
+use crate::profiles::memberships::Layout;
 use crate::profiles::profile::{intern, Millis, Names, Profile, Retention};
 
 pub struct Segment {
@@ -88,6 +89,8 @@ pub struct SegmentSet {
     dependents: Vec<Vec<usize>>,
     /// Positions by key.
     by_key: Arc<hashbrown::HashMap<String, usize>>,
+    /// The keys by position, which profiles' memberships are laid out by.
+    layout: Layout,
     /// The segments a message with this event name can affect.
     by_event: hashbrown::HashMap<String, Vec<usize>>,
     /// The segments every message can affect.
@@ -220,8 +223,10 @@ impl SegmentSet {
         for s in &segments {
             retention.union(&s.deps.retention);
         }
+        let layout = segments.iter().map(|s| intern(&s.key)).collect();
         let set = SegmentSet {
             engine,
+            layout,
             segments,
             dependents,
             by_key,
@@ -249,26 +254,19 @@ impl SegmentSet {
     /// memberships (member, change count, next recheck time).
     pub fn evaluate(&self, profile: &mut Profile, trigger: Trigger, now: Millis) -> Evaluation {
         let mut out = Evaluation::default();
-        let mut wanted = vec![false; self.segments.len()];
+        let memberships = &mut profile.memberships;
+        memberships.lay_out(&self.layout, |key| self.position(key));
         // Whatever the trigger, a segment whose time has come is looked at. Memberships of
         // segments no longer loaded are kept (a reload may bring them back), but their due
         // timers are dropped.
-        let mut emptied = Vec::new();
-        for (key, m) in profile.memberships.iter_mut() {
-            if m.recheck_at.is_some_and(|t| t <= now) {
-                match self.by_key.get(&**key) {
-                    Some(&i) => wanted[i] = true,
-                    None => {
-                        m.recheck_at = None;
-                        if m.is_empty() {
-                            emptied.push(key.clone());
-                        }
-                    }
-                }
+        let mut wanted = vec![false; self.segments.len()];
+        memberships.due(now).for_each(|i| wanted[i] = true);
+        let aside = memberships.aside_mut();
+        if !aside.is_empty() {
+            for (_, m) in aside.iter_mut() {
+                m.recheck_at = m.recheck_at.filter(|&t| t > now);
             }
-        }
-        for key in emptied {
-            profile.memberships.remove(&key);
+            aside.retain(|(_, m)| !m.is_empty());
         }
         if self.segments.is_empty() {
             return out;
@@ -346,7 +344,7 @@ impl SegmentSet {
                         continue;
                     }
                 };
-                let was = round.member(i, &segment.key);
+                let was = round.member(i);
                 round.answer(i, answer);
                 if was != answer {
                     for &d in &self.dependents[i] {
@@ -358,15 +356,11 @@ impl SegmentSet {
         }
         drop(round);
         *profile = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone());
-        // One lookup of the membership per answer: these are string-keyed B-tree lookups, and a
-        // message answers a dozen segments or more.
         for &(i, answer, recheck_at) in &answers {
-            let key = self.segments[i].key.as_str();
-            let m = match profile.memberships.get_mut(key) {
-                Some(m) => m,
-                None if !answer && recheck_at.is_none() => continue, // nothing to remember
-                None => profile.memberships.entry(intern(key)).or_default(),
-            };
+            if !answer && recheck_at.is_none() && profile.memberships.at(i).is_none() {
+                continue; // nothing to remember
+            }
+            let m = profile.memberships.at_mut(i);
             m.recheck_at = recheck_at;
             if m.member != answer {
                 m.member = answer;
@@ -380,19 +374,14 @@ impl SegmentSet {
             }
             // Only what carries information is kept: a segment the profile was never in and that
             // waits for no moment needs no entry.
-            if m.is_empty() {
-                profile.memberships.remove(key);
-            }
+            profile.memberships.drop_if_empty(i);
         }
         // A failed rule keeps its answer but loses its timer, so that it is not woken again and
         // again; its next message re-evaluates it.
-        for (i, _) in &out.failures {
-            let key = self.segments[*i].key.as_str();
-            if let Some(m) = profile.memberships.get_mut(key) {
-                m.recheck_at = None;
-                if m.is_empty() {
-                    profile.memberships.remove(key);
-                }
+        for &(i, _) in &out.failures {
+            if profile.memberships.at(i).is_some() {
+                profile.memberships.at_mut(i).recheck_at = None;
+                profile.memberships.drop_if_empty(i);
             }
         }
         out

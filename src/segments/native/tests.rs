@@ -7,7 +7,8 @@ use proptest::prelude::*;
 use rhai::Dynamic;
 
 use super::*;
-use crate::profiles::profile::{EventStats, Membership, Millis, Profile};
+use crate::profiles::memberships::Layout;
+use crate::profiles::profile::{EventStats, Membership, Millis, Name, Profile};
 use crate::segments::api::{self, User};
 use crate::segments::sandbox;
 
@@ -47,12 +48,16 @@ fn native(rule: &str, round: &Round) -> (Option<bool>, Option<Millis>) {
     (answer, api::recorded())
 }
 
-fn round(profile: Profile, now: Millis) -> Arc<Round> {
-    let keys = Arc::new(
+fn round(mut profile: Profile, now: Millis) -> Arc<Round> {
+    let keys: Arc<hashbrown::HashMap<String, usize>> = Arc::new(
         [("a".to_string(), 0), ("b".to_string(), 1)]
             .into_iter()
             .collect(),
     );
+    let layout: Layout = ["a", "b"].into_iter().map(Name::from).collect();
+    profile
+        .memberships
+        .lay_out(&layout, |key| keys.get(key).copied());
     Round::new(Arc::new(profile), now, keys)
 }
 
@@ -175,7 +180,7 @@ fn profiles() -> impl Strategy<Value = (Profile, Millis)> {
                 }
                 for (key, member) in [("a", in_a), ("b", in_b)] {
                     p.memberships.insert(
-                        key.into(),
+                        key,
                         Membership {
                             member,
                             ..Membership::default()

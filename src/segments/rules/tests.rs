@@ -395,7 +395,7 @@ fn the_due_timer_of_an_unloaded_segment_is_dropped() {
     let s = set(&[("kept", "true")]);
     let mut p = Profile::new(1);
     p.memberships.insert(
-        "gone".into(),
+        "gone",
         crate::profiles::profile::Membership {
             member: true,
             changes: 1,
