@@ -242,8 +242,9 @@ struct Stage {
     /// The identity index as far as it was read or written: this stage is its only writer.
     /// hashbrown's hasher for the same reason as the cache's. It holds every link not committed
     /// yet: it is trimmed only right after a save committed, and keeps the links made since the
-    /// last hand-off.
-    identities: hashbrown::HashMap<String, u64>,
+    /// last hand-off. Keyed by [`identity_hash`], not by the identifier: a lookup compares 16
+    /// bytes in place rather than following a pointer to the string, and an entry is 32 bytes.
+    identities: hashbrown::HashMap<u128, u64>,
     /// Identities kept in memory, at most.
     max_identities: usize,
     /// Profiles merged away in this batch, with what the store and the stage's timers hold for
@@ -780,13 +781,13 @@ impl Stage {
             let excess = self.identities.len() - max_identities * 9 / 10;
             // Links made since the last save was handed off are not in the store yet: they stay
             // (and the save in flight has just committed).
-            let links = &self.writes.links;
-            let victims: Vec<String> = self
+            let links: HashSet<u128> = self.writes.links.keys().map(|k| identity_hash(k)).collect();
+            let victims: Vec<u128> = self
                 .identities
                 .keys()
-                .filter(|k| !links.contains_key(*k))
+                .filter(|k| !links.contains(*k))
                 .take(excess)
-                .cloned()
+                .copied()
                 .collect();
             for key in victims {
                 self.identities.remove(&key);
@@ -1089,15 +1090,22 @@ impl Batch<'_> {
     }
 }
 
+/// An identity index key's 128-bit hash: the stage's identity map is keyed by it. Two keys with
+/// the same hash would share a profile; among a billion keys the chance of that is about 10^-21.
+fn identity_hash(key: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
+
 impl Directory for Batch<'_> {
     fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
         let stage = &mut self.stage;
-        if let Some(id) = stage.identities.get(identity) {
+        let hash = identity_hash(identity);
+        if let Some(id) = stage.identities.get(&hash) {
             return Ok(Some(*id));
         }
         let found = stage.read.lookup(identity)?;
         if let Some(id) = found {
-            self.stage.identities.insert(identity.to_string(), id);
+            self.stage.identities.insert(hash, id);
         }
         Ok(found)
     }
@@ -1105,7 +1113,7 @@ impl Directory for Batch<'_> {
     fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
         let stage = &mut self.stage;
         stage.writes.links.insert(identity.to_string(), id);
-        stage.identities.insert(identity.to_string(), id);
+        stage.identities.insert(identity_hash(identity), id);
         Ok(())
     }
 

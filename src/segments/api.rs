@@ -77,7 +77,7 @@ pub struct Round {
     pub profile: Arc<Profile>,
     pub now: Millis,
     /// Answers given so far in this round, which `in_segment` sees before the stored ones.
-    answers: std::sync::Mutex<Vec<(usize, bool)>>,
+    answers: std::sync::Mutex<smallvec::SmallVec<[(usize, bool); 16]>>,
     /// Segment positions by key.
     keys: Arc<hashbrown::HashMap<String, usize>>,
     traits: OnceLock<Dynamic>,
@@ -92,7 +92,7 @@ impl Round {
         Arc::new(Round {
             profile,
             now,
-            answers: std::sync::Mutex::new(Vec::new()),
+            answers: std::sync::Mutex::new(smallvec::SmallVec::new()),
             keys,
             traits: OnceLock::new(),
         })

@@ -259,7 +259,8 @@ impl SegmentSet {
         // Whatever the trigger, a segment whose time has come is looked at. Memberships of
         // segments no longer loaded are kept (a reload may bring them back), but their due
         // timers are dropped.
-        let mut wanted = vec![false; self.segments.len()];
+        let mut wanted: smallvec::SmallVec<[bool; 64]> =
+            smallvec::smallvec![false; self.segments.len()];
         memberships.due(now).for_each(|i| wanted[i] = true);
         let aside = memberships.aside_mut();
         if !aside.is_empty() {
@@ -293,7 +294,8 @@ impl SegmentSet {
         }
         let shared = Arc::new(std::mem::take(profile));
         let round = Round::new(shared.clone(), now, self.by_key.clone());
-        let mut answers: Vec<(usize, bool, Option<Millis>)> = Vec::new();
+        let mut answers: smallvec::SmallVec<[(usize, bool, Option<Millis>); 16]> =
+            smallvec::SmallVec::new();
         {
             // Made for the first rule that needs Rhai, if one does.
             let mut scope: Option<rhai::Scope> = None;
