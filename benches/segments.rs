@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use sluice::ingest::message::MessageType;
 use sluice::profiles::profile::{event_name, Observed};
 use sluice::profiles::Profile;
-use sluice::segments::api::Event;
+use sluice::segments::api;
 use sluice::segments::{SegmentSet, Trigger};
 
 const EVENTS: [&str; 8] = [
@@ -98,20 +98,20 @@ fn process(set: &SegmentSet, profiles: &mut HashMap<u64, Profile>, m: &Message, 
         &set.retention,
         at,
     );
-    let event_object = Event {
-        name: event.unwrap_or_default().into(),
+    let message = api::Message {
+        name: event.unwrap_or_default(),
         at,
         now: at,
-        properties: Some(m.properties.get().into()),
-        kind: m.kind.as_str().into(),
+        properties: Some(m.properties.get()),
+        kind: m.kind.as_str(),
     };
     let trigger = if created {
-        Trigger::All(Some(&event_object))
+        Trigger::All(Some(message))
     } else {
         Trigger::Message {
             event,
             identify: false,
-            event_object: &event_object,
+            message,
         }
     };
     set.evaluate(profile, trigger, at).transitions.len()

@@ -65,7 +65,7 @@ use serde_json::value::RawValue;
 use crate::clock::Clock;
 use crate::entry::{Entry, Status};
 use crate::ingest::dedup::{self, Dedup};
-use crate::ingest::message::MessageType;
+use crate::ingest::message::{JsonStr, MessageType};
 use crate::intake_log::{AppendError, IntakeLog, LogReader, Record, RecordBatch};
 use crate::metrics::{
     Cause, CauseLabels, Direction, FailureClass, PauseLabels, RuleFailureLabels, SavePause,
@@ -77,7 +77,7 @@ use crate::profiles::profile::{
 };
 use crate::profiles::store::{ProfileStore, Reader, StoreError};
 use crate::query::QueryEngine;
-use crate::segments::api::Event;
+use crate::segments::api::Message;
 use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
 use cache::{membership_changes, Cache, Held};
 use emit::Emission;
@@ -807,15 +807,15 @@ struct Fields<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
     #[serde(borrow)]
-    event: Option<Cow<'a, str>>,
+    event: Option<JsonStr<'a>>,
     #[serde(rename = "userId", borrow)]
-    user_id: Option<Cow<'a, str>>,
+    user_id: Option<JsonStr<'a>>,
     #[serde(rename = "anonymousId", borrow)]
-    anonymous_id: Option<Cow<'a, str>>,
+    anonymous_id: Option<JsonStr<'a>>,
     #[serde(rename = "previousId", borrow)]
-    previous_id: Option<Cow<'a, str>>,
+    previous_id: Option<JsonStr<'a>>,
     #[serde(borrow)]
-    timestamp: Option<Cow<'a, str>>,
+    timestamp: Option<JsonStr<'a>>,
     #[serde(borrow)]
     properties: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -892,8 +892,8 @@ impl Batch<'_> {
             properties: m.properties,
             traits: m.traits,
         };
-        let event_object = Event {
-            name: event.unwrap_or_default().into(),
+        let message = Message {
+            name: event.unwrap_or_default(),
             at,
             now: now_ms,
             properties: (if kind == MessageType::Identify {
@@ -901,16 +901,16 @@ impl Batch<'_> {
             } else {
                 m.properties
             })
-            .map(|p| Arc::from(p.get())),
-            kind: kind.as_str().into(),
+            .map(RawValue::get),
+            kind: kind.as_str(),
         };
         let trigger = if resolved.created || resolved.absorbed.is_some() {
-            Trigger::All(Some(&event_object))
+            Trigger::All(Some(message))
         } else {
             Trigger::Message {
                 event,
                 identify: kind == MessageType::Identify,
-                event_object: &event_object,
+                message,
             }
         };
         let held = self.held(resolved.id)?;

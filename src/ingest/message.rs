@@ -87,7 +87,7 @@ impl<'de> Visitor<'de> for MessageVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMessage, A::Error> {
         let mut m = RawMessage::default();
-        while let Some(key) = map.next_key::<KeyName<'de>>()? {
+        while let Some(key) = map.next_key::<JsonStr<'de>>()? {
             let key = key.0;
             match &*key {
                 "type" => m.kind = text(&mut map, "type")?,
@@ -121,25 +121,34 @@ impl<'de> Visitor<'de> for MessageVisitor {
     }
 }
 
-/// A key, borrowed from the input when it has no escapes.
-struct KeyName<'de>(std::borrow::Cow<'de, str>);
+/// A JSON string, borrowed from the input when it has no escapes. (serde's own `Cow<str>`
+/// always copies, `#[serde(borrow)]` or not, when it is inside an `Option`.)
+pub struct JsonStr<'de>(pub std::borrow::Cow<'de, str>);
 
-impl<'de> Deserialize<'de> for KeyName<'de> {
+impl<'de: 'a, 'a> Deserialize<'de> for JsonStr<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = KeyName<'de>;
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = JsonStr<'a>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a key")
+                f.write_str("a string")
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(KeyName(v.into()))
+                Ok(JsonStr(v.into()))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(KeyName(v.to_owned().into()))
+                Ok(JsonStr(v.to_owned().into()))
             }
         }
-        d.deserialize_str(V)
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+impl std::ops::Deref for JsonStr<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
     }
 }
 

@@ -61,6 +61,13 @@ pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Reso
         Some(u) => dir.lookup(&user_key(u))?,
         None => None,
     };
+    // Nearly every message: the userId's profile already holds the anonymousId. A profile holds
+    // only identifiers linked to it, so the index need not be asked.
+    if let (Some(a), Some(o), None) = (by_user, other, ids.previous_id) {
+        if dir.profile(a)?.anonymous_ids.iter().any(|known| known == o) {
+            return Ok(Some(Resolved::existing(a)));
+        }
+    }
     // The other identifier's key, and the profile it belongs to.
     let (other_key, by_other) = match other {
         None => (None, None),
@@ -167,12 +174,15 @@ mod tests {
     #[derive(Default)]
     struct Memory {
         index: HashMap<String, u64>,
+        /// Every key looked up, in order.
+        asked: Vec<String>,
         profiles: HashMap<u64, Profile>,
         next: u64,
     }
 
     impl Directory for Memory {
         fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
+            self.asked.push(identity.to_string());
             Ok(self.index.get(identity).copied())
         }
         fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
@@ -280,5 +290,27 @@ mod tests {
         let r = resolve(&mut d, alias).unwrap().unwrap();
         assert_eq!((r.id, r.absorbed), (user.id, Some(anon.id)));
         assert!(resolve(&mut d, ids(None, None)).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_known_pair_needs_one_lookup() {
+        let mut d = Memory::default();
+        let first = resolve(&mut d, ids(Some("u1"), Some("a1")))
+            .unwrap()
+            .unwrap();
+        d.asked.clear();
+        let again = resolve(&mut d, ids(Some("u1"), Some("a1")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(again, Resolved::existing(first.id));
+        assert_eq!(d.asked, ["user:u1"]);
+        // A new anonymousId of the same user is looked up, and linked.
+        d.asked.clear();
+        let other = resolve(&mut d, ids(Some("u1"), Some("a2")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(other.id, first.id);
+        assert_eq!(d.asked, ["user:u1", "anon:a2"]);
+        assert_eq!(d.index["anon:a2"], first.id);
     }
 }

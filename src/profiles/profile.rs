@@ -13,7 +13,7 @@ use Set as HashSet;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::ingest::message::MessageType;
+use crate::ingest::message::{JsonStr, MessageType};
 
 pub use super::memberships::{Membership, Memberships};
 
@@ -513,7 +513,7 @@ impl<'de, K: Fn(&str) -> bool> serde::de::Visitor<'de> for Numbers<'_, K> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+        while let Some(JsonStr(key)) = map.next_key::<JsonStr<'de>>()? {
             let value: &RawValue = map.next_value()?;
             if self.found.len() >= 32 || !(self.keep)(&key) {
                 continue;
@@ -527,28 +527,6 @@ impl<'de, K: Fn(&str) -> bool> serde::de::Visitor<'de> for Numbers<'_, K> {
             }
         }
         Ok(())
-    }
-}
-
-/// An object key, borrowed from the JSON unless it has escapes.
-struct Key<'de>(std::borrow::Cow<'de, str>);
-
-impl<'de> serde::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Borrowed(s)))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Owned(s.to_string())))
-            }
-        }
-        d.deserialize_str(KeyVisitor)
     }
 }
 

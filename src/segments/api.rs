@@ -127,6 +127,30 @@ pub struct Event {
     pub kind: ImmutableString,
 }
 
+/// The message that triggered an evaluation, borrowed from it: made into the rule's `event` only
+/// for a rule that runs on Rhai (the native interpreter does not read it), as that copies it.
+#[derive(Clone, Copy)]
+pub struct Message<'a> {
+    pub name: &'a str,
+    pub at: Millis,
+    pub now: Millis,
+    /// Properties (traits for an identify), as JSON text.
+    pub properties: Option<&'a str>,
+    pub kind: &'a str,
+}
+
+impl Message<'_> {
+    pub fn to_event(&self) -> Event {
+        Event {
+            name: self.name.into(),
+            at: self.at,
+            now: self.now,
+            properties: self.properties.map(Arc::from),
+            kind: self.kind.into(),
+        }
+    }
+}
+
 impl Round {
     pub fn did(&self, name: &str) -> bool {
         self.profile.events.contains_key(name)

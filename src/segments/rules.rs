@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use rhai::{Dynamic, Engine, AST};
 
 use super::analysis::{analyse, Dependencies};
-use super::api::{self, Event, Round, User};
+use super::api::{self, Message, Round, User};
 use super::files::SegmentFile;
 use super::native::{self, Native};
 use super::sandbox;
@@ -52,13 +52,13 @@ pub enum Trigger<'a> {
     Message {
         event: Option<&'a str>,
         identify: bool,
-        /// The message as the rule's `event`.
-        event_object: &'a Event,
+        /// The message, for the rule's `event`.
+        message: Message<'a>,
     },
     /// The profile's timer is due: the segments whose recheck time has come.
     Timer,
     /// Every segment (a new or merged profile), with the message if there is one.
-    All(Option<&'a Event>),
+    All(Option<Message<'a>>),
     /// These segments only (backfill).
     Only(&'a HashSet<usize>),
 }
@@ -313,9 +313,8 @@ impl SegmentSet {
                         api::start_recording();
                         let scope = scope.get_or_insert_with(|| {
                             let event = match trigger {
-                                Trigger::Message { event_object, .. }
-                                | Trigger::All(Some(event_object)) => {
-                                    Dynamic::from(event_object.clone())
+                                Trigger::Message { message, .. } | Trigger::All(Some(message)) => {
+                                    Dynamic::from(message.to_event())
                                 }
                                 _ => Dynamic::UNIT,
                             };

@@ -67,13 +67,13 @@ fn member(set: &SegmentSet, p: &mut Profile, key: &str, now: Millis) -> bool {
     p.memberships.get(key).is_some_and(|m| m.member)
 }
 
-fn event(name: &str, at: Millis, props: &str) -> Event {
-    Event {
-        name: name.into(),
+fn event<'a>(name: &'a str, at: Millis, props: &'a str) -> Message<'a> {
+    Message {
+        name,
         at,
         now: at,
-        properties: Some(props.into()),
-        kind: "track".into(),
+        properties: Some(props),
+        kind: "track",
     }
 }
 
@@ -220,7 +220,7 @@ fn event_is_the_triggering_message_and_unit_on_a_timer() {
     let trigger = Trigger::Message {
         event: Some("Order Completed"),
         identify: false,
-        event_object: &e,
+        message: e,
     };
     let eval = s.evaluate(&mut p, trigger, T0);
     assert!(
@@ -363,12 +363,12 @@ proptest! {
                     observe(&mut full, &s, kind, name, &json, now);
                     let e = event(name.unwrap_or(""), now, &json);
                     let trigger = if n == 0 {
-                        Trigger::All(Some(&e))
+                        Trigger::All(Some(e))
                     } else {
-                        Trigger::Message { event: name, identify, event_object: &e }
+                        Trigger::Message { event: name, identify, message: e }
                     };
                     s.evaluate(&mut indexed, trigger, now);
-                    s.evaluate(&mut full, Trigger::All(Some(&e)), now);
+                    s.evaluate(&mut full, Trigger::All(Some(e)), now);
                 }
                 (Step::Wait(gap), None) => {
                     // Time passes: the indexed side wakes at each noted moment on the way, as
