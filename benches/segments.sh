@@ -6,9 +6,10 @@
 #   benches/segments.sh [SECONDS]
 #
 # 1. After a warm-up (1,000,000 messages, then the stage catches up), 50,000 messages/s (open loop)
-#    for SECONDS: acknowledged rate, the profile stage's lag behind the log every 5 s (bounded = it
-#    keeps up), the rate at which it applied messages, and the CPU time per message it applied of
-#    the profile thread and of its saver (what a message costs, whatever share of the core they got).
+#    for SECONDS: acknowledged rate, the messages the profile stage applied in each 5 s (as many as
+#    offered = it keeps up), its log cursor's lag (which also waits for saves to commit), the rate
+#    at which it applied messages, and the CPU time per message it applied of the profile thread
+#    and of its saver (what a message costs, whatever share of the core they got).
 # 2. After a warm-up, 25,000 messages/s for SECONDS: delay from a message's arrival (or a time
 #    condition's moment) to its Audience Entered/Exited being durable in the log, from the
 #    server's histogram (the run's share of it), and the profile store's saves in the run.
@@ -102,17 +103,23 @@ before="$(applied)"
 ticks_before="$(ticks sluice-profiles)"
 saver_before="$(ticks sluice-saver)"
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
+lag_sampler=$!
+# The log cursor moves when a save commits, so the lag above includes the saver's delay; the
+# stage's own progress is the count of messages it applied.
+( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(applied)"; done ) > "$work/applied" &
 sampler=$!
 started="$(date +%s%N)"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 500 --duration "$seconds" --pid "$pid"
-wait "$sampler" || true
+wait "$sampler" "$lag_sampler" || true
 elapsed_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 applied_now="$(applied)"
 ticks="$(( $(ticks sluice-profiles) - ticks_before ))"
 saver_ticks="$(( $(ticks sluice-saver) - saver_before ))"
 per_message() { echo "$(( $1 * 10000 / (applied_now > before ? applied_now - before : 1) ))"; }
-echo "profile stage lag (records) every 5 s: $(cat "$work/lag")"
+echo "log cursor of the profile stage, records behind the log end, every 5 s: $(cat "$work/lag")"
+echo "messages the stage applied in each 5 s (250,000 offered; equal = it keeps up): $(
+  awk -v b="$before" '{for (i = 1; i <= NF; i++) {printf "%d ", $i - b; b = $i}}' "$work/applied")"
 echo "profile stage applied $((applied_now - before)) messages in $((elapsed_ms / 1000)) s: $(( (applied_now - before) * 1000 / elapsed_ms )) per second"
 echo "profile thread CPU: $((ticks / 100)) s, $(per_message "$ticks") µs per message applied"
 echo "saver thread CPU: $((saver_ticks / 100)) s, $(per_message "$saver_ticks") µs per message applied"
