@@ -104,6 +104,8 @@ ticks_before="$(ticks sluice-profiles)"
 saver_before="$(ticks sluice-saver)"
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
 lag_sampler=$!
+( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(consumer_lag lake)"; done ) > "$work/lake_lag" &
+lake_sampler=$!
 # The log cursor moves when a save commits, so the lag above includes the saver's delay; the
 # stage's own progress is the count of messages it applied.
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(applied)"; done ) > "$work/applied" &
@@ -111,13 +113,14 @@ sampler=$!
 started="$(date +%s%N)"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 500 --duration "$seconds" --pid "$pid"
-wait "$sampler" "$lag_sampler" || true
+wait "$sampler" "$lag_sampler" "$lake_sampler" || true
 elapsed_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 applied_now="$(applied)"
 ticks="$(( $(ticks sluice-profiles) - ticks_before ))"
 saver_ticks="$(( $(ticks sluice-saver) - saver_before ))"
 per_message() { echo "$(( $1 * 10000 / (applied_now > before ? applied_now - before : 1) ))"; }
 echo "log cursor of the profile stage, records behind the log end, every 5 s: $(cat "$work/lag")"
+echo "log cursor of the lake writer, records behind, every 5 s: $(cat "$work/lake_lag")"
 echo "messages the stage applied in each 5 s (250,000 offered; equal = it keeps up): $(
   awk -v b="$before" '{for (i = 1; i <= NF; i++) {printf "%d ", $i - b; b = $i}}' "$work/applied")"
 echo "profile stage applied $((applied_now - before)) messages in $((elapsed_ms / 1000)) s: $(( (applied_now - before) * 1000 / elapsed_ms )) per second"
