@@ -165,13 +165,14 @@ impl Memberships {
     }
 }
 
+/// From pairs with distinct keys (as a profile's stored encoding holds them), laid out for no set
+/// yet: taken as they are, with no search per pair.
 impl FromIterator<(Name, Membership)> for Memberships {
     fn from_iter<I: IntoIterator<Item = (Name, Membership)>>(pairs: I) -> Memberships {
-        let mut out = Memberships::default();
-        for (key, m) in pairs {
-            out.insert(&key, m);
+        Memberships {
+            aside: pairs.into_iter().collect(),
+            ..Memberships::default()
         }
-        out
     }
 }
 
