@@ -72,7 +72,8 @@ pub fn members(p: &Profile) -> BTreeSet<Name> {
 }
 
 /// The segments `p` entered and left since `stored` (the keys of those it was in), each in key
-/// order. A merge of the two sorted lists: nothing is allocated when nothing changed.
+/// order. The profile's member keys (kept by segment place, not by key) are sorted, then merged
+/// with the stored ones: no set is built.
 pub fn membership_changes(stored: &BTreeSet<Name>, p: &Profile) -> (Vec<Name>, Vec<Name>) {
     let mut now: Vec<&Name> = p
         .memberships
