@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Where the profile stage's time goes: `perf record` (DWARF call graphs) on the profile thread for
 # SECONDS while the load generator offers RATE messages/s of the web mix with the 50 segments of
-# benches/fifty-segments/ loaded, then the report by inclusive share and by self time. SLUICE_BENCH_WARM=1 first
-# runs the warm-up of benches/segments.sh (1,000,000 messages, then the stage catches up), to
-# look at the steady state rather than the first minute. Needs `perf`.
+# benches/fifty-segments/ loaded, then the report by inclusive share and by self time.
+# SLUICE_BENCH_WARM=1 first runs the warm-up of benches/segments.sh (1,000,000 messages, then the
+# stage catches up), to look at the steady state rather than the first minute. Needs `perf`.
 #
 #   benches/perf.sh [RATE] [SECONDS]
 source "$(dirname "$0")/common.sh"

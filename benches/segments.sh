@@ -16,7 +16,8 @@
 # 3. 1,000,000 distinct users at 50,000 messages/s (SLUICE_BENCH_MEMORY_RATE) for 2×SECONDS: RSS
 #    every 10 s, profiles every 30 s, and the store's size.
 # SLUICE_BENCH_PHASES="3" runs only the phases named; SLUICE_BENCH_SAVE_INTERVAL sets
-# profiles.save_interval (default: the config's, 5s).
+# profiles.save_interval (default: the config's, 5s); SLUICE_BENCH_LAKE_NICE renices the lake
+# writer (its thread name is cut to 15 characters in /proc: sluice-lake-wri).
 # Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0.
 source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
@@ -38,6 +39,10 @@ TOML
 start() {
   rm -rf "$work/data"
   start_sluice
+  # The lake writer runs at nice 19; SLUICE_BENCH_LAKE_NICE=0 compares with it at the edge's.
+  if [ -n "${SLUICE_BENCH_LAKE_NICE:-}" ]; then
+    renice -n "$SLUICE_BENCH_LAKE_NICE" -p "$(thread_id sluice-lake-wri)" > /dev/null
+  fi
 }
 lag() { consumer_lag profiles; }
 stop() { kill -TERM "$pid"; wait "$pid" || true; }
@@ -102,18 +107,18 @@ ticks() { awk '{print $14 + $15}' "/proc/$pid/task/$(thread_id "$1")/stat"; }
 before="$(applied)"
 ticks_before="$(ticks sluice-profiles)"
 saver_before="$(ticks sluice-saver)"
-( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
-lag_sampler=$!
-( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(consumer_lag lake)"; done ) > "$work/lake_lag" &
-lake_sampler=$!
-# The log cursor moves when a save commits, so the lag above includes the saver's delay; the
-# stage's own progress is the count of messages it applied.
-( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(applied)"; done ) > "$work/applied" &
+# Every 5 s: the stage's log cursor (it moves when a save commits, so it includes the saver's
+# delay), the lake's, and the count of messages the stage applied (its own progress).
+( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5
+    printf '%s ' "$(lag)" >> "$work/lag"
+    printf '%s ' "$(consumer_lag lake)" >> "$work/lake_lag"
+    printf '%s ' "$(applied)" >> "$work/applied"
+  done ) &
 sampler=$!
 started="$(date +%s%N)"
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
   --connections 32 --rate 500 --duration "$seconds" --pid "$pid"
-wait "$sampler" "$lag_sampler" "$lake_sampler" || true
+wait "$sampler" || true
 elapsed_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 applied_now="$(applied)"
 ticks="$(( $(ticks sluice-profiles) - ticks_before ))"

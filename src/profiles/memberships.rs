@@ -68,8 +68,13 @@ impl Memberships {
         Some(&self.placed[i].1)
     }
 
+    pub fn at_mut(&mut self, place: usize) -> Option<&mut Membership> {
+        let i = self.find(place).ok()?;
+        Some(&mut self.placed[i].1)
+    }
+
     /// The membership at `place`, made (empty) if there is none.
-    pub fn at_mut(&mut self, place: usize) -> &mut Membership {
+    pub fn at_or_default(&mut self, place: usize) -> &mut Membership {
         let i = match self.find(place) {
             Ok(i) => i,
             Err(i) => {
@@ -118,7 +123,7 @@ impl Memberships {
     /// The membership of segment `key`, made (empty) if there is none.
     pub fn entry(&mut self, key: &str) -> &mut Membership {
         if let Some(place) = self.layout.iter().position(|k| &**k == key) {
-            return self.at_mut(place);
+            return self.at_or_default(place);
         }
         let i = match self.aside.iter().position(|(k, _)| &**k == key) {
             Some(i) => i,
@@ -238,10 +243,10 @@ mod tests {
         let mut m = Memberships::default();
         m.lay_out(&keys, |k| keys.iter().position(|f| &**f == k));
         for place in [3, 0, 2] {
-            m.at_mut(place).recheck_at = Some(place as Millis);
+            m.at_or_default(place).recheck_at = Some(place as Millis);
         }
         assert_eq!(m.due(2).collect::<Vec<_>>(), [0, 2]);
-        m.at_mut(2).recheck_at = None;
+        m.at_or_default(2).recheck_at = None;
         m.drop_if_empty(2);
         m.drop_if_empty(0); // waits for a moment: stays
         let keys_in_order: Vec<&str> = m.iter().map(|(k, _)| &**k).collect();
@@ -262,7 +267,7 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(laid_out, by_name);
-        laid_out.at_mut(0).changes = 3;
+        laid_out.at_or_default(0).changes = 3;
         assert_ne!(laid_out, by_name);
     }
 }

@@ -361,7 +361,7 @@ impl SegmentSet {
             if !answer && recheck_at.is_none() && profile.memberships.at(i).is_none() {
                 continue; // nothing to remember
             }
-            let m = profile.memberships.at_mut(i);
+            let m = profile.memberships.at_or_default(i);
             m.recheck_at = recheck_at;
             if m.member != answer {
                 m.member = answer;
@@ -380,10 +380,10 @@ impl SegmentSet {
         // A failed rule keeps its answer but loses its timer, so that it is not woken again and
         // again; its next message re-evaluates it.
         for &(i, _) in &out.failures {
-            if profile.memberships.at(i).is_some() {
-                profile.memberships.at_mut(i).recheck_at = None;
-                profile.memberships.drop_if_empty(i);
+            if let Some(m) = profile.memberships.at_mut(i) {
+                m.recheck_at = None;
             }
+            profile.memberships.drop_if_empty(i);
         }
         out
     }
