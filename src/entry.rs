@@ -137,10 +137,7 @@ impl<'a> Entry<'a> {
 
 fn put_str16(out: &mut Vec<u8>, s: &str) {
     // Sources are config names and messageIds are capped far below this by the message size limit.
-    let mut end = s.len().min(u16::MAX as usize);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = crate::text::boundary_at_most(s, u16::MAX as usize);
     out.extend_from_slice(&(end as u16).to_le_bytes());
     out.extend_from_slice(&s.as_bytes()[..end]);
 }

@@ -57,4 +57,5 @@ pub mod query;
 pub mod replay;
 pub mod schema;
 pub mod segments;
+pub mod text;
 pub mod thread_priority;

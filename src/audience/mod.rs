@@ -743,7 +743,9 @@ impl Stage {
             .iter()
             .map(|e| Some(dedup::key(SOURCE, &e.message_id)))
             .collect();
-        let (reservation, duplicate) = self.dedup.reserve(&keys, now, self.log.end());
+        let (reservation, duplicate) =
+            self.runtime
+                .block_on(self.dedup.reserve(&keys, now, || self.log.end()));
         let mut records =
             RecordBatch::with_capacity(self.emissions.iter().map(|e| e.body.len() + 64).sum());
         for (e, dup) in self.emissions.iter().zip(duplicate) {

@@ -107,6 +107,10 @@ pub struct QueryConfig {
     pub memory_limit: u64,
     /// Time one query may run before it is stopped.
     pub timeout: Duration,
+    /// Rows one `POST /admin/query` answers at most.
+    pub max_rows: usize,
+    /// Bytes of JSON one `POST /admin/query` answers at most.
+    pub max_result_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -425,14 +429,19 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
 
     let query = {
         let (mut memory_limit, mut timeout) = (None, None);
+        let (mut max_rows, mut max_result_bytes) = (None, None);
         if let Some(mut s) = r.section(root, "query") {
             memory_limit = r.size(&mut s, "memory_limit");
             timeout = r.duration(&mut s, "timeout");
+            max_rows = r.integer(&mut s, "max_rows").map(|n| n.value as usize);
+            max_result_bytes = r.size(&mut s, "max_result_bytes");
             r.finish(s);
         }
         QueryConfig {
             memory_limit: memory_limit.unwrap_or(1 << 30),
             timeout: timeout.unwrap_or(Duration::from_secs(60)),
+            max_rows: max_rows.unwrap_or(100_000),
+            max_result_bytes: max_result_bytes.unwrap_or(64 << 20),
         }
     };
 

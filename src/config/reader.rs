@@ -12,6 +12,9 @@ use toml_edit::{Item, TableLike};
 
 use crate::diagnostic::Diagnostic;
 
+/// The longest duration a config file may give.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 /// Looks up an environment variable; injected so that tests do not touch the process environment.
 pub type Env<'e> = &'e dyn Fn(&str) -> Option<String>;
 
@@ -213,10 +216,16 @@ impl<'s> Reader<'s> {
         }
     }
 
-    /// A duration written as a string such as `"10s"`, `"250ms"` or `"24h"`.
+    /// A duration written as a string such as `"10s"`, `"250ms"` or `"24h"`, of at most
+    /// [`MAX_DURATION`] (timers and deadlines are added to the clock).
     pub fn duration(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<Duration> {
         let text = self.string(section, key)?;
         match humantime::parse_duration(&text.value) {
+            Ok(d) if d > MAX_DURATION => {
+                let name = section.child_name(key);
+                self.error(text.span, format!("`{name}` must be at most 10 years"));
+                None
+            }
             Ok(d) => Some(d),
             Err(e) => {
                 let name = section.child_name(key);

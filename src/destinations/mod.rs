@@ -144,10 +144,7 @@ impl Destinations {
             let name = file.name.clone();
             let consumer = parts.log.consumer(&consumer_name(&name))?;
             let queue = Arc::new(Queue::open(&parts.state_dir, &name)?);
-            let client = reqwest::Client::builder()
-                .timeout(file.delivery.timeout)
-                .pool_max_idle_per_host(file.delivery.concurrency)
-                .build()?;
+            let client = sender::client(file.delivery.timeout, file.delivery.concurrency)?;
             let stats = Arc::new(Stats::default());
             let pump = Pump {
                 name: name.clone(),

@@ -266,8 +266,23 @@ impl State<'_> {
                 if entry.status != Status::Accepted {
                     continue;
                 }
-                let Ok(head) = serde_json::from_slice::<Head>(entry.body) else {
-                    continue;
+                let head = match serde_json::from_slice::<Head>(entry.body) {
+                    Ok(head) => head,
+                    Err(e) => {
+                        // Never skipped in silence: kept in the dead letter with the reason.
+                        let message = Outgoing {
+                            offset: record.offset,
+                            user: String::new(),
+                            message_id: entry.message_id.to_string(),
+                            accepted_micros: entry.received_at_micros,
+                            body: entry.body.to_vec(),
+                        };
+                        let reason = format!("the message could not be routed: {e}");
+                        change
+                            .dead
+                            .push(Dead::new(&message, false, None, reason, now_ms()));
+                        continue;
+                    }
                 };
                 let segments = &self.pump.segments;
                 if !self
@@ -398,14 +413,21 @@ impl State<'_> {
 
     fn next_due(&self) -> Option<Instant> {
         let (at, _) = self.due.first()?;
-        let wait = (*at - now_ms()).max(0) as u64;
+        // Looked at again within the hour whatever the queue says (a stored time is not trusted
+        // to be near).
+        let wait = (*at - now_ms()).clamp(0, 3_600_000) as u64;
         Some(Instant::now() + Duration::from_millis(wait))
     }
 
-    /// Up to `batch_size` messages: parked users that are due first (their messages are older),
-    /// then buffered ones. Each user's messages in order, and each user in one batch only.
+    /// Up to `batch_size` messages, and no more bytes than the sender takes in one request (but
+    /// at least one message): parked users that are due first (their messages are older), then
+    /// buffered ones. Each user's messages in order, and each user in one batch only.
     fn next_batch(&mut self) -> Result<Batch, QueueError> {
         let cap = self.pump.delivery.batch_size;
+        let mut room = Room {
+            bytes: self.pump.sender.max_request_bytes(),
+            taken: false,
+        };
         let mut batch = Batch::default();
         let now = now_ms();
         let mut through = Change::default();
@@ -417,11 +439,10 @@ impl State<'_> {
             if batch.messages.len() >= cap {
                 break;
             }
-            match self.due.first() {
-                Some((at, _)) if *at <= now => {}
+            let (at, user) = match self.due.first() {
+                Some((at, _)) if *at <= now => self.due.pop_first().expect("checked above"),
                 _ => break,
-            }
-            let (_, user) = self.due.pop_first().expect("checked above");
+            };
             let loaded = reader.load(&user, cap - batch.messages.len())?;
             if loaded.is_empty() {
                 // Through: the user's next messages are buffered again.
@@ -429,8 +450,17 @@ impl State<'_> {
                 through.users.push((user, None));
                 continue;
             }
+            // What does not fit stays in the queue, for the user's next request.
+            let fitting: Vec<_> = loaded
+                .into_iter()
+                .take_while(|(_, m)| room.take(m))
+                .collect();
+            if fitting.is_empty() {
+                self.due.insert((at, user));
+                break;
+            }
             self.busy.insert(user);
-            for (seq, message) in loaded {
+            for (seq, message) in fitting {
                 batch.messages.push(message);
                 batch.origins.push(Origin::Queue(seq));
             }
@@ -445,7 +475,12 @@ impl State<'_> {
                 .buffered
                 .get_mut(&user)
                 .expect("ready users have messages");
-            let n = queue.len().min(cap - batch.messages.len());
+            let most = queue.len().min(cap - batch.messages.len());
+            let n = queue.iter().take(most).take_while(|m| room.take(m)).count();
+            if n == 0 {
+                self.ready.push_front(user);
+                break;
+            }
             for message in queue.drain(..n) {
                 batch.messages.push(message);
                 batch.origins.push(Origin::Log);
@@ -509,6 +544,9 @@ impl State<'_> {
                 }
             }
             Attempt::Retry { after, reason } => {
+                // No message waits past its max_retry_age, whatever the receiver asks.
+                let after = after.map(|a| a.min(self.pump.delivery.max_retry_age));
+                let after = &after;
                 self.failures_in_a_row += 1;
                 self.count(&self.pump.metrics.retried, &self.pump.stats.retried, n);
                 let pause = match after {
@@ -701,6 +739,26 @@ impl State<'_> {
         }
         tracing::info!(destination = %self.pump.name, messages = count, "dead letter replayed");
         Ok(count)
+    }
+}
+
+/// What is left of one request's size.
+struct Room {
+    bytes: usize,
+    /// Whether a message was taken: the first always is, whatever its size.
+    taken: bool,
+}
+
+impl Room {
+    /// Takes `message` if it fits (with the comma that joins it to the others).
+    fn take(&mut self, message: &Outgoing) -> bool {
+        let size = message.body.len() + 1;
+        if self.taken && size > self.bytes {
+            return false;
+        }
+        self.bytes = self.bytes.saturating_sub(size);
+        self.taken = true;
+        true
     }
 }
 

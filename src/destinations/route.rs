@@ -29,8 +29,10 @@ pub struct Head<'a> {
 
 #[derive(Debug, Deserialize)]
 struct HeadContext<'a> {
+    /// Kept raw: a client may send a `context.sluice` of any shape, and routing must not fail on
+    /// it. Only Sluice's own messages are read further (see [`audience`]).
     #[serde(default, borrow)]
-    sluice: Option<SluiceContext<'a>>,
+    sluice: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,11 +53,14 @@ impl Head<'_> {
 }
 
 /// The segment a message announces an entry or exit of, when Sluice emitted it.
-pub fn audience<'h>(source: &str, head: &'h Head<'_>) -> Option<&'h str> {
+pub fn audience<'a>(source: &str, head: &Head<'a>) -> Option<Cow<'a, str>> {
     if source != SOURCE {
         return None;
     }
-    head.context.as_ref()?.sluice.as_ref()?.audience.as_deref()
+    let raw = head.context.as_ref()?.sluice?;
+    serde_json::from_str::<SluiceContext<'a>>(raw.get())
+        .ok()?
+        .audience
 }
 
 pub struct Route {
@@ -125,7 +130,7 @@ impl Route {
         named_by_segment: impl Fn(&str, &str) -> bool,
     ) -> bool {
         if let Some(key) = audience(source, head) {
-            return self.segments.contains(key) || named_by_segment(key, &self.name);
+            return self.segments.contains(key.as_ref()) || named_by_segment(&key, &self.name);
         }
         match &self.events {
             None => true,

@@ -1,7 +1,13 @@
 //! The one trait a destination type implements, and what every HTTP type shares: how a response
 //! becomes an [`Attempt`], `Retry-After`, and URL settings.
+//!
+//! Whatever a receiver answers is bounded before it is used: redirects are not followed (a
+//! redirected POST would arrive as a GET with no body, and count as delivered), `Retry-After` is
+//! clamped, and at most [`MAX_KEPT_BODY`] bytes of an error body are read.
 
 use std::time::Duration;
+
+use super::files::BACKOFF_CAP;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -43,17 +49,41 @@ pub enum Attempt {
 #[async_trait::async_trait]
 pub trait Sender: Send + Sync {
     async fn send(&self, batch: &[Outgoing]) -> Attempt;
+
+    /// The most one request may carry, in bytes of message bodies (the receiver's limit). The
+    /// engine cuts batches to it; a single larger message still goes alone.
+    fn max_request_bytes(&self) -> usize {
+        usize::MAX
+    }
 }
 
-/// How long to keep a response body for the dead letter.
-const MAX_KEPT_BODY: usize = 4_096;
+/// How much of a response body is kept for the dead letter; no more of it is read.
+pub const MAX_KEPT_BODY: usize = 4_096;
+
+/// The HTTP client every destination type sends with: no redirects followed.
+pub fn client(timeout: Duration, idle_connections: usize) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .pool_max_idle_per_host(idle_connections)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
 
 /// Turns the outcome of an HTTP request into an [`Attempt`]: 2xx delivered; 5xx, 408 and 429
-/// retried (honouring `Retry-After`); other statuses rejected with their body.
+/// retried (honouring `Retry-After`); other statuses, redirects included, rejected with their body.
+/// A request that could not even be built (an invalid header) is rejected: no retry can mend it.
 pub async fn classify(result: Result<reqwest::Response, reqwest::Error>) -> Attempt {
-    let response = match result {
+    let mut response = match result {
         Ok(r) => r,
         Err(e) => {
+            // The URL may hold a secret (a token in its query, a password in its authority).
+            let e = e.without_url();
+            if e.is_builder() {
+                return Attempt::Reject {
+                    status: 0,
+                    body: format!("the request could not be built: {e}"),
+                };
+            }
             let what = if e.is_timeout() {
                 "timed out"
             } else if e.is_connect() {
@@ -76,14 +106,18 @@ pub async fn classify(result: Result<reqwest::Response, reqwest::Error>) -> Atte
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry_after(v, chrono::Utc::now()));
-    let mut body = response.text().await.unwrap_or_default();
-    if body.len() > MAX_KEPT_BODY {
-        let mut cut = MAX_KEPT_BODY;
-        while !body.is_char_boundary(cut) {
-            cut -= 1;
+    let mut kept = Vec::new();
+    while kept.len() < MAX_KEPT_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = MAX_KEPT_BODY - kept.len();
+                kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            _ => break,
         }
-        body.truncate(cut);
     }
+    drop(response);
+    let body = crate::text::clip(String::from_utf8_lossy(&kept).into_owned(), MAX_KEPT_BODY);
     let code = status.as_u16();
     if status.is_server_error() || code == 429 || code == 408 {
         Attempt::Retry {
@@ -95,18 +129,20 @@ pub async fn classify(result: Result<reqwest::Response, reqwest::Error>) -> Atte
     }
 }
 
-/// `Retry-After` as seconds or as an HTTP date.
+/// `Retry-After` as seconds or as an HTTP date, at most [`BACKOFF_CAP`]: a receiver may ask for a
+/// break, not stop deliveries for ever.
 pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    Some(
-        (at.with_timezone(&chrono::Utc) - now)
-            .to_std()
-            .unwrap_or_default(),
-    )
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds.min(BACKOFF_CAP.as_secs())),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - now)
+                .to_std()
+                .unwrap_or_default()
+        }
+    };
+    Some(wait.min(BACKOFF_CAP))
 }
 
 /// The JSON array `[m1,m2,...]` of the batch's bodies, after `prefix`, then `suffix`.
@@ -158,5 +194,12 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after("soon", now), None);
+        // Clamped: a huge number or a far date asks for a break, not for ever.
+        assert_eq!(retry_after("99999999999999999999", now), None, "not a u64");
+        assert_eq!(retry_after("18446744073709551615", now), Some(BACKOFF_CAP));
+        assert_eq!(
+            retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(BACKOFF_CAP)
+        );
     }
 }

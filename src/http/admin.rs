@@ -1,9 +1,16 @@
 //! `/admin/*`: the operator's API, behind `Authorization: Bearer <server.admin_token>`. With no
-//! token configured, the admin API does not exist (404).
+//! token configured, the admin API does not exist (404). The token is checked by [`guard`], which
+//! wraps the whole scope, before a handler reads anything of the request's body.
 
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
+use actix_web::middleware::Next;
 use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
 
 use super::error::ApiError;
 use super::AppState;
@@ -11,12 +18,28 @@ use crate::ingest::message::{MessageType, RawMessage};
 use crate::ingest::plan;
 use crate::ingest::rules::{self, BatchDefaults};
 use crate::metrics::{PlanLabels, PlanOutcome};
-use crate::query;
+use crate::query::{self, QueryError};
 use crate::replay::ReplayRequest;
 use crate::schema::Verdict;
 
-/// Lets the request through when it carries the admin token.
-pub(super) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+/// Lets the request on to the admin handler when it carries the admin token; answers it
+/// otherwise, without reading its body.
+pub async fn guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .expect("the app holds its state");
+    if let Err(e) = authorize(req.request(), state) {
+        return Ok(req.error_response(e).map_into_right_body());
+    }
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_left_body)
+}
+
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let Some(token) = state.config.server.admin_token.as_deref() else {
         return Err(ApiError::NotFound(
             "the admin API is off (no server.admin_token)".into(),
@@ -29,7 +52,7 @@ pub(super) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiEr
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(g) if same_secret(g, token) => Ok(()),
         Some(_) => Err(ApiError::Forbidden("wrong admin token")),
         None => Err(ApiError::Unauthorized(
             "admin API needs Authorization: Bearer <token>",
@@ -37,8 +60,16 @@ pub(super) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiEr
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares digests, so that the time taken says nothing of the token: not where the first
+/// difference is, nor its length.
+fn same_secret(given: &str, token: &str) -> bool {
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let (a, b) = (digest(given), digest(token));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[derive(Deserialize)]
@@ -46,39 +77,90 @@ pub struct QueryRequest {
     sql: String,
 }
 
-/// `POST /admin/query {"sql": "..."}`: the rows as a JSON array of objects.
+/// `POST /admin/query {"sql": "..."}`: the rows as a JSON array of objects, streamed as the query
+/// makes them. At most `query.max_rows` rows; a result that grows past `query.max_result_bytes`, or
+/// a query that fails or times out once rows were sent, ends the response with an error (the body is
+/// cut short, so a client never takes part of a result for all of it). A client that goes away
+/// stops its query.
 pub async fn query(
-    req: HttpRequest,
     body: web::Json<QueryRequest>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
-    let _slot = state
+    let slot = state
         .query_slots
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Busy("too many queries are running; try again shortly"))?;
     let engine = state.query.clone();
     let sql = body.into_inner().sql;
+    let max_rows = state.config.query.max_rows;
+    let max_bytes = state.config.query.max_result_bytes as usize;
+    let (started, start) = oneshot::channel();
+    let (chunks, body) = mpsc::channel::<Result<Bytes, ApiError>>(2);
     // On the query runtime, so that a heavy query never holds an HTTP worker.
-    let result = state
-        .query_runtime
-        .spawn(async move {
-            let result = engine.sql(&sql).await?;
-            query::to_json_rows(&result)
-        })
+    state.query_runtime.spawn(async move {
+        let _slot = slot;
+        let timeout = engine.timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let planned = tokio::time::timeout_at(deadline, engine.stream(&sql, max_rows)).await;
+        let mut rows = match planned {
+            Err(_) => return drop(started.send(Err(QueryError::Timeout(timeout)))),
+            Ok(Err(e)) => return drop(started.send(Err(e))),
+            Ok(Ok(rows)) => rows,
+        };
+        if started.send(Ok(())).is_err() {
+            return;
+        }
+        let mut first = true;
+        let mut out = b"[".to_vec();
+        let mut sent = 0;
+        loop {
+            let next = tokio::select! {
+                next = rows.next() => next.map(|r| r.map_err(QueryError::from)),
+                _ = tokio::time::sleep_until(deadline) => Some(Err(QueryError::Timeout(timeout))),
+                // The client went away: dropping the rows stops the query.
+                _ = chunks.closed() => return,
+            };
+            let result = match next {
+                None => {
+                    out.push(b']');
+                    let _ = chunks.send(Ok(out.into())).await;
+                    return;
+                }
+                Some(Err(e)) => Err(e),
+                Some(Ok(batch)) => query::append_json_rows(&batch, &mut first, &mut out),
+            };
+            sent += out.len();
+            let chunk = match result {
+                Ok(()) if sent > max_bytes => Err(QueryError::Failed(format!(
+                    "the result is larger than query.max_result_bytes ({max_bytes} bytes); narrow the query"
+                ))),
+                Ok(()) => Ok(Bytes::from(std::mem::take(&mut out))),
+                Err(e) => Err(e),
+            };
+            let failed = chunk.is_err();
+            if let Err(e) = &chunk {
+                tracing::warn!(error = %e, "admin query stopped after sending part of its result");
+            }
+            if chunks.send(chunk.map_err(ApiError::from)).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    start
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok(HttpResponse::Ok().json(result))
+        .map_err(|_| ApiError::Internal("the query stopped before it started".into()))??;
+    let body = futures_util::stream::unfold(body, |mut body| async move {
+        body.recv().await.map(|chunk| (chunk, body))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .streaming(body))
 }
 
 /// `GET /admin/schemas`: every enforced schema with its versions and how many messages it flagged
 /// or blocked since the server started.
-pub async fn schemas(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn schemas(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let snapshot = state.plan.snapshot();
     let checks = &state.metrics.schema.checks;
     let count = |event: &str, outcome: PlanOutcome| {
@@ -112,11 +194,9 @@ pub async fn schemas(
 /// `POST /admin/schemas/validate`: a Segment message in; the field rules' and the registry's
 /// verdict out, without storing anything.
 pub async fn validate(
-    req: HttpRequest,
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let raw: RawMessage = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("not a message: {e}")))?;
     let message = match rules::apply(raw, None, &BatchDefaults::default(), chrono::Utc::now()) {
@@ -154,11 +234,9 @@ pub async fn validate(
 /// `POST /admin/replay/quarantine {"event": ..., "since": ...}` (both optional): re-admits the
 /// quarantined messages that the tracking plan in force lets through.
 pub async fn replay_quarantine(
-    req: HttpRequest,
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let request: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayRequest::default()
     } else {

@@ -133,37 +133,39 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::method(Method::OPTIONS).to(preflight)),
     )
     .service(
-        web::resource("/admin/query")
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(1 << 20)
-                    .content_type_required(false)
-                    .error_handler(|e, _| {
-                        ApiError::BadRequest(format!("expected {{\"sql\": \"...\"}}: {e}")).into()
-                    }),
+        web::scope("/admin")
+            .wrap(actix_web::middleware::from_fn(admin::guard))
+            .service(
+                web::resource("/query")
+                    .app_data(
+                        web::JsonConfig::default()
+                            .limit(1 << 20)
+                            .content_type_required(false)
+                            .error_handler(|e, _| {
+                                ApiError::BadRequest(format!("expected {{\"sql\": \"...\"}}: {e}"))
+                                    .into()
+                            }),
+                    )
+                    .route(web::post().to(admin::query)),
             )
-            .route(web::post().to(admin::query)),
-    )
-    .route("/admin/schemas", web::get().to(admin::schemas))
-    .route("/admin/schemas/validate", web::post().to(admin::validate))
-    .route(
-        "/admin/replay/quarantine",
-        web::post().to(admin::replay_quarantine),
-    )
-    .route("/admin/profiles/{id}", web::get().to(audiences::profile))
-    .route("/admin/segments", web::get().to(audiences::segments))
-    .route(
-        "/admin/segments/{key}/members",
-        web::get().to(audiences::members),
-    )
-    .route("/admin/destinations", web::get().to(destinations::list))
-    .route(
-        "/admin/destinations/{name}/dead",
-        web::get().to(destinations::dead),
-    )
-    .route(
-        "/admin/destinations/{name}/replay",
-        web::post().to(destinations::replay),
+            .route("/schemas", web::get().to(admin::schemas))
+            .route("/schemas/validate", web::post().to(admin::validate))
+            .route(
+                "/replay/quarantine",
+                web::post().to(admin::replay_quarantine),
+            )
+            .route("/profiles/{id}", web::get().to(audiences::profile))
+            .route("/segments", web::get().to(audiences::segments))
+            .route("/segments/{key}/members", web::get().to(audiences::members))
+            .route("/destinations", web::get().to(destinations::list))
+            .route(
+                "/destinations/{name}/dead",
+                web::get().to(destinations::dead),
+            )
+            .route(
+                "/destinations/{name}/replay",
+                web::post().to(destinations::replay),
+            ),
     )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))

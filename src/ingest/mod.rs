@@ -38,6 +38,14 @@ use rules::BatchDefaults;
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 pub const MAX_REQUEST_BYTES: usize = 500 * 1024;
 pub const MAX_BATCH_MESSAGES: usize = 2500;
+/// A batch's own `context` and `integrations`, together, as sent. They are merged into every
+/// message, so they are bounded like a message.
+pub const MAX_BATCH_CONTEXT_BYTES: usize = 32 * 1024;
+/// What one request may add to the log, all its records together (messages as stored, with the
+/// batch's context merged in and the server's fields; rejected ones with their reason). Merging
+/// multiplies a batch's context by its messages: without this bound a 500 KB request could store
+/// a gigabyte.
+pub const MAX_STORED_REQUEST_BYTES: usize = 5 * 1024 * 1024;
 
 /// Which limit a request broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +53,8 @@ pub enum Limit {
     Message,
     Request,
     BatchCount,
+    BatchContext,
+    Stored,
 }
 
 impl Limit {
@@ -53,6 +63,12 @@ impl Limit {
             Limit::Message => "message exceeds the 32 KB limit per message",
             Limit::Request => "request exceeds the 500 KB limit per request (after decompression)",
             Limit::BatchCount => "batch exceeds the limit of 2500 messages per batch",
+            Limit::BatchContext => {
+                "the batch's own `context` and `integrations` exceed the 32 KB limit (together)"
+            }
+            Limit::Stored => {
+                "request exceeds the 5 MB limit on what one request stores (its messages with the batch's `context` and `integrations` merged into each)"
+            }
         }
     }
 }
@@ -131,8 +147,10 @@ struct BatchBody<'a> {
     write_key: Option<String>,
     #[serde(rename = "sentAt")]
     sent_at: Option<String>,
-    context: Option<Map<String, Value>>,
-    integrations: Option<Map<String, Value>>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow)]
+    integrations: Option<&'a RawValue>,
 }
 
 /// A message on its way to the log.
@@ -145,6 +163,17 @@ enum Verdict<'a> {
         message_id: Option<String>,
         reason: String,
     },
+}
+
+impl Verdict<'_> {
+    /// About what its record will take in the log (the JSON fields, not the few the server adds).
+    fn stored_len(&self) -> usize {
+        match self {
+            Verdict::Accepted(m) => m.stored_len(),
+            Verdict::Blocked(m, reason) => m.stored_len() + reason.len(),
+            Verdict::Rejected { raw, reason, .. } => raw.len() + reason.len(),
+        }
+    }
 }
 
 impl Ingest {
@@ -216,21 +245,25 @@ impl Ingest {
         // One registry for the whole request, even if a reload swaps it meanwhile.
         let snapshot = self.plan.snapshot();
         let policy = self.policy(source);
-        let verdicts: Vec<Verdict> = request
-            .messages
-            .iter()
-            .map(
-                |raw| match check(raw, path_type, &request.defaults, received_at) {
-                    Verdict::Accepted(m) => {
-                        match plan::enforce(m, &snapshot.registry, policy, &self.schema_metrics) {
-                            Decision::Store(m) => Verdict::Accepted(m),
-                            Decision::Block(m, reason) => Verdict::Blocked(m, reason),
-                        }
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(request.messages.len());
+        // Bounded as it grows: merging the batch's context is what could make it large.
+        let mut stored = 0;
+        for raw in &request.messages {
+            let verdict = match check(raw, path_type, &request.defaults, received_at) {
+                Verdict::Accepted(m) => {
+                    match plan::enforce(m, &snapshot.registry, policy, &self.schema_metrics) {
+                        Decision::Store(m) => Verdict::Accepted(m),
+                        Decision::Block(m, reason) => Verdict::Blocked(m, reason),
                     }
-                    other => other,
-                },
-            )
-            .collect();
+                }
+                other => other,
+            };
+            stored += verdict.stored_len();
+            if stored > MAX_STORED_REQUEST_BYTES {
+                return Err(IngestError::TooLarge(Limit::Stored));
+            }
+            verdicts.push(verdict);
+        }
         let keys: Vec<Option<u64>> = verdicts
             .iter()
             .map(|v| match v {
@@ -240,13 +273,20 @@ impl Ingest {
                 _ => None,
             })
             .collect();
-        let (reservation, duplicate) = self.dedup.reserve(&keys, received_at, self.log.end());
+        let (reservation, duplicate) = self
+            .dedup
+            .reserve(&keys, received_at, || self.log.end())
+            .await;
 
         let mut records = RecordBatch::with_capacity(body.len() + verdicts.len() * 64);
         let mut report = Report::default();
         let mut duplicates = 0;
         let mut blocked = 0;
         for (index, (verdict, dup)) in verdicts.into_iter().zip(duplicate).enumerate() {
+            if records.byte_len() > MAX_STORED_REQUEST_BYTES {
+                drop(reservation);
+                return Err(IngestError::TooLarge(Limit::Stored));
+            }
             match verdict {
                 Verdict::Accepted(_) | Verdict::Blocked(..) if dup => duplicates += 1,
                 Verdict::Blocked(m, reason) => {
@@ -306,6 +346,10 @@ impl Ingest {
             }
         }
 
+        if records.byte_len() > MAX_STORED_REQUEST_BYTES {
+            drop(reservation);
+            return Err(IngestError::TooLarge(Limit::Stored));
+        }
         if let Err(e) = self.log.append(records).await {
             drop(reservation);
             count(Outcome::Unavailable, request.messages.len());
@@ -359,12 +403,17 @@ impl Ingest {
                 if messages.len() > MAX_BATCH_MESSAGES {
                     return Err(IngestError::TooLarge(Limit::BatchCount));
                 }
+                let shared = [parsed.context, parsed.integrations];
+                let shared_bytes: usize = shared.iter().flatten().map(|v| v.get().len()).sum();
+                if shared_bytes > MAX_BATCH_CONTEXT_BYTES {
+                    return Err(IngestError::TooLarge(Limit::BatchContext));
+                }
                 Ok(Request {
                     source,
                     defaults: BatchDefaults {
                         sent_at: parsed.sent_at.as_deref().and_then(rules::parse_time),
-                        context: parsed.context,
-                        integrations: parsed.integrations,
+                        context: batch_object(parsed.context, "context")?,
+                        integrations: batch_object(parsed.integrations, "integrations")?,
                     },
                     messages,
                 })
@@ -384,6 +433,19 @@ impl Ingest {
                 message,
             }
         })
+    }
+}
+
+/// A batch-level `context` or `integrations`: an object, or absent.
+fn batch_object(
+    raw: Option<&RawValue>,
+    field: &str,
+) -> Result<Option<Map<String, Value>>, IngestError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str::<Option<Map<String, Value>>>(raw.get()).map_err(|_| {
+            IngestError::Malformed(format!("the batch's `{field}` must be an object"))
+        }),
     }
 }
 

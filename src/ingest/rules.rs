@@ -192,6 +192,29 @@ fn merge(
 }
 
 impl Message {
+    /// The bytes of its JSON objects and texts: what its record in the log takes, but for the
+    /// few hundred bytes of keys and timestamps.
+    pub fn stored_len(&self) -> usize {
+        let text = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+        let raw = |v: &Option<Box<RawValue>>| v.as_ref().map_or(0, |r| r.get().len());
+        self.message_id.len()
+            + text(&self.user_id)
+            + text(&self.anonymous_id)
+            + text(&self.group_id)
+            + text(&self.previous_id)
+            + text(&self.event)
+            + text(&self.name)
+            + raw(&self.properties)
+            + raw(&self.traits)
+            + raw(&self.context)
+            + raw(&self.integrations)
+            + self
+                .extra
+                .iter()
+                .map(|(k, v)| k.len() + v.get().len())
+                .sum::<usize>()
+    }
+
     /// The message as Segment-spec JSON, as stored in the log and sent on to destinations.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let mut w = ObjectWriter::new(out);

@@ -231,6 +231,67 @@ async fn malformed_json_and_missing_batch_are_refused_and_store_nothing() {
     assert!(entries(&f.log).is_empty());
 }
 
+/// A batch's context is merged into each of its messages: a small request must not be able to
+/// store a large multiple of itself.
+#[tokio::test]
+async fn a_batch_context_cannot_multiply_a_request_in_the_log() {
+    let f = fixture(SOURCES);
+    let messages = vec![r#"{"type":"screen","userId":"u"}"#; MAX_BATCH_MESSAGES].join(",");
+    // 30 KB of context for each of 2,500 messages: 75 MB from a 110 KB request.
+    let context = format!(r#"{{"pad":"{}"}}"#, "x".repeat(30 * 1024));
+    let body = format!(r#"{{"batch":[{messages}],"context":{context}}}"#);
+    assert!(body.len() < MAX_REQUEST_BYTES);
+    let err = f
+        .ingest
+        .handle(Shape::Batch, body.as_bytes(), Some("wk"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IngestError::TooLarge(Limit::Stored)), "{err}");
+    assert!(entries(&f.log).is_empty(), "nothing of it is stored");
+
+    // Over 32 KB of batch-level context and integrations, together, is refused outright.
+    let half = format!(r#"{{"pad":"{}"}}"#, "x".repeat(17 * 1024));
+    let body = format!(
+        r#"{{"batch":[{}],"context":{half},"integrations":{half}}}"#,
+        track("one")
+    );
+    let err = f
+        .ingest
+        .handle(Shape::Batch, body.as_bytes(), Some("wk"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, IngestError::TooLarge(Limit::BatchContext)),
+        "{err}"
+    );
+    let body = format!(
+        r#"{{"batch":[{}],"context":"not an object"}}"#,
+        track("two")
+    );
+    let err = f
+        .ingest
+        .handle(Shape::Batch, body.as_bytes(), Some("wk"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IngestError::Malformed(_)), "{err}");
+
+    // An ordinary batch context still merges into every message.
+    let body = format!(
+        r#"{{"batch":[{},{}],"context":{{"library":{{"name":"x"}}}}}}"#,
+        track("three"),
+        track("four")
+    );
+    f.ingest
+        .handle(Shape::Batch, body.as_bytes(), Some("wk"))
+        .await
+        .unwrap();
+    let stored = entries(&f.log);
+    assert_eq!(stored.len(), 2);
+    assert!(stored
+        .iter()
+        .all(|e| e.3["context"]["library"]["name"] == "x"));
+}
+
 #[tokio::test]
 async fn limits_on_message_size_and_batch_count() {
     let f = fixture(SOURCES);

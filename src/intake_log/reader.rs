@@ -5,6 +5,9 @@ use std::sync::Arc;
 use super::segment::{Next, RecordReader};
 use super::Shared;
 
+/// What one [`LogReader::read`] returns at most, in payload bytes (and at least one record).
+pub const MAX_READ_BYTES: usize = 16 << 20;
+
 /// One record of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -50,10 +53,13 @@ impl LogReader {
         self.shared.end() > self.next
     }
 
-    /// Up to `max` records from the position on; fewer (maybe none) at the end of the log.
+    /// Up to `max` records from the position on; fewer (maybe none) at the end of the log, and
+    /// fewer once they hold [`MAX_READ_BYTES`] (records can be large; a caller's memory is
+    /// bounded by bytes, not only by count).
     pub fn read(&mut self, max: usize) -> Result<Vec<Record>, ReadError> {
         let mut out = Vec::new();
-        while out.len() < max {
+        let mut bytes = 0;
+        while out.len() < max && bytes < MAX_READ_BYTES {
             let end = self.shared.end();
             if self.next >= end {
                 break;
@@ -99,6 +105,7 @@ impl LogReader {
                 Next::Record(offset, payload) => {
                     debug_assert_eq!(offset, self.next);
                     self.next += 1;
+                    bytes += payload.len();
                     out.push(Record { offset, payload });
                 }
                 Next::End if is_last => break,

@@ -245,6 +245,7 @@ async fn the_writer_thread_flushes_on_interval_and_on_stop() {
     let policy = FlushPolicy {
         interval: std::time::Duration::from_millis(200),
         max_rows: 1000,
+        ..FlushPolicy::default()
     };
     let handle = super::LakeHandle::start(
         f.store.clone(),
@@ -292,6 +293,7 @@ async fn storage_failures_are_retried_until_storage_returns() {
     let policy = FlushPolicy {
         interval: std::time::Duration::from_millis(50),
         max_rows: 1000,
+        ..FlushPolicy::default()
     };
     let handle = super::LakeHandle::start(
         f.store.clone(),
@@ -566,4 +568,70 @@ mod compaction {
             ]
         );
     }
+}
+
+/// Rows can be large (a message with the batch's context merged in): a flush is cut by bytes
+/// too, so one flush never holds more than memory (or an Arrow column) can take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_is_cut_by_bytes_as_well_as_rows() {
+    let f = fixture(LakeStore::in_memory());
+    let big = |id: &str| {
+        let body = format!(
+            r#"{{"type":"track","messageId":"{id}","userId":"u","event":"E","timestamp":"2026-03-01T10:00:00Z","receivedAt":"2026-03-01T10:00:00Z","properties":{{"pad":"{}"}}}}"#,
+            "x".repeat(60_000)
+        );
+        let mut out = Vec::new();
+        Entry::encode(
+            &mut out,
+            Status::Accepted,
+            at("2026-03-01T10:00:00Z"),
+            "web",
+            id,
+            "",
+            |b| b.extend_from_slice(body.as_bytes()),
+        );
+        out
+    };
+    let entries: Vec<Vec<u8>> = (0..40).map(|i| big(&format!("m{i}"))).collect();
+    append(&f.log, &entries).await;
+    let policy = FlushPolicy {
+        interval: std::time::Duration::from_secs(3600),
+        max_rows: 1_000_000,
+        max_bytes: 1 << 20,
+    };
+
+    let mut flush = Flush::new(0, Default::default());
+    for r in f.log.reader(0).read(18).unwrap() {
+        assert!(!flush.is_due(&policy), "due before 1 MiB");
+        flush.add(&r).unwrap();
+    }
+    assert!(flush.is_due(&policy), "due at 18 × 60 KB");
+
+    let handle = super::LakeHandle::start(
+        f.store.clone(),
+        &f.log,
+        policy,
+        Default::default(),
+        Arc::new(LakeMetrics::default()),
+    )
+    .unwrap();
+    let stopped = tokio::task::spawn_blocking(move || handle.finish())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped, super::writer::Stopped::Flushed);
+    let written = files(&f.store).await;
+    assert_eq!(
+        written.len(),
+        3,
+        "40 rows of 60 KB in flushes of 1 MiB: {written:?}"
+    );
+    let mut ids = Vec::new();
+    for file in &written {
+        ids.extend(read_column(&f.store, file, "message_id").await);
+    }
+    ids.sort();
+    let mut expected: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "every row once");
 }

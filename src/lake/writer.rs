@@ -50,6 +50,9 @@ pub struct FlushPolicy {
     pub interval: Duration,
     /// Rows in one flush, all partitions together; bounds memory.
     pub max_rows: usize,
+    /// Bytes of log records in one flush, all partitions together: rows can be large (up to the
+    /// edge's limits), so rows alone do not bound memory.
+    pub max_bytes: usize,
 }
 
 impl Default for FlushPolicy {
@@ -57,12 +60,15 @@ impl Default for FlushPolicy {
         FlushPolicy {
             interval: Duration::from_secs(10),
             max_rows: 500_000,
+            max_bytes: 256 << 20,
         }
     }
 }
 
-/// Rows handed to the Parquet encoder at a time.
+/// Rows handed to the Parquet encoder at a time, and their bytes: an Arrow string column holds at
+/// most 2 GiB, and a batch is held whole in memory until it is encoded.
 const ENCODE_BATCH_ROWS: usize = 8192;
+const ENCODE_BATCH_BYTES: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -126,6 +132,8 @@ struct Partition {
     /// The table's folder under the lake.
     folder: String,
     rows: Rows,
+    /// Bytes of the log records behind the rows not yet encoded.
+    pending_bytes: usize,
     encoder: ArrowWriter<Vec<u8>>,
 }
 
@@ -160,6 +168,7 @@ impl Partition {
         Ok(Partition {
             folder,
             rows,
+            pending_bytes: 0,
             encoder,
         })
     }
@@ -182,6 +191,7 @@ impl Partition {
             Rows::Typed(b) => b.finish(),
         }
         .map_err(|e| WriteError::Encode(e.to_string()))?;
+        self.pending_bytes = 0;
         self.encoder
             .write(&batch)
             .map_err(|e| WriteError::Encode(e.to_string()))
@@ -202,6 +212,8 @@ pub struct Flush {
     partitions: BTreeMap<(Target, NaiveDate), Partition>,
     typed: Arc<TypedTables>,
     rows: usize,
+    /// Bytes of the log records added.
+    bytes: usize,
     /// When the first record was added: the flush interval counts from there.
     opened: Option<Instant>,
     /// Entries that could not become rows of their table and went to the quarantine instead.
@@ -216,6 +228,7 @@ impl Flush {
             partitions: BTreeMap::new(),
             typed,
             rows: 0,
+            bytes: 0,
             opened: None,
             misfiled: 0,
         }
@@ -229,6 +242,7 @@ impl Flush {
     pub fn add(&mut self, record: &Record) -> Result<(), WriteError> {
         debug_assert_eq!(record.offset, self.end);
         self.end = record.offset + 1;
+        self.bytes += record.payload.len();
         self.opened.get_or_insert_with(Instant::now);
         let entry = match Entry::decode(&record.payload) {
             Ok(e) => e,
@@ -244,13 +258,14 @@ impl Flush {
             .date_naive();
         match entry.status {
             Status::Accepted => {
-                let partition = self.partition(Target::Fixed(Table::Events), date)?;
+                let size = record.payload.len();
+                let partition = self.partition(Target::Fixed(Table::Events), date, size)?;
                 let Rows::Events(rows) = &mut partition.rows else {
                     unreachable!("events partitions hold event rows")
                 };
                 match rows.append(&entry) {
                     Ok(Some(event)) if self.typed.contains_key(&event) => {
-                        let partition = self.partition(Target::Typed(event), date)?;
+                        let partition = self.partition(Target::Typed(event), date, size)?;
                         let Rows::Typed(rows) = &mut partition.rows else {
                             unreachable!("typed partitions hold typed rows")
                         };
@@ -279,7 +294,8 @@ impl Flush {
         reason: &str,
         date: NaiveDate,
     ) -> Result<(), WriteError> {
-        let partition = self.partition(Target::Fixed(Table::Quarantine), date)?;
+        let size = entry.body.len() + reason.len();
+        let partition = self.partition(Target::Fixed(Table::Quarantine), date, size)?;
         let Rows::Quarantine(rows) = &mut partition.rows else {
             unreachable!("quarantine partitions hold quarantine rows")
         };
@@ -287,7 +303,13 @@ impl Flush {
         Ok(())
     }
 
-    fn partition(&mut self, target: Target, date: NaiveDate) -> Result<&mut Partition, WriteError> {
+    /// The partition a row of about `size` bytes goes to, with room for it in its next batch.
+    fn partition(
+        &mut self,
+        target: Target,
+        date: NaiveDate,
+        size: usize,
+    ) -> Result<&mut Partition, WriteError> {
         let partition = match self.partitions.entry((target, date)) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {
@@ -295,17 +317,25 @@ impl Flush {
                 e.insert(partition)
             }
         };
-        if partition.pending_rows() >= ENCODE_BATCH_ROWS {
+        if partition.pending_rows() >= ENCODE_BATCH_ROWS
+            || partition.pending_bytes + size > ENCODE_BATCH_BYTES
+        {
             partition.encode_pending()?;
         }
+        partition.pending_bytes += size;
         Ok(partition)
     }
 
     /// Whether it is time to write this flush out.
     pub fn is_due(&self, policy: &FlushPolicy) -> bool {
-        self.end > self.start
-            && (self.rows >= policy.max_rows
-                || self.opened.is_some_and(|t| t.elapsed() >= policy.interval))
+        self.is_full(policy)
+            || (self.end > self.start
+                && self.opened.is_some_and(|t| t.elapsed() >= policy.interval))
+    }
+
+    /// Whether it holds as much as one flush may.
+    pub fn is_full(&self, policy: &FlushPolicy) -> bool {
+        self.end > self.start && (self.rows >= policy.max_rows || self.bytes >= policy.max_bytes)
     }
 
     /// Encodes every partition into its file.
@@ -532,6 +562,13 @@ impl LakeWriter {
             let records = self.consumer.read(4096)?;
             for r in &records {
                 flush.add(r)?;
+                if flush.is_full(&self.policy) {
+                    let next = Flush::new(flush.end, self.typed.current());
+                    let done = std::mem::replace(&mut flush, next);
+                    if !self.write_with_retries(done, &stop)? {
+                        return Ok(Stopped::Abandoned);
+                    }
+                }
             }
             let due = flush.is_due(&self.policy) || (stopping && records.is_empty());
             if due && flush.end > flush.start {

@@ -4,7 +4,10 @@
 //! for each track event with a schema) are listings of the lake's folders with the hive partition column `date` (a `DATE`), so a filter on `date` prunes
 //! whole folders and a query always sees the files present when it starts. The JSON columns are
 //! read with the functions of `datafusion-functions-json` (`json_get_str(properties, 'plan')`,
-//! `properties->>'plan'`, ...). A query is bounded by a memory pool and a timeout; it only reads.
+//! `properties->>'plan'`, ...). A query is bounded by a memory pool and a timeout, and it only
+//! reads: DDL (`CREATE`, `DROP`), DML (`INSERT`, `COPY ... TO`) and statements (`SET`) are refused
+//! before they are planned, whoever asks. [`QueryEngine::stream`] hands rows out as they come, for
+//! answers bounded in rows and bytes by their caller.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,9 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::lake::tables::Table;
@@ -40,6 +45,14 @@ impl Default for QueryLimits {
             timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// What a statement may do: read.
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +167,7 @@ impl QueryEngine {
     ) -> Result<QueryResult, QueryError> {
         let ctx = self.session().await?;
         let run = async {
-            let mut frame = ctx.sql(sql).await?;
+            let mut frame = ctx.sql_with_options(sql, read_only()).await?;
             if !params.is_empty() {
                 frame = frame.with_param_values(params)?;
             }
@@ -178,6 +191,23 @@ impl QueryEngine {
             }
             Ok(result) => result,
         }
+    }
+
+    /// Plans one statement and starts it: its rows, at most `max_rows` of them, as they come. The
+    /// caller bounds the time (dropping the stream stops the query).
+    pub async fn stream(
+        &self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<SendableRecordBatchStream, QueryError> {
+        let ctx = self.session().await?;
+        let frame = ctx.sql_with_options(sql, read_only()).await?;
+        Ok(frame.limit(0, Some(max_rows))?.execute_stream().await?)
+    }
+
+    /// How long a query may run.
+    pub fn timeout(&self) -> Duration {
+        self.limits.timeout
     }
 
     /// Parquet files of the lake whose footer cannot be read.
@@ -268,6 +298,29 @@ pub fn write(
             Ok(())
         }
     }
+}
+
+/// Appends a batch's rows to a JSON array being written: `,` before each row but the array's
+/// first (`first` says whether none was written yet). Nulls are left out, as in [`to_json_rows`].
+pub fn append_json_rows(
+    batch: &RecordBatch,
+    first: &mut bool,
+    out: &mut Vec<u8>,
+) -> Result<(), QueryError> {
+    use datafusion::arrow::json;
+    let mut lines = Vec::new();
+    let mut writer = json::LineDelimitedWriter::new(&mut lines);
+    writer
+        .write(batch)
+        .and_then(|()| writer.finish())
+        .map_err(|e| QueryError::Failed(e.to_string()))?;
+    for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        if !std::mem::take(first) {
+            out.push(b',');
+        }
+        out.extend_from_slice(line);
+    }
+    Ok(())
 }
 
 /// A result as JSON rows, for the admin API.

@@ -156,19 +156,42 @@ impl Registry {
     }
 }
 
+/// Violations kept per message: they are stored with it (`context.violations`, or the quarantine
+/// reason), so a hostile payload must not multiply its size.
+pub const MAX_VIOLATIONS: usize = 20;
+/// A violation's path and message are cut to this many bytes: messages quote the offending value.
+const MAX_VIOLATION_TEXT: usize = 300;
+
+fn clip(text: String) -> String {
+    if text.len() <= MAX_VIOLATION_TEXT {
+        return text;
+    }
+    let mut text = crate::text::clip(text, MAX_VIOLATION_TEXT);
+    text.push('…');
+    text
+}
+
 impl Compiled {
     pub fn check(&self, payload: &Value) -> Verdict {
         if self.validator.is_valid(payload) {
             return Verdict::Valid;
         }
-        let violations = self
-            .validator
-            .iter_errors(payload)
+        let mut errors = self.validator.iter_errors(payload);
+        let mut violations: Vec<Violation> = errors
+            .by_ref()
+            .take(MAX_VIOLATIONS)
             .map(|e| Violation {
-                path: e.instance_path().to_string(),
-                message: e.to_string(),
+                path: clip(e.instance_path().to_string()),
+                message: clip(e.to_string()),
             })
             .collect();
+        let more = errors.count();
+        if more > 0 {
+            violations.push(Violation {
+                path: String::new(),
+                message: format!("and {more} more violations"),
+            });
+        }
         Verdict::Invalid(violations)
     }
 
@@ -274,6 +297,26 @@ mod tests {
             Verdict::Unplanned
         );
         assert_eq!(r.check(MessageType::Alias, None, &ok), Verdict::Unplanned);
+    }
+
+    #[test]
+    fn violations_are_bounded_in_number_and_length() {
+        let items = file(
+            MessageType::Track,
+            Some("Listed"),
+            1,
+            serde_json::json!({"type": "object",
+                "properties": {"ids": {"type": "array", "items": {"type": "number"}}}}),
+        );
+        let (r, _) = registry(vec![items]);
+        let long = "x".repeat(5_000);
+        let bad = serde_json::json!({ "ids": vec![long; 500] });
+        let Verdict::Invalid(v) = r.check(MessageType::Track, Some("Listed"), &bad) else {
+            panic!("invalid")
+        };
+        assert_eq!(v.len(), MAX_VIOLATIONS + 1);
+        assert_eq!(v[MAX_VIOLATIONS].message, "and 480 more violations");
+        assert!(v.iter().all(|v| v.message.len() <= MAX_VIOLATION_TEXT + 3));
     }
 
     #[test]

@@ -849,3 +849,228 @@ fn past_max_retry_age_a_message_is_dead_and_the_dead_letter_survives_a_restart()
         "a dead message is not retried"
     );
 }
+
+// What a misbehaving receiver, or a client's odd message, can do to a destination: each of these
+// stopped deliveries or lost messages before.
+
+/// A redirected POST would arrive as a GET with no body and count as delivered: redirects are
+/// not followed; the message waits in the dead letter with the answer.
+#[test]
+fn a_redirect_is_not_followed() {
+    let receiver = Receiver::answering(|r, _| match r.path.as_str() {
+        "/hook" => (
+            302,
+            vec![("location".into(), "/elsewhere".into())],
+            "".into(),
+        ),
+        _ => (200, vec![], "{}".into()),
+    });
+    let server = serve_one("crm", &receiver.url(), "");
+    assert_eq!(
+        server.send("/v1/track", &track_from("u", "moved-1")).status,
+        200
+    );
+    eventually("the dead letter", Duration::from_secs(10), || {
+        (stats(&server, "crm")["dead_letter"] == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let paths: Vec<String> = receiver.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, vec!["/hook"], "the redirect was followed");
+    assert_eq!(stats(&server, "crm")["delivered"], 0);
+    let dead = admin_get(&server, "/admin/destinations/crm/dead");
+    assert_eq!(dead["dead"][0]["status"], 302);
+}
+
+/// `Retry-After` is bounded: a huge number used to panic the destination's thread, and a far date
+/// paused it for ever. The message is retried within its `max_retry_age`.
+#[test]
+fn retry_after_is_clamped() {
+    for asked in ["18446744073709551615", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+        let receiver = Receiver::answering(move |_, i| match i {
+            0 => (
+                503,
+                vec![("retry-after".into(), asked.into())],
+                "busy".into(),
+            ),
+            _ => (200, vec![], "{}".into()),
+        });
+        let server = serve_one(
+            "crm",
+            &receiver.url(),
+            "[delivery]\nmax_retry_age = \"1s\"\nretry_backoff = \"50ms\"\n",
+        );
+        assert_eq!(
+            server.send("/v1/track", &track_from("u", "later-1")).status,
+            200
+        );
+        // Waiting is capped at max_retry_age: the second try comes, and then the message is
+        // either delivered or dead for being too old; either way the destination goes on.
+        eventually(
+            &format!("a second try after {asked}"),
+            Duration::from_secs(10),
+            || (receiver.received().len() >= 2).then_some(()),
+        );
+        assert_eq!(
+            server.send("/v1/track", &track_from("v", "later-2")).status,
+            200
+        );
+        eventually("the next message", Duration::from_secs(10), || {
+            ids(&receiver.delivered())
+                .contains(&"later-2".to_string())
+                .then_some(())
+        });
+    }
+}
+
+/// A messageId with control characters cannot be an `Idempotency-Key` header as it is; it used to
+/// fail every attempt to build the request (retried for hours, the destination paused).
+#[test]
+fn an_odd_message_id_is_delivered_with_a_valid_idempotency_key() {
+    let receiver = Receiver::ok();
+    let server = serve_one("crm", &receiver.url(), "");
+    let odd = "tab\there\u{1}";
+    let body = serde_json::json!({"type":"track","event":"E","userId":"u","messageId": odd});
+    assert_eq!(server.send("/v1/track", &body.to_string()).status, 200);
+    let got = eventually("the delivery", Duration::from_secs(10), || {
+        receiver.delivered().first().cloned()
+    });
+    assert_eq!(got["messageId"], odd);
+    let key = receiver.received()[0].headers["idempotency-key"].clone();
+    assert!(key.starts_with("id-"), "{key}");
+}
+
+/// A client's own `context.sluice` of any shape is routed like any message; it used to make the
+/// router skip the message for every destination, silently.
+#[test]
+fn a_client_context_sluice_of_any_shape_is_delivered() {
+    let receiver = Receiver::ok();
+    let server = serve_one("crm", &receiver.url(), "");
+    for (i, sluice) in [
+        r#""text""#,
+        "[1,2]",
+        r#"{"audience":5}"#,
+        r#"{"audience":"vip"}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = format!(
+            r#"{{"type":"track","event":"E","userId":"u","messageId":"ctx-{i}","context":{{"sluice":{sluice}}}}}"#
+        );
+        assert_eq!(server.send("/v1/track", &body).status, 200);
+    }
+    eventually("four deliveries", Duration::from_secs(10), || {
+        (receiver.delivered().len() == 4).then_some(())
+    });
+}
+
+/// At most 4 KB of an error body is read: a receiver that answers 400 and then never ends its
+/// body used to hold the request until the timeout, and have it retried as a timeout.
+#[test]
+fn an_endless_error_body_is_not_read_to_its_end() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 65536];
+                let _ = stream.read(&mut buf);
+                let head = "HTTP/1.1 400 Bad\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = format!("{:x}\r\n{}\r\n", 1024, "e".repeat(1024));
+                while stream.write_all(chunk.as_bytes()).is_ok() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+    });
+    let server = serve_one(
+        "crm",
+        &format!("http://{addr}/hook"),
+        "[delivery]\ntimeout = \"30s\"\n",
+    );
+    assert_eq!(
+        server
+            .send("/v1/track", &track_from("u", "endless-1"))
+            .status,
+        200
+    );
+    eventually("the dead letter", Duration::from_secs(10), || {
+        (stats(&server, "crm")["dead_letter"] == 1).then_some(())
+    });
+    let dead = admin_get(&server, "/admin/destinations/crm/dead");
+    let reason = dead["dead"][0]["reason"].as_str().unwrap().to_string();
+    assert_eq!(dead["dead"][0]["status"], 400);
+    assert!(reason.len() <= 4_200, "kept {} bytes", reason.len());
+}
+
+/// A `segment` destination's requests stay under the receiver's 500 KB limit, however many
+/// messages a batch may hold.
+#[test]
+fn segment_batches_stay_under_500_kb() {
+    let receiver = Receiver::ok();
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "peer",
+        &format!(
+            "type = \"segment\"\nurl = \"http://{}\"\nwrite_key = \"k\"\n[delivery]\nbatch_size = 100\n",
+            receiver.addr
+        ),
+    );
+    let server = Server::start_in(dir, "");
+    let pad = "p".repeat(20_000);
+    let messages: Vec<String> = (0..60)
+        .map(|i| {
+            format!(
+                r#"{{"type":"track","event":"E","userId":"u","messageId":"big-{i}","properties":{{"pad":"{pad}"}}}}"#
+            )
+        })
+        .collect();
+    for chunk in messages.chunks(20) {
+        let body = format!(r#"{{"batch":[{}]}}"#, chunk.join(","));
+        assert_eq!(server.send("/v1/batch", &body).status, 200);
+    }
+    eventually("sixty deliveries", Duration::from_secs(20), || {
+        (receiver.delivered().len() == 60).then_some(())
+    });
+    let sizes: Vec<usize> = receiver.received().iter().map(|r| r.body.len()).collect();
+    assert!(sizes.iter().all(|&n| n <= 500 * 1024), "{sizes:?}");
+    assert!(sizes.len() >= 3, "{sizes:?}");
+    let mut got = ids(&receiver.delivered());
+    let sent: Vec<String> = (0..60).map(|i| format!("big-{i}")).collect();
+    assert_eq!(got, sent, "in order, once each");
+    got.dedup();
+    assert_eq!(got.len(), 60);
+}
+
+/// A destination URL may hold secrets (a token in the query, a password): they never reach a
+/// dead-letter reason or the log.
+#[test]
+fn secrets_in_a_url_stay_out_of_dead_letter_reasons() {
+    let port = free_port();
+    let server = serve_one(
+        "crm",
+        &format!("http://user:hunter2@127.0.0.1:{port}/hook?token=s3cret"),
+        "[delivery]\nmax_retry_age = \"300ms\"\nretry_backoff = \"50ms\"\n",
+    );
+    assert_eq!(
+        server
+            .send("/v1/track", &track_from("u", "secret-1"))
+            .status,
+        200
+    );
+    eventually("the dead letter", Duration::from_secs(10), || {
+        (stats(&server, "crm")["dead_letter"] == 1).then_some(())
+    });
+    let dead = admin_get(&server, "/admin/destinations/crm/dead").to_string();
+    assert!(dead.contains("connection failed"), "{dead}");
+    assert!(
+        !dead.contains("hunter2") && !dead.contains("s3cret"),
+        "{dead}"
+    );
+}

@@ -4,6 +4,7 @@ mod audiences;
 mod cli;
 mod destinations;
 mod durability;
+mod hardening;
 mod http_api;
 mod lake;
 mod plan;

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at: Instant,
+    /// The request line's target.
+    pub path: String,
     /// Header names in lower case.
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
@@ -135,8 +137,10 @@ fn serve(
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let path = line.split(' ').nth(1).unwrap_or("").to_string();
         let mut received = Received {
             at: Instant::now(),
+            path,
             headers,
             body,
             status: 0,

@@ -40,4 +40,9 @@ impl Sender for SegmentApi {
             .body(body);
         classify(request.send().await).await
     }
+
+    /// Segment's own limit is 500 KB a batch request; room is left for the envelope.
+    fn max_request_bytes(&self) -> usize {
+        500 * 1024 - 1024
+    }
 }

@@ -46,10 +46,15 @@ pub fn signature(key: &hmac::Key, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// The messageId of one message; for a batch a hash of its messageIds, the same on every retry
-/// of the same batch.
+/// of the same batch. A messageId that cannot be a header value as it is (a client may send
+/// control characters, or anything up to the 32 KB message limit) is sent as a hash of itself.
 fn idempotency_key(batch: &[Outgoing]) -> String {
     if let [one] = batch {
-        return one.message_id.clone();
+        let id = &one.message_id;
+        if !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return id.clone();
+        }
+        return format!("id-{:032x}", xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
     }
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     for m in batch {
@@ -81,5 +86,48 @@ impl Sender for Webhook {
             request = request.header(name, value);
         }
         classify(request.body(body).send().await).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: &str) -> Outgoing {
+        Outgoing {
+            offset: 0,
+            user: "u".into(),
+            message_id: id.into(),
+            accepted_micros: 0,
+            body: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn every_message_id_makes_a_valid_header() {
+        assert_eq!(idempotency_key(&[message("m-1")]), "m-1");
+        for id in [
+            "a\nb",
+            "tab\there",
+            "héllo",
+            "sp ace",
+            &"x".repeat(5_000),
+            "",
+        ] {
+            let key = idempotency_key(&[message(id)]);
+            assert!(
+                reqwest::header::HeaderValue::from_str(&key).is_ok() && !key.is_empty(),
+                "{id:?} -> {key:?}"
+            );
+            assert_eq!(
+                key,
+                idempotency_key(&[message(id)]),
+                "stable across retries"
+            );
+        }
+        assert_ne!(
+            idempotency_key(&[message("a\nb")]),
+            idempotency_key(&[message("a\rb")])
+        );
     }
 }

@@ -7,9 +7,12 @@
 //! oldest first (counted in `sluice_dedup_evicted`). A lookup checks every generation: at most
 //! about nine.
 //!
-//! An id is *reserved* while its append is in flight, so that a concurrent copy is caught, and
-//! becomes remembered only once the append is durable; a failed append forgets it, so the client's
-//! retry is not mistaken for a duplicate.
+//! An id is *reserved* while its append is in flight and becomes remembered only once the append
+//! is durable; a failed append forgets it, so the client's retry is not mistaken for a duplicate.
+//! A copy that arrives while the original is in flight waits for the original's outcome: it is a
+//! duplicate only if the original became durable (answering it at once could acknowledge a
+//! message that is then lost). A request reserves all of its ids or none: it waits holding
+//! nothing, so two requests can never wait for each other.
 //!
 //! Across restarts: a snapshot of the generations is written now and then, and the snapshot's log
 //! offset becomes the durable cursor of the `dedup` log consumer. On start the snapshot is loaded
@@ -26,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 
 use crate::config::DedupConfig;
 use crate::entry::{Entry, Status};
@@ -70,7 +74,8 @@ struct Generation {
 struct Inner {
     sealed: VecDeque<Arc<Generation>>,
     current: Generation,
-    reserved: IdSet,
+    /// Ids in flight, each with the outcome of its reservation: `true` once settled.
+    reserved: hashbrown::HashMap<u64, watch::Receiver<bool>, BuildHasherDefault<PassThrough>>,
     /// Unsettled reservations: (log end when made, ticket).
     in_flight: BTreeSet<(u64, u64)>,
     next_ticket: u64,
@@ -92,6 +97,8 @@ pub struct Reservation<'a> {
     log_end: u64,
     keys: Vec<u64>,
     settled: bool,
+    /// Tells the copies waiting for these ids that they are settled (by sending, or by dropping).
+    outcome: watch::Sender<bool>,
 }
 
 impl Reservation<'_> {
@@ -107,6 +114,7 @@ impl Drop for Reservation<'_> {
         if !self.settled {
             self.dedup.settle(self, None);
         }
+        self.outcome.send_replace(true);
     }
 }
 
@@ -116,7 +124,7 @@ impl Dedup {
             inner: Mutex::new(Inner {
                 sealed: VecDeque::new(),
                 current: Generation::default(),
-                reserved: IdSet::default(),
+                reserved: Default::default(),
                 in_flight: BTreeSet::new(),
                 next_ticket: 0,
                 changed: false,
@@ -127,29 +135,57 @@ impl Dedup {
         }
     }
 
-    /// Marks which of `keys` are duplicates (`None` keys never are) and reserves the others.
-    /// `log_end` is the log's committed end now.
-    pub fn reserve(
+    /// Marks which of `keys` are duplicates (`None` keys never are) and reserves the others. When
+    /// some are in flight in another request, waits (holding nothing) until that one is settled,
+    /// then looks again. `log_end` gives the log's committed end.
+    pub async fn reserve(
+        &self,
+        keys: &[Option<u64>],
+        now: DateTime<Utc>,
+        log_end: impl Fn() -> u64,
+    ) -> (Reservation<'_>, Vec<bool>) {
+        loop {
+            match self.try_reserve(keys, now, log_end()) {
+                Ok(reserved) => return reserved,
+                Err(mut in_flight) => {
+                    // Err only means the reservation is gone: settled either way.
+                    let _ = in_flight.wait_for(|settled| *settled).await;
+                }
+            }
+        }
+    }
+
+    /// [`Dedup::reserve`] without the waiting: the outcome of a reservation in flight that holds
+    /// one of `keys`, when there is one.
+    fn try_reserve(
         &self,
         keys: &[Option<u64>],
         now: DateTime<Utc>,
         log_end: u64,
-    ) -> (Reservation<'_>, Vec<bool>) {
+    ) -> Result<(Reservation<'_>, Vec<bool>), watch::Receiver<bool>> {
         let mut inner = self.inner.lock().unwrap();
         self.expire(&mut inner, now.timestamp_micros());
         let mut duplicate = Vec::with_capacity(keys.len());
+        let mut mine = IdSet::default();
         let mut reserved = Vec::with_capacity(keys.len());
         for key in keys {
             let dup = match key {
-                Some(k) if inner.contains(*k) => true,
+                Some(k) if inner.remembers(*k) || mine.contains(k) => true,
                 Some(k) => {
-                    inner.reserved.insert(*k);
+                    if let Some(outcome) = inner.reserved.get(k) {
+                        return Err(outcome.clone());
+                    }
+                    mine.insert(*k);
                     reserved.push(*k);
                     false
                 }
                 None => false,
             };
             duplicate.push(dup);
+        }
+        let (outcome, waiting) = watch::channel(false);
+        for k in &reserved {
+            inner.reserved.insert(*k, waiting.clone());
         }
         let ticket = inner.next_ticket;
         inner.next_ticket += 1;
@@ -160,8 +196,9 @@ impl Dedup {
             log_end,
             keys: reserved,
             settled: false,
+            outcome,
         };
-        (reservation, duplicate)
+        Ok((reservation, duplicate))
     }
 
     fn settle(&self, r: &Reservation, committed_at: Option<i64>) {
@@ -269,10 +306,9 @@ impl Dedup {
 }
 
 impl Inner {
-    fn contains(&self, key: u64) -> bool {
-        self.reserved.contains(&key)
-            || self.current.ids.contains(&key)
-            || self.sealed.iter().any(|g| g.ids.contains(&key))
+    /// Whether `key` was durably accepted within the window.
+    fn remembers(&self, key: u64) -> bool {
+        self.current.ids.contains(&key) || self.sealed.iter().any(|g| g.ids.contains(&key))
     }
 
     /// A log offset before which every accepted record's id is settled: the log's end, or earlier

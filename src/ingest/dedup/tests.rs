@@ -1,6 +1,7 @@
 use super::*;
 use crate::intake_log::{LogOptions, RecordBatch};
 use crate::metrics::LogMetrics;
+use futures_util::FutureExt;
 
 fn config(window_secs: u64, max_ids: usize) -> DedupConfig {
     DedupConfig {
@@ -13,9 +14,21 @@ fn t(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
 }
 
+/// Reserves when nothing is in flight (the reservation does not wait).
+fn reserve<'d>(
+    d: &'d Dedup,
+    keys: &[Option<u64>],
+    at: DateTime<Utc>,
+    log_end: u64,
+) -> (Reservation<'d>, Vec<bool>) {
+    d.reserve(keys, at, || log_end)
+        .now_or_never()
+        .expect("nothing in flight to wait for")
+}
+
 fn accept(d: &Dedup, keys: &[u64], at: DateTime<Utc>) -> Vec<bool> {
     let keys: Vec<Option<u64>> = keys.iter().map(|k| Some(*k)).collect();
-    let (r, dups) = d.reserve(&keys, at, 0);
+    let (r, dups) = reserve(d, &keys, at, 0);
     r.commit(at);
     dups
 }
@@ -36,7 +49,7 @@ fn a_second_copy_within_the_window_is_a_duplicate() {
     // Twice in one batch: the second copy is the duplicate.
     assert_eq!(accept(&d, &[4, 4], t(20)), vec![false, true]);
     // Generated ids are never duplicates.
-    let (_r, dups) = d.reserve(&[None, None], t(30), 0);
+    let (_r, dups) = reserve(&d, &[None, None], t(30), 0);
     assert_eq!(dups, vec![false, false]);
 }
 
@@ -58,14 +71,57 @@ fn ids_are_forgotten_after_the_window() {
 #[test]
 fn a_failed_append_forgets_its_ids() {
     let d = Dedup::new(&config(3600, 1000), Default::default());
-    let (r, dups) = d.reserve(&[Some(7)], t(0), 0);
+    let (r, dups) = reserve(&d, &[Some(7)], t(0), 0);
     assert_eq!(dups, vec![false]);
-    // While in flight, a concurrent copy is a duplicate.
-    let (_r2, dups) = d.reserve(&[Some(7)], t(0), 0);
-    assert_eq!(dups, vec![true]);
-    drop(_r2);
     drop(r); // the append failed
     assert_eq!(accept(&d, &[7], t(1)), vec![false], "the retry is accepted");
+}
+
+/// A copy that arrives while its original is being written must not be acknowledged before the
+/// original is durable: if that write then failed, the 200 would have lost the message.
+#[tokio::test]
+async fn a_copy_of_an_id_in_flight_waits_for_the_original() {
+    let d = Arc::new(Dedup::new(&config(3600, 1000), Default::default()));
+    for original_succeeds in [false, true] {
+        let id = u64::from(original_succeeds) + 100;
+        let (original, dups) = reserve(&d, &[Some(id)], t(0), 0);
+        assert_eq!(dups, vec![false]);
+        let copy = {
+            let d = d.clone();
+            tokio::spawn(async move {
+                // Another id of the same request must not be held while it waits.
+                let (r, dups) = d.reserve(&[Some(id + 1000), Some(id)], t(1), || 0).await;
+                if !dups[1] {
+                    r.commit(t(1));
+                }
+                dups
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !copy.is_finished(),
+            "answered before the original's outcome"
+        );
+        assert_eq!(
+            reserve(&d, &[Some(id + 1000)], t(0), 0).1,
+            vec![false],
+            "the waiting request holds none of its ids"
+        );
+        if original_succeeds {
+            original.commit(t(0));
+        } else {
+            drop(original);
+        }
+        let dups = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("the copy goes on once the original is settled")
+            .unwrap();
+        assert_eq!(
+            dups[1], original_succeeds,
+            "a duplicate only of an original that became durable"
+        );
+        assert_eq!(accept(&d, &[id], t(2)), vec![true], "stored exactly once");
+    }
 }
 
 #[test]
@@ -87,7 +143,7 @@ fn memory_is_bounded_by_max_ids() {
 #[test]
 fn snapshot_offset_waits_for_reservations_in_flight() {
     let d = Dedup::new(&config(3600, 1000), Default::default());
-    let (r, _) = d.reserve(&[Some(1)], t(0), 40);
+    let (r, _) = reserve(&d, &[Some(1)], t(0), 40);
     let snap = d.snapshot(50);
     assert!(snap.is_none(), "nothing remembered yet");
     assert_eq!(d.inner.lock().unwrap().safe_offset(50), 40);
@@ -159,7 +215,7 @@ async fn recovers_from_snapshot_plus_log_after_a_restart() {
         Some(key("web", "rejected-one")),
         Some(key("ios", "after-snapshot")),
     ];
-    let (_r, dups) = dedup.reserve(&keys, now, log.end());
+    let (_r, dups) = reserve(&dedup, &keys, now, log.end());
     assert_eq!(dups, vec![true, true, false, false]);
 }
 

@@ -1,0 +1,100 @@
+//! What a hostile client, an unlucky deployment or a misbehaving receiver can try, end to end:
+//! each test here failed before the fix it names.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn admin_query(server: &Server, sql: &str) -> std::io::Result<Response> {
+    try_request(
+        server.addr,
+        "POST",
+        "/admin/query",
+        &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        serde_json::json!({ "sql": sql }).to_string().as_bytes(),
+    )
+}
+
+/// Admin SQL only reads: no statement writes a file, a table or the lake, through the API or the
+/// command line.
+#[test]
+fn admin_sql_cannot_write() {
+    let server = Server::start("");
+    let target = server.dir.path().join("written-by-sql");
+    let target = target.to_str().unwrap();
+    let statements = [
+        format!("COPY (SELECT 1 AS a) TO '{target}.csv' STORED AS CSV"),
+        format!("CREATE EXTERNAL TABLE x (a INT) STORED AS CSV LOCATION '{target}-table/'"),
+        "CREATE TABLE made AS SELECT 1 AS a".to_string(),
+        "CREATE VIEW seen AS SELECT 1 AS a".to_string(),
+        "INSERT INTO events (message_id) VALUES ('forged')".to_string(),
+        "DROP TABLE events".to_string(),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ];
+    for sql in &statements {
+        let r = admin_query(&server, sql).unwrap();
+        assert_eq!(r.status, 400, "{sql}: {}", String::from_utf8_lossy(&r.body));
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--config", server.config_path().to_str().unwrap(), "query"])
+            .arg(sql)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{sql}: sluice query ran it");
+    }
+    let left: Vec<_> = std::fs::read_dir(server.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("written-by-sql"))
+        .collect();
+    assert!(left.is_empty(), "SQL wrote {left:?}");
+    // Reading still works, and `events` is still there.
+    let r = admin_query(&server, "SELECT count(*) AS n FROM events").unwrap();
+    assert_eq!(r.json(), serde_json::json!([{"n": 0}]));
+}
+
+/// A result is bounded: at most `query.max_rows` rows, and one that grows past
+/// `query.max_result_bytes` is cut off with an error, never passed off as the whole result.
+#[test]
+fn admin_sql_results_are_bounded() {
+    let server = Server::start("[query]\nmax_rows = 5\nmax_result_bytes = 4096\n");
+    let r = admin_query(&server, "SELECT * FROM generate_series(1, 1000) AS t(n)").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().as_array().unwrap().len(), 5);
+    let r = admin_query(
+        &server,
+        "SELECT repeat('x', 2000) AS pad FROM generate_series(1, 5)",
+    );
+    assert!(r.is_err(), "a cut result must not read as complete: {r:?}");
+    // The server is fine afterwards.
+    let r = admin_query(&server, "SELECT 1 AS one").unwrap();
+    assert_eq!(r.json(), serde_json::json!([{"one": 1}]));
+}
+
+/// The admin token is checked before the body is read: a client without it cannot make the
+/// server wait for (or buffer) a body.
+#[test]
+fn the_admin_token_is_checked_before_the_body_is_read() {
+    let server = Server::start("");
+    for auth in ["", "Authorization: Bearer wrong\r\n"] {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let head = format!(
+            "POST /admin/query HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1000000\r\n\r\n{{\"sql\":"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).unwrap();
+        let status = String::from_utf8_lossy(&answer[9..12]).to_string();
+        assert!(
+            status == "401" || status == "403",
+            "answered {status} without the token"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
