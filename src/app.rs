@@ -28,6 +28,7 @@ use crate::query::{QueryEngine, QueryLimits};
 use crate::replay::Replayer;
 use crate::schema::{self, Live};
 use crate::segments;
+use crate::supervisor::{Health, Stages};
 
 /// Runs the server until `shutdown` resolves, then stops it gracefully.
 pub async fn run(
@@ -86,6 +87,13 @@ pub async fn run_with_clock(
 
     // The lake registers its log consumer before anything can trim the log.
     let lake_store = LakeStore::from_url(&config.storage.url)?;
+    // Every consumer of the log runs under a supervisor, and shows on /readyz.
+    let stages = Arc::new(Stages::default());
+    let health = |stage: &str, consumer: &str| {
+        let health = Health::new(stage, consumer, metrics.stages.clone());
+        stages.add(health.clone());
+        health
+    };
     let lake = LakeHandle::start(
         lake_store.clone(),
         &log,
@@ -95,6 +103,7 @@ pub async fn run_with_clock(
         },
         typed.clone(),
         metrics.lake.clone(),
+        health("lake", crate::lake::writer::CONSUMER),
     )
     .context("starting the lake writer")?;
     let compaction = {
@@ -161,6 +170,7 @@ pub async fn run_with_clock(
             cache_memory: config.profiles.cache_memory as usize,
             save_every: config.profiles.save_interval,
             lake: Some(query.clone()),
+            health: health("profiles", audience::CONSUMER),
         },
         segment_set,
         reloaded_sets,
@@ -189,6 +199,15 @@ pub async fn run_with_clock(
                     })
                 },
                 metrics: metrics.destinations.clone(),
+                health: {
+                    let (stages, metrics) = (stages.clone(), metrics.stages.clone());
+                    Arc::new(move |name: &str| {
+                        let consumer = destinations::consumer_name(name);
+                        let health = Health::new(&consumer, &consumer, metrics.clone());
+                        stages.add(health.clone());
+                        health
+                    })
+                },
             },
         )
         .context("starting the destinations")?,
@@ -237,6 +256,7 @@ pub async fn run_with_clock(
         profiles: profile_store,
         segments: live_segments,
         destinations: destinations.clone(),
+        stages,
     });
 
     let address = listener.local_addr()?;
@@ -316,11 +336,8 @@ pub async fn run_with_clock(
     }
     let lake_done = tokio::task::spawn_blocking(move || lake.finish());
     match tokio::time::timeout_at(deadline, lake_done).await {
-        Ok(Ok(Ok(Stopped::Flushed))) => {}
-        Ok(Ok(Ok(Stopped::Abandoned))) => abandoned.push("lake flush (storage failing)"),
-        Ok(Ok(Err(e))) => {
-            tracing::error!(error = %e, "the lake writer failed; the next start redoes its work from the log")
-        }
+        Ok(Ok(Stopped::Flushed)) => {}
+        Ok(Ok(Stopped::Abandoned)) => abandoned.push("lake flush (storage or the writer failing)"),
         _ => abandoned.push("lake flush"),
     }
     drop(query_runtime);

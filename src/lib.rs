@@ -24,7 +24,8 @@
 //! - [`segments`]: segment files, the Rhai sandbox and rule API, evaluation.
 //! - [`destinations`]: destination files, routing, the delivery engine, queue and dead letter.
 //! - [`app`]: the wiring, and the only module that knows the whole chain.
-//! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`]: around the flow.
+//! - [`supervisor`]: starts a failed stage again, counts it, sets aside what it keeps failing on.
+//! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`], [`text`]: around the flow.
 
 /// `impl From<E> for $error` for each `E` listed, keeping only the message: for the errors of
 /// stores whose callers report them rather than match on them.
@@ -57,5 +58,6 @@ pub mod query;
 pub mod replay;
 pub mod schema;
 pub mod segments;
+pub mod supervisor;
 pub mod text;
 pub mod thread_priority;

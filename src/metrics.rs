@@ -205,6 +205,18 @@ pub struct StateGauges {
     pub dedup_ids: Gauge,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
+/// Metrics of the stages that consume the log, kept by their supervisor.
+#[derive(Default)]
+pub struct StageMetrics {
+    pub restarts: Family<StageLabels, Counter>,
+    pub set_aside: Family<StageLabels, Counter>,
+}
+
 #[derive(Default)]
 pub struct DedupMetrics {
     pub evicted: Counter,
@@ -393,6 +405,7 @@ pub struct Metrics {
     pub dedup: Arc<DedupMetrics>,
     pub lake: Arc<LakeMetrics>,
     pub schema: Arc<SchemaMetrics>,
+    pub stages: Arc<StageMetrics>,
     pub state: StateGauges,
 }
 
@@ -428,6 +441,7 @@ impl Default for Metrics {
             schema: Arc::new(SchemaMetrics::default()),
             segments: Arc::new(SegmentMetrics::default()),
             destinations: Arc::new(DestinationMetrics::default()),
+            stages: Arc::new(StageMetrics::default()),
             state: StateGauges::default(),
         }
     }
@@ -530,6 +544,16 @@ impl Metrics {
             "log_end_offset",
             "Offset the next durable record of the intake log will get",
             s.log_end_offset.clone(),
+        );
+        r.register(
+            "stage_restarts",
+            "Times a stage (lake, profiles, a destination) failed and was started again from its durable state",
+            self.stages.restarts.clone(),
+        );
+        r.register(
+            "stage_set_aside",
+            "Log records a stage failed on three times in a row and set aside (to the quarantine or its dead letter)",
+            self.stages.set_aside.clone(),
         );
         r.register(
             "log_consumer_lag_records",

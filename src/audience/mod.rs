@@ -79,6 +79,7 @@ use crate::profiles::store::{ProfileStore, Reader, StoreError};
 use crate::query::QueryEngine;
 use crate::segments::api::Message;
 use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
+use crate::supervisor::{supervise, Health};
 use cache::{membership_changes, Cache, Held};
 use emit::Emission;
 pub use emit::SOURCE;
@@ -96,6 +97,8 @@ const TIMER_CHUNK: usize = 2_000;
 /// A batch that runs longer than this (the stage behind, a burst of timers) appends what it has
 /// emitted so far before going on: a change's delay includes the rest of its batch.
 const EMIT_EVERY: Duration = Duration::from_millis(10);
+/// Failed batches in a row that the stage redoes itself before it gives up to its supervisor.
+const MAX_REDOS: u32 = 5;
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
 /// After this long with nothing to do, what is pending is saved without waiting for
@@ -134,6 +137,7 @@ impl LiveSegments {
     }
 }
 
+#[derive(Clone)]
 pub struct Parts {
     pub store: Arc<ProfileStore>,
     pub log: Arc<IntakeLog>,
@@ -148,6 +152,9 @@ pub struct Parts {
     pub save_every: Duration,
     /// The lake, to read back history a backfill needs.
     pub lake: Option<QueryEngine>,
+    /// The stage's supervisor: failures are counted there, and records it keeps failing on are
+    /// set aside (to the quarantine, through the log).
+    pub health: Arc<Health>,
 }
 
 /// The running stage.
@@ -157,7 +164,8 @@ pub struct AudienceHandle {
 }
 
 impl AudienceHandle {
-    /// Starts the stage with `set`; later sets arrive on `sets`.
+    /// Starts the stage with `set`; later sets arrive on `sets`. A stage that fails is started
+    /// again from the store (see `crate::supervisor`).
     pub fn start(
         parts: Parts,
         set: Arc<SegmentSet>,
@@ -166,8 +174,10 @@ impl AudienceHandle {
     ) -> Result<AudienceHandle, StageError> {
         let consumer = parts.log.consumer(CONSUMER)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let mut stage = Stage::new(parts, consumer, live)?;
-        stage.install(set)?;
+        // Started here the first time, so that a store that cannot be read fails the start.
+        let mut first = Stage::new(parts.clone(), consumer.reopen()?, live.clone())?;
+        first.install(set)?;
+        let mut first = Some(first);
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
@@ -176,7 +186,24 @@ impl AudienceHandle {
                     // Ingestion wins the core when both want it: this stage catches up from the
                     // log afterwards, and nothing it does is on a client's path.
                     crate::thread_priority::lower();
-                    stage.run(&stop, &sets)
+                    let health = parts.health.clone();
+                    supervise(
+                        &health,
+                        || stop.load(Ordering::Relaxed),
+                        || {
+                            let stage = match first.take() {
+                                Some(stage) => stage,
+                                None => {
+                                    let consumer = consumer.reopen()?;
+                                    let mut stage =
+                                        Stage::new(parts.clone(), consumer, live.clone())?;
+                                    stage.install(live.current())?;
+                                    stage
+                                }
+                            };
+                            stage.run(&stop, &sets)
+                        },
+                    );
                 })?
         };
         Ok(AudienceHandle { stop, thread })
@@ -187,6 +214,13 @@ impl AudienceHandle {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.thread.join();
     }
+}
+
+/// A record of the log the supervisor set aside: the stage kept failing on it.
+struct SetAside {
+    offset: u64,
+    payload: Vec<u8>,
+    reason: String,
 }
 
 /// A profile merged away, with what the store (once the last save handed off commits) and the
@@ -220,6 +254,9 @@ struct Stage {
     log: Arc<IntakeLog>,
     dedup: Arc<Dedup>,
     metrics: Arc<SegmentMetrics>,
+    health: Arc<Health>,
+    /// Records the supervisor set aside, to be filed in the quarantine with the batch's emissions.
+    set_aside: Vec<SetAside>,
     clock: Clock,
     runtime: tokio::runtime::Handle,
     lake: Option<QueryEngine>,
@@ -296,6 +333,8 @@ impl Stage {
             log: parts.log,
             dedup: parts.dedup,
             metrics: parts.metrics,
+            health: parts.health,
+            set_aside: Vec::new(),
             clock: parts.clock,
             runtime: parts.runtime,
             lake: parts.lake,
@@ -363,7 +402,14 @@ impl Stage {
         Ok(())
     }
 
-    fn run(mut self, stop: &AtomicBool, sets: &std::sync::mpsc::Receiver<Arc<SegmentSet>>) {
+    /// Runs until `stop` is set. A failed batch or save is redone from the last save committed,
+    /// after a pause; after [`MAX_REDOS`] in a row the stage gives up, and its supervisor starts it
+    /// again whole.
+    fn run(
+        mut self,
+        stop: &AtomicBool,
+        sets: &std::sync::mpsc::Receiver<Arc<SegmentSet>>,
+    ) -> Result<(), StageError> {
         let mut failures = 0u32;
         while !stop.load(Ordering::Relaxed) {
             if let Some(set) = sets.try_iter().last() {
@@ -387,6 +433,7 @@ impl Stage {
                     if self.pending() && due && self.in_flight.is_none() {
                         if let Err(e) = self.hand_off() {
                             tracing::error!(error = %e, "saving the profile store failed; redoing from the last save");
+                            self.health.failed(&e.to_string());
                             self.reset();
                         }
                     }
@@ -394,15 +441,21 @@ impl Stage {
                 }
                 Err(e) => {
                     failures += 1;
+                    self.health.between_records();
+                    if failures >= MAX_REDOS {
+                        return Err(e);
+                    }
                     tracing::error!(error = %e, "profile stage batch failed; redoing it from the store");
+                    self.health.failed(&e.to_string());
                     self.reset();
-                    std::thread::sleep(Duration::from_millis(100 * u64::from(failures.min(50))));
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(failures)));
                 }
             }
         }
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "the profile store's last save failed; the next start redoes it from the log");
         }
+        Ok(())
     }
 
     /// Whether anything was done since the last save handed off.
@@ -528,6 +581,7 @@ impl Stage {
         self.identities.clear();
         self.removed.clear();
         self.emissions.clear();
+        self.set_aside.clear();
         self.timers.clear();
         self.timer_cursor = None;
         if let Ok(read) = self.store.read() {
@@ -585,13 +639,29 @@ impl Stage {
         let mut batch = Batch { stage: self };
         let mut emitted = started;
         for record in &records {
+            let health = &batch.stage.health;
+            if let Some(reason) = health.set_aside(record.offset) {
+                batch.stage.set_aside.push(SetAside {
+                    offset: record.offset,
+                    payload: record.payload.clone(),
+                    reason,
+                });
+                continue;
+            }
             let Ok(entry) = Entry::decode(&record.payload) else {
                 continue;
             };
             if entry.status != Status::Accepted || entry.source == SOURCE {
                 continue;
             }
+            // A panic from here on is blamed on this record; an error (a store's) is not.
+            health.working_on(record.offset);
+            #[cfg(test)]
+            if entry.message_id == crate::supervisor::POISON_FOR_TESTS {
+                panic!("the tests' poison record");
+            }
             batch.message(&set, &entry, now)?;
+            batch.stage.health.between_records();
             batch.emit_if_long(&mut emitted)?;
         }
         for (due, id) in &due {
@@ -731,9 +801,13 @@ impl Stage {
         Ok(())
     }
 
-    /// Appends what the batch emitted to the log. The records arrive now, by the clock; the
-    /// messages in them carry the stage's time, at which the changes happened.
+    /// Appends what the batch emitted to the log, and the records it set aside (as rejected, for
+    /// the quarantine). The records arrive now, by the clock; the messages in them carry the
+    /// stage's time, at which the changes happened.
     fn append_emissions(&mut self) -> Result<(), AppendError> {
+        if !self.set_aside.is_empty() {
+            self.append_set_aside()?;
+        }
         if self.emissions.is_empty() {
             return Ok(());
         }
@@ -771,6 +845,41 @@ impl Stage {
             }
         }
         self.emissions.clear();
+        Ok(())
+    }
+
+    /// Files the records set aside in the quarantine: appended to the log as rejected records of
+    /// the `sluice` source, each under an id of its offset so that a redo adds none twice.
+    fn append_set_aside(&mut self) -> Result<(), AppendError> {
+        let now = (self.clock)();
+        let ids: Vec<String> = self
+            .set_aside
+            .iter()
+            .map(|s| format!("set-aside-profiles-{}", s.offset))
+            .collect();
+        let keys: Vec<Option<u64>> = ids.iter().map(|id| Some(dedup::key(SOURCE, id))).collect();
+        let (reservation, duplicate) =
+            self.runtime
+                .block_on(self.dedup.reserve(&keys, now, || self.log.end()));
+        let mut records = RecordBatch::default();
+        for ((s, id), dup) in self.set_aside.iter().zip(&ids).zip(duplicate) {
+            if dup {
+                continue;
+            }
+            let body = Entry::decode(&s.payload).map_or(&s.payload[..], |e| e.body);
+            records.push_with(|b| {
+                Entry::encode(b, Status::Rejected, now, SOURCE, id, &s.reason, |b| {
+                    b.extend_from_slice(body)
+                })
+            });
+        }
+        if !records.is_empty() {
+            self.runtime.block_on(self.log.append(records))?;
+        }
+        reservation.commit(now);
+        for s in self.set_aside.drain(..) {
+            self.health.was_set_aside(s.offset);
+        }
         Ok(())
     }
 

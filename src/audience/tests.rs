@@ -26,46 +26,62 @@ fn set(rules: &[(&str, &str)]) -> Arc<SegmentSet> {
     Arc::new(crate::segments::rules::tests::set(rules))
 }
 
+/// What a stage is built from, over a log and a store in `dir`, with a clock the test moves.
+fn parts(
+    dir: &std::path::Path,
+    runtime: &tokio::runtime::Runtime,
+    cache_size: usize,
+) -> (Parts, Arc<AtomicI64>) {
+    let options = LogOptions {
+        dir: dir.join("log"),
+        segment_size: 64 << 20,
+        max_size: 1 << 30,
+    };
+    let log = Arc::new(IntakeLog::open(options, Default::default()).unwrap());
+    let store = Arc::new(ProfileStore::open(&dir.join("profiles"), 1 << 20).unwrap());
+    let dedup = Dedup::new(
+        &DedupConfig {
+            window: Duration::from_secs(3600),
+            max_ids: 10_000,
+        },
+        Default::default(),
+    );
+    let start = DateTime::parse_from_rfc3339(T0).unwrap().timestamp_millis();
+    let now = Arc::new(AtomicI64::new(start));
+    let clock: Clock = {
+        let now = now.clone();
+        Arc::new(move || DateTime::from_timestamp_millis(now.load(Ordering::SeqCst)).unwrap())
+    };
+    let parts = Parts {
+        store,
+        log,
+        dedup: Arc::new(dedup),
+        metrics: Default::default(),
+        clock,
+        runtime: runtime.handle().clone(),
+        cache_size,
+        cache_memory: usize::MAX,
+        save_every: Duration::from_secs(3600),
+        lake: None,
+        health: Health::new("profiles", CONSUMER, Default::default()),
+    };
+    (parts, now)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 impl Fixture {
     fn new(cache_size: usize, segments: Arc<SegmentSet>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let options = LogOptions {
-            dir: dir.path().join("log"),
-            segment_size: 64 << 20,
-            max_size: 1 << 30,
-        };
-        let log = Arc::new(IntakeLog::open(options, Default::default()).unwrap());
-        let store = Arc::new(ProfileStore::open(&dir.path().join("profiles"), 1 << 20).unwrap());
-        let dedup = Dedup::new(
-            &DedupConfig {
-                window: Duration::from_secs(3600),
-                max_ids: 10_000,
-            },
-            Default::default(),
-        );
-        let start = DateTime::parse_from_rfc3339(T0).unwrap().timestamp_millis();
-        let now = Arc::new(AtomicI64::new(start));
-        let clock: Clock = {
-            let now = now.clone();
-            Arc::new(move || DateTime::from_timestamp_millis(now.load(Ordering::SeqCst)).unwrap())
-        };
-        let parts = Parts {
-            store: store.clone(),
-            log: log.clone(),
-            dedup: Arc::new(dedup),
-            metrics: Default::default(),
-            clock,
-            runtime: runtime.handle().clone(),
-            cache_size,
-            cache_memory: usize::MAX,
-            save_every: Duration::from_secs(3600),
-            lake: None,
-        };
+        let runtime = runtime();
+        let (parts, now) = parts(dir.path(), &runtime, cache_size);
+        let (log, store) = (parts.log.clone(), parts.store.clone());
         let live = Arc::new(LiveSegments::new(segments.clone()));
         let consumer = log.consumer(CONSUMER).unwrap();
         let mut stage = Stage::new(parts, consumer, live).unwrap();
@@ -191,4 +207,68 @@ fn a_profile_merged_away_is_not_woken_or_backfilled_back() {
     let u1 = f.stored("anon:a1").expect("a1 is u1 now");
     assert_eq!(u1.user_id.as_deref(), Some("u1"));
     assert_eq!(f.stage.metrics.redos.get(), 0);
+}
+
+/// A message the stage keeps failing on (here, it panics) does not stop it: it is started again
+/// from the store, and after three failures the message is filed in the quarantine (a rejected
+/// record of the `sluice` source, with the reason) and the messages after it are applied.
+#[test]
+fn a_message_the_stage_keeps_failing_on_is_set_aside_and_the_stage_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let (parts, _) = parts(dir.path(), &runtime, 100);
+    let (log, store, health) = (parts.log.clone(), parts.store.clone(), parts.health.clone());
+    let segments = set(&[("seen", r#"user.did("Page Viewed")"#)]);
+    let live = Arc::new(LiveSegments::new(segments.clone()));
+    let (_sets, reloaded) = std::sync::mpsc::sync_channel(1);
+    let stage = AudienceHandle::start(parts, segments, reloaded, live).unwrap();
+    let mut records = RecordBatch::default();
+    let received = DateTime::parse_from_rfc3339(T0).unwrap().to_utc();
+    for (id, user) in [
+        ("m1", "before"),
+        (crate::supervisor::POISON_FOR_TESTS, "poisoned"),
+        ("m3", "after"),
+    ] {
+        let body = page(json!({ "userId": user })).to_string();
+        records.push_with(|b| {
+            Entry::encode(b, Status::Accepted, received, "web", id, "", |b| {
+                b.extend_from_slice(body.as_bytes())
+            })
+        });
+    }
+    runtime.block_on(log.append(records)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let quarantined = loop {
+        let found: Vec<(String, String)> = log
+            .reader(0)
+            .read(100)
+            .unwrap()
+            .iter()
+            .filter_map(|r| {
+                let e = Entry::decode(&r.payload).ok()?;
+                (e.status == Status::Rejected)
+                    .then(|| (e.message_id.to_string(), e.reason.to_string()))
+            })
+            .collect();
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "nothing was set aside");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stage.finish();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(quarantined[0].0, "set-aside-profiles-1");
+    assert!(
+        quarantined[0].1.contains("failed on it 3 times") && quarantined[0].1.contains("poison"),
+        "{quarantined:?}"
+    );
+    assert_eq!(health.status().restarts, 3);
+    let r = store.read().unwrap();
+    assert!(r.lookup("user:before").unwrap().is_some());
+    assert!(
+        r.lookup("user:after").unwrap().is_some(),
+        "the stage went on"
+    );
+    assert!(r.lookup("user:poisoned").unwrap().is_none());
 }

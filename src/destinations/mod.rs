@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::diagnostic::Diagnostic;
 use crate::intake_log::IntakeLog;
 use crate::metrics::DestinationMetrics;
+use crate::supervisor::{supervise, Health};
 pub use files::{Delivery, DestinationFile};
 pub use pump::SegmentRoutes;
 use pump::{Command, Pump, Stats};
@@ -124,16 +125,22 @@ pub struct Destinations {
     running: Vec<Running>,
 }
 
+/// Makes the supervisor's record of a destination, by its name.
+pub type HealthOf = Arc<dyn Fn(&str) -> Arc<Health> + Send + Sync>;
+
 pub struct Parts {
     pub log: Arc<IntakeLog>,
     pub state_dir: std::path::PathBuf,
     pub segments: SegmentRoutes,
     pub metrics: Arc<DestinationMetrics>,
+    /// Makes the supervisor's record of one destination, by its name.
+    pub health: HealthOf,
 }
 
 impl Destinations {
-    /// Starts one delivery thread per destination. Each registers its log cursor before this
-    /// returns, so that nothing it has not delivered can be trimmed from the log.
+    /// Starts one delivery thread per destination, each under a supervisor that starts it again
+    /// from its cursor and queue if it fails. Each registers its log cursor before this returns,
+    /// so that nothing it has not delivered can be trimmed from the log.
     pub fn start(
         loaded: Vec<(DestinationFile, Route)>,
         parts: Parts,
@@ -146,17 +153,39 @@ impl Destinations {
             let queue = Arc::new(Queue::open(&parts.state_dir, &name)?);
             let client = sender::client(file.delivery.timeout, file.delivery.concurrency)?;
             let stats = Arc::new(Stats::default());
-            let pump = Pump {
-                name: name.clone(),
-                route,
-                sender: file.kind.sender(client, &file.delivery),
-                delivery: file.delivery.clone(),
-                consumer,
-                log: parts.log.clone(),
-                queue: queue.clone(),
-                segments: parts.segments.clone(),
-                metrics: parts.metrics.clone(),
-                stats: stats.clone(),
+            let health = (parts.health)(&name);
+            let pump = {
+                let (log, queue, stats, health) = (
+                    parts.log.clone(),
+                    queue.clone(),
+                    stats.clone(),
+                    health.clone(),
+                );
+                let (segments, metrics) = (parts.segments.clone(), parts.metrics.clone());
+                let sender = file.kind.sender(client, &file.delivery);
+                let file = file.clone();
+                let mut route = Some(route);
+                // The delivery engine from what is durable: its cursor and its queue.
+                move || -> anyhow::Result<Pump> {
+                    let route = match route.take() {
+                        Some(route) => route,
+                        None => Route::compile(&file)
+                            .map_err(|problems| anyhow::anyhow!("{}", problems[0].message))?,
+                    };
+                    Ok(Pump {
+                        name: file.name.clone(),
+                        route,
+                        sender: sender.clone(),
+                        delivery: file.delivery.clone(),
+                        consumer: consumer.reopen()?,
+                        log: log.clone(),
+                        queue: queue.clone(),
+                        segments: segments.clone(),
+                        metrics: metrics.clone(),
+                        stats: stats.clone(),
+                        health: health.clone(),
+                    })
+                }
             };
             let (commands, receiver) = mpsc::channel(4);
             let thread = std::thread::Builder::new()
@@ -167,7 +196,17 @@ impl Destinations {
                         .enable_all()
                         .build()
                         .expect("a current-thread runtime builds");
-                    runtime.block_on(pump.run(receiver));
+                    let mut pump = pump;
+                    // Looked at by one closure or the other, never both at once.
+                    let receiver = std::cell::RefCell::new(receiver);
+                    supervise(
+                        &health,
+                        || receiver.borrow().is_closed(),
+                        || {
+                            runtime.block_on(pump()?.run(&mut receiver.borrow_mut()));
+                            anyhow::Ok(())
+                        },
+                    );
                 })?;
             tracing::info!(destination = %name, kind = file.kind.type_name(), "destination started");
             running.push(Running {

@@ -46,6 +46,7 @@ use super::sender::{Attempt, Outgoing, Sender};
 use crate::entry::{Entry, Status};
 use crate::intake_log::{Consumer, IntakeLog};
 use crate::metrics::{DestinationLabels, DestinationMetrics};
+use crate::supervisor::Health;
 
 /// How full the intake log may get (a share of its `max_size`) before a lagging destination
 /// moves its backlog into its own queue. Below it, a destination that is merely behind reads on
@@ -85,6 +86,9 @@ pub struct Pump {
     pub segments: SegmentRoutes,
     pub metrics: Arc<DestinationMetrics>,
     pub stats: Arc<Stats>,
+    /// Its supervisor: failures are counted there, and records it keeps failing on are set
+    /// aside (to its dead letter).
+    pub health: Arc<Health>,
 }
 
 /// Where a message in a request came from, to know what finishing it means.
@@ -135,14 +139,16 @@ impl Pump {
     /// Runs until `commands` closes, then waits for requests in flight and commits the cursor.
     /// When its state fails (the queue cannot be written: a full disk; the log cannot be read),
     /// it starts over from what is durable, its cursor and its queue, after a pause.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    pub async fn run(mut self, commands: &mut mpsc::Receiver<Command>) {
         let mut failures = 0;
         loop {
-            let error = match self.run_once(&mut commands).await {
+            let error = match self.run_once(commands).await {
                 Ok(()) => return,
                 Err(e) => e,
             };
             failures += 1;
+            self.health.between_records();
+            self.health.failed(&error.to_string());
             let pause = backoff(Duration::from_secs(1), failures, failures as u64);
             tracing::error!(destination = %self.name, error = %error, ?pause, "delivery failed; resuming from the destination's cursor and queue");
             self.consumer.rewind();
@@ -259,7 +265,25 @@ impl State<'_> {
                 return Ok(());
             }
             let mut change = Change::default();
+            let mut set_aside = Vec::new();
             for record in &records {
+                if let Some(reason) = self.pump.health.set_aside(record.offset) {
+                    let entry = Entry::decode(&record.payload).ok();
+                    let message = Outgoing {
+                        offset: record.offset,
+                        user: String::new(),
+                        message_id: entry.as_ref().map_or("", |e| e.message_id).to_string(),
+                        accepted_micros: entry.as_ref().map_or(0, |e| e.received_at_micros),
+                        body: entry.map_or(&record.payload[..], |e| e.body).to_vec(),
+                    };
+                    change
+                        .dead
+                        .push(Dead::new(&message, false, None, reason, now_ms()));
+                    set_aside.push(record.offset);
+                    continue;
+                }
+                // A panic from here to the end of the record is blamed on it.
+                self.pump.health.working_on(record.offset);
                 let Ok(entry) = Entry::decode(&record.payload) else {
                     continue;
                 };
@@ -317,8 +341,12 @@ impl State<'_> {
                     }
                 }
             }
+            self.pump.health.between_records();
             self.count_dead(change.dead.len());
             self.pump.queue.apply(change)?;
+            for offset in set_aside {
+                self.pump.health.was_set_aside(offset);
+            }
         }
         Ok(())
     }

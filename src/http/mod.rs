@@ -52,6 +52,8 @@ pub struct AppState {
     /// The segments in force.
     pub segments: Arc<crate::audience::LiveSegments>,
     pub destinations: Arc<crate::destinations::Destinations>,
+    /// The log's consumers and how they fare.
+    pub stages: Arc<crate::supervisor::Stages>,
 }
 
 impl AppState {

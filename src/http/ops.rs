@@ -11,7 +11,10 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// Ready to accept messages: not shutting down, and the intake log can take writes.
+/// Ready to accept messages: not shutting down, and the intake log can take writes. The body also
+/// shows each stage that consumes the log: `running`, or `restarting` within a minute of a failure,
+/// with its restarts, last error and lag. A stage that fails does not make the node unready: the
+/// log keeps what it has not processed, and it is started again.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let stats = state.log.stats();
     let problem = if state.is_shutting_down() {
@@ -23,11 +26,32 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     } else {
         None
     };
+    let lag = |consumer: &str| {
+        stats
+            .consumers
+            .iter()
+            .find(|(name, _)| name == consumer)
+            .map(|(_, cursor)| stats.end.saturating_sub(*cursor))
+    };
+    let stages: Vec<serde_json::Value> = state
+        .stages
+        .statuses()
+        .into_iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            v["lag"] = lag(&s.consumer).into();
+            v
+        })
+        .collect();
+    let degraded = stages.iter().any(|s| s["state"] != "running");
     match problem {
-        None => HttpResponse::Ok().json(json!({ "status": "ready" })),
+        None => HttpResponse::Ok().json(json!({
+            "status": if degraded { "degraded" } else { "ready" },
+            "stages": stages,
+        })),
         Some(reason) => HttpResponse::ServiceUnavailable()
             .insert_header(("Retry-After", "5"))
-            .json(json!({ "status": "unavailable", "reason": reason })),
+            .json(json!({ "status": "unavailable", "reason": reason, "stages": stages })),
     }
 }
 

@@ -100,6 +100,12 @@ impl Consumer {
         &self.name
     }
 
+    /// The same consumer again, at its durable cursor, as after a restart: for a stage started
+    /// again after a failure.
+    pub fn reopen(&self) -> io::Result<Consumer> {
+        Consumer::register(self.shared.clone(), &self.name)
+    }
+
     /// The durable cursor: where this consumer resumes after a restart.
     pub fn committed(&self) -> u64 {
         self.committed

@@ -29,30 +29,32 @@ use std::sync::Arc;
 
 use crate::intake_log::IntakeLog;
 use crate::metrics::LakeMetrics;
+use crate::supervisor::{supervise, Health};
 pub use store::LakeStore;
 use typed::TypedSource;
-use writer::{FlushPolicy, LakeWriter, Stopped, WriteError};
+use writer::{FlushPolicy, LakeWriter, Stopped};
 
-/// The lake writer running on its own thread.
+/// The lake writer running on its own thread, under a supervisor (see `crate::supervisor`).
 pub struct LakeHandle {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<Stopped, WriteError>>,
+    thread: std::thread::JoinHandle<Option<Stopped>>,
 }
 
 impl LakeHandle {
     /// Registers the `lake` consumer (from now on the log keeps what the lake has not stored),
     /// redoes an interrupted flush, and starts writing. Call from within the Tokio runtime that
-    /// should drive the object store's I/O.
+    /// should drive the object store's I/O. A failure starts the writer again from its cursor.
     pub fn start(
         store: LakeStore,
         log: &IntakeLog,
         policy: FlushPolicy,
         typed: Arc<TypedSource>,
         metrics: Arc<LakeMetrics>,
+        health: Arc<Health>,
     ) -> std::io::Result<LakeHandle> {
         let consumer = log.consumer(writer::CONSUMER)?;
+        let state_dir = log.dir().to_path_buf();
         let runtime = tokio::runtime::Handle::current();
-        let writer = LakeWriter::new(store, consumer, log.dir(), policy, metrics, runtime, typed)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -64,29 +66,34 @@ impl LakeHandle {
                     // was most of what delayed segment changes past 50 ms. The log holds what
                     // the lake has not stored, so the lake can wait for what the core has left.
                     crate::thread_priority::lowest();
-                    let result = writer.run(stop);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "the lake writer stopped; the log keeps what it did not store");
-                    }
-                    result
+                    let stopping = || stop.load(Ordering::Relaxed);
+                    supervise(&health, stopping, || {
+                        let writer = LakeWriter::new(
+                            store.clone(),
+                            consumer.reopen()?,
+                            &state_dir,
+                            policy.clone(),
+                            metrics.clone(),
+                            runtime.clone(),
+                            typed.clone(),
+                        )?;
+                        writer.run(&stop, &health)
+                    })
                 })?
         };
         Ok(LakeHandle { stop, thread })
     }
 
-    /// Whether the writer thread has ended (only on an error it could not retry).
-    pub fn is_finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
     /// Stores everything the log holds, then stops. Call after the log stopped taking appends.
-    pub fn finish(self) -> Result<Stopped, WriteError> {
+    /// [`Stopped::Abandoned`] when the writer was failing as it was asked to stop: the log keeps
+    /// what it did not store.
+    pub fn finish(self) -> Stopped {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or_else(|_| {
-            Err(WriteError::State(std::io::Error::other(
-                "the lake writer thread panicked",
-            )))
-        })
+        self.thread
+            .join()
+            .ok()
+            .flatten()
+            .unwrap_or(Stopped::Abandoned)
     }
 }
 

@@ -13,6 +13,7 @@ use super::LakeStore;
 use crate::entry::{Entry, Status};
 use crate::intake_log::{IntakeLog, LogOptions, RecordBatch};
 use crate::metrics::{LakeMetrics, LogMetrics};
+use crate::supervisor::Health;
 
 pub(crate) struct Fixture {
     pub dir: tempfile::TempDir,
@@ -32,6 +33,10 @@ pub(crate) fn fixture(store: LakeStore) -> Fixture {
     )
     .unwrap();
     Fixture { dir, log, store }
+}
+
+pub(crate) fn health() -> Arc<Health> {
+    Health::new("lake", super::writer::CONSUMER, Arc::default())
 }
 
 pub(crate) fn at(text: &str) -> DateTime<Utc> {
@@ -220,7 +225,7 @@ async fn a_crash_after_some_files_is_redone_into_the_same_files() {
     // More messages arrive before the restart; they must not join the redone flush.
     append(&f.log, &[track("c", "E", "2026-03-01T11:00:00Z")]).await;
     w = writer(&f);
-    tokio::task::block_in_place(|| w.recover()).unwrap();
+    tokio::task::block_in_place(|| w.recover(&health())).unwrap();
     assert!(!pending.exists());
     assert_eq!(
         files(&f.store).await,
@@ -253,6 +258,7 @@ async fn the_writer_thread_flushes_on_interval_and_on_stop() {
         policy,
         Default::default(),
         Arc::new(LakeMetrics::default()),
+        health(),
     )
     .unwrap();
     append(&f.log, &[track("a", "E", "2026-03-01T10:00:00Z")]).await;
@@ -267,7 +273,6 @@ async fn the_writer_thread_flushes_on_interval_and_on_stop() {
     append(&f.log, &[track("b", "E", "2026-03-01T10:00:01Z")]).await;
     let stopped = tokio::task::spawn_blocking(move || handle.finish())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(stopped, super::writer::Stopped::Flushed);
     assert_eq!(
@@ -301,6 +306,7 @@ async fn storage_failures_are_retried_until_storage_returns() {
         policy,
         Default::default(),
         metrics.clone(),
+        health(),
     )
     .unwrap();
     append(&f.log, &[track("a", "E", "2026-03-01T10:00:00Z")]).await;
@@ -327,10 +333,10 @@ async fn storage_failures_are_retried_until_storage_returns() {
     assert!(lake_dir
         .join("events/date=2026-03-01/00000000000000000000-00000000000000000001.parquet")
         .exists());
-    tokio::task::spawn_blocking(move || handle.finish())
+    let stopped = tokio::task::spawn_blocking(move || handle.finish())
         .await
-        .unwrap()
         .unwrap();
+    assert_eq!(stopped, super::writer::Stopped::Flushed);
 }
 
 mod compaction {
@@ -613,11 +619,11 @@ async fn a_flush_is_cut_by_bytes_as_well_as_rows() {
         policy,
         Default::default(),
         Arc::new(LakeMetrics::default()),
+        health(),
     )
     .unwrap();
     let stopped = tokio::task::spawn_blocking(move || handle.finish())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(stopped, super::writer::Stopped::Flushed);
     let written = files(&f.store).await;
@@ -634,4 +640,66 @@ async fn a_flush_is_cut_by_bytes_as_well_as_rows() {
     let mut expected: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
     expected.sort();
     assert_eq!(ids, expected, "every row once");
+}
+
+/// A record the writer fails on does not stop it: it is started again from its cursor, and after
+/// three failures on that record the record goes to the quarantine with the reason; every other
+/// record is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_writer_keeps_failing_on_is_set_aside_and_the_writer_goes_on() {
+    let f = fixture(LakeStore::in_memory());
+    append(
+        &f.log,
+        &[
+            track("before", "E", "2026-03-01T10:00:00Z"),
+            track(
+                crate::supervisor::POISON_FOR_TESTS,
+                "E",
+                "2026-03-01T10:00:01Z",
+            ),
+            track("after", "E", "2026-03-01T10:00:02Z"),
+        ],
+    )
+    .await;
+    let health = health();
+    let policy = FlushPolicy {
+        interval: std::time::Duration::from_millis(50),
+        ..FlushPolicy::default()
+    };
+    let handle = super::LakeHandle::start(
+        f.store.clone(),
+        &f.log,
+        policy,
+        Default::default(),
+        Arc::new(LakeMetrics::default()),
+        health.clone(),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while f.log.consumer(super::writer::CONSUMER).unwrap().committed() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the writer is stuck");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    append(&f.log, &[track("later", "E", "2026-03-01T10:00:03Z")]).await;
+    let stopped = tokio::task::spawn_blocking(move || handle.finish())
+        .await
+        .unwrap();
+    assert_eq!(stopped, super::writer::Stopped::Flushed);
+    assert_eq!(health.status().restarts, 3);
+
+    let mut events = Vec::new();
+    let mut quarantined = Vec::new();
+    for file in files(&f.store).await {
+        if file.starts_with("events/") {
+            events.extend(read_column(&f.store, &file, "message_id").await);
+        } else if file.starts_with("quarantine/") {
+            quarantined.extend(read_column(&f.store, &file, "message_id").await);
+            let reasons = read_column(&f.store, &file, "reason").await;
+            assert!(reasons[0].contains("failed on it 3 times"), "{reasons:?}");
+            assert!(reasons[0].contains("poison record"), "{reasons:?}");
+        }
+    }
+    events.sort();
+    assert_eq!(events, vec!["after", "before", "later"]);
+    assert_eq!(quarantined, vec![crate::supervisor::POISON_FOR_TESTS]);
 }

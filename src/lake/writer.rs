@@ -40,6 +40,7 @@ use super::typed::{TypedBuilder, TypedSource, TypedTables};
 use crate::entry::{Entry, Status};
 use crate::intake_log::{Consumer, ReadError, Record};
 use crate::metrics::LakeMetrics;
+use crate::supervisor::Health;
 
 /// The log consumer name of the lake writer.
 pub const CONSUMER: &str = "lake";
@@ -253,6 +254,10 @@ impl Flush {
                 return Ok(());
             }
         };
+        #[cfg(test)]
+        if entry.message_id == crate::supervisor::POISON_FOR_TESTS {
+            panic!("the tests' poison record");
+        }
         let date = DateTime::from_timestamp_micros(entry.received_at_micros)
             .unwrap_or_default()
             .date_naive();
@@ -284,6 +289,30 @@ impl Flush {
             }
             Status::Rejected => self.quarantine(&entry, entry.reason, date)?,
         }
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Files the next record of the log in the quarantine with `reason`, as little read as can
+    /// be: it is one the writer failed on.
+    pub fn set_aside(&mut self, record: &Record, reason: &str) -> Result<(), WriteError> {
+        debug_assert_eq!(record.offset, self.end);
+        self.end = record.offset + 1;
+        self.bytes += record.payload.len();
+        self.opened.get_or_insert_with(Instant::now);
+        self.misfiled += 1;
+        let entry = Entry::decode(&record.payload).unwrap_or(Entry {
+            status: Status::Rejected,
+            received_at_micros: 0,
+            source: "",
+            message_id: "",
+            reason: "",
+            body: &record.payload,
+        });
+        let date = DateTime::from_timestamp_micros(entry.received_at_micros)
+            .unwrap_or_default()
+            .date_naive();
+        self.quarantine(&entry, reason, date)?;
         self.rows += 1;
         Ok(())
     }
@@ -423,6 +452,20 @@ fn sync_parent(path: &Path) -> io::Result<()> {
     crate::intake_log::segment::sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Adds the next record to `flush`, or files it in the quarantine when the supervisor set it
+/// aside (the writer kept failing on it).
+fn take(flush: &mut Flush, record: &Record, health: &Health) -> Result<(), WriteError> {
+    if let Some(reason) = health.set_aside(record.offset) {
+        flush.set_aside(record, &reason)?;
+        health.was_set_aside(record.offset);
+        return Ok(());
+    }
+    health.working_on(record.offset);
+    flush.add(record)?;
+    health.between_records();
+    Ok(())
+}
+
 /// The lake writer: owns the `lake` consumer of the log.
 pub struct LakeWriter {
     store: LakeStore,
@@ -469,7 +512,7 @@ impl LakeWriter {
     }
 
     /// Redoes a flush that a crash interrupted, so that its files are whole and counted once.
-    pub fn recover(&mut self) -> Result<(), WriteError> {
+    pub fn recover(&mut self, health: &Health) -> Result<(), WriteError> {
         let Some((start, end)) = self.pending.load()? else {
             return Ok(());
         };
@@ -490,7 +533,7 @@ impl LakeWriter {
                 )));
             }
             for r in &records {
-                flush.add(r)?;
+                take(&mut flush, r, health)?;
             }
         }
         self.write(&flush.finish()?)
@@ -554,18 +597,18 @@ impl LakeWriter {
     }
 
     /// Runs until `stop` is set, then flushes what it has read.
-    pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<Stopped, WriteError> {
-        self.recover()?;
+    pub fn run(mut self, stop: &AtomicBool, health: &Health) -> Result<Stopped, WriteError> {
+        self.recover(health)?;
         let mut flush = Flush::new(self.consumer.position(), self.typed.current());
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             let records = self.consumer.read(4096)?;
             for r in &records {
-                flush.add(r)?;
+                take(&mut flush, r, health)?;
                 if flush.is_full(&self.policy) {
                     let next = Flush::new(flush.end, self.typed.current());
                     let done = std::mem::replace(&mut flush, next);
-                    if !self.write_with_retries(done, &stop)? {
+                    if !self.write_with_retries(done, stop)? {
                         return Ok(Stopped::Abandoned);
                     }
                 }
@@ -574,7 +617,7 @@ impl LakeWriter {
             if due && flush.end > flush.start {
                 let next = Flush::new(flush.end, self.typed.current());
                 let done = std::mem::replace(&mut flush, next);
-                if !self.write_with_retries(done, &stop)? {
+                if !self.write_with_retries(done, stop)? {
                     return Ok(Stopped::Abandoned);
                 }
             } else if due {

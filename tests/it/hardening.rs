@@ -98,3 +98,42 @@ fn the_admin_token_is_checked_before_the_body_is_read() {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
+
+/// Every consumer of the log is visible: `/readyz` lists each stage with its state, restarts and
+/// lag, and `/metrics` counts restarts per stage.
+#[test]
+fn every_stage_shows_on_readyz_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("destinations")).unwrap();
+    std::fs::write(
+        dir.path().join("destinations/crm.toml"),
+        format!(
+            "type = \"webhook\"\nurl = \"http://127.0.0.1:{}/\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let server = Server::start_in(dir, "");
+    let ready = server.get("/readyz");
+    assert_eq!(ready.status, 200);
+    let body = ready.json();
+    assert_eq!(body["status"], "ready", "{body}");
+    let mut stages: Vec<String> = body["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert_eq!(s["state"], "running", "{s}");
+            assert_eq!(s["restarts"], 0, "{s}");
+            assert!(s["lag"].is_u64(), "{s}");
+            s["stage"].as_str().unwrap().to_string()
+        })
+        .collect();
+    stages.sort();
+    assert_eq!(stages, vec!["destination-crm", "lake", "profiles"]);
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    for stage in ["lake", "profiles", "destination-crm"] {
+        let line = format!("sluice_stage_restarts_total{{stage=\"{stage}\"}} 0");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+}
