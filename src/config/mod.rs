@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub workers: Option<usize>,
     /// How long shutdown may take before it gives up on what is left.
     pub shutdown_timeout: Duration,
+    /// The address clients reach this server at (behind a proxy, the proxy's): what
+    /// analytics.js is pointed at. Unset, the request's own `Host` is used; forwarded host
+    /// headers never are.
+    pub public_url: Option<url::Url>,
 }
 
 #[derive(Debug, Clone)]
@@ -222,12 +226,35 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                 }
             });
             let shutdown_timeout = r.duration(&mut s, "shutdown_timeout");
+            let public_url = r.string(&mut s, "public_url").and_then(|u| {
+                match url::Url::parse(&u.value) {
+                    Ok(url)
+                        if matches!(url.scheme(), "http" | "https")
+                            && url.host().is_some()
+                            && url.query().is_none()
+                            && url.fragment().is_none() =>
+                    {
+                        Some(url)
+                    }
+                    _ => {
+                        r.error(
+                            u.span,
+                            format!(
+                                "`server.public_url`: `{}` is not an http:// or https:// address such as https://events.example.com",
+                                u.value
+                            ),
+                        );
+                        None
+                    }
+                }
+            });
             r.finish(s);
             ServerConfig {
                 listen: listen.unwrap_or_else(default_listen),
                 admin_token: admin_token.filter(|t| !t.is_empty()),
                 workers,
                 shutdown_timeout: shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+                public_url,
             }
         }
         None => ServerConfig {
@@ -235,6 +262,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
             admin_token: None,
             workers: None,
             shutdown_timeout: Duration::from_secs(30),
+            public_url: None,
         },
     };
 

@@ -314,6 +314,56 @@ mod tests {
         );
     }
 
+    /// An ordinary rich message (analytics.js sends a large context) can be reshaped by a
+    /// transform: Rhai's size limits, counted over whole values (the message's parts included),
+    /// used to fail it to the dead letter.
+    #[test]
+    fn an_ordinary_rich_message_can_be_reshaped_by_a_transform() {
+        // A new payload built from the message's parts, as a transform for another API would.
+        let r = route(
+            r#"filter = 'msg.type == "track"'
+transform = '''
+let out = #{ type: msg.type, event: msg.event, userId: msg.userId, messageId: msg.messageId };
+out.properties = msg.properties;
+out.context = msg.context;
+out.context.sent_by = "sluice";
+out'''
+"#,
+        );
+        // 250 properties, one of them a 5,000-character text and one a list of 1,500 numbers.
+        let mut properties: serde_json::Map<String, serde_json::Value> = (0..248)
+            .map(|i| {
+                (
+                    format!("p{i}"),
+                    format!("value {i} {}", "v".repeat(40)).into(),
+                )
+            })
+            .collect();
+        properties.insert("description".into(), "d".repeat(5_000).into());
+        properties.insert("ids".into(), (0..1_500).collect::<Vec<i64>>().into());
+        let message = serde_json::json!({
+            "type": "track", "event": "Viewed", "userId": "u", "messageId": "m",
+            "properties": properties,
+            "context": {
+                "userAgent": "Mozilla/5.0 ".repeat(20),
+                "page": {"url": format!("https://example.com/{}", "p".repeat(2000)), "title": "t"},
+                "library": {"name": "analytics.js", "version": "next-1.70.0"},
+                "campaign": {"name": "c", "source": "s"},
+            },
+        });
+        let body = serde_json::to_vec(&message).unwrap();
+        assert!(body.len() > 20_000, "{}", body.len());
+        let Shaped::Send(out) = r.shape(&body) else {
+            panic!("{:?}", r.shape(&body))
+        };
+        let mut expected = message;
+        expected["context"]["sent_by"] = "sluice".into();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            expected
+        );
+    }
+
     #[test]
     fn broken_rhai_is_placed_in_the_file() {
         let text =

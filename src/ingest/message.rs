@@ -158,11 +158,19 @@ fn text<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Strin
         .map_err(|_| de::Error::custom(format!("`{field}` must be a string")))
 }
 
-/// A string, a number (kept as its text) or null.
+/// A string, a number (kept as the text it was sent as: read as a number, two ids above 2^53
+/// could become one) or null.
 fn id<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<String>, A::Error> {
-    map.next_value::<Option<IdValue>>()
-        .map(|v| v.map(|v| v.0))
-        .map_err(|_| de::Error::custom(format!("`{field}` must be a string")))
+    let raw: Box<RawValue> = map.next_value()?;
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(text)
+            .map(Some)
+            .map_err(de::Error::custom),
+        Some(b'n') => Ok(None),
+        Some(b'-' | b'0'..=b'9') => Ok(Some(text.to_string())),
+        _ => Err(de::Error::custom(format!("`{field}` must be a string"))),
+    }
 }
 
 /// An object or null; anything else is refused.
@@ -175,36 +183,6 @@ fn object<'de, A: MapAccess<'de>>(
         Some(b'{') => Ok(Some(raw)),
         Some(b'n') => Ok(None),
         _ => Err(de::Error::custom(format!("`{field}` must be an object"))),
-    }
-}
-
-struct IdValue(String);
-
-impl<'de> Deserialize<'de> for IdValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = IdValue;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or number")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<IdValue, E> {
-                Ok(IdValue(v.to_owned()))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<IdValue, E> {
-                Ok(IdValue(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IdValue, E> {
-                Ok(IdValue(v.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IdValue, E> {
-                Ok(IdValue(v.to_string()))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<IdValue, E> {
-                Ok(IdValue(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -253,6 +231,22 @@ mod tests {
         let e = parse(r#"{"event":5}"#).unwrap_err().to_string();
         assert!(e.contains("`event` must be a string"), "{e}");
         assert!(parse("[1,2]").is_err());
+    }
+
+    #[test]
+    fn numeric_ids_keep_the_text_they_were_sent_as() {
+        let ids = [
+            "18446744073709551617",
+            "18446744073709551618",
+            "42",
+            "-7",
+            "1.5",
+            "1e3",
+        ];
+        for id in ids {
+            let m = parse(&format!(r#"{{"userId":{id}}}"#)).unwrap();
+            assert_eq!(m.user_id.as_deref(), Some(id));
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! Rejected messages are not dropped: they go to the log marked rejected, with their reason, for
 //! the quarantine. Nothing is acknowledged before the log has fsynced it.
 
+pub mod bounds;
 pub mod dedup;
 pub mod message;
 pub mod plan;
@@ -441,12 +442,14 @@ fn batch_object(
     raw: Option<&RawValue>,
     field: &str,
 ) -> Result<Option<Map<String, Value>>, IngestError> {
-    match raw {
-        None => Ok(None),
-        Some(raw) => serde_json::from_str::<Option<Map<String, Value>>>(raw.get()).map_err(|_| {
-            IngestError::Malformed(format!("the batch's `{field}` must be an object"))
-        }),
-    }
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    // Merged into every message: within the bounds a message must keep.
+    bounds::check(raw.get().as_bytes())
+        .map_err(|reason| IngestError::Malformed(format!("the batch's `{field}`: {reason}")))?;
+    serde_json::from_str::<Option<Map<String, Value>>>(raw.get())
+        .map_err(|_| IngestError::Malformed(format!("the batch's `{field}` must be an object")))
 }
 
 /// A request whose envelope has been read.
@@ -471,6 +474,9 @@ fn check<'a>(
     };
     if bytes.len() > MAX_MESSAGE_BYTES {
         return rejected(peek(raw).message_id, Limit::Message.describe().to_string());
+    }
+    if let Err(reason) = bounds::check(bytes) {
+        return rejected(peek(raw).message_id, reason);
     }
     match serde_json::from_str::<RawMessage>(raw.get()) {
         Err(e) => rejected(peek(raw).message_id, strip_position(&e)),

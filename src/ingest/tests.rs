@@ -483,3 +483,55 @@ violations = "flag"
     assert!(stored[3..].iter().all(|e| e.0 == Status::Accepted));
     assert!(stored[4].3["context"]["violations"].is_array());
 }
+
+/// What every stage after the edge must be able to parse is decided here, once: a message nested
+/// too deep or holding a number no reader can hold is rejected with the reason (it used to pass
+/// and fail later: dead letters, typed rows left out, a profile's traits lost).
+#[tokio::test]
+async fn json_past_what_readers_hold_is_rejected_at_the_edge() {
+    let f = fixture(SOURCES);
+    let deep = format!(
+        r#"{{"type":"track","event":"E","userId":"u","messageId":"deep","properties":{{"a":{}1{}}}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let huge =
+        r#"{"type":"track","event":"E","userId":"u","messageId":"huge","properties":{"n":1e400}}"#;
+    let batch = format!(r#"{{"batch":[{deep},{huge},{}]}}"#, track("fine"));
+    let report = f
+        .ingest
+        .handle(Shape::Batch, batch.as_bytes(), Some("wk"))
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 1);
+    let reasons: Vec<(usize, &str)> = report
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.error.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].1.contains("nested deeper than 64"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].1.contains("out of range"), "{reasons:?}");
+}
+
+/// Numeric ids keep the text they were sent as: above 2^53 two users' ids used to become one
+/// float, and so one profile.
+#[tokio::test]
+async fn large_numeric_ids_stay_distinct() {
+    let f = fixture(SOURCES);
+    let batch = r#"{"batch":[
+        {"type":"identify","userId":18446744073709551617,"messageId":"a"},
+        {"type":"identify","userId":18446744073709551618,"messageId":"b"}]}"#;
+    f.ingest
+        .handle(Shape::Batch, batch.as_bytes(), Some("wk"))
+        .await
+        .unwrap();
+    let users: Vec<String> = entries(&f.log)
+        .iter()
+        .map(|e| e.3["userId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(users, vec!["18446744073709551617", "18446744073709551618"]);
+}

@@ -5,13 +5,20 @@
 use rhai::{Engine, Scope};
 
 /// Hard limits on one evaluation. A rule past any of them fails (and changes nothing).
+///
+/// Rhai counts its size limits over a whole value, nested values included (all the strings of a
+/// map, every element of nested arrays), and over the values a script is given as well as those
+/// it makes. So they are set above anything a script is given (a message is at most 32 KB as
+/// sent, plus its batch's context; a profile's traits are merged from such messages), and what a
+/// script makes is bounded by them together with its operations: a value past 1 MiB of text or
+/// 100,000 elements fails, and 20,000 operations leave no room to build many.
 pub const MAX_OPERATIONS: u64 = 20_000;
 pub const MAX_CALL_LEVELS: usize = 16;
 pub const MAX_EXPR_DEPTH: usize = 64;
 pub const MAX_FUNCTION_EXPR_DEPTH: usize = 32;
-pub const MAX_STRING_BYTES: usize = 4_096;
-pub const MAX_ARRAY_LEN: usize = 1_000;
-pub const MAX_MAP_LEN: usize = 200;
+pub const MAX_STRING_BYTES: usize = 1 << 20;
+pub const MAX_ARRAY_LEN: usize = 100_000;
+pub const MAX_MAP_LEN: usize = 100_000;
 
 /// A sandboxed engine with the rule API registered: bounded operations, call depth, expression
 /// depth and sizes; no modules (the crate is built with `no_module`), no clock (`no_time`), no
@@ -77,7 +84,11 @@ mod tests {
             ("loop {}", "operations"),
             ("fn f(n) { f(n + 1) } f(0)", "stack overflow"),
             (r#"let s = "x"; loop { s += s; }"#, "string"),
-            ("let a = []; loop { a.push(1); }", "array"),
+            ("let a = [1]; loop { a += a; }", "array"),
+            (
+                "let m = #{}; for i in 0..200000 { m[`k${i}`] = i; }",
+                "operations",
+            ),
             (r#"eval("1")"#, "eval"),
             ("undefined_variable", "undefined_variable"),
         ];

@@ -137,3 +137,29 @@ fn every_stage_shows_on_readyz_and_metrics() {
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
 }
+
+/// The settings analytics.js loads are not taken from forwarded host headers: one forged request
+/// through a shared cache used to point every visitor's browser at another host.
+#[test]
+fn analytics_js_settings_ignore_forwarded_hosts() {
+    let path = format!("/v1/projects/{WRITE_KEY}/settings");
+    let forged = [
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "host=evil.example;proto=https"),
+    ];
+    let server = Server::start("");
+    let r = request(server.addr, "GET", &path, &forged, b"");
+    let io = &r.json()["integrations"]["Segment.io"];
+    assert_eq!(io["apiHost"], format!("{}/v1", server.addr));
+    assert_eq!(io["protocol"], "http");
+    assert_eq!(r.header("cache-control"), Some("private, max-age=60"));
+
+    let server =
+        Server::start_with_server_keys("public_url = \"https://events.example.com/sluice/\"", "");
+    let r = request(server.addr, "GET", &path, &forged, b"");
+    let io = &r.json()["integrations"]["Segment.io"];
+    assert_eq!(io["apiHost"], "events.example.com/sluice/v1");
+    assert_eq!(io["protocol"], "https");
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+}

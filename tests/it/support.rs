@@ -16,12 +16,18 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// A config with one source `web` (write key [`WRITE_KEY`]), the log under `dir`, and `extra`
 /// appended (more sections, or keys for a `[log]` section that `extra` opens itself).
 pub fn config_text(listen: &str, extra: &str) -> String {
+    config_text_with(listen, "", extra)
+}
+
+/// [`config_text`] with `server_keys` added to its `[server]` section.
+pub fn config_text_with(listen: &str, server_keys: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "{listen}"
 shutdown_timeout = "10s"
 admin_token = "{ADMIN_TOKEN}"
+{server_keys}
 
 [[sources]]
 name = "web"
@@ -82,13 +88,28 @@ impl Server {
         Self::start_with_clock(dir, extra, sluice::clock::system())
     }
 
+    /// Starts with `server_keys` added to the config's `[server]` section.
+    pub fn start_with_server_keys(server_keys: &str, extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text_with("127.0.0.1:0", server_keys, extra);
+        Self::start_with_config(dir, &text, sluice::clock::system())
+    }
+
     /// Starts with the time coming from `clock` (see [`ManualClock`]).
     pub fn start_with_clock(
         dir: tempfile::TempDir,
         extra: &str,
         clock: sluice::clock::Clock,
     ) -> Server {
-        let path = write_config(dir.path(), &config_text("127.0.0.1:0", extra));
+        Self::start_with_config(dir, &config_text("127.0.0.1:0", extra), clock)
+    }
+
+    fn start_with_config(
+        dir: tempfile::TempDir,
+        text: &str,
+        clock: sluice::clock::Clock,
+    ) -> Server {
+        let path = write_config(dir.path(), text);
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();

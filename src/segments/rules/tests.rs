@@ -417,3 +417,25 @@ fn a_rule_cannot_change_what_the_next_rule_sees() {
     let mut p = Profile::new(1);
     assert!(member(&s, &mut p, "b_reader", T0), "b sees the real `user`");
 }
+
+/// Rhai counts its size limits over whole values, the ones a rule is given included: a profile
+/// with as many traits as it keeps (200) used to make every rule that read them fail.
+#[test]
+fn rules_read_a_profile_with_hundreds_of_traits() {
+    let s = set(&[(
+        "many",
+        r#"let t = user.traits; t.len() == 200 && t.plan == "pro" && t.k7.len() == 100"#,
+    )]);
+    let mut p = Profile::new(1);
+    let mut traits: serde_json::Map<String, serde_json::Value> = (0..199)
+        .map(|i| (format!("k{i}"), "x".repeat(100).into()))
+        .collect();
+    traits.insert("plan".into(), "pro".into());
+    identify(
+        &mut p,
+        &s,
+        &serde_json::Value::Object(traits).to_string(),
+        T0,
+    );
+    assert!(member(&s, &mut p, "many", T0));
+}

@@ -1,0 +1,112 @@
+//! Bounds on the shape of a message's JSON, decided once, at the edge: how deep it nests, and
+//! numbers that every later reader can hold (finite as a 64-bit float). A message past them is rejected with the reason; one within them parses everywhere
+//! after (the tracking plan, profiles and rules, the lake's tables, destinations' scripts) without
+//! meeting a recursion limit or a number out of range.
+
+/// Levels of objects and arrays a message may nest, itself included. Segment's SDKs send five or
+/// six; parsers downstream recurse per level.
+pub const MAX_DEPTH: usize = 64;
+
+/// Checks `json` (already known to be well-formed JSON) against the bounds; the error is the
+/// reason to reject it.
+pub fn check(json: &[u8]) -> Result<(), String> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                i = after_string(json, i + 1);
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!("JSON nested deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < json.len()
+                    && matches!(json[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                number(&json[start..i])?;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The index after the closing quote of a string whose content starts at `i`.
+fn after_string(json: &[u8], mut i: usize) -> usize {
+    while i < json.len() {
+        match json[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    json.len()
+}
+
+fn number(token: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(token).unwrap_or_default();
+    // Integers of 64 bits are exact; any other number must be a finite 64-bit float, which is
+    // how every reader after the edge holds it (an id keeps its text: see `message`).
+    let integer = !token.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
+    if integer && (text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok()) {
+        return Ok(());
+    }
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() => Ok(()),
+        _ => {
+            let shown = crate::text::clip(text.to_string(), 40);
+            let more = if shown.len() < text.len() { "…" } else { "" };
+            Err(format!(
+                "the number {shown}{more} is out of range (larger than a 64-bit float holds)"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_messages_pass() {
+        for json in [
+            r#"{"a":[1,-2,3.5,1e10,-0.0,18446744073709551617,-9223372036854775809],"b":{"c":"]]]{{{"}}"#,
+            r#"{"s":"a \" quote [ and \\ backslash {","n":null,"t":true}"#,
+            "[]",
+        ] {
+            assert_eq!(check(json.as_bytes()), Ok(()), "{json}");
+        }
+        let nested = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert_eq!(check(nested.as_bytes()), Ok(()));
+    }
+
+    #[test]
+    fn deep_nesting_and_numbers_out_of_range_are_named() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(check(deep.as_bytes())
+            .unwrap_err()
+            .contains("nested deeper than 64"));
+        for n in ["1e400", "-1e309", &"9".repeat(500)] {
+            let json = format!(r#"{{"v":[{n}]}}"#);
+            let err = check(json.as_bytes()).unwrap_err();
+            assert!(
+                err.contains("out of range") && err.len() < 200,
+                "{n}: {err}"
+            );
+        }
+        // Brackets and digits inside strings are text.
+        let text = format!(r#"{{"v":"{}1e999"}}"#, "[".repeat(100));
+        assert_eq!(check(text.as_bytes()), Ok(()));
+    }
+}
