@@ -48,6 +48,8 @@ pub mod destinations;
 pub mod diagnostic;
 pub mod entry;
 pub mod folder_watch;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod http;
 pub mod ingest;
 pub mod intake_log;

@@ -56,7 +56,7 @@ pub async fn read(req: &HttpRequest, mut payload: web::Payload) -> Result<Vec<u8
 }
 
 /// Decompresses at most the request limit; one byte more means the body is over it.
-fn gunzip(compressed: &[u8]) -> Result<Vec<u8>, ApiError> {
+pub(crate) fn gunzip(compressed: &[u8]) -> Result<Vec<u8>, ApiError> {
     let mut out = Vec::with_capacity((compressed.len() * 4).min(MAX_REQUEST_BYTES + 1));
     flate2::read::MultiGzDecoder::new(compressed)
         .take(MAX_REQUEST_BYTES as u64 + 1)

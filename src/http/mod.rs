@@ -29,6 +29,7 @@ use crate::metrics::{Metrics, RequestLabels, Route, RouteLabels};
 use crate::query::QueryEngine;
 use crate::replay::Replayer;
 use crate::schema::Live;
+pub(crate) use body::gunzip;
 pub use error::ApiError;
 
 /// What the handlers share.

@@ -140,6 +140,11 @@ pub(crate) fn collect_json_files(
 pub(crate) fn read_schema_file(path: &Path) -> Result<SchemaFile, Diagnostic> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Diagnostic::file(path, format!("cannot read: {e}")))?;
+    parse_schema_file(path, text)
+}
+
+/// A schema file's text, as if read from `path`.
+pub fn parse_schema_file(path: &Path, text: String) -> Result<SchemaFile, Diagnostic> {
     let schema: Value = serde_json::from_str(&text).map_err(|e| {
         let offset = offset_of(&text, e.line(), e.column());
         Diagnostic::at(path, &text, offset, format!("not JSON: {e}"))
@@ -178,7 +183,7 @@ pub(crate) fn read_schema_file(path: &Path) -> Result<SchemaFile, Diagnostic> {
     };
     Ok(SchemaFile {
         path: path.to_path_buf(),
-        text: text.clone(),
+        text,
         kind,
         event,
         version,
