@@ -309,6 +309,7 @@ fn edge() -> &'static Edge {
                 window: Duration::from_secs(3600),
                 max_ids: 100_000,
             },
+            scratch_dir().join("dedup"),
             Default::default(),
         );
         let ingest = Ingest::new(

@@ -203,6 +203,7 @@ pub struct StateGauges {
     pub log_end_offset: Gauge,
     pub consumer_lag: Family<ConsumerLabels, Gauge>,
     pub dedup_ids: Gauge,
+    pub dedup_memory: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -220,6 +221,8 @@ pub struct StageMetrics {
 #[derive(Default)]
 pub struct DedupMetrics {
     pub evicted: Counter,
+    /// Filter hits confirmed on disk (a run's block read).
+    pub disk_checks: Counter,
 }
 
 /// Metrics the lake writer updates.
@@ -569,6 +572,16 @@ impl Metrics {
             "dedup_evicted",
             "messageIds forgotten before their window ended, to keep memory bounded",
             self.dedup.evicted.clone(),
+        );
+        r.register(
+            "dedup_disk_checks",
+            "messageIds the in-memory filter may hold, looked for on disk",
+            self.dedup.disk_checks.clone(),
+        );
+        r.register(
+            "dedup_memory_bytes",
+            "Memory dedup holds: its filter, the runs' indexes and recent ids",
+            s.dedup_memory.clone(),
         );
         let p = &self.schema;
         r.register(

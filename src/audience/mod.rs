@@ -812,14 +812,14 @@ impl Stage {
             return Ok(());
         }
         let now = (self.clock)();
-        let keys: Vec<Option<u64>> = self
+        let keys: Vec<Option<u128>> = self
             .emissions
             .iter()
             .map(|e| Some(dedup::key(SOURCE, &e.message_id)))
             .collect();
-        let (reservation, duplicate) =
-            self.runtime
-                .block_on(self.dedup.reserve(&keys, now, || self.log.end()));
+        let (reservation, duplicate) = self
+            .runtime
+            .block_on(self.dedup.reserve(&keys, || self.log.end()));
         let mut records =
             RecordBatch::with_capacity(self.emissions.iter().map(|e| e.body.len() + 64).sum());
         for (e, dup) in self.emissions.iter().zip(duplicate) {
@@ -857,10 +857,10 @@ impl Stage {
             .iter()
             .map(|s| format!("set-aside-profiles-{}", s.offset))
             .collect();
-        let keys: Vec<Option<u64>> = ids.iter().map(|id| Some(dedup::key(SOURCE, id))).collect();
-        let (reservation, duplicate) =
-            self.runtime
-                .block_on(self.dedup.reserve(&keys, now, || self.log.end()));
+        let keys: Vec<Option<u128>> = ids.iter().map(|id| Some(dedup::key(SOURCE, id))).collect();
+        let (reservation, duplicate) = self
+            .runtime
+            .block_on(self.dedup.reserve(&keys, || self.log.end()));
         let mut records = RecordBatch::default();
         for ((s, id), dup) in self.set_aside.iter().zip(&ids).zip(duplicate) {
             if dup {

@@ -44,6 +44,7 @@ fn parts(
             window: Duration::from_secs(3600),
             max_ids: 10_000,
         },
+        dir.join("log/dedup"),
         Default::default(),
     );
     let start = DateTime::parse_from_rfc3339(T0).unwrap().timestamp_millis();

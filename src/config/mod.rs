@@ -402,7 +402,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         }
         DedupConfig {
             window: window.unwrap_or(Duration::from_secs(24 * 3600)),
-            max_ids: max_ids.unwrap_or(5_000_000),
+            max_ids: max_ids.unwrap_or(250_000_000),
         }
     };
 

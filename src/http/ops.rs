@@ -70,6 +70,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             .set(stats.end.saturating_sub(*cursor) as i64);
     }
     gauges.dedup_ids.set(state.dedup.len() as i64);
+    gauges.dedup_memory.set(state.dedup.memory() as i64);
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
         return HttpResponse::InternalServerError().body(e.to_string());

@@ -265,7 +265,7 @@ impl Ingest {
             }
             verdicts.push(verdict);
         }
-        let keys: Vec<Option<u64>> = verdicts
+        let keys: Vec<Option<u128>> = verdicts
             .iter()
             .map(|v| match v {
                 Verdict::Accepted(m) | Verdict::Blocked(m, _) if !m.message_id_generated => {
@@ -274,10 +274,7 @@ impl Ingest {
                 _ => None,
             })
             .collect();
-        let (reservation, duplicate) = self
-            .dedup
-            .reserve(&keys, received_at, || self.log.end())
-            .await;
+        let (reservation, duplicate) = self.dedup.reserve(&keys, || self.log.end()).await;
 
         let mut records = RecordBatch::with_capacity(body.len() + verdicts.len() * 64);
         let mut report = Report::default();

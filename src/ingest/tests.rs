@@ -33,6 +33,7 @@ fn fixture_with_plan(config_text: &str, plan: crate::schema::Live) -> Fixture {
             window: Duration::from_secs(3600),
             max_ids: 1000,
         },
+        dir.path().join("log/dedup"),
         Arc::new(DedupMetrics::default()),
     ));
     let now: DateTime<Utc> = "2026-03-01T10:00:00Z".parse().unwrap();

@@ -63,7 +63,7 @@ pub struct Replayer {
     plan: Arc<Live>,
     sources: Vec<(String, Policy)>,
     /// (source, messageId) keys re-admitted since start; the lock also makes replays take turns.
-    readmitted: tokio::sync::Mutex<HashSet<u64>>,
+    readmitted: tokio::sync::Mutex<HashSet<u128>>,
 }
 
 /// The parts of a stored message the plan looks at.

@@ -1,12 +1,21 @@
-//! Deduplication by (source, messageId) within a time window, bounded in memory, kept across
-//! restarts.
+//! Deduplication by (source, messageId) within a time window (`dedup.window`, 24 h by default),
+//! kept across restarts, with memory that stays small however many ids the window holds.
 //!
-//! Ids are remembered as 64-bit hashes in *generations*: the newest takes inserts; it is sealed
-//! when it covers an eighth of the window or holds an eighth of `max_ids`. A sealed generation is
-//! dropped whole once its newest id is older than the window, or, when more than `max_ids` are held,
-//! oldest first (counted in `sluice_dedup_evicted`). A lookup checks every generation: at most
-//! about nine.
+//! ## Where an id is
+//! - **recent**: ids accepted since the last checkpoint, in memory, exact;
+//! - **runs** ([`runs`]): files of sorted 128-bit keys on disk, written at each checkpoint (every
+//!   30 s, or sooner once [`SEAL_AT`] ids have come), with every 256th key in memory;
+//! - **the filter** ([`filter`]): 1.5 bytes for each id held in runs (1.6–1.9 bytes with its
+//!   free room). A hit only says "maybe": it is confirmed by reading one 4 KB block of a run,
+//!   newest run first. About one lookup in 500 meets a false hit.
 //!
+//! A run is deleted, and its ids taken out of the filter, once its newest id is older than the
+//! window. Runs of the same twenty-fourth of the window are merged once eight of them are there, so
+//! a confirmation reads at most a few dozen files. `dedup.max_ids` caps the ids held: past it, the
+//! oldest runs go before their time, counted in `sluice_dedup_evicted_total`. At 2,000 msg/s for
+//! 24 h (172.8 M ids) the filter takes about 300 MB and the runs 2.8 GB of disk.
+//!
+//! ## Reservations
 //! An id is *reserved* while its append is in flight and becomes remembered only once the append
 //! is durable; a failed append forgets it, so the client's retry is not mistaken for a duplicate.
 //! A copy that arrives while the original is in flight waits for the original's outcome: it is a
@@ -14,17 +23,22 @@
 //! message that is then lost). A request reserves all of its ids or none: it waits holding
 //! nothing, so two requests can never wait for each other.
 //!
-//! Across restarts: a snapshot of the generations is written now and then, and the snapshot's log
-//! offset becomes the durable cursor of the `dedup` log consumer. On start the snapshot is loaded
-//! and the log is replayed from that cursor. The offset is chosen so that every accepted record
-//! before it is in the snapshot: it is no later than the log's end when any still-unsettled
-//! reservation was made (that request's records can only come after).
+//! ## Across restarts
+//! Runs are durable when written. The `dedup` log consumer's cursor is the offset before which
+//! every accepted record's id is in a run: no later than the log's end when any still-unsettled
+//! reservation was made (that request's records can only come after). Start-up opens the runs
+//! (reading each whole, to check it and to fill the filter: a few seconds per 100 M ids) and
+//! replays the log from that cursor into recent.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::fs;
+mod filter;
+pub mod runs;
+
+use std::collections::BTreeSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::{self, BufWriter, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,15 +49,29 @@ use crate::config::DedupConfig;
 use crate::entry::{Entry, Status};
 use crate::intake_log::{Consumer, IntakeLog};
 use crate::metrics::DedupMetrics;
+use filter::{shard_of, shard_range, Filter, Shard, SHARDS};
+use runs::Run;
 
-/// The dedup key of a message.
-pub fn key(source: &str, message_id: &str) -> u64 {
+/// The dedup key of a message: 128 bits, so that two ids of a window never share one.
+pub fn key(source: &str, message_id: &str) -> u128 {
     let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     h.update(source.as_bytes());
     h.update(&[0xff]);
     h.update(message_id.as_bytes());
-    h.digest()
+    h.digest128()
 }
+
+/// Recent ids that make the checkpoint come early.
+pub const SEAL_AT: usize = 500_000;
+/// How often a checkpoint runs while serving.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+/// Ids a new filter has room for; it grows with what it holds.
+const FIRST_CAPACITY: usize = 1 << 20;
+/// A shard grows (is rebuilt from the runs) past this load, to [`GROWN_LOAD`].
+const MAX_LOAD: f64 = 0.92;
+const GROWN_LOAD: f64 = 0.78;
+/// Runs of one twenty-fourth of the window are merged once there are this many.
+const MERGE_AT: usize = 8;
 
 /// Keys are already hashes; hashing them again would only cost time.
 #[derive(Default)]
@@ -54,39 +82,48 @@ impl Hasher for PassThrough {
         self.0
     }
     fn write(&mut self, _: &[u8]) {
-        unreachable!("only u64 keys are hashed")
+        unreachable!("only u128 keys are hashed")
     }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
     }
 }
 
-type IdSet = hashbrown::HashSet<u64, BuildHasherDefault<PassThrough>>;
+type IdSet = hashbrown::HashSet<u128, BuildHasherDefault<PassThrough>>;
 
-#[derive(Clone, Default)]
-struct Generation {
-    /// Receive times (µs) of the oldest and newest id in it.
+/// Ids remembered in memory, with the receive times (µs) of the oldest and newest.
+#[derive(Default)]
+struct Recent {
+    ids: IdSet,
     first: i64,
     last: i64,
-    ids: IdSet,
 }
 
 struct Inner {
-    sealed: VecDeque<Arc<Generation>>,
-    current: Generation,
+    recent: Recent,
+    /// Being written to a run: still looked up here until its run is in the filter.
+    sealing: Option<Arc<Recent>>,
+    /// Oldest first.
+    runs: Vec<Arc<Run>>,
+    filter: Filter,
     /// Ids in flight, each with the outcome of its reservation: `true` once settled.
-    reserved: hashbrown::HashMap<u64, watch::Receiver<bool>, BuildHasherDefault<PassThrough>>,
+    reserved: hashbrown::HashMap<u128, watch::Receiver<bool>, BuildHasherDefault<PassThrough>>,
     /// Unsettled reservations: (log end when made, ticket).
     in_flight: BTreeSet<(u64, u64)>,
     next_ticket: u64,
-    changed: bool,
+    /// The number the next run gets.
+    next_run: u64,
 }
 
 pub struct Dedup {
     inner: Mutex<Inner>,
+    /// Where the runs are.
+    dir: PathBuf,
     window_micros: i64,
     max_ids: usize,
     metrics: Arc<DedupMetrics>,
+    /// Wakes the checkpoint thread when recent ids pile up.
+    nudge: Mutex<Option<SyncSender<()>>>,
 }
 
 /// Ids held for one request while its append is in flight. Dropping it unsettled counts as a
@@ -95,7 +132,7 @@ pub struct Reservation<'a> {
     dedup: &'a Dedup,
     ticket: u64,
     log_end: u64,
-    keys: Vec<u64>,
+    keys: Vec<u128>,
     settled: bool,
     /// Tells the copies waiting for these ids that they are settled (by sending, or by dropping).
     outcome: watch::Sender<bool>,
@@ -119,19 +156,24 @@ impl Drop for Reservation<'_> {
 }
 
 impl Dedup {
-    pub fn new(config: &DedupConfig, metrics: Arc<DedupMetrics>) -> Self {
+    /// An empty dedup whose runs go to `dir`.
+    pub fn new(config: &DedupConfig, dir: PathBuf, metrics: Arc<DedupMetrics>) -> Self {
         Dedup {
             inner: Mutex::new(Inner {
-                sealed: VecDeque::new(),
-                current: Generation::default(),
+                recent: Recent::default(),
+                sealing: None,
+                runs: Vec::new(),
+                filter: Filter::with_capacity(FIRST_CAPACITY),
                 reserved: Default::default(),
                 in_flight: BTreeSet::new(),
                 next_ticket: 0,
-                changed: false,
+                next_run: 0,
             }),
+            dir,
             window_micros: i64::try_from(config.window.as_micros()).unwrap_or(i64::MAX),
             max_ids: config.max_ids.max(8),
             metrics,
+            nudge: Mutex::new(None),
         }
     }
 
@@ -140,12 +182,11 @@ impl Dedup {
     /// then looks again. `log_end` gives the log's committed end.
     pub async fn reserve(
         &self,
-        keys: &[Option<u64>],
-        now: DateTime<Utc>,
+        keys: &[Option<u128>],
         log_end: impl Fn() -> u64,
     ) -> (Reservation<'_>, Vec<bool>) {
         loop {
-            match self.try_reserve(keys, now, log_end()) {
+            match self.try_reserve(keys, log_end()) {
                 Ok(reserved) => return reserved,
                 Err(mut in_flight) => {
                     // Err only means the reservation is gone: settled either way.
@@ -159,18 +200,16 @@ impl Dedup {
     /// one of `keys`, when there is one.
     fn try_reserve(
         &self,
-        keys: &[Option<u64>],
-        now: DateTime<Utc>,
+        keys: &[Option<u128>],
         log_end: u64,
     ) -> Result<(Reservation<'_>, Vec<bool>), watch::Receiver<bool>> {
         let mut inner = self.inner.lock().unwrap();
-        self.expire(&mut inner, now.timestamp_micros());
         let mut duplicate = Vec::with_capacity(keys.len());
         let mut mine = IdSet::default();
         let mut reserved = Vec::with_capacity(keys.len());
         for key in keys {
             let dup = match key {
-                Some(k) if inner.remembers(*k) || mine.contains(k) => true,
+                Some(k) if mine.contains(k) || self.remembers(&inner, *k) => true,
                 Some(k) => {
                     if let Some(outcome) = inner.reserved.get(k) {
                         return Err(outcome.clone());
@@ -201,6 +240,26 @@ impl Dedup {
         Ok((reservation, duplicate))
     }
 
+    /// Whether `key` was durably accepted within the window (or a little longer: a run goes whole).
+    fn remembers(&self, inner: &Inner, key: u128) -> bool {
+        if inner.recent.ids.contains(&key)
+            || inner.sealing.as_ref().is_some_and(|s| s.ids.contains(&key))
+        {
+            return true;
+        }
+        if !inner.filter.contains(key) {
+            return false;
+        }
+        self.metrics.disk_checks.inc();
+        inner.runs.iter().rev().any(|run| {
+            run.contains(key).unwrap_or_else(|e| {
+                // Not knowing means storing a message twice, never losing one.
+                tracing::error!(run = %run.path.display(), error = %e, "reading a dedup run failed; the id counts as new");
+                false
+            })
+        })
+    }
+
     fn settle(&self, r: &Reservation, committed_at: Option<i64>) {
         let mut inner = self.inner.lock().unwrap();
         inner.in_flight.remove(&(r.log_end, r.ticket));
@@ -209,108 +268,251 @@ impl Dedup {
         }
         if let Some(at) = committed_at {
             for k in &r.keys {
-                self.remember(&mut inner, *k, at);
+                remember(&mut inner.recent, *k, at);
             }
-        }
-    }
-
-    fn remember(&self, inner: &mut Inner, key: u64, at: i64) {
-        let span = self.window_micros / 8;
-        let full = inner.current.ids.len() >= self.max_ids / 8;
-        let old = !inner.current.ids.is_empty() && at.saturating_sub(inner.current.first) > span;
-        if full || old {
-            let sealed = std::mem::take(&mut inner.current);
-            inner.sealed.push_back(Arc::new(sealed));
-        }
-        let g = &mut inner.current;
-        if g.ids.is_empty() {
-            g.first = at;
-        }
-        g.last = g.last.max(at);
-        g.ids.insert(key);
-        inner.changed = true;
-        self.evict_over_capacity(inner);
-    }
-
-    fn expire(&self, inner: &mut Inner, now: i64) {
-        let horizon = now.saturating_sub(self.window_micros);
-        while inner.sealed.front().is_some_and(|g| g.last < horizon) {
-            inner.sealed.pop_front();
-            inner.changed = true;
-        }
-        if !inner.current.ids.is_empty() && inner.current.last < horizon {
-            inner.current = Generation::default();
-            inner.changed = true;
-        }
-    }
-
-    fn evict_over_capacity(&self, inner: &mut Inner) {
-        while inner.len() > self.max_ids {
-            let Some(oldest) = inner.sealed.pop_front() else {
-                break;
-            };
-            self.metrics.evicted.inc_by(oldest.ids.len() as u64);
+            if inner.recent.ids.len() >= SEAL_AT {
+                if let Some(nudge) = self.nudge.lock().unwrap().as_ref() {
+                    let _ = nudge.try_send(());
+                }
+            }
         }
     }
 
     /// Ids remembered now.
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().len()
+        let inner = self.inner.lock().unwrap();
+        inner.recent.ids.len()
+            + inner.sealing.as_ref().map_or(0, |s| s.ids.len())
+            + inner.filter.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// What to write to disk: every remembered id and the log offset that this covers.
-    pub fn snapshot(&self, log_end: u64) -> Option<Snapshot> {
-        let mut inner = self.inner.lock().unwrap();
-        let offset = inner.safe_offset(log_end);
-        if !inner.changed {
-            return None;
-        }
-        inner.changed = false;
-        let mut generations: Vec<Arc<Generation>> = inner.sealed.iter().cloned().collect();
-        generations.push(Arc::new(inner.current.clone()));
-        Some(Snapshot {
-            offset,
-            generations,
-        })
+    /// Bytes of memory it holds: the filter, the runs' indexes, and recent ids.
+    pub fn memory(&self) -> usize {
+        let inner = self.inner.lock().unwrap();
+        let set = |ids: &IdSet| ids.capacity() * 17;
+        inner.filter.bytes()
+            + inner.runs.iter().map(|r| r.index_bytes()).sum::<usize>()
+            + set(&inner.recent.ids)
+            + inner.sealing.as_ref().map_or(0, |s| set(&s.ids))
     }
 
-    /// Loads a snapshot written by [`Snapshot::write`]. A missing file is an empty dedup; a
-    /// corrupt one is an error.
-    pub fn load(&self, path: &Path) -> io::Result<bool> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
+    /// Writes recent ids to a run, takes expired runs out, merges small ones; returns the log
+    /// offset before which every accepted record's id is now in a run.
+    pub fn checkpoint(&self, log_end: u64, now: DateTime<Utc>) -> io::Result<u64> {
+        let (sealing, offset, number) = {
+            let mut inner = self.inner.lock().unwrap();
+            let offset = inner.safe_offset(log_end);
+            if inner.recent.ids.is_empty() {
+                (None, offset, 0)
+            } else {
+                let recent = Arc::new(std::mem::take(&mut inner.recent));
+                inner.sealing = Some(recent.clone());
+                inner.next_run += 1;
+                (Some(recent), offset, inner.next_run - 1)
+            }
         };
-        let generations = Snapshot::decode(&bytes).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("dedup snapshot {} is corrupt", path.display()),
-            )
-        })?;
-        let mut inner = self.inner.lock().unwrap();
-        inner.sealed = generations.into_iter().map(Arc::new).collect();
-        inner.current = Generation::default();
-        Ok(true)
+        if let Some(recent) = sealing {
+            if let Err(e) = self.seal(&recent, number) {
+                // Back to recent: the next checkpoint tries again; the cursor stays.
+                let mut inner = self.inner.lock().unwrap();
+                inner.sealing = None;
+                let back = &mut inner.recent;
+                back.first = match back.ids.is_empty() {
+                    true => recent.first,
+                    false => back.first.min(recent.first),
+                };
+                back.last = back.last.max(recent.last);
+                back.ids.extend(recent.ids.iter().copied());
+                return Err(e);
+            }
+        }
+        self.expire(now.timestamp_micros())?;
+        self.merge()?;
+        Ok(offset)
     }
 
-    /// Remembers an id read back from the log at start-up.
-    fn replay(&self, key: u64, at: i64) {
+    /// Writes `recent` as run `number` and puts its ids in the filter.
+    fn seal(&self, recent: &Recent, number: u64) -> io::Result<()> {
+        let mut keys: Vec<u128> = recent.ids.iter().copied().collect();
+        keys.sort_unstable();
+        let run = Arc::new(runs::write(
+            &self.dir,
+            (number, number),
+            (recent.first, recent.last),
+            keys.len() as u64,
+            keys.iter().map(|k| Ok(*k)),
+        )?);
+        let mut incoming = [0usize; SHARDS];
+        for k in &keys {
+            incoming[shard_of(*k)] += 1;
+        }
+        let full: Vec<usize> = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.runs.push(run);
+            (0..SHARDS)
+                .filter(|&s| {
+                    let shard = &inner.filter.shards[s];
+                    (shard.len() + incoming[s]) as f64 > shard.capacity() as f64 * MAX_LOAD
+                })
+                .collect()
+        };
+        // A shard that would be too full is built again, bigger, from the runs (this one with
+        // them); the others take the new ids, a chunk at a time so that lookups wait little.
+        for &s in &full {
+            self.rebuild(s)?;
+        }
+        let mut failed = Vec::new();
+        for chunk in keys.chunks(50_000) {
+            let mut inner = self.inner.lock().unwrap();
+            for k in chunk {
+                let s = shard_of(*k);
+                if !full.contains(&s) && !failed.contains(&s) && !inner.filter.shards[s].insert(*k)
+                {
+                    failed.push(s);
+                }
+            }
+        }
+        for s in failed {
+            self.rebuild(s)?;
+        }
+        self.inner.lock().unwrap().sealing = None;
+        Ok(())
+    }
+
+    /// Builds shard `s` again from the runs, with room to spare, and puts it in place. Only the
+    /// checkpoint thread changes the runs and the filter, so they hold still meanwhile.
+    fn rebuild(&self, s: usize) -> io::Result<()> {
+        let runs: Vec<Arc<Run>> = self.inner.lock().unwrap().runs.clone();
+        let (start, end) = shard_range(s);
+        let mut keys = Vec::new();
+        for run in &runs {
+            run.each_in(start, end, |k| keys.push(k))?;
+        }
+        let mut capacity = ((keys.len() as f64 / GROWN_LOAD) as usize).max(FIRST_CAPACITY / SHARDS);
+        let shard = loop {
+            let mut shard = Shard::with_capacity(capacity);
+            if keys.iter().all(|k| shard.insert(*k)) {
+                break shard;
+            }
+            capacity += capacity / 2;
+        };
+        tracing::debug!(
+            shard = s,
+            ids = keys.len(),
+            capacity,
+            "dedup filter shard rebuilt"
+        );
+        self.inner.lock().unwrap().filter.shards[s] = shard;
+        Ok(())
+    }
+
+    /// Takes out the oldest runs: those past the window, and more while over `max_ids`.
+    fn expire(&self, now: i64) -> io::Result<()> {
+        let horizon = now.saturating_sub(self.window_micros);
+        loop {
+            let (run, early) = {
+                let mut inner = self.inner.lock().unwrap();
+                let held = inner.filter.len();
+                let early = match inner.runs.first() {
+                    Some(r) if r.last < horizon => false,
+                    Some(_) if held > self.max_ids && inner.runs.len() > 1 => true,
+                    _ => return Ok(()),
+                };
+                // From now on no lookup confirms on it.
+                (inner.runs.remove(0), early)
+            };
+            for s in 0..SHARDS {
+                let (start, end) = shard_range(s);
+                let mut keys = Vec::new();
+                run.each_in(start, end, |k| keys.push(k))?;
+                let mut inner = self.inner.lock().unwrap();
+                for k in keys {
+                    inner.filter.shards[s].remove(k);
+                }
+            }
+            std::fs::remove_file(&run.path)?;
+            if early {
+                self.metrics.evicted.inc_by(run.count);
+                tracing::warn!(
+                    ids = run.count,
+                    max_ids = self.max_ids,
+                    "dedup forgot ids before their window ended: raise dedup.max_ids"
+                );
+            }
+        }
+    }
+
+    /// Merges the runs of one twenty-fourth of the window once there are [`MERGE_AT`] of them.
+    fn merge(&self) -> io::Result<()> {
+        let span = (self.window_micros / 24).max(1);
+        let group: Vec<Arc<Run>> = {
+            let inner = self.inner.lock().unwrap();
+            let mut group: Vec<Arc<Run>> = Vec::new();
+            for run in &inner.runs {
+                match group.first() {
+                    Some(head) if head.first / span == run.first / span => group.push(run.clone()),
+                    _ if group.len() >= MERGE_AT => break,
+                    _ => group = vec![run.clone()],
+                }
+            }
+            if group.len() < MERGE_AT {
+                return Ok(());
+            }
+            group
+        };
+        let parts: Vec<&Run> = group.iter().map(|r| r.as_ref()).collect();
+        let merged = Arc::new(runs::merge(&self.dir, &parts)?);
+        {
+            let mut inner = self.inner.lock().unwrap();
+            let at = inner
+                .runs
+                .iter()
+                .position(|r| Arc::ptr_eq(r, &group[0]))
+                .expect("only this thread takes runs out");
+            inner.runs.splice(at..at + group.len(), [merged]);
+        }
+        for run in group {
+            std::fs::remove_file(&run.path)?;
+        }
+        Ok(())
+    }
+
+    /// Puts `runs` (opened at start-up) in place and fills the filter from them.
+    fn install(&self, runs: Vec<Run>) -> io::Result<()> {
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.next_run = runs.iter().map(|r| r.hi + 1).max().unwrap_or(0);
+            inner.runs = runs.into_iter().map(Arc::new).collect();
+        }
+        for s in 0..SHARDS {
+            self.rebuild(s)?;
+        }
+        Ok(())
+    }
+
+    /// Remembers an id read back from the log at start-up, unless a run already holds it.
+    fn replay(&self, key: u128, at: i64) {
         let mut inner = self.inner.lock().unwrap();
-        self.remember(&mut inner, key, at);
+        if !self.remembers(&inner, key) {
+            remember(&mut inner.recent, key, at);
+        }
     }
 }
 
-impl Inner {
-    /// Whether `key` was durably accepted within the window.
-    fn remembers(&self, key: u64) -> bool {
-        self.current.ids.contains(&key) || self.sealed.iter().any(|g| g.ids.contains(&key))
+fn remember(recent: &mut Recent, key: u128, at: i64) {
+    if recent.ids.is_empty() {
+        recent.first = at;
     }
+    recent.first = recent.first.min(at);
+    recent.last = recent.last.max(at);
+    recent.ids.insert(key);
+}
 
+impl Inner {
     /// A log offset before which every accepted record's id is settled: the log's end, or earlier
     /// if a reservation made at an earlier end is still in flight.
     fn safe_offset(&self, log_end: u64) -> u64 {
@@ -318,127 +520,34 @@ impl Inner {
             .first()
             .map_or(log_end, |(end, _)| (*end).min(log_end))
     }
-
-    fn len(&self) -> usize {
-        self.current.ids.len() + self.sealed.iter().map(|g| g.ids.len()).sum::<usize>()
-    }
 }
 
-/// The remembered ids at one moment, ready to be written away from the lock.
-pub struct Snapshot {
-    /// Every accepted record before this log offset is in the snapshot.
-    pub offset: u64,
-    generations: Vec<Arc<Generation>>,
-}
-
-const SNAPSHOT_MAGIC: &[u8; 8] = b"SLDEDUP1";
-
-impl Snapshot {
-    /// Writes the snapshot to `path` atomically and durably.
-    pub fn write(&self, path: &Path) -> io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let file = fs::File::create(&tmp)?;
-        let mut w = CrcWriter {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            crc: crc32fast::Hasher::new(),
-        };
-        w.write_all(SNAPSHOT_MAGIC)?;
-        w.write_all(&self.offset.to_le_bytes())?;
-        w.write_all(&(self.generations.len() as u32).to_le_bytes())?;
-        for g in &self.generations {
-            w.write_all(&g.first.to_le_bytes())?;
-            w.write_all(&g.last.to_le_bytes())?;
-            w.write_all(&(g.ids.len() as u64).to_le_bytes())?;
-            for id in &g.ids {
-                w.write_all(&id.to_le_bytes())?;
-            }
-        }
-        let crc = w.crc.clone().finalize();
-        let mut file = w.inner.into_inner().map_err(|e| e.into_error())?;
-        file.write_all(&crc.to_le_bytes())?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        crate::intake_log::segment::sync_dir(path.parent().unwrap_or(Path::new(".")))
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Vec<Generation>> {
-        let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
-        if crc32fast::hash(body).to_le_bytes() != crc {
-            return None;
-        }
-        let mut r = body;
-        let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).ok()?;
-        if &magic != SNAPSHOT_MAGIC {
-            return None;
-        }
-        let _offset = read_u64(&mut r)?;
-        let count = u32::from_le_bytes(take(&mut r)?);
-        let mut out = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let first = read_u64(&mut r)? as i64;
-            let last = read_u64(&mut r)? as i64;
-            let n = read_u64(&mut r)? as usize;
-            if r.len() < n.checked_mul(8)? {
-                return None;
-            }
-            let mut ids = IdSet::default();
-            ids.reserve(n);
-            for _ in 0..n {
-                ids.insert(read_u64(&mut r)?);
-            }
-            out.push(Generation { first, last, ids });
-        }
-        Some(out)
-    }
-}
-
-fn take<const N: usize>(r: &mut &[u8]) -> Option<[u8; N]> {
-    let mut b = [0u8; N];
-    r.read_exact(&mut b).ok()?;
-    Some(b)
-}
-
-fn read_u64(r: &mut &[u8]) -> Option<u64> {
-    take::<8>(r).map(u64::from_le_bytes)
-}
-
-struct CrcWriter<W: Write> {
-    inner: W,
-    crc: crc32fast::Hasher,
-}
-
-impl<W: Write> Write for CrcWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Where the snapshot lives.
-pub fn snapshot_path(log_dir: &Path) -> PathBuf {
-    log_dir.join("dedup.snapshot")
-}
-
-/// The log consumer name whose cursor is the snapshot's offset.
+/// The log consumer name whose cursor is where the runs end.
 pub const CONSUMER: &str = "dedup";
 
-/// Rebuilds the dedup state at start-up: the snapshot, then the log from the consumer's cursor.
+/// Rebuilds the dedup state at start-up: the runs, then the log from the consumer's cursor.
 pub fn recover(
     config: &DedupConfig,
     log: &IntakeLog,
     metrics: Arc<DedupMetrics>,
 ) -> io::Result<(Arc<Dedup>, Consumer)> {
-    let dedup = Dedup::new(config, metrics);
-    let path = snapshot_path(log.dir());
-    if let Err(e) = dedup.load(&path) {
-        // Losing dedup memory means a retried message may be stored twice; never losing one.
-        tracing::error!(error = %e, "ignoring the dedup snapshot; duplicates sent before now may be accepted again");
+    let dir = runs::dir(log.dir());
+    let dedup = Dedup::new(config, dir.clone(), metrics);
+    // Before 128-bit keys and runs, the ids were in one snapshot of 64-bit keys.
+    let old = log.dir().join("dedup.snapshot");
+    if old.exists() {
+        tracing::warn!("the dedup snapshot of an older version is not read: ids it held may be accepted again once");
+        std::fs::remove_file(&old)?;
     }
+    let started = std::time::Instant::now();
+    let runs = runs::open_all(&dir).or_else(|e| {
+        // Losing dedup memory means a retried message may be stored twice; never losing one.
+        tracing::error!(error = %e, dir = %dir.display(), "ignoring the dedup runs; duplicates sent before now may be accepted again");
+        let aside = dir.with_extension(format!("unreadable-{}", Utc::now().timestamp()));
+        std::fs::rename(&dir, &aside)?;
+        Ok::<_, io::Error>(Vec::new())
+    })?;
+    dedup.install(runs)?;
     let mut consumer = log.consumer(CONSUMER)?;
     let mut replayed = 0u64;
     loop {
@@ -461,31 +570,21 @@ pub fn recover(
             }
         }
     }
-    dedup.expire(
-        &mut dedup.inner.lock().unwrap(),
-        Utc::now().timestamp_micros(),
-    );
-    tracing::info!(ids = dedup.len(), replayed, "dedup state recovered");
+    tracing::info!(ids = dedup.len(), replayed, took = ?started.elapsed(), "dedup state recovered");
     Ok((Arc::new(dedup), consumer))
 }
 
-/// Writes a snapshot when something changed, then moves the `dedup` cursor to it.
+/// Runs a checkpoint, then moves the `dedup` cursor to where the runs end.
 pub fn checkpoint(dedup: &Dedup, log: &IntakeLog, consumer: &mut Consumer) -> io::Result<()> {
-    let Some(snapshot) = dedup.snapshot(log.end()) else {
-        // Nothing new remembered; still let the cursor follow the log so it can be trimmed.
-        let offset = dedup.inner.lock().unwrap().safe_offset(log.end());
-        return consumer.commit(offset.max(consumer.committed()));
-    };
-    snapshot.write(&snapshot_path(log.dir()))?;
-    consumer.commit(snapshot.offset.max(consumer.committed()))
+    let offset = dedup.checkpoint(log.end(), Utc::now())?;
+    consumer.commit(offset.max(consumer.committed()))
 }
 
-/// How often [`checkpoint`] runs while serving.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
-
-/// The thread that writes a checkpoint every [`CHECKPOINT_EVERY`].
+/// The thread that runs a checkpoint every [`CHECKPOINT_EVERY`], or sooner when recent ids pile
+/// up.
 pub struct Checkpoints {
-    stop: std::sync::mpsc::Sender<()>,
+    stop: Arc<AtomicBool>,
+    wake: SyncSender<()>,
     thread: std::thread::JoinHandle<io::Result<()>>,
 }
 
@@ -495,29 +594,43 @@ impl Checkpoints {
         log: Arc<IntakeLog>,
         mut consumer: Consumer,
     ) -> io::Result<Self> {
-        let (stop, stopped) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("sluice-dedup-checkpoints".into())
-            .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
-                    if let Err(e) = checkpoint(&dedup, &log, &mut consumer) {
-                        tracing::error!(error = %e, "dedup checkpoint failed; will retry");
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        *dedup.nudge.lock().unwrap() = Some(wake.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("sluice-dedup-checkpoints".into())
+                .spawn(move || {
+                    while let Ok(()) | Err(RecvTimeoutError::Timeout) =
+                        woken.recv_timeout(CHECKPOINT_EVERY)
+                    {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(e) = checkpoint(&dedup, &log, &mut consumer) {
+                            tracing::error!(error = %e, "dedup checkpoint failed; will retry");
+                        }
                     }
-                }
-                checkpoint(&dedup, &log, &mut consumer)
-            })?;
-        Ok(Checkpoints { stop, thread })
+                    checkpoint(&dedup, &log, &mut consumer)
+                })?
+        };
+        Ok(Checkpoints { stop, wake, thread })
     }
 
     /// Stops the loop after one last checkpoint; call once nothing appends any more.
     pub fn finish(self) -> io::Result<()> {
-        let _ = self.stop.send(());
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.wake.try_send(());
         self.thread
             .join()
             .map_err(|_| io::Error::other("the dedup checkpoint thread panicked"))?
     }
+}
+
+/// Where the runs of the log in `log_dir` are.
+pub fn runs_dir(log_dir: &Path) -> PathBuf {
+    runs::dir(log_dir)
 }
 
 #[cfg(test)]
