@@ -1074,3 +1074,57 @@ fn secrets_in_a_url_stay_out_of_dead_letter_reasons() {
         "{dead}"
     );
 }
+
+/// A destination that hangs (takes requests and answers none) times out and is retried, holds up
+/// no other destination, and gets every message once it answers again.
+#[test]
+fn a_hanging_destination_gets_everything_once_it_answers_and_holds_up_no_other() {
+    let hanging = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hung = {
+        let hanging = hanging.clone();
+        Receiver::answering(move |_, _| {
+            while hanging.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (200, vec![], "{}".into())
+        })
+    };
+    let healthy = Receiver::ok();
+    let dir = tempfile::tempdir().unwrap();
+    destination(
+        dir.path(),
+        "slow",
+        &webhook(
+            &hung.url(),
+            "[delivery]\ntimeout = \"300ms\"\nretry_backoff = \"50ms\"\nbatch_size = 10\n",
+        ),
+    );
+    destination(dir.path(), "fast", &webhook(&healthy.url(), ""));
+    let server = Server::start_in(dir, "");
+    let sent: Vec<String> = (0..60).map(|i| format!("hang-{i}")).collect();
+    for chunk in sent.chunks(20) {
+        let body = format!(
+            "{{\"batch\":[{}]}}",
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(i, id)| track_from(&format!("user-{i}"), id))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_eq!(server.send("/v1/batch", &body).status, 200);
+    }
+    eventually("the healthy deliveries", Duration::from_secs(10), || {
+        (healthy.delivered().len() == 60).then_some(())
+    });
+    assert!(stats(&server, "slow")["retried"].as_u64().unwrap() > 0);
+    hanging.store(false, Ordering::SeqCst);
+    eventually("every message at the hung receiver", Duration::from_secs(60), || {
+        let got: std::collections::HashSet<String> = ids(&hung.delivered()).into_iter().collect();
+        (got.len() == 60).then_some(())
+    });
+    let mut fast = ids(&healthy.delivered());
+    fast.sort();
+    fast.dedup();
+    assert_eq!(fast.len(), 60, "each once at the healthy one");
+}

@@ -163,3 +163,119 @@ fn analytics_js_settings_ignore_forwarded_hosts() {
     assert_eq!(io["protocol"], "https");
     assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
 }
+
+/// The stages after the log on a full disk: the lake's Parquet files and the profile store can
+/// not grow, ingestion goes on (the log's small segments still fit), and once there is space
+/// again every acknowledged message is in the lake once, every user has a profile, and each
+/// user's `Audience Entered` was emitted once.
+#[test]
+fn a_full_disk_under_the_lake_and_the_profile_store_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("segments")).unwrap();
+    std::fs::write(
+        dir.path().join("segments/buyers.toml"),
+        "name = \"Buyers\"\nrule = 'user.did(\"Order Completed\")'\n",
+    )
+    .unwrap();
+    let extra = "[log]\nsegment_size = \"256KiB\"\n[storage]\nflush_interval = \"3s\"\n[profiles]\nsave_interval = \"200ms\"\n";
+    // The stores start at about 1 MiB; no file may grow past 1.5 MiB (EFBIG, as on a full disk).
+    drop(ChildServer::spawn(dir.path(), extra, |_| {}));
+    let child = ChildServer::spawn(dir.path(), extra, |cmd| limit_file_size(cmd, 1536 * 1024));
+    let users = 600;
+    let mut acked = Vec::new();
+    for round in 0..6 {
+        // Text that does not compress: a flush file grows past the limit.
+        let batch: Vec<String> = (0..100)
+            .map(|n| {
+                let u = round * 100 + n;
+                let id = format!("full-{u}");
+                let pad: String = (0..60)
+                    .map(|i| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(format!("{u}-{i}").as_bytes())))
+                    .collect();
+                acked.push(id.clone());
+                format!(
+                    r#"{{"type":"track","event":"Order Completed","userId":"u{u}","messageId":"{id}","properties":{{"pad":"{pad}"}},"context":{{"traits":{{"bio":"{pad}"}}}}}}"#
+                )
+            })
+            .collect();
+        let body = format!("{{\"batch\":[{}]}}", batch.join(","));
+        let r = request(
+            child.addr,
+            "POST",
+            "/v1/batch",
+            &[("Authorization", &basic(WRITE_KEY))],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let stages = {
+        let r = request(child.addr, "GET", "/readyz", &[], b"");
+        r.json()["stages"].clone()
+    };
+    let lake = stages
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "lake")
+        .unwrap()
+        .clone();
+    assert!(lake["lag"].as_u64().unwrap() > 0, "the lake could not store: {lake}");
+    drop(child);
+
+    // Space is back.
+    let child = ChildServer::spawn(dir.path(), extra, |_| {});
+    let config = dir.path().join("sluice.toml");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ids = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--config", config.to_str().unwrap(), "query", "--format", "json"])
+            .arg("SELECT message_id FROM events WHERE source = 'web'")
+            .output()
+            .unwrap();
+        let ids: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["message_id"].as_str().unwrap().to_string())
+            .collect();
+        if ids.len() >= acked.len() || Instant::now() > deadline {
+            break ids;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "a row stored twice");
+    let mut expected = acked.clone();
+    expected.sort();
+    assert_eq!(sorted, expected, "every acknowledged message in the lake");
+    let entered = |log: &std::path::Path| -> Vec<String> {
+        dump(log)
+            .into_iter()
+            .filter(|e| e["source"] == "sluice" && e["message"]["event"] == "Audience Entered")
+            .map(|e| e["message"]["userId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let log = dir.path().join("data/log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while entered(&log).len() < users && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut who = entered(&log);
+    assert_eq!(who.len(), users, "each user entered once");
+    who.sort();
+    who.dedup();
+    assert_eq!(who.len(), users);
+    for u in [0, 299, 599] {
+        let r = request(
+            child.addr,
+            "GET",
+            &format!("/admin/profiles/u{u}"),
+            &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+            b"",
+        );
+        assert_eq!(r.status, 200, "u{u}'s profile");
+        assert_eq!(r.json()["events"]["Order Completed"]["count"], 1);
+    }
+}
