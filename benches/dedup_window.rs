@@ -60,7 +60,9 @@ fn main() {
     );
     let t0 = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap();
     let started = Instant::now();
-    println!("{rate} ids/s for {hours} h of simulated time, requests of 100, a checkpoint every 30 s");
+    println!(
+        "{rate} ids/s for {hours} h of simulated time, requests of 100, a checkpoint every 30 s"
+    );
     println!("hour  ids held      dedup MB  RSS MB   runs  disk MB   wall s");
     let mut n: u64 = 0;
     let per_checkpoint = rate * 30;

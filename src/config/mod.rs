@@ -34,6 +34,8 @@ pub struct Config {
     pub query: QueryConfig,
 }
 
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -47,6 +49,9 @@ pub struct ServerConfig {
     /// analytics.js is pointed at. Unset, the request's own `Host` is used; forwarded host
     /// headers never are.
     pub public_url: Option<url::Url>,
+    /// How long a request's body may take to arrive, whole: a client that trickles it is answered
+    /// 408 rather than holding a connection.
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +231,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                 }
             });
             let shutdown_timeout = r.duration(&mut s, "shutdown_timeout");
+            let body_timeout = r.duration(&mut s, "body_timeout");
             let public_url = r.string(&mut s, "public_url").and_then(|u| {
                 match url::Url::parse(&u.value) {
                     Ok(url)
@@ -255,6 +261,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                 workers,
                 shutdown_timeout: shutdown_timeout.unwrap_or(Duration::from_secs(30)),
                 public_url,
+                body_timeout: body_timeout.unwrap_or(DEFAULT_BODY_TIMEOUT),
             }
         }
         None => ServerConfig {
@@ -263,6 +270,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
             workers: None,
             shutdown_timeout: Duration::from_secs(30),
             public_url: None,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         },
     };
 

@@ -272,6 +272,19 @@ max_retry_age = "1h"
         assert_eq!(f.delivery.max_retry_age, Duration::from_secs(3600));
     }
 
+    /// A header that could never be sent would fail every delivery: refused when the file is read.
+    #[test]
+    fn headers_that_cannot_be_sent_are_refused() {
+        for headers in [
+            r#"headers = { "X Team" = "growth" }"#,
+            r#"headers = { "X-Team" = "line\nbreak" }"#,
+        ] {
+            let text = format!("type = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n{headers}\n");
+            let problems = parse_text(&text).unwrap_err();
+            assert!(problems[0].contains("header"), "{problems:?}");
+        }
+    }
+
     #[test]
     fn every_problem_has_its_place() {
         let problems = parse_text(

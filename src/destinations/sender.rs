@@ -175,6 +175,27 @@ pub fn http_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
     Ok(url)
 }
 
+/// A settings field holding extra HTTP headers: each name and value must be valid in a request
+/// (one that is not would fail every delivery).
+pub fn http_headers<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+    let headers = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+    for (name, value) in &headers {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(serde::de::Error::custom(format!(
+                "`{name}` is not an HTTP header name"
+            )));
+        }
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(serde::de::Error::custom(format!(
+                "the value of header `{name}` is not a valid HTTP header value"
+            )));
+        }
+    }
+    Ok(headers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

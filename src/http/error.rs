@@ -25,6 +25,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Busy(&'static str),
+    #[error("the request body did not arrive within {0:?}")]
+    SlowBody(Duration),
     #[error(transparent)]
     Query(#[from] QueryError),
     #[error(transparent)]
@@ -45,6 +47,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Query(e) => match e {
                 QueryError::Invalid(_) => StatusCode::BAD_REQUEST,
                 QueryError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,

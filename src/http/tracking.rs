@@ -39,7 +39,10 @@ async fn handle(
     shape: Shape,
 ) -> Result<Report, ApiError> {
     let basic_key = body::basic_write_key(req)?;
-    let body = body::read(req, payload).await?;
+    let deadline = state.config.server.body_timeout;
+    let body = tokio::time::timeout(deadline, body::read(req, payload))
+        .await
+        .map_err(|_| ApiError::SlowBody(deadline))??;
     let ingest = state.ingest.clone();
     // Run to the end even if the client goes away: once the append is queued, the log and the
     // dedup state must learn how it ended.

@@ -1119,10 +1119,15 @@ fn a_hanging_destination_gets_everything_once_it_answers_and_holds_up_no_other()
     });
     assert!(stats(&server, "slow")["retried"].as_u64().unwrap() > 0);
     hanging.store(false, Ordering::SeqCst);
-    eventually("every message at the hung receiver", Duration::from_secs(60), || {
-        let got: std::collections::HashSet<String> = ids(&hung.delivered()).into_iter().collect();
-        (got.len() == 60).then_some(())
-    });
+    eventually(
+        "every message at the hung receiver",
+        Duration::from_secs(60),
+        || {
+            let got: std::collections::HashSet<String> =
+                ids(&hung.delivered()).into_iter().collect();
+            (got.len() == 60).then_some(())
+        },
+    );
     let mut fast = ids(&healthy.delivered());
     fast.sort();
     fast.dedup();

@@ -220,7 +220,10 @@ fn a_full_disk_under_the_lake_and_the_profile_store_loses_and_doubles_nothing() 
         .find(|s| s["stage"] == "lake")
         .unwrap()
         .clone();
-    assert!(lake["lag"].as_u64().unwrap() > 0, "the lake could not store: {lake}");
+    assert!(
+        lake["lag"].as_u64().unwrap() > 0,
+        "the lake could not store: {lake}"
+    );
     drop(child);
 
     // Space is back.
@@ -229,14 +232,25 @@ fn a_full_disk_under_the_lake_and_the_profile_store_loses_and_doubles_nothing() 
     let deadline = Instant::now() + Duration::from_secs(60);
     let ids = loop {
         let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["--config", config.to_str().unwrap(), "query", "--format", "json"])
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "query",
+                "--format",
+                "json",
+            ])
             .arg("SELECT message_id FROM events WHERE source = 'web'")
             .output()
             .unwrap();
         let ids: Vec<String> = String::from_utf8(out.stdout)
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["message_id"].as_str().unwrap().to_string())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["message_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         if ids.len() >= acked.len() || Instant::now() > deadline {
             break ids;
@@ -278,4 +292,29 @@ fn a_full_disk_under_the_lake_and_the_profile_store_loses_and_doubles_nothing() 
         assert_eq!(r.status, 200, "u{u}'s profile");
         assert_eq!(r.json()["events"]["Order Completed"]["count"], 1);
     }
+}
+
+/// A client that trickles its body is answered 408 once `server.body_timeout` has passed, rather
+/// than holding its connection and a worker's attention for ever.
+#[test]
+fn a_trickled_body_is_answered_408() {
+    let server = Server::start_with_server_keys("body_timeout = \"1s\"", "");
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: 5000\r\n\r\n{{\"batch\":[",
+        basic(WRITE_KEY)
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let started = Instant::now();
+    let mut answer = [0u8; 12];
+    stream.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer[9..12], b"408");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
 }

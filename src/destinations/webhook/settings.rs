@@ -11,6 +11,9 @@ pub struct Settings {
     #[serde(default)]
     pub secret: Option<String>,
     /// Sent with every request, after Sluice's own headers (so they cannot be overridden).
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "crate::destinations::sender::http_headers"
+    )]
     pub headers: BTreeMap<String, String>,
 }
