@@ -4,6 +4,7 @@
 #
 #   benches/load.sh [SECONDS] [REPEATS]
 #   SLUICE_BENCH_PLAN=1 benches/load.sh [SECONDS] [REPEATS]
+#   SLUICE_BENCH_BASELINE=/path/to/old/release benches/load.sh [SECONDS] [REPEATS]
 #
 # Runs, REPEATS times each on a fresh data folder: /v1/batch (100 per request) and /v1/track at
 # full load (closed loop), then both at half of the contract's targets (open loop) for latency.
@@ -12,6 +13,7 @@
 # measured in one run; the loadgen's "Order Completed" satisfies that plan.
 source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
+loadgen="$bin/sluice-loadgen"   # the same load generator whichever server build is measured
 repeats="${2:-3}"
 port=18088
 config() {
@@ -30,10 +32,24 @@ run() {
   rm -rf "$work/data"
   start_sluice
   echo "--- $name"
-  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --duration "$seconds" --pid "$pid" "$@"
+  taskset -c 0 "$loadgen" --addr "127.0.0.1:$port" --duration "$seconds" --pid "$pid" "$@"
   curl -fsS "http://127.0.0.1:$port/metrics" | grep '^sluice_schema_checks_total' || true
   kill -TERM "$pid"; wait "$pid"
 }
+
+# SLUICE_BENCH_BASELINE=<dir holding an older build's sluice>: alternate /v1/batch at full load
+# between that build and this one, REPEATS times each, so the two compare as a ratio measured in
+# one run (the machine's noise falls on both).
+if [ -n "${SLUICE_BENCH_BASELINE:-}" ]; then
+  current="$bin"
+  for i in $(seq 1 "$repeats"); do
+    bin="$SLUICE_BENCH_BASELINE"
+    run "batch full load, baseline #$i" --mode batch --batch 100 --connections 32
+    bin="$current"
+    run "batch full load, this build #$i" --mode batch --batch 100 --connections 32
+  done
+  exit 0
+fi
 
 if [ -n "${SLUICE_BENCH_PLAN:-}" ]; then
   for i in $(seq 1 "$repeats"); do

@@ -318,3 +318,43 @@ fn a_trickled_body_is_answered_408() {
         "{waited:?}"
     );
 }
+
+/// A query whose client goes away is stopped: its slot (two run at once) is free again at once,
+/// instead of held until the query ends or times out.
+#[test]
+fn a_query_whose_client_goes_away_is_stopped() {
+    let server = Server::start("");
+    let long = serde_json::json!({
+        "sql": "SELECT count(*) AS n FROM generate_series(1, 100000000000) AS t(v) WHERE v % 7 = 3"
+    })
+    .to_string();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        let head = format!(
+            "POST /admin/query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: {}\r\n\r\n{long}",
+            long.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut status = [0u8; 12];
+        stream.read_exact(&mut status).unwrap();
+        assert_eq!(&status[9..12], b"200", "the query started");
+        // The client goes away without reading the result.
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = admin_query(&server, "SELECT 1 AS one").unwrap();
+        if r.status == 200 {
+            assert_eq!(r.json(), serde_json::json!([{"one": 1}]));
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned queries still hold their slots"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
