@@ -183,21 +183,39 @@ fn a_full_disk_under_the_lake_and_the_profile_store_loses_and_doubles_nothing() 
     let child = ChildServer::spawn(dir.path(), extra, |cmd| limit_file_size(cmd, 1536 * 1024));
     let users = 600;
     let mut acked = Vec::new();
-    for round in 0..6 {
-        // Text that does not compress: a flush file grows past the limit.
-        let batch: Vec<String> = (0..100)
-            .map(|n| {
-                let u = round * 100 + n;
-                let id = format!("full-{u}");
-                let pad: String = (0..60)
-                    .map(|i| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(format!("{u}-{i}").as_bytes())))
-                    .collect();
-                acked.push(id.clone());
+    // Text that does not compress, so that a flush file and the profile store both grow past
+    // the limit: per user an identify with a 3 KB trait and a track with 3 KB of properties.
+    let pad = |u: usize, what: &str| -> String {
+        (0..190)
+            .map(|i| {
                 format!(
-                    r#"{{"type":"track","event":"Order Completed","userId":"u{u}","messageId":"{id}","properties":{{"pad":"{pad}"}},"context":{{"traits":{{"bio":"{pad}"}}}}}}"#
+                    "{:016x}",
+                    xxhash_rust::xxh3::xxh3_64(format!("{what}-{u}-{i}").as_bytes())
                 )
             })
-            .collect();
+            .collect()
+    };
+    for round in 0..12 {
+        let mut batch = Vec::new();
+        for u in round * 50..(round + 1) * 50 {
+            for (kind, id) in [
+                ("identify", format!("full-i-{u}")),
+                ("track", format!("full-t-{u}")),
+            ] {
+                acked.push(id.clone());
+                batch.push(if kind == "identify" {
+                    format!(
+                        r#"{{"type":"identify","userId":"u{u}","messageId":"{id}","traits":{{"bio":"{}"}}}}"#,
+                        pad(u, "bio")
+                    )
+                } else {
+                    format!(
+                        r#"{{"type":"track","event":"Order Completed","userId":"u{u}","messageId":"{id}","properties":{{"pad":"{}"}}}}"#,
+                        pad(u, "pad")
+                    )
+                });
+            }
+        }
         let body = format!("{{\"batch\":[{}]}}", batch.join(","));
         let r = request(
             child.addr,
@@ -213,17 +231,19 @@ fn a_full_disk_under_the_lake_and_the_profile_store_loses_and_doubles_nothing() 
         let r = request(child.addr, "GET", "/readyz", &[], b"");
         r.json()["stages"].clone()
     };
-    let lake = stages
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == "lake")
-        .unwrap()
-        .clone();
-    assert!(
-        lake["lag"].as_u64().unwrap() > 0,
-        "the lake could not store: {lake}"
-    );
+    for stage in ["lake", "profiles"] {
+        let found = stages
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap()
+            .clone();
+        assert!(
+            found["lag"].as_u64().unwrap() > 0,
+            "the {stage} stage could not store, so the log keeps its records: {found}"
+        );
+    }
     drop(child);
 
     // Space is back.
