@@ -282,7 +282,8 @@ pub async fn run_with_clock(
     let mut server_task = tokio::spawn(server);
     tracing::info!(%address, workers, log = %config.log.dir.display(), "sluice is serving");
 
-    // Dedup snapshots, so that a restart replays only a short stretch of the log.
+    // Dedup checkpoints: recent ids to runs on disk, so that a restart replays a short stretch of
+    // the log.
     let checkpoints = dedup::Checkpoints::start(dedup, log.clone(), dedup_consumer)?;
 
     tokio::select! {

@@ -3,7 +3,7 @@
 //! Data flows one way through the modules:
 //!
 //! ```text
-//! http  →  ingest  →  intake_log  →  consumers: lake (Parquet), dedup snapshots,
+//! http  →  ingest  →  intake_log  →  consumers: lake (Parquet), dedup runs,
 //!                          ↑                  audience (profiles → segments),
 //!                          │                  destinations (one each: webhooks, Segment APIs)
 //!                          └── Audience Entered / Exited ──┘

@@ -281,10 +281,6 @@ impl Ingest {
         let mut duplicates = 0;
         let mut blocked = 0;
         for (index, (verdict, dup)) in verdicts.into_iter().zip(duplicate).enumerate() {
-            if records.byte_len() > MAX_STORED_REQUEST_BYTES {
-                drop(reservation);
-                return Err(IngestError::TooLarge(Limit::Stored));
-            }
             match verdict {
                 Verdict::Accepted(_) | Verdict::Blocked(..) if dup => duplicates += 1,
                 Verdict::Blocked(m, reason) => {
@@ -344,6 +340,8 @@ impl Ingest {
             }
         }
 
+        // The estimate above leaves out the keys and timestamps the server writes: the records
+        // themselves are held to the limit.
         if records.byte_len() > MAX_STORED_REQUEST_BYTES {
             drop(reservation);
             return Err(IngestError::TooLarge(Limit::Stored));

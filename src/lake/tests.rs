@@ -39,6 +39,27 @@ pub(crate) fn health() -> Arc<Health> {
     Health::new("lake", super::writer::CONSUMER, Arc::default())
 }
 
+/// The writer on its thread over `f`'s log and store.
+fn start_writer(f: &Fixture, policy: FlushPolicy, health: Arc<Health>) -> super::LakeHandle {
+    let metrics = Arc::new(LakeMetrics::default());
+    super::LakeHandle::start(
+        f.store.clone(),
+        &f.log,
+        policy,
+        Default::default(),
+        metrics,
+        health,
+    )
+    .unwrap()
+}
+
+/// Stops the writer, which flushes what it has read.
+async fn finish_writer(handle: super::LakeHandle) -> super::writer::Stopped {
+    tokio::task::spawn_blocking(move || handle.finish())
+        .await
+        .unwrap()
+}
+
 pub(crate) fn at(text: &str) -> DateTime<Utc> {
     text.parse().unwrap()
 }
@@ -252,15 +273,7 @@ async fn the_writer_thread_flushes_on_interval_and_on_stop() {
         max_rows: 1000,
         ..FlushPolicy::default()
     };
-    let handle = super::LakeHandle::start(
-        f.store.clone(),
-        &f.log,
-        policy,
-        Default::default(),
-        Arc::new(LakeMetrics::default()),
-        health(),
-    )
-    .unwrap();
+    let handle = start_writer(&f, policy, health());
     append(&f.log, &[track("a", "E", "2026-03-01T10:00:00Z")]).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while files(&f.store).await.is_empty() {
@@ -271,9 +284,7 @@ async fn the_writer_thread_flushes_on_interval_and_on_stop() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     append(&f.log, &[track("b", "E", "2026-03-01T10:00:01Z")]).await;
-    let stopped = tokio::task::spawn_blocking(move || handle.finish())
-        .await
-        .unwrap();
+    let stopped = finish_writer(handle).await;
     assert_eq!(stopped, super::writer::Stopped::Flushed);
     assert_eq!(
         files(&f.store).await.len(),
@@ -333,9 +344,7 @@ async fn storage_failures_are_retried_until_storage_returns() {
     assert!(lake_dir
         .join("events/date=2026-03-01/00000000000000000000-00000000000000000001.parquet")
         .exists());
-    let stopped = tokio::task::spawn_blocking(move || handle.finish())
-        .await
-        .unwrap();
+    let stopped = finish_writer(handle).await;
     assert_eq!(stopped, super::writer::Stopped::Flushed);
 }
 
@@ -613,18 +622,8 @@ async fn a_flush_is_cut_by_bytes_as_well_as_rows() {
     }
     assert!(flush.is_due(&policy), "due at 18 × 60 KB");
 
-    let handle = super::LakeHandle::start(
-        f.store.clone(),
-        &f.log,
-        policy,
-        Default::default(),
-        Arc::new(LakeMetrics::default()),
-        health(),
-    )
-    .unwrap();
-    let stopped = tokio::task::spawn_blocking(move || handle.finish())
-        .await
-        .unwrap();
+    let handle = start_writer(&f, policy, health());
+    let stopped = finish_writer(handle).await;
     assert_eq!(stopped, super::writer::Stopped::Flushed);
     let written = files(&f.store).await;
     assert_eq!(
@@ -666,24 +665,14 @@ async fn a_record_the_writer_keeps_failing_on_is_set_aside_and_the_writer_goes_o
         interval: std::time::Duration::from_millis(50),
         ..FlushPolicy::default()
     };
-    let handle = super::LakeHandle::start(
-        f.store.clone(),
-        &f.log,
-        policy,
-        Default::default(),
-        Arc::new(LakeMetrics::default()),
-        health.clone(),
-    )
-    .unwrap();
+    let handle = start_writer(&f, policy, health.clone());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while f.log.consumer(super::writer::CONSUMER).unwrap().committed() < 3 {
         assert!(std::time::Instant::now() < deadline, "the writer is stuck");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     append(&f.log, &[track("later", "E", "2026-03-01T10:00:03Z")]).await;
-    let stopped = tokio::task::spawn_blocking(move || handle.finish())
-        .await
-        .unwrap();
+    let stopped = finish_writer(handle).await;
     assert_eq!(stopped, super::writer::Stopped::Flushed);
     assert_eq!(health.status().restarts, 3);
 

@@ -251,26 +251,14 @@ fn a_full_disk_under_the_lake_and_the_profile_store_loses_and_doubles_nothing() 
     let config = dir.path().join("sluice.toml");
     let deadline = Instant::now() + Duration::from_secs(60);
     let ids = loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "query",
-                "--format",
-                "json",
-            ])
-            .arg("SELECT message_id FROM events WHERE source = 'web'")
-            .output()
-            .unwrap();
-        let ids: Vec<String> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["message_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
+        let rows = crate::lake::query(
+            &config,
+            "SELECT message_id FROM events WHERE source = 'web'",
+        )
+        .unwrap();
+        let ids: Vec<String> = rows
+            .iter()
+            .map(|r| r["message_id"].as_str().unwrap().to_string())
             .collect();
         if ids.len() >= acked.len() || Instant::now() > deadline {
             break ids;

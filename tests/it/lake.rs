@@ -14,7 +14,7 @@ use crate::support::*;
 
 const FAST_FLUSH: &str = "[storage]\nflush_interval = \"100ms\"\n";
 
-fn query(config: &Path, sql: &str) -> Result<Vec<Value>, String> {
+pub(crate) fn query(config: &Path, sql: &str) -> Result<Vec<Value>, String> {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args([
             "--config",

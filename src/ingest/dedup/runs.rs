@@ -333,18 +333,24 @@ mod tests {
         (1..=n).map(|i| u128::from(i) * step).collect()
     }
 
+    /// Run `number` of `keys`, its ids received from `first` to `last`.
+    fn run_of(dir: &Path, number: u64, (first, last): (i64, i64), keys: &[u128]) -> Run {
+        let count = keys.len() as u64;
+        write(
+            dir,
+            (number, number),
+            (first, last),
+            count,
+            keys.iter().map(|k| Ok(*k)),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_run_finds_its_keys_after_it_is_opened_again() {
         let dir = tempfile::tempdir().unwrap();
         let held = keys(1_000, 7 << 100);
-        let run = write(
-            dir.path(),
-            (3, 3),
-            (10, 20),
-            1_000,
-            held.iter().map(|k| Ok(*k)),
-        )
-        .unwrap();
+        let run = run_of(dir.path(), 3, (10, 20), &held);
         assert!(held.iter().all(|k| run.contains(*k).unwrap()));
         assert!(!run.contains(5).unwrap() && !run.contains(u128::MAX).unwrap());
         let again = open_all(dir.path()).unwrap();
@@ -364,22 +370,8 @@ mod tests {
     #[test]
     fn a_merged_run_replaces_what_it_holds_even_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let a = write(
-            dir.path(),
-            (1, 1),
-            (0, 5),
-            10,
-            keys(10, 3).into_iter().map(Ok),
-        )
-        .unwrap();
-        let b = write(
-            dir.path(),
-            (2, 2),
-            (6, 9),
-            10,
-            keys(10, 5).into_iter().map(Ok),
-        )
-        .unwrap();
+        let a = run_of(dir.path(), 1, (0, 5), &keys(10, 3));
+        let b = run_of(dir.path(), 2, (6, 9), &keys(10, 5));
         let merged = merge(dir.path(), &[&a, &b]).unwrap();
         assert_eq!(
             (merged.lo, merged.hi, merged.first, merged.last),
@@ -401,14 +393,7 @@ mod tests {
     #[test]
     fn a_corrupt_run_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let run = write(
-            dir.path(),
-            (1, 1),
-            (0, 0),
-            100,
-            keys(100, 9).into_iter().map(Ok),
-        )
-        .unwrap();
+        let run = run_of(dir.path(), 1, (0, 0), &keys(100, 9));
         let mut bytes = fs::read(&run.path).unwrap();
         bytes[HEADER + 40] ^= 1;
         fs::write(&run.path, bytes).unwrap();
