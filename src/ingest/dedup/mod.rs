@@ -106,8 +106,10 @@ struct Inner {
     /// Oldest first.
     runs: Vec<Arc<Run>>,
     filter: Filter,
-    /// Ids in flight, each with the outcome of its reservation: `true` once settled.
-    reserved: hashbrown::HashMap<u128, watch::Receiver<bool>, BuildHasherDefault<PassThrough>>,
+    /// Ids in flight, each with the ticket of the reservation that holds it.
+    reserved: hashbrown::HashMap<u128, u64, BuildHasherDefault<PassThrough>>,
+    /// The outcome of each reservation in flight, by ticket: `true` once settled.
+    outcomes: hashbrown::HashMap<u64, watch::Receiver<bool>>,
     /// Unsettled reservations: (log end when made, ticket).
     in_flight: BTreeSet<(u64, u64)>,
     next_ticket: u64,
@@ -165,6 +167,7 @@ impl Dedup {
                 runs: Vec::new(),
                 filter: Filter::with_capacity(FIRST_CAPACITY),
                 reserved: Default::default(),
+                outcomes: Default::default(),
                 in_flight: BTreeSet::new(),
                 next_ticket: 0,
                 next_run: 0,
@@ -204,29 +207,36 @@ impl Dedup {
         log_end: u64,
     ) -> Result<(Reservation<'_>, Vec<bool>), watch::Receiver<bool>> {
         let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        let ticket = inner.next_ticket;
         let mut duplicate = Vec::with_capacity(keys.len());
-        let mut mine = IdSet::default();
         let mut reserved = Vec::with_capacity(keys.len());
         for key in keys {
             let dup = match key {
-                Some(k) if mine.contains(k) || self.remembers(&inner, *k) => true,
-                Some(k) => {
-                    if let Some(outcome) = inner.reserved.get(k) {
-                        return Err(outcome.clone());
-                    }
-                    mine.insert(*k);
-                    reserved.push(*k);
-                    false
-                }
                 None => false,
+                Some(k) => match inner.reserved.get(k) {
+                    // A second copy in this request.
+                    Some(t) if *t == ticket => true,
+                    Some(t) => {
+                        // Another request's: hold nothing while waiting for it.
+                        let outcome = inner.outcomes[t].clone();
+                        for k in &reserved {
+                            inner.reserved.remove(k);
+                        }
+                        return Err(outcome);
+                    }
+                    None if self.remembers(inner, *k) => true,
+                    None => {
+                        inner.reserved.insert(*k, ticket);
+                        reserved.push(*k);
+                        false
+                    }
+                },
             };
             duplicate.push(dup);
         }
         let (outcome, waiting) = watch::channel(false);
-        for k in &reserved {
-            inner.reserved.insert(*k, waiting.clone());
-        }
-        let ticket = inner.next_ticket;
+        inner.outcomes.insert(ticket, waiting);
         inner.next_ticket += 1;
         inner.in_flight.insert((log_end, ticket));
         let reservation = Reservation {
@@ -263,6 +273,7 @@ impl Dedup {
     fn settle(&self, r: &Reservation, committed_at: Option<i64>) {
         let mut inner = self.inner.lock().unwrap();
         inner.in_flight.remove(&(r.log_end, r.ticket));
+        inner.outcomes.remove(&r.ticket);
         for k in &r.keys {
             inner.reserved.remove(k);
         }
