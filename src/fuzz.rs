@@ -349,7 +349,7 @@ fn ingest(shape: Shape, body: &[u8]) {
             let message: Value =
                 serde_json::from_slice(entry.body).expect("an accepted message is JSON");
             assert!(message.is_object());
-            crate::ingest::bounds::check(entry.body).expect("within the edge's bounds");
+            crate::ingest::bounds::check(entry.body, 0).expect("within the edge's bounds");
         }
     }
     // Let the log trim what the checks have read.

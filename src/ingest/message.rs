@@ -47,7 +47,8 @@ impl MessageType {
     }
 }
 
-/// A message's fields as sent, before the field rules.
+/// A message's fields as sent, before the field rules. Read from JSON text in memory
+/// (`serde_json::from_str` or `from_slice`): ids are borrowed from it while they are read.
 #[derive(Debug, Default)]
 pub struct RawMessage {
     pub kind: Option<String>,
@@ -121,6 +122,22 @@ impl<'de> Visitor<'de> for MessageVisitor {
     }
 }
 
+impl RawMessage {
+    /// The values it holds as raw JSON: its objects and the keys Sluice does not interpret.
+    pub fn raw_values(&self) -> impl Iterator<Item = &RawValue> {
+        [
+            &self.properties,
+            &self.traits,
+            &self.context,
+            &self.integrations,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|v| &**v)
+        .chain(self.extra.iter().map(|(_, v)| &**v))
+    }
+}
+
 /// A JSON string, borrowed from the input when it has no escapes. (serde's own `Cow<str>`
 /// always copies, `#[serde(borrow)]` or not, when it is inside an `Option`.)
 pub struct JsonStr<'de>(pub std::borrow::Cow<'de, str>);
@@ -161,9 +178,11 @@ fn text<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Strin
 /// A string, a number (kept as the text it was sent as: read as a number, two ids above 2^53
 /// could become one) or null.
 fn id<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<String>, A::Error> {
-    let raw: Box<RawValue> = map.next_value()?;
+    // Borrowed: messages are read from text in memory, never from a stream.
+    let raw: &'de RawValue = map.next_value()?;
     let text = raw.get();
     match text.as_bytes().first() {
+        Some(b'"') if !text.contains('\\') => Ok(Some(text[1..text.len() - 1].to_string())),
         Some(b'"') => serde_json::from_str::<String>(text)
             .map(Some)
             .map_err(de::Error::custom),

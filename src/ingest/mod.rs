@@ -441,7 +441,7 @@ fn batch_object(
         return Ok(None);
     };
     // Merged into every message: within the bounds a message must keep.
-    bounds::check(raw.get().as_bytes())
+    bounds::check(raw.get().as_bytes(), 1)
         .map_err(|reason| IngestError::Malformed(format!("the batch's `{field}`: {reason}")))?;
     serde_json::from_str::<Option<Map<String, Value>>>(raw.get())
         .map_err(|_| IngestError::Malformed(format!("the batch's `{field}` must be an object")))
@@ -470,13 +470,17 @@ fn check<'a>(
     if bytes.len() > MAX_MESSAGE_BYTES {
         return rejected(peek(raw).message_id, Limit::Message.describe().to_string());
     }
-    if let Err(reason) = bounds::check(bytes) {
-        return rejected(peek(raw).message_id, reason);
-    }
     match serde_json::from_str::<RawMessage>(raw.get()) {
         Err(e) => rejected(peek(raw).message_id, strip_position(&e)),
         Ok(parsed) => {
             let message_id = parsed.message_id.clone();
+            // The message's own fields are strings; what it nests is in these.
+            let nested = parsed
+                .raw_values()
+                .map(|v| bounds::check(v.get().as_bytes(), 1));
+            if let Err(reason) = nested.collect::<Result<(), String>>() {
+                return rejected(message_id, reason);
+            }
             match rules::apply(parsed, path_type, defaults, received_at) {
                 Ok(m) => Verdict::Accepted(Box::new(m)),
                 Err(reason) => rejected(message_id, reason),

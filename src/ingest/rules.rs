@@ -166,8 +166,51 @@ fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
+/// RFC 3339 in UTC with as many fraction digits as the time needs (0, 3, 6 or 9), as chrono's
+/// `to_rfc3339_opts(SecondsFormat::AutoSi, true)` writes it, only faster: every message gets
+/// up to four of these at the edge, and chrono's general formatter was 3 % of ingestion.
 pub fn format_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    let mut out = String::with_capacity(30);
+    write_time(&mut out, t);
+    out
+}
+
+fn write_time(out: &mut String, t: DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let nanos = t.nanosecond();
+    if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
+        // Years of other widths, and leap seconds: chrono knows them.
+        out.push_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+        return;
+    }
+    // YYYY-MM-DDTHH:MM:SS, then the fraction and the zone.
+    let mut text = *b"0000-00-00T00:00:00";
+    let fields = [(t.year() as u32, 0, 4), (t.month(), 5, 2), (t.day(), 8, 2)];
+    let clock = [(t.hour(), 11, 2), (t.minute(), 14, 2), (t.second(), 17, 2)];
+    for (n, at, width) in fields.into_iter().chain(clock) {
+        put_digits(&mut text[at..at + width], n);
+    }
+    out.push_str(std::str::from_utf8(&text).expect("ASCII"));
+    let (fraction, width) = match nanos {
+        0 => (0, 0),
+        n if n % 1_000_000 == 0 => (n / 1_000_000, 3),
+        n if n % 1_000 == 0 => (n / 1_000, 6),
+        n => (n, 9),
+    };
+    if width > 0 {
+        let mut digits = [b'.'; 10];
+        put_digits(&mut digits[1..=width], fraction);
+        out.push_str(std::str::from_utf8(&digits[..=width]).expect("ASCII"));
+    }
+    out.push('Z');
+}
+
+/// Writes `n` in decimal into `slot`, zero-padded to its length.
+fn put_digits(slot: &mut [u8], mut n: u32) {
+    for digit in slot.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
 }
 
 /// Adds the batch's keys that the message lacks.
@@ -294,6 +337,15 @@ impl<'a> ObjectWriter<'a> {
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Most strings need no escape: copied as they are (what serde_json escapes is a quote, a
+    // backslash and the control characters).
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
@@ -498,6 +550,50 @@ mod tests {
         assert_eq!(j["properties"]["a"], 1);
         assert_eq!(j["channel"], "web");
         assert_eq!(j["type"], "track");
+    }
+
+    #[test]
+    fn times_are_written_as_chrono_writes_them() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Seconds from year 0 to 9999 and beyond, and every kind of fraction.
+            let secs = (state % 400_000_000_000) as i64 - 62_200_000_000;
+            let nanos = match state % 4 {
+                0 => 0,
+                1 => (state >> 8) as u32 % 1000 * 1_000_000,
+                2 => (state >> 8) as u32 % 1_000_000 * 1_000,
+                _ => (state >> 8) as u32 % 1_000_000_000,
+            };
+            let Some(t) = DateTime::from_timestamp(secs, nanos) else {
+                continue;
+            };
+            assert_eq!(
+                format_time(t),
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                "{secs} {nanos}"
+            );
+        }
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "plain",
+            "",
+            "quote \" here",
+            "back\\slash",
+            "tab\there",
+            "\u{1}",
+            "é😀",
+            "\u{7f}",
+        ] {
+            let mut ours = Vec::new();
+            write_json_string(&mut ours, s);
+            assert_eq!(ours, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]
