@@ -10,6 +10,7 @@
 # smoke test in `cargo test`) and the corpus kept from earlier runs in $SLUICE_FUZZ_CORPUS
 # (default ~/.cache/sluice/fuzz-corpus/<target>). A crashing input is saved as
 # fuzz/artifacts/<target>/crash-*; rerun one with `cargo fuzz run -s none <target> <file>`.
+# The targets are built once, at the start, from the source as it is then.
 # Prints the cases each target ran and the total; exits 1 if any target found a crash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,10 @@ trap 'rm -rf "$seeds"' EXIT
 SLUICE_FUZZ_SEEDS="$seeds" CARGO_TARGET_DIR="${SLUICE_TEST_TARGET_DIR:-$HOME/.cache/sluice/target}" \
   cargo test --quiet --lib fuzz::tests >/dev/null
 
+# One build for the whole campaign; the targets' binaries are then run as they are (`cargo fuzz
+# run` would rebuild them whenever the source changed meanwhile).
 cargo fuzz build -s none --debug-assertions
+binaries="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 
 total=0
 failed=()
@@ -42,9 +46,10 @@ for target in "${targets[@]}"; do
   mkdir -p "$corpus"
   log="$(mktemp)"
   echo "=== $target: $runs runs$( [ "$seconds" != 0 ] && echo " or $seconds s")"
-  if cargo fuzz run -s none --debug-assertions "$target" "$corpus" "$seeds/$target" -- \
-      -runs="$runs" -max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=4096 \
-      -print_final_stats=1 >"$log" 2>&1; then
+  mkdir -p "fuzz/artifacts/$target"
+  if "$binaries/$target" "$corpus" "$seeds/$target" -runs="$runs" -max_total_time="$seconds" \
+      -max_len=65536 -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
+      -artifact_prefix="fuzz/artifacts/$target/" >"$log" 2>&1; then
     :
   else
     failed+=("$target")
