@@ -690,13 +690,10 @@ impl State<'_> {
         }
     }
 
-    /// Moves the cursor to the first unfinished offset, and publishes the backlog.
+    /// Publishes the backlog, then moves the cursor to the first unfinished offset (in that
+    /// order, so that whoever sees the cursor move sees the backlog it left behind).
     fn commit(&mut self) -> Result<(), QueueError> {
         let position = self.pump.consumer.position();
-        let cursor = self.unfinished.first().copied().unwrap_or(position);
-        if let Err(e) = self.pump.consumer.commit(cursor) {
-            tracing::error!(destination = %self.pump.name, error = %e, "saving the destination's log cursor");
-        }
         let unread = self.pump.log.end().saturating_sub(position);
         let backlog = unread + self.buffered_count as u64 + self.pump.queue.parked_count()?;
         self.pump.stats.backlog.store(backlog, Ordering::Relaxed);
@@ -705,6 +702,10 @@ impl State<'_> {
             .backlog
             .get_or_create(&self.labels)
             .set(backlog as i64);
+        let cursor = self.unfinished.first().copied().unwrap_or(position);
+        if let Err(e) = self.pump.consumer.commit(cursor) {
+            tracing::error!(destination = %self.pump.name, error = %e, "saving the destination's log cursor");
+        }
         Ok(())
     }
 
