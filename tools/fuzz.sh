@@ -21,6 +21,8 @@ if [ ${#targets[@]} -eq 0 ]; then
   targets=(body sdk_payloads config schema segment destination log_record stored_profile queue_entry rhai)
 fi
 seconds="${SLUICE_FUZZ_SECONDS:-0}"
+# libFuzzer reads -runs=0 as "run nothing" and -runs=-1 as "no limit".
+if [ "$runs" = 0 ]; then runs=-1; fi
 corpus_root="${SLUICE_FUZZ_CORPUS:-$HOME/.cache/sluice/fuzz-corpus}"
 export CARGO_TARGET_DIR="${SLUICE_FUZZ_TARGET_DIR:-$HOME/.cache/sluice/fuzz-target}"
 
@@ -45,7 +47,7 @@ for target in "${targets[@]}"; do
   corpus="$corpus_root/$target"
   mkdir -p "$corpus"
   log="$(mktemp)"
-  echo "=== $target: $runs runs$( [ "$seconds" != 0 ] && echo " or $seconds s")"
+  echo "=== $target: $( [ "$runs" != -1 ] && echo "$runs runs" )$( [ "$seconds" != 0 ] && echo " for at most $seconds s")"
   mkdir -p "fuzz/artifacts/$target"
   if "$binaries/$target" "$corpus" "$seeds/$target" -runs="$runs" -max_total_time="$seconds" \
       -max_len=65536 -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
