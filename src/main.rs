@@ -10,7 +10,7 @@ use sluice::config::Config;
 use sluice::query::Format;
 
 /// mimalloc rather than glibc's malloc: the profile stage allocates and frees small objects per
-/// message (README, Performance: "Profiles and segments", step 19).
+/// message (docs/performance.md, "Profiles and segments", step 19).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
