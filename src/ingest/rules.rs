@@ -170,39 +170,62 @@ fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
 /// `to_rfc3339_opts(SecondsFormat::AutoSi, true)` writes it, only faster: every message gets
 /// up to four of these at the edge, and chrono's general formatter was 3 % of ingestion.
 pub fn format_time(t: DateTime<Utc>) -> String {
-    let mut out = String::with_capacity(30);
-    write_time(&mut out, t);
-    out
-}
-
-fn write_time(out: &mut String, t: DateTime<Utc>) {
-    use chrono::{Datelike, Timelike};
-    let nanos = t.nanosecond();
-    if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
+    let (secs, nanos) = (t.timestamp(), t.timestamp_subsec_nanos());
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
         // Years of other widths, and leap seconds: chrono knows them.
-        out.push_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true));
-        return;
+        return t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
     }
+    let clock = secs.rem_euclid(86_400) as u32;
     // YYYY-MM-DDTHH:MM:SS, then the fraction and the zone.
-    let mut text = *b"0000-00-00T00:00:00";
-    let fields = [(t.year() as u32, 0, 4), (t.month(), 5, 2), (t.day(), 8, 2)];
-    let clock = [(t.hour(), 11, 2), (t.minute(), 14, 2), (t.second(), 17, 2)];
-    for (n, at, width) in fields.into_iter().chain(clock) {
+    let mut text = *b"0000-00-00T00:00:00.000000000Z";
+    let fields = [
+        (year as u32, 0, 4),
+        (month, 5, 2),
+        (day, 8, 2),
+        (clock / 3600, 11, 2),
+        (clock / 60 % 60, 14, 2),
+        (clock % 60, 17, 2),
+    ];
+    for (n, at, width) in fields {
         put_digits(&mut text[at..at + width], n);
     }
-    out.push_str(std::str::from_utf8(&text).expect("ASCII"));
     let (fraction, width) = match nanos {
         0 => (0, 0),
         n if n % 1_000_000 == 0 => (n / 1_000_000, 3),
         n if n % 1_000 == 0 => (n / 1_000, 6),
         n => (n, 9),
     };
+    let mut len = 19;
     if width > 0 {
-        let mut digits = [b'.'; 10];
-        put_digits(&mut digits[1..=width], fraction);
-        out.push_str(std::str::from_utf8(&digits[..=width]).expect("ASCII"));
+        put_digits(&mut text[20..20 + width], fraction);
+        len = 20 + width;
     }
-    out.push('Z');
+    text[len] = b'Z';
+    std::str::from_utf8(&text[..=len])
+        .expect("ASCII")
+        .to_string()
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (the civil-from-days arithmetic of
+/// 400-year eras): the date derived once, where chrono's year(), month() and day() each derive
+/// it again.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let march_based_month = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * march_based_month + 2) / 5 + 1) as u32;
+    let month = if march_based_month < 10 {
+        march_based_month + 3
+    } else {
+        march_based_month - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// Writes `n` in decimal into `slot`, zero-padded to its length.
