@@ -3,8 +3,10 @@
 //! The object fields (`properties`, `traits`, `context`, `integrations`) and any keys Sluice does
 //! not interpret stay raw JSON: they are checked to be well-formed but not taken apart, which keeps
 //! parsing cheap and passes them on byte for byte. Ids may arrive as strings or numbers (some SDKs
-//! send numeric user ids); numbers are kept as their text.
+//! send numeric user ids); numbers are kept as their text. What needs no unescaping is borrowed
+//! from the request's text, not copied: a message is copied once, into its log record.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -47,46 +49,52 @@ impl MessageType {
     }
 }
 
+/// A string field as sent: borrowed from the request unless it had escapes.
+pub type Text<'a> = Cow<'a, str>;
+/// An object or other value kept as its JSON text: borrowed from the request unless the server
+/// made it (a merged batch context, the tracking plan's violations).
+pub type Json<'a> = Cow<'a, RawValue>;
+
 /// A message's fields as sent, before the field rules. Read from JSON text in memory
-/// (`serde_json::from_str` or `from_slice`): ids are borrowed from it while they are read.
+/// (`serde_json::from_str` or `from_slice`), which it borrows from.
 #[derive(Debug, Default)]
-pub struct RawMessage {
-    pub kind: Option<String>,
-    pub message_id: Option<String>,
-    pub user_id: Option<String>,
-    pub anonymous_id: Option<String>,
-    pub group_id: Option<String>,
-    pub previous_id: Option<String>,
-    pub event: Option<String>,
-    pub name: Option<String>,
-    pub timestamp: Option<String>,
-    pub original_timestamp: Option<String>,
-    pub sent_at: Option<String>,
-    pub properties: Option<Box<RawValue>>,
-    pub traits: Option<Box<RawValue>>,
-    pub context: Option<Box<RawValue>>,
-    pub integrations: Option<Box<RawValue>>,
-    pub write_key: Option<String>,
+pub struct RawMessage<'a> {
+    pub kind: Option<Text<'a>>,
+    pub message_id: Option<Text<'a>>,
+    pub user_id: Option<Text<'a>>,
+    pub anonymous_id: Option<Text<'a>>,
+    pub group_id: Option<Text<'a>>,
+    pub previous_id: Option<Text<'a>>,
+    pub event: Option<Text<'a>>,
+    pub name: Option<Text<'a>>,
+    pub timestamp: Option<Text<'a>>,
+    pub original_timestamp: Option<Text<'a>>,
+    pub sent_at: Option<Text<'a>>,
+    pub properties: Option<Json<'a>>,
+    pub traits: Option<Json<'a>>,
+    pub context: Option<Json<'a>>,
+    pub integrations: Option<Json<'a>>,
+    pub write_key: Option<Text<'a>>,
     /// Keys Sluice does not interpret (`channel`, `version`, `_metadata`, ...), kept as sent.
-    pub extra: Vec<(String, Box<RawValue>)>,
+    pub extra: Vec<(Text<'a>, Json<'a>)>,
 }
 
-impl<'de> Deserialize<'de> for RawMessage {
+impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(MessageVisitor)
+        deserializer.deserialize_map(MessageVisitor(std::marker::PhantomData))
     }
 }
 
-struct MessageVisitor;
+struct MessageVisitor<'a>(std::marker::PhantomData<&'a ()>);
 
-impl<'de> Visitor<'de> for MessageVisitor {
-    type Value = RawMessage;
+impl<'de: 'a, 'a> Visitor<'de> for MessageVisitor<'a> {
+    type Value = RawMessage<'a>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMessage, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMessage<'a>, A::Error> {
         let mut m = RawMessage::default();
         while let Some(key) = map.next_key::<JsonStr<'de>>()? {
             let key = key.0;
@@ -112,9 +120,9 @@ impl<'de> Visitor<'de> for MessageVisitor {
                     map.next_value::<IgnoredAny>()?;
                 }
                 _ => {
-                    let value: Box<RawValue> = map.next_value()?;
-                    m.extra.retain(|(k, _)| k != &*key);
-                    m.extra.push((key.into_owned(), value));
+                    let value: &'de RawValue = map.next_value()?;
+                    m.extra.retain(|(k, _)| k != &key);
+                    m.extra.push((key, Cow::Borrowed(value)));
                 }
             }
         }
@@ -122,7 +130,7 @@ impl<'de> Visitor<'de> for MessageVisitor {
     }
 }
 
-impl RawMessage {
+impl RawMessage<'_> {
     /// The values it holds as raw JSON: its objects and the keys Sluice does not interpret.
     pub fn raw_values(&self) -> impl Iterator<Item = &RawValue> {
         [
@@ -170,36 +178,34 @@ impl std::ops::Deref for JsonStr<'_> {
 }
 
 /// A string or null.
-fn text<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<String>, A::Error> {
-    map.next_value::<Option<String>>()
+fn text<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Text<'de>>, A::Error> {
+    map.next_value::<Option<JsonStr<'de>>>()
+        .map(|v| v.map(|s| s.0))
         .map_err(|_| de::Error::custom(format!("`{field}` must be a string")))
 }
 
 /// A string, a number (kept as the text it was sent as: read as a number, two ids above 2^53
 /// could become one) or null.
-fn id<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<String>, A::Error> {
+fn id<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Text<'de>>, A::Error> {
     // Borrowed: messages are read from text in memory, never from a stream.
     let raw: &'de RawValue = map.next_value()?;
     let text = raw.get();
     match text.as_bytes().first() {
-        Some(b'"') if !text.contains('\\') => Ok(Some(text[1..text.len() - 1].to_string())),
+        Some(b'"') if !text.contains('\\') => Ok(Some(Cow::Borrowed(&text[1..text.len() - 1]))),
         Some(b'"') => serde_json::from_str::<String>(text)
-            .map(Some)
+            .map(|s| Some(Cow::Owned(s)))
             .map_err(de::Error::custom),
         Some(b'n') => Ok(None),
-        Some(b'-' | b'0'..=b'9') => Ok(Some(text.to_string())),
+        Some(b'-' | b'0'..=b'9') => Ok(Some(Cow::Borrowed(text))),
         _ => Err(de::Error::custom(format!("`{field}` must be a string"))),
     }
 }
 
 /// An object or null; anything else is refused.
-fn object<'de, A: MapAccess<'de>>(
-    map: &mut A,
-    field: &str,
-) -> Result<Option<Box<RawValue>>, A::Error> {
-    let raw: Box<RawValue> = map.next_value()?;
+fn object<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Json<'de>>, A::Error> {
+    let raw: &'de RawValue = map.next_value()?;
     match raw.get().as_bytes().first() {
-        Some(b'{') => Ok(Some(raw)),
+        Some(b'{') => Ok(Some(Cow::Borrowed(raw))),
         Some(b'n') => Ok(None),
         _ => Err(de::Error::custom(format!("`{field}` must be an object"))),
     }
@@ -209,7 +215,7 @@ fn object<'de, A: MapAccess<'de>>(
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> Result<RawMessage, serde_json::Error> {
+    fn parse(json: &str) -> Result<RawMessage<'_>, serde_json::Error> {
         serde_json::from_str(json)
     }
 
@@ -228,7 +234,7 @@ mod tests {
         assert_eq!(m.anonymous_id.as_deref(), Some("a1"));
         assert_eq!(m.properties.unwrap().get(), r#"{"plan":"pro"}"#);
         assert_eq!(m.write_key.as_deref(), Some("wk"));
-        let extra: Vec<(&str, &str)> = m.extra.iter().map(|(k, v)| (k.as_str(), v.get())).collect();
+        let extra: Vec<(&str, &str)> = m.extra.iter().map(|(k, v)| (&**k, v.get())).collect();
         assert_eq!(
             extra,
             vec![("channel", "\"server\""), ("_metadata", r#"{"x":[1,2]}"#)]
@@ -263,7 +269,8 @@ mod tests {
             "1e3",
         ];
         for id in ids {
-            let m = parse(&format!(r#"{{"userId":{id}}}"#)).unwrap();
+            let json = format!(r#"{{"userId":{id}}}"#);
+            let m = parse(&json).unwrap();
             assert_eq!(m.user_id.as_deref(), Some(id));
         }
     }

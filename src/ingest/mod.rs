@@ -15,6 +15,7 @@ pub mod plan;
 pub mod rate_limit;
 pub mod rules;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ pub const MAX_BATCH_CONTEXT_BYTES: usize = 32 * 1024;
 /// multiplies a batch's context by its messages: without this bound a 500 KB request could store
 /// a gigabyte.
 pub const MAX_STORED_REQUEST_BYTES: usize = 5 * 1024 * 1024;
+
+/// What a record takes beyond [`Verdict::stored_len`], about: the frame and the entry's header, the
+/// messageId again, and the keys and times the server writes into the message.
+const RECORD_OVERHEAD_BYTES: usize = 384;
 
 /// Which limit a request broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,9 +161,9 @@ struct BatchBody<'a> {
 
 /// A message on its way to the log.
 enum Verdict<'a> {
-    Accepted(Box<rules::Message>),
+    Accepted(Box<rules::Message<'a>>),
     /// Acknowledged, but quarantined by the tracking plan.
-    Blocked(Box<rules::Message>, String),
+    Blocked(Box<rules::Message<'a>>, String),
     Rejected {
         raw: &'a [u8],
         message_id: Option<String>,
@@ -276,7 +281,9 @@ impl Ingest {
             .collect();
         let (reservation, duplicate) = self.dedup.reserve(&keys, || self.log.end()).await;
 
-        let mut records = RecordBatch::with_capacity(body.len() + verdicts.len() * 64);
+        // Sized once: growing it would copy every record written so far.
+        let per_record = RECORD_OVERHEAD_BYTES + source.name.len();
+        let mut records = RecordBatch::with_capacity(stored + verdicts.len() * per_record);
         let mut report = Report::default();
         let mut duplicates = 0;
         let mut blocked = 0;
@@ -473,17 +480,18 @@ fn check<'a>(
     match serde_json::from_str::<RawMessage>(raw.get()) {
         Err(e) => rejected(peek(raw).message_id, strip_position(&e)),
         Ok(parsed) => {
+            // Kept for a rejection (borrowed: no copy unless one is made).
             let message_id = parsed.message_id.clone();
             // The message's own fields are strings; what it nests is in these.
             let nested = parsed
                 .raw_values()
                 .map(|v| bounds::check(v.get().as_bytes(), 1));
             if let Err(reason) = nested.collect::<Result<(), String>>() {
-                return rejected(message_id, reason);
+                return rejected(message_id.map(Cow::into_owned), reason);
             }
             match rules::apply(parsed, path_type, defaults, received_at) {
                 Ok(m) => Verdict::Accepted(Box::new(m)),
-                Err(reason) => rejected(message_id, reason),
+                Err(reason) => rejected(message_id.map(Cow::into_owned), reason),
             }
         }
     }

@@ -11,6 +11,8 @@
 //! replay finds the messages that a fixed schema may now admit.
 
 use serde_json::value::RawValue;
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use super::message::MessageType;
@@ -27,15 +29,15 @@ pub struct Policy {
 }
 
 /// What the plan decided.
-pub enum Decision {
-    Store(Box<Message>),
+pub enum Decision<'a> {
+    Store(Box<Message<'a>>),
     /// To the quarantine, with the reason.
-    Block(Box<Message>, String),
+    Block(Box<Message<'a>>, String),
 }
 
 /// The payload the registry checks: `properties` for track, page and screen; `traits` for
 /// identify and group.
-fn payload(m: &Message) -> Option<&RawValue> {
+fn payload<'m>(m: &'m Message) -> Option<&'m RawValue> {
     match m.kind {
         MessageType::Track | MessageType::Page | MessageType::Screen => m.properties.as_deref(),
         MessageType::Identify | MessageType::Group => m.traits.as_deref(),
@@ -44,7 +46,7 @@ fn payload(m: &Message) -> Option<&RawValue> {
 }
 
 /// The event name (track) or page/screen name the registry looks the message up by.
-pub fn lookup_name(m: &Message) -> Option<&str> {
+pub fn lookup_name<'m>(m: &'m Message) -> Option<&'m str> {
     match m.kind {
         MessageType::Track => m.event.as_deref(),
         _ => m.name.as_deref(),
@@ -52,12 +54,12 @@ pub fn lookup_name(m: &Message) -> Option<&str> {
 }
 
 /// Applies the registry and the policy to one message.
-pub fn enforce(
-    mut m: Box<Message>,
+pub fn enforce<'a>(
+    mut m: Box<Message<'a>>,
     registry: &Registry,
     policy: Policy,
     metrics: &SchemaMetrics,
-) -> Decision {
+) -> Decision<'a> {
     let name = lookup_name(&m);
     let Some(compiled) = registry.lookup(m.kind, name) else {
         if m.kind == MessageType::Alias {
@@ -135,7 +137,9 @@ fn flag(m: &mut Message, violations: &[Violation]) {
         "violations".into(),
         serde_json::to_value(violations).unwrap_or(Value::Null),
     );
-    m.context = serde_json::value::to_raw_value(&context).ok();
+    m.context = serde_json::value::to_raw_value(&context)
+        .ok()
+        .map(Cow::Owned);
 }
 
 #[cfg(test)]

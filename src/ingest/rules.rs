@@ -12,33 +12,33 @@
 //! `originalTimestamp`.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::message::{MessageType, RawMessage};
+use super::message::{Json, MessageType, RawMessage, Text};
 
-/// A message that passed the field rules, with everything the server adds.
+/// A message that passed the field rules, with everything the server adds; what the client sent
+/// is still borrowed from the request.
 #[derive(Debug)]
-pub struct Message {
+pub struct Message<'a> {
     pub kind: MessageType,
-    pub message_id: String,
+    pub message_id: Text<'a>,
     /// The server made the id up, so it cannot be a duplicate of anything.
     pub message_id_generated: bool,
-    pub user_id: Option<String>,
-    pub anonymous_id: Option<String>,
-    pub group_id: Option<String>,
-    pub previous_id: Option<String>,
-    pub event: Option<String>,
-    pub name: Option<String>,
+    pub user_id: Option<Text<'a>>,
+    pub anonymous_id: Option<Text<'a>>,
+    pub group_id: Option<Text<'a>>,
+    pub previous_id: Option<Text<'a>>,
+    pub event: Option<Text<'a>>,
+    pub name: Option<Text<'a>>,
     pub timestamp: DateTime<Utc>,
     pub original_timestamp: Option<DateTime<Utc>>,
     pub sent_at: Option<DateTime<Utc>>,
     pub received_at: DateTime<Utc>,
-    pub properties: Option<Box<RawValue>>,
-    pub traits: Option<Box<RawValue>>,
-    pub context: Option<Box<RawValue>>,
-    pub integrations: Option<Box<RawValue>>,
-    pub extra: Vec<(String, Box<RawValue>)>,
+    pub properties: Option<Json<'a>>,
+    pub traits: Option<Json<'a>>,
+    pub context: Option<Json<'a>>,
+    pub integrations: Option<Json<'a>>,
+    pub extra: Vec<(Text<'a>, Json<'a>)>,
 }
 
 /// What a batch says for all of its messages.
@@ -50,12 +50,12 @@ pub struct BatchDefaults {
 }
 
 /// Applies the field rules; the error is the reason the message is rejected.
-pub fn apply(
-    raw: RawMessage,
+pub fn apply<'a>(
+    raw: RawMessage<'a>,
     path_type: Option<MessageType>,
     batch: &BatchDefaults,
     received_at: DateTime<Utc>,
-) -> Result<Message, String> {
+) -> Result<Message<'a>, String> {
     let kind = match (path_type, raw.kind.as_deref()) {
         (Some(kind), _) => kind,
         (None, Some(text)) => MessageType::parse(text).ok_or_else(|| {
@@ -65,7 +65,7 @@ pub fn apply(
         })?,
         (None, None) => return Err("`type` is missing".into()),
     };
-    let present = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let present = |v: Option<Text<'a>>| v.filter(|s| !s.is_empty());
     let user_id = present(raw.user_id);
     let anonymous_id = present(raw.anonymous_id);
     let group_id = present(raw.group_id);
@@ -112,7 +112,7 @@ pub fn apply(
 
     let (message_id, message_id_generated) = match present(raw.message_id) {
         Some(id) => (id, false),
-        None => (uuid::Uuid::new_v4().to_string(), true),
+        None => (uuid::Uuid::new_v4().to_string().into(), true),
     };
 
     Ok(Message {
@@ -170,11 +170,20 @@ fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
 /// `to_rfc3339_opts(SecondsFormat::AutoSi, true)` writes it, only faster: every message gets
 /// up to four of these at the edge, and chrono's general formatter was 3 % of ingestion.
 pub fn format_time(t: DateTime<Utc>) -> String {
+    let mut text = Vec::with_capacity(30);
+    write_time(&mut text, t);
+    String::from_utf8(text).expect("ASCII")
+}
+
+/// [`format_time`] appended to `out`, without a string of its own (the edge writes four a
+/// message straight into the log record).
+fn write_time(out: &mut Vec<u8>, t: DateTime<Utc>) {
     let (secs, nanos) = (t.timestamp(), t.timestamp_subsec_nanos());
     let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
         // Years of other widths, and leap seconds: chrono knows them.
-        return t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        out.extend_from_slice(t.to_rfc3339_opts(SecondsFormat::AutoSi, true).as_bytes());
+        return;
     }
     let clock = secs.rem_euclid(86_400) as u32;
     // YYYY-MM-DDTHH:MM:SS, then the fraction and the zone.
@@ -202,9 +211,7 @@ pub fn format_time(t: DateTime<Utc>) -> String {
         len = 20 + width;
     }
     text[len] = b'Z';
-    std::str::from_utf8(&text[..=len])
-        .expect("ASCII")
-        .to_string()
+    out.extend_from_slice(&text[..=len]);
 }
 
 /// The proleptic Gregorian date `days` after 1970-01-01 (the civil-from-days arithmetic of
@@ -237,11 +244,11 @@ fn put_digits(slot: &mut [u8], mut n: u32) {
 }
 
 /// Adds the batch's keys that the message lacks.
-fn merge(
-    own: Option<Box<RawValue>>,
+fn merge<'a>(
+    own: Option<Json<'a>>,
     batch: Option<&Map<String, Value>>,
     field: &str,
-) -> Result<Option<Box<RawValue>>, String> {
+) -> Result<Option<Json<'a>>, String> {
     let Some(batch) = batch.filter(|b| !b.is_empty()) else {
         return Ok(own);
     };
@@ -253,16 +260,16 @@ fn merge(
         merged.entry(key.clone()).or_insert_with(|| value.clone());
     }
     serde_json::value::to_raw_value(&merged)
-        .map(Some)
+        .map(|v| Some(Json::Owned(v)))
         .map_err(|e| format!("`{field}`: {e}"))
 }
 
-impl Message {
+impl Message<'_> {
     /// The bytes of its JSON objects and texts: what its record in the log takes, but for the
     /// few hundred bytes of keys and timestamps.
     pub fn stored_len(&self) -> usize {
-        let text = |v: &Option<String>| v.as_ref().map_or(0, String::len);
-        let raw = |v: &Option<Box<RawValue>>| v.as_ref().map_or(0, |r| r.get().len());
+        let text = |v: &Option<Text>| v.as_ref().map_or(0, |t| t.len());
+        let raw = |v: &Option<Json>| v.as_ref().map_or(0, |r| r.get().len());
         self.message_id.len()
             + text(&self.user_id)
             + text(&self.anonymous_id)
@@ -292,14 +299,14 @@ impl Message {
         w.opt_string("previousId", self.previous_id.as_deref());
         w.opt_string("event", self.event.as_deref());
         w.opt_string("name", self.name.as_deref());
-        w.string("timestamp", &format_time(self.timestamp));
+        w.time("timestamp", self.timestamp);
         if let Some(t) = self.original_timestamp {
-            w.string("originalTimestamp", &format_time(t));
+            w.time("originalTimestamp", t);
         }
         if let Some(t) = self.sent_at {
-            w.string("sentAt", &format_time(t));
+            w.time("sentAt", t);
         }
-        w.string("receivedAt", &format_time(self.received_at));
+        w.time("receivedAt", self.received_at);
         for (key, value) in [
             ("properties", &self.properties),
             ("traits", &self.traits),
@@ -311,7 +318,8 @@ impl Message {
             }
         }
         for (key, value) in &self.extra {
-            w.raw(key, value.get());
+            w.client_key(key);
+            w.out.extend_from_slice(value.get().as_bytes());
         }
         w.finish();
     }
@@ -329,27 +337,48 @@ impl<'a> ObjectWriter<'a> {
         ObjectWriter { out, first: true }
     }
 
-    fn key(&mut self, key: &str) {
-        if !self.first {
-            self.out.push(b',');
-        }
-        self.first = false;
+    /// A key of Sluice's own: plain ASCII, written as it is.
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(key.bytes().all(|b| b.is_ascii_alphanumeric()));
+        self.comma();
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    /// A key the client sent: escaped as needed.
+    fn client_key(&mut self, key: &str) {
+        self.comma();
         write_json_string(self.out, key);
         self.out.push(b':');
     }
 
-    fn string(&mut self, key: &str, value: &str) {
+    fn comma(&mut self) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+    }
+
+    fn string(&mut self, key: &'static str, value: &str) {
         self.key(key);
         write_json_string(self.out, value);
     }
 
-    fn opt_string(&mut self, key: &str, value: Option<&str>) {
+    fn opt_string(&mut self, key: &'static str, value: Option<&str>) {
         if let Some(v) = value {
             self.string(key, v);
         }
     }
 
-    fn raw(&mut self, key: &str, json: &str) {
+    fn time(&mut self, key: &'static str, t: DateTime<Utc>) {
+        self.key(key);
+        self.out.push(b'"');
+        write_time(self.out, t);
+        self.out.push(b'"');
+    }
+
+    fn raw(&mut self, key: &'static str, json: &str) {
         self.key(key);
         self.out.extend_from_slice(json.as_bytes());
     }
@@ -380,11 +409,11 @@ mod tests {
         parse_time(text).unwrap()
     }
 
-    fn raw(json: &str) -> RawMessage {
+    fn raw(json: &str) -> RawMessage<'_> {
         serde_json::from_str(json).unwrap()
     }
 
-    fn admit(json: &str) -> Result<Message, String> {
+    fn admit(json: &str) -> Result<Message<'_>, String> {
         apply(
             raw(json),
             None,

@@ -44,7 +44,8 @@ fn shipped_examples_pass_or_fail_as_labelled() {
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         for (label, want_valid) in [("valid", true), ("invalid", false)] {
             for (i, example) in examples[label].as_array().unwrap().iter().enumerate() {
-                let raw = serde_json::from_str(&example.to_string()).unwrap();
+                let text = example.to_string();
+                let raw = serde_json::from_str(&text).unwrap();
                 let m =
                     rules::apply(raw, None, &BatchDefaults::default(), chrono::Utc::now()).unwrap();
                 let strict = Policy {

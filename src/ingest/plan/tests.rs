@@ -18,7 +18,7 @@ fn registry() -> Registry {
     registry
 }
 
-fn message(json: &str) -> Box<Message> {
+fn message(json: &str) -> Box<Message<'_>> {
     let raw = serde_json::from_str(json).unwrap();
     Box::new(rules::apply(raw, None, &BatchDefaults::default(), chrono::Utc::now()).unwrap())
 }
