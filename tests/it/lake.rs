@@ -258,7 +258,20 @@ fn sigkill_during_compaction_loses_and_doubles_no_row() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "[storage]\nflush_interval = \"20ms\"\ncompaction_interval = \"50ms\"\n";
     let config = dir.path().join("sluice.toml");
-    // Many small files: one flush per batch.
+    // Many small files: one flush per batch (each batch waits for the last one's file, so a lake
+    // writer slowed by a busy machine cannot gather several into one flush).
+    let events = dir.path().join("data/lake/events");
+    let event_files = || {
+        let Ok(dates) = std::fs::read_dir(&events) else {
+            return 0;
+        };
+        dates
+            .flatten()
+            .flat_map(|date| std::fs::read_dir(date.path()).into_iter().flatten())
+            .flatten()
+            .filter(|f| f.path().extension().is_some_and(|x| x == "parquet"))
+            .count()
+    };
     let mut sent = Vec::new();
     {
         let mut child = ChildServer::spawn(dir.path(), extra, |_| {});
@@ -273,12 +286,11 @@ fn sigkill_during_compaction_loses_and_doubles_no_row() {
             );
             assert_eq!(r.status, 200);
             sent.extend(ids);
-            std::thread::sleep(Duration::from_millis(30));
+            wait_for("the batch's flush", || event_files() > i);
         }
         assert!(child.terminate().success());
     }
     // Make those files an old, closed partition.
-    let events = dir.path().join("data/lake/events");
     let today = std::fs::read_dir(&events)
         .unwrap()
         .next()
