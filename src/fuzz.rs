@@ -61,15 +61,9 @@ pub fn body(data: &[u8]) {
 /// Real SDK payloads (analytics-python, analytics-node, analytics.js), mutated by the input: each
 /// pair of bytes picks a place in the payload and what to put there. Then the body path.
 pub fn sdk_payloads(data: &[u8]) {
-    let Some((&seed, ops)) = data.split_first() else {
+    let Some(value) = sdk_payload(data) else {
         return;
     };
-    let seeds = sdk_seeds();
-    let mut value: Value = serde_json::from_str(seeds[seed as usize % seeds.len()]).unwrap();
-    for op in ops.chunks(2) {
-        let (place, what) = (op[0], op.get(1).copied().unwrap_or(0));
-        mutate(&mut value, place as usize, what);
-    }
     let body = value.to_string();
     let shape = if value.get("batch").is_some() {
         Shape::Batch
@@ -77,6 +71,18 @@ pub fn sdk_payloads(data: &[u8]) {
         Shape::Single(crate::ingest::message::MessageType::Track)
     };
     ingest(shape, body.as_bytes());
+}
+
+/// The real SDK payload the first byte picks, with the mutations the other bytes say.
+fn sdk_payload(data: &[u8]) -> Option<Value> {
+    let (&seed, ops) = data.split_first()?;
+    let seeds = sdk_seeds();
+    let mut value: Value = serde_json::from_str(seeds[seed as usize % seeds.len()]).unwrap();
+    for op in ops.chunks(2) {
+        let (place, what) = (op[0], op.get(1).copied().unwrap_or(0));
+        mutate(&mut value, place as usize, what);
+    }
+    Some(value)
 }
 
 /// `sluice.toml`, with every `${VAR}` unset.
@@ -518,9 +524,18 @@ fn sdk_seeds() -> [&'static str; 3] {
 }
 
 /// Changes the `place`-th value of `value` (in a walk of the tree) into something chosen by `what`.
+/// Values (nodes) a mutated payload may grow to. Mutation 16 doubles what it replaces, so a few
+/// dozen of them would build gigabytes in the harness before the edge saw a byte (the campaign's
+/// two `sdk_payloads` timeouts were that); a request is refused past 500 KB anyway.
+const MAX_MUTATED_NODES: usize = 100_000;
+
 fn mutate(value: &mut Value, place: usize, what: u8) {
+    let nodes = count(value);
+    if nodes > MAX_MUTATED_NODES {
+        return;
+    }
     let mut counter = 0;
-    if let Some(target) = nth(value, place % count(value).max(1), &mut counter) {
+    if let Some(target) = nth(value, place % nodes, &mut counter) {
         *target = replacement(target, what);
     }
 }
@@ -646,6 +661,30 @@ mod tests {
         log_record(b"\x01\x00\x00@ FHG\x06\x00\x03\x00web\x02\x00m1\x00\x00\x00\x006666666666666E666666666666\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n");
         // A stored profile whose history holds a NaN.
         stored_profile(b"\x01\x00\x00\x02\x00\x01\x00\x00\x01\x01\x00\x00\x01\x08&\x01\x09\x00\x07\xcd&\xf3\xff\xff\xff\x00");
+        // Thirty doublings of one value: the harness built gigabytes (a timeout, then out of
+        // memory). It now stops growing the payload at MAX_MUTATED_NODES.
+        let mut doublings = [
+            [0x10; 31].as_slice(),
+            &[0x6b],
+            &[0x10; 26],
+            b"\x6b\x39\x34\xff\x19",
+        ]
+        .concat();
+        let grown = sdk_payload(&doublings).unwrap();
+        assert!(
+            count(&grown) <= 2 * MAX_MUTATED_NODES + 1,
+            "{}",
+            count(&grown)
+        );
+        sdk_payloads(&doublings);
+        // The other one, from an earlier session: 'X' (88) is mutation 16 too.
+        doublings = [
+            b"=@W\xcc\xff=@W\xcc\xff".as_slice(),
+            &[b'X'; 30],
+            b"\x00\xce\x00\xce",
+        ]
+        .concat();
+        sdk_payloads(&doublings);
     }
 
     #[test]
