@@ -524,19 +524,35 @@ fn sdk_seeds() -> [&'static str; 3] {
 }
 
 /// Changes the `place`-th value of `value` (in a walk of the tree) into something chosen by `what`.
-/// Values (nodes) a mutated payload may grow to. Mutation 16 doubles what it replaces, so a few
-/// dozen of them would build gigabytes in the harness before the edge saw a byte (the campaign's
-/// two `sdk_payloads` timeouts were that); a request is refused past 500 KB anyway.
-const MAX_MUTATED_NODES: usize = 100_000;
+/// About the JSON bytes a mutated payload may grow to, twice the 500 KB a request may be.
+/// Mutation 16 doubles what it replaces, so a few dozen of them would build gigabytes in the
+/// harness before the edge saw a byte (the campaign's `sdk_payloads` timeouts and out-of-memory
+/// reports were that).
+const MAX_MUTATED_BYTES: usize = 1_000_000;
 
 fn mutate(value: &mut Value, place: usize, what: u8) {
-    let nodes = count(value);
-    if nodes > MAX_MUTATED_NODES {
+    if json_size(value) > MAX_MUTATED_BYTES {
         return;
     }
+    let nodes = count(value);
     let mut counter = 0;
     if let Some(target) = nth(value, place % nodes, &mut counter) {
         *target = replacement(target, what);
+    }
+}
+
+/// About the length of `v` as JSON text (at least one byte a value, so it bounds `count` too).
+fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 2 + a.iter().map(|v| 1 + json_size(v)).sum::<usize>(),
+        Value::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, v)| k.len() + 4 + json_size(v))
+                .sum::<usize>()
+        }
+        Value::String(s) => s.len() + 2,
+        _ => 8,
     }
 }
 
@@ -661,30 +677,44 @@ mod tests {
         log_record(b"\x01\x00\x00@ FHG\x06\x00\x03\x00web\x02\x00m1\x00\x00\x00\x006666666666666E666666666666\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n");
         // A stored profile whose history holds a NaN.
         stored_profile(b"\x01\x00\x00\x02\x00\x01\x00\x00\x01\x01\x00\x00\x01\x08&\x01\x09\x00\x07\xcd&\xf3\xff\xff\xff\x00");
-        // Thirty doublings of one value: the harness built gigabytes (a timeout, then out of
-        // memory). It now stops growing the payload at MAX_MUTATED_NODES.
-        let mut doublings = [
-            [0x10; 31].as_slice(),
-            &[0x6b],
-            &[0x10; 26],
-            b"\x6b\x39\x34\xff\x19",
-        ]
-        .concat();
-        let grown = sdk_payload(&doublings).unwrap();
-        assert!(
-            count(&grown) <= 2 * MAX_MUTATED_NODES + 1,
-            "{}",
-            count(&grown)
+        // What `sdk_payloads` found: its own mutations building gigabytes before the edge saw a
+        // byte (timeouts, out of memory). Growth now stops past MAX_MUTATED_BYTES.
+        let grown_within_bound = |input: &[u8]| {
+            let grown = sdk_payload(input).unwrap();
+            let size = json_size(&grown);
+            assert!(size <= 2 * MAX_MUTATED_BYTES + 16, "{size} bytes");
+            sdk_payloads(input);
+        };
+        // Thirty doublings (mutation 16) of one value.
+        grown_within_bound(
+            &[
+                [0x10; 31].as_slice(),
+                &[0x6b],
+                &[0x10; 26],
+                b"\x6b\x39\x34\xff\x19",
+            ]
+            .concat(),
         );
-        sdk_payloads(&doublings);
-        // The other one, from an earlier session: 'X' (88) is mutation 16 too.
-        doublings = [
-            b"=@W\xcc\xff=@W\xcc\xff".as_slice(),
-            &[b'X'; 30],
-            b"\x00\xce\x00\xce",
-        ]
-        .concat();
-        sdk_payloads(&doublings);
+        // The same with 'X' (88, also mutation 16).
+        grown_within_bound(
+            &[
+                b"=@W\xcc\xff=@W\xcc\xff".as_slice(),
+                &[b'X'; 30],
+                b"\x00\xce\x00\xce",
+            ]
+            .concat(),
+        );
+        // A 40,000-byte string (mutation 8), then doublings: few values, many bytes.
+        grown_within_bound(
+            &[
+                b"k\xff71\xff1".as_slice(),
+                &[0xa0; 8],
+                b" ",
+                &[0xa0; 65],
+                b"\x97\x00\x00\x00\x00\xff",
+            ]
+            .concat(),
+        );
     }
 
     #[test]
