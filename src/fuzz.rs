@@ -523,13 +523,13 @@ fn sdk_seeds() -> [&'static str; 3] {
     ]
 }
 
-/// Changes the `place`-th value of `value` (in a walk of the tree) into something chosen by `what`.
 /// About the JSON bytes a mutated payload may grow to, twice the 500 KB a request may be.
 /// Mutation 16 doubles what it replaces, so a few dozen of them would build gigabytes in the
 /// harness before the edge saw a byte (the campaign's `sdk_payloads` timeouts and out-of-memory
 /// reports were that).
 const MAX_MUTATED_BYTES: usize = 1_000_000;
 
+/// Changes the `place`-th value of `value` (in a walk of the tree) into something chosen by `what`.
 fn mutate(value: &mut Value, place: usize, what: u8) {
     if json_size(value) > MAX_MUTATED_BYTES {
         return;

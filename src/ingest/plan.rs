@@ -10,9 +10,9 @@
 //! error of the request. Quarantine reasons start with `schema:` or `unplanned:`, which is how a
 //! replay finds the messages that a fixed schema may now admit.
 
-use serde_json::value::RawValue;
 use std::borrow::Cow;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::message::MessageType;

@@ -318,8 +318,7 @@ impl Message<'_> {
             }
         }
         for (key, value) in &self.extra {
-            w.client_key(key);
-            w.out.extend_from_slice(value.get().as_bytes());
+            w.client_raw(key, value.get());
         }
         w.finish();
     }
@@ -346,11 +345,12 @@ impl<'a> ObjectWriter<'a> {
         self.out.extend_from_slice(b"\":");
     }
 
-    /// A key the client sent: escaped as needed.
-    fn client_key(&mut self, key: &str) {
+    /// A value under a key the client sent: the key escaped as needed.
+    fn client_raw(&mut self, key: &str, json: &str) {
         self.comma();
         write_json_string(self.out, key);
         self.out.push(b':');
+        self.out.extend_from_slice(json.as_bytes());
     }
 
     fn comma(&mut self) {
