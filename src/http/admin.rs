@@ -10,6 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::ApiError;
@@ -197,8 +198,10 @@ pub async fn validate(
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let raw: RawMessage = serde_json::from_slice(&body)
+    let raw: &RawValue = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("not a message: {e}")))?;
+    let raw = RawMessage::read(raw)
+        .map_err(|reason| ApiError::BadRequest(format!("not a message: {reason}")))?;
     let message = match rules::apply(raw, None, &BatchDefaults::default(), chrono::Utc::now()) {
         Ok(m) => m,
         Err(reason) => {
@@ -216,8 +219,8 @@ pub async fn validate(
         );
     };
     let payload = match message.kind {
-        MessageType::Identify | MessageType::Group => message.traits.as_deref(),
-        _ => message.properties.as_deref(),
+        MessageType::Identify | MessageType::Group => message.traits.as_ref(),
+        _ => message.properties.as_ref(),
     };
     let payload: serde_json::Value = payload
         .and_then(|p| serde_json::from_str(p.get()).ok())

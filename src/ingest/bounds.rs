@@ -8,50 +8,80 @@
 /// six; parsers downstream recurse per level.
 pub const MAX_DEPTH: usize = 64;
 
-/// Checks `json` (already known to be well-formed JSON), found `above` levels deep in a message,
-/// against the bounds; the error is the reason to reject the message. One pass: string contents
-/// are skipped eight bytes at a time, the rest is looked at a byte at a time.
+/// Checks `json` (one well-formed JSON value), found `above` levels deep in a message, against
+/// the bounds; the error is the reason to reject the message.
 pub fn check(json: &[u8], above: usize) -> Result<(), String> {
+    let start = json
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(json.len());
+    value_end(json, start, above).map(|_| ())
+}
+
+/// The index after the value that starts at `start` in well-formed JSON, found `above` levels deep
+/// in a message, checking it against the bounds on the way. Knowing the JSON well-formed, it only
+/// looks for where things end: string contents are skipped eight bytes at a time, the rest is
+/// looked at a byte at a time.
+pub fn value_end(json: &[u8], start: usize, above: usize) -> Result<usize, String> {
     let mut depth = above;
-    let mut i = 0;
-    while i < json.len() {
-        match json[i] {
-            b'"' => {
-                i = after_string(json, i + 1);
-                continue;
-            }
+    let mut i = start;
+    while let Some(&byte) = json.get(i) {
+        match byte {
+            b'"' => i = after_string(json, i + 1).0,
             b'{' | b'[' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
                     return Err(format!("JSON nested deeper than {MAX_DEPTH} levels"));
                 }
+                i += 1;
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
             b'-' | b'0'..=b'9' => {
-                let start = i;
-                while i < json.len()
-                    && matches!(json[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                {
+                let end = number_end(json, i);
+                number(&json[i..end])?;
+                i = end;
+            }
+            b't' | b'f' | b'n' => {
+                while json.get(i).is_some_and(u8::is_ascii_lowercase) {
                     i += 1;
                 }
-                number(&json[start..i])?;
+            }
+            // Whitespace, commas and colons, all inside a value.
+            _ => {
+                i += 1;
                 continue;
             }
-            _ => {}
         }
-        i += 1;
+        if depth <= above {
+            return Ok(i);
+        }
     }
-    Ok(())
+    Ok(json.len())
 }
 
-/// The index after the closing quote of a string whose content starts at `i`: eight bytes at a
-/// time while none of them is a quote or a backslash (the usual bit trick for a zero byte in a
-/// word, on the word xor'ed with each).
-fn after_string(json: &[u8], mut i: usize) -> usize {
+/// The index after the number that starts at `i`.
+pub fn number_end(json: &[u8], mut i: usize) -> usize {
+    while json
+        .get(i)
+        .is_some_and(|b| matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+    {
+        i += 1;
+    }
+    i
+}
+
+/// The index after the closing quote of a string whose content starts at `i`, and whether the
+/// string has escapes. Eight bytes at a time while none of them is a quote or a backslash (the
+/// usual bit trick for a zero byte in a word, on the word xor'ed with each).
+pub fn after_string(json: &[u8], mut i: usize) -> (usize, bool) {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     const QUOTES: u64 = ONES * b'"' as u64;
     const SLASHES: u64 = ONES * b'\\' as u64;
+    let mut escaped = false;
     loop {
         while let Some(word) = json.get(i..i + 8) {
             let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
@@ -65,9 +95,12 @@ fn after_string(json: &[u8], mut i: usize) -> usize {
             i += 8;
         }
         match json.get(i) {
-            None => return json.len(),
-            Some(b'"') => return i + 1,
-            Some(b'\\') => i += 2,
+            None => return (json.len(), escaped),
+            Some(b'"') => return (i + 1, escaped),
+            Some(b'\\') => {
+                escaped = true;
+                i += 2;
+            }
             Some(_) => i += 1,
         }
     }
@@ -107,6 +140,22 @@ mod tests {
         }
         let nested = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert_eq!(check(nested.as_bytes(), 0), Ok(()));
+    }
+
+    #[test]
+    fn each_value_ends_where_it_ends() {
+        let json = br#"{"a":[1,"]}",{"b":{}}],"c":"x\"y"} "s\\" -1.5e3,true null [] 7"#;
+        let mut ends = Vec::new();
+        let mut i = 0;
+        while i < json.len() {
+            if json[i] == b' ' || json[i] == b',' {
+                i += 1;
+                continue;
+            }
+            i = value_end(json, i, 0).unwrap();
+            ends.push(i);
+        }
+        assert_eq!(ends, vec![34, 40, 47, 52, 57, 60, 62]);
     }
 
     #[test]

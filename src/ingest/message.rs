@@ -1,17 +1,19 @@
 //! A Segment message as it arrives, read in one pass.
 //!
 //! The object fields (`properties`, `traits`, `context`, `integrations`) and any keys Sluice does
-//! not interpret stay raw JSON: they are checked to be well-formed but not taken apart, which keeps
-//! parsing cheap and passes them on byte for byte. Ids may arrive as strings or numbers (some SDKs
+//! not interpret stay raw JSON: they are held to the edge's bounds but not taken apart, which keeps
+//! reading cheap and passes them on byte for byte. Ids may arrive as strings or numbers (some SDKs
 //! send numeric user ids); numbers are kept as their text. What needs no unescaping is borrowed
 //! from the request's text, not copied: a message is copied once, into its log record.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+
+use super::bounds;
 
 /// The six Segment message types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,12 +53,25 @@ impl MessageType {
 
 /// A string field as sent: borrowed from the request unless it had escapes.
 pub type Text<'a> = Cow<'a, str>;
-/// An object or other value kept as its JSON text: borrowed from the request unless the server
-/// made it (a merged batch context, the tracking plan's violations).
-pub type Json<'a> = Cow<'a, RawValue>;
 
-/// A message's fields as sent, before the field rules. Read from JSON text in memory
-/// (`serde_json::from_str` or `from_slice`), which it borrows from.
+/// One JSON value kept as its text, always well-formed: borrowed from the request as sent, or
+/// made by the server (a merged batch context, the tracking plan's violations).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Json<'a>(Cow<'a, str>);
+
+impl Json<'_> {
+    /// `value` as JSON.
+    pub fn of(value: &impl serde::Serialize) -> serde_json::Result<Json<'static>> {
+        serde_json::to_string(value).map(|text| Json(Cow::Owned(text)))
+    }
+
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A message's fields as sent, before the field rules; what it holds is borrowed from the JSON it
+/// was read from.
 #[derive(Debug, Default)]
 pub struct RawMessage<'a> {
     pub kind: Option<Text<'a>>,
@@ -79,70 +94,142 @@ pub struct RawMessage<'a> {
     pub extra: Vec<(Text<'a>, Json<'a>)>,
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(MessageVisitor(std::marker::PhantomData))
-    }
-}
-
-struct MessageVisitor<'a>(std::marker::PhantomData<&'a ()>);
-
-impl<'de: 'a, 'a> Visitor<'de> for MessageVisitor<'a> {
-    type Value = RawMessage<'a>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMessage<'a>, A::Error> {
+impl<'a> RawMessage<'a> {
+    /// Reads a message, and holds the values it keeps raw to the edge's [`bounds`], in one pass.
+    /// The JSON is known to be well-formed (a `RawValue` always is: the request was parsed once),
+    /// so the pass only finds where each value ends; a second full parse, then a pass for the
+    /// bounds, were a tenth of ingestion. The error is the reason to reject the message.
+    pub fn read(raw: &'a RawValue) -> Result<Self, String> {
+        let mut r = Reader {
+            json: raw.get(),
+            at: 0,
+        };
+        r.skip_space();
+        if !r.eat(b'{') {
+            return Err("a message must be a JSON object".into());
+        }
         let mut m = RawMessage::default();
-        while let Some(key) = map.next_key::<JsonStr<'de>>()? {
-            let key = key.0;
+        r.skip_space();
+        if r.eat(b'}') {
+            return Ok(m);
+        }
+        loop {
+            let key = r.string()?;
+            r.skip_space();
+            r.eat(b':');
+            r.skip_space();
             match &*key {
-                "type" => m.kind = text(&mut map, "type")?,
-                "messageId" => m.message_id = id(&mut map, "messageId")?,
-                "userId" => m.user_id = id(&mut map, "userId")?,
-                "anonymousId" => m.anonymous_id = id(&mut map, "anonymousId")?,
-                "groupId" => m.group_id = id(&mut map, "groupId")?,
-                "previousId" => m.previous_id = id(&mut map, "previousId")?,
-                "event" => m.event = text(&mut map, "event")?,
-                "name" => m.name = text(&mut map, "name")?,
-                "timestamp" => m.timestamp = text(&mut map, "timestamp")?,
-                "originalTimestamp" => m.original_timestamp = text(&mut map, "originalTimestamp")?,
-                "sentAt" => m.sent_at = text(&mut map, "sentAt")?,
-                "properties" => m.properties = object(&mut map, "properties")?,
-                "traits" => m.traits = object(&mut map, "traits")?,
-                "context" => m.context = object(&mut map, "context")?,
-                "integrations" => m.integrations = object(&mut map, "integrations")?,
-                "writeKey" => m.write_key = text(&mut map, "writeKey")?,
+                "type" => m.kind = r.text("type")?,
+                "messageId" => m.message_id = r.id("messageId")?,
+                "userId" => m.user_id = r.id("userId")?,
+                "anonymousId" => m.anonymous_id = r.id("anonymousId")?,
+                "groupId" => m.group_id = r.id("groupId")?,
+                "previousId" => m.previous_id = r.id("previousId")?,
+                "event" => m.event = r.text("event")?,
+                "name" => m.name = r.text("name")?,
+                "timestamp" => m.timestamp = r.text("timestamp")?,
+                "originalTimestamp" => m.original_timestamp = r.text("originalTimestamp")?,
+                "sentAt" => m.sent_at = r.text("sentAt")?,
+                "properties" => m.properties = r.object("properties")?,
+                "traits" => m.traits = r.object("traits")?,
+                "context" => m.context = r.object("context")?,
+                "integrations" => m.integrations = r.object("integrations")?,
+                "writeKey" => m.write_key = r.text("writeKey")?,
                 // Set by the server; whatever the client says is dropped.
                 "receivedAt" => {
-                    map.next_value::<IgnoredAny>()?;
+                    r.value()?;
                 }
                 _ => {
-                    let value: &'de RawValue = map.next_value()?;
+                    let value = r.value()?;
                     m.extra.retain(|(k, _)| k != &key);
-                    m.extra.push((key, Cow::Borrowed(value)));
+                    m.extra.push((key, value));
                 }
             }
+            r.skip_space();
+            // A comma, or the closing brace: the JSON is well-formed.
+            if !r.eat(b',') {
+                return Ok(m);
+            }
+            r.skip_space();
         }
-        Ok(m)
     }
 }
 
-impl RawMessage<'_> {
-    /// The values it holds as raw JSON: its objects and the keys Sluice does not interpret.
-    pub fn raw_values(&self) -> impl Iterator<Item = &RawValue> {
-        [
-            &self.properties,
-            &self.traits,
-            &self.context,
-            &self.integrations,
-        ]
-        .into_iter()
-        .flatten()
-        .map(|v| &**v)
-        .chain(self.extra.iter().map(|(_, v)| &**v))
+/// A cursor over the well-formed JSON of one message.
+struct Reader<'a> {
+    json: &'a str,
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn next_byte(&self) -> Option<u8> {
+        self.json.as_bytes().get(self.at).copied()
+    }
+
+    fn skip_space(&mut self) {
+        while self.next_byte().is_some_and(|b| b.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        let found = self.next_byte() == Some(byte);
+        self.at += usize::from(found);
+        found
+    }
+
+    /// The string at the cursor, unescaped.
+    fn string(&mut self) -> Result<Text<'a>, String> {
+        let start = self.at;
+        let (end, escaped) = bounds::after_string(self.json.as_bytes(), start + 1);
+        self.at = end;
+        let quoted = self.json.get(start..end).unwrap_or_default();
+        if escaped {
+            return serde_json::from_str::<String>(quoted)
+                .map(Cow::Owned)
+                .map_err(|e| e.to_string());
+        }
+        Ok(Cow::Borrowed(
+            quoted.get(1..end - start - 1).unwrap_or_default(),
+        ))
+    }
+
+    /// A value kept as its JSON, held to the bounds at a message's first level.
+    fn value(&mut self) -> Result<Json<'a>, String> {
+        let start = self.at;
+        self.at = bounds::value_end(self.json.as_bytes(), start, 1)?;
+        Ok(Json(Cow::Borrowed(&self.json[start..self.at])))
+    }
+
+    /// A string or null.
+    fn text(&mut self, field: &str) -> Result<Option<Text<'a>>, String> {
+        match self.next_byte() {
+            Some(b'"') => self.string().map(Some),
+            Some(b'n') => self.value().map(|_| None),
+            _ => Err(format!("`{field}` must be a string")),
+        }
+    }
+
+    /// A string, a number (kept as the text it was sent as: read as a number, two ids above 2^53
+    /// could become one) or null.
+    fn id(&mut self, field: &str) -> Result<Option<Text<'a>>, String> {
+        match self.next_byte() {
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.at;
+                self.at = bounds::number_end(self.json.as_bytes(), start);
+                Ok(Some(Cow::Borrowed(&self.json[start..self.at])))
+            }
+            _ => self.text(field),
+        }
+    }
+
+    /// An object or null; anything else is refused.
+    fn object(&mut self, field: &str) -> Result<Option<Json<'a>>, String> {
+        match self.next_byte() {
+            Some(b'{') => self.value().map(Some),
+            Some(b'n') => self.value().map(|_| None),
+            _ => Err(format!("`{field}` must be an object")),
+        }
     }
 }
 
@@ -177,46 +264,13 @@ impl std::ops::Deref for JsonStr<'_> {
     }
 }
 
-/// A string or null.
-fn text<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Text<'de>>, A::Error> {
-    map.next_value::<Option<JsonStr<'de>>>()
-        .map(|v| v.map(|s| s.0))
-        .map_err(|_| de::Error::custom(format!("`{field}` must be a string")))
-}
-
-/// A string, a number (kept as the text it was sent as: read as a number, two ids above 2^53
-/// could become one) or null.
-fn id<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Text<'de>>, A::Error> {
-    // Borrowed: messages are read from text in memory, never from a stream.
-    let raw: &'de RawValue = map.next_value()?;
-    let text = raw.get();
-    match text.as_bytes().first() {
-        Some(b'"') if !text.contains('\\') => Ok(Some(Cow::Borrowed(&text[1..text.len() - 1]))),
-        Some(b'"') => serde_json::from_str::<String>(text)
-            .map(|s| Some(Cow::Owned(s)))
-            .map_err(de::Error::custom),
-        Some(b'n') => Ok(None),
-        Some(b'-' | b'0'..=b'9') => Ok(Some(Cow::Borrowed(text))),
-        _ => Err(de::Error::custom(format!("`{field}` must be a string"))),
-    }
-}
-
-/// An object or null; anything else is refused.
-fn object<'de, A: MapAccess<'de>>(map: &mut A, field: &str) -> Result<Option<Json<'de>>, A::Error> {
-    let raw: &'de RawValue = map.next_value()?;
-    match raw.get().as_bytes().first() {
-        Some(b'{') => Ok(Some(Cow::Borrowed(raw))),
-        Some(b'n') => Ok(None),
-        _ => Err(de::Error::custom(format!("`{field}` must be an object"))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> Result<RawMessage<'_>, serde_json::Error> {
-        serde_json::from_str(json)
+    fn parse(json: &str) -> Result<RawMessage<'_>, String> {
+        let raw: &RawValue = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        RawMessage::read(raw)
     }
 
     #[test]
@@ -273,6 +327,56 @@ mod tests {
             let m = parse(&json).unwrap();
             assert_eq!(m.user_id.as_deref(), Some(id));
         }
+    }
+
+    #[test]
+    fn spaced_and_escaped_json_reads_as_compact_json_does() {
+        let spaced = parse(
+            "{ \"type\" :\t\"track\" ,\n \"event\": \"A \\\"quoted\\\" \\u00e9vent\",\r\n
+               \"userId\" : -7 , \"properties\" : { \"a\" : [ 1 , { \"b\" : null } ] } ,
+               \"version\" : 2 , \"channel\" : \"s\" , \"channel\" : \"server\" }",
+        )
+        .unwrap();
+        assert_eq!(spaced.kind.as_deref(), Some("track"));
+        assert_eq!(spaced.event.as_deref(), Some("A \"quoted\" \u{e9}vent"));
+        assert_eq!(spaced.user_id.as_deref(), Some("-7"));
+        assert_eq!(
+            spaced.properties.unwrap().get(),
+            r#"{ "a" : [ 1 , { "b" : null } ] }"#
+        );
+        // A repeated key: the last one stands.
+        let extra: Vec<(&str, &str)> = spaced.extra.iter().map(|(k, v)| (&**k, v.get())).collect();
+        assert_eq!(extra, vec![("version", "2"), ("channel", "\"server\"")]);
+        assert!(parse("{}").unwrap().kind.is_none());
+        assert!(parse(" { } ").unwrap().extra.is_empty());
+    }
+
+    #[test]
+    fn what_a_message_keeps_raw_is_held_to_the_bounds() {
+        let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        // The message is the first level: what it holds may nest one less than the limit.
+        let fits = format!(
+            r#"{{"userId":"u","_metadata":{}}}"#,
+            deep(bounds::MAX_DEPTH - 1)
+        );
+        assert!(parse(&fits).is_ok());
+        for field in ["properties", "context", "_metadata", "receivedAt"] {
+            let json = format!(
+                r#"{{"userId":"u","{field}":{{"a":{}}}}}"#,
+                deep(bounds::MAX_DEPTH)
+            );
+            let e = parse(&json).unwrap_err();
+            assert!(e.contains("nested deeper than 64"), "{field}: {e}");
+        }
+        let e = parse(r#"{"properties":{"revenue":1e400}}"#).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        let e = parse(r#"{"version":-1e999}"#).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        // An id is text, whatever number it looks like.
+        assert_eq!(
+            parse(r#"{"userId":1e400}"#).unwrap().user_id.as_deref(),
+            Some("1e400")
+        );
     }
 
     #[test]

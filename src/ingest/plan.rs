@@ -10,12 +10,9 @@
 //! error of the request. Quarantine reasons start with `schema:` or `unplanned:`, which is how a
 //! replay finds the messages that a fixed schema may now admit.
 
-use std::borrow::Cow;
-
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::message::MessageType;
+use super::message::{Json, MessageType};
 use super::rules::Message;
 use crate::config::{Unplanned, Violations};
 use crate::metrics::{PlanOutcome, SchemaMetrics};
@@ -37,10 +34,10 @@ pub enum Decision<'a> {
 
 /// The payload the registry checks: `properties` for track, page and screen; `traits` for
 /// identify and group.
-fn payload<'m>(m: &'m Message) -> Option<&'m RawValue> {
+fn payload<'m, 'a>(m: &'m Message<'a>) -> Option<&'m Json<'a>> {
     match m.kind {
-        MessageType::Track | MessageType::Page | MessageType::Screen => m.properties.as_deref(),
-        MessageType::Identify | MessageType::Group => m.traits.as_deref(),
+        MessageType::Track | MessageType::Page | MessageType::Screen => m.properties.as_ref(),
+        MessageType::Identify | MessageType::Group => m.traits.as_ref(),
         MessageType::Alias => None,
     }
 }
@@ -130,16 +127,14 @@ pub fn describe(violations: &[Violation]) -> String {
 fn flag(m: &mut Message, violations: &[Violation]) {
     let mut context: Map<String, Value> = m
         .context
-        .as_deref()
+        .as_ref()
         .and_then(|c| serde_json::from_str(c.get()).ok())
         .unwrap_or_default();
     context.insert(
         "violations".into(),
         serde_json::to_value(violations).unwrap_or(Value::Null),
     );
-    m.context = serde_json::value::to_raw_value(&context)
-        .ok()
-        .map(Cow::Owned);
+    m.context = Json::of(&context).ok();
 }
 
 #[cfg(test)]

@@ -259,8 +259,8 @@ fn merge<'a>(
     for (key, value) in batch {
         merged.entry(key.clone()).or_insert_with(|| value.clone());
     }
-    serde_json::value::to_raw_value(&merged)
-        .map(|v| Some(Json::Owned(v)))
+    Json::of(&merged)
+        .map(Some)
         .map_err(|e| format!("`{field}`: {e}"))
 }
 
@@ -288,9 +288,10 @@ impl Message<'_> {
                 .sum::<usize>()
     }
 
-    /// The message as Segment-spec JSON, as stored in the log and sent on to destinations.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        let mut w = ObjectWriter::new(out);
+    /// The message as Segment-spec JSON, as stored in the log and sent on to destinations. Times
+    /// among `shared` are copied from there, not formatted again.
+    pub fn write_json(&self, out: &mut Vec<u8>, shared: &[SharedTime]) {
+        let mut w = ObjectWriter::new(out, shared);
         w.string("type", self.kind.as_str());
         w.string("messageId", &self.message_id);
         w.opt_string("userId", self.user_id.as_deref());
@@ -324,16 +325,39 @@ impl Message<'_> {
     }
 }
 
+/// A time that every message of a request carries (its `receivedAt`, a batch's `sentAt`),
+/// formatted once for all of them.
+pub struct SharedTime {
+    at: DateTime<Utc>,
+    text: String,
+}
+
+impl SharedTime {
+    pub fn new(at: DateTime<Utc>) -> Self {
+        // As the message holds it.
+        let at = to_micros(at);
+        SharedTime {
+            at,
+            text: format_time(at),
+        }
+    }
+}
+
 /// Writes one JSON object key by key, without building a tree.
 struct ObjectWriter<'a> {
     out: &'a mut Vec<u8>,
     first: bool,
+    shared: &'a [SharedTime],
 }
 
 impl<'a> ObjectWriter<'a> {
-    fn new(out: &'a mut Vec<u8>) -> Self {
+    fn new(out: &'a mut Vec<u8>, shared: &'a [SharedTime]) -> Self {
         out.push(b'{');
-        ObjectWriter { out, first: true }
+        ObjectWriter {
+            out,
+            first: true,
+            shared,
+        }
     }
 
     /// A key of Sluice's own: plain ASCII, written as it is.
@@ -374,7 +398,10 @@ impl<'a> ObjectWriter<'a> {
     fn time(&mut self, key: &'static str, t: DateTime<Utc>) {
         self.key(key);
         self.out.push(b'"');
-        write_time(self.out, t);
+        match self.shared.iter().find(|s| s.at == t) {
+            Some(s) => self.out.extend_from_slice(s.text.as_bytes()),
+            None => write_time(self.out, t),
+        }
         self.out.push(b'"');
     }
 
@@ -410,7 +437,7 @@ mod tests {
     }
 
     fn raw(json: &str) -> RawMessage<'_> {
-        serde_json::from_str(json).unwrap()
+        RawMessage::read(serde_json::from_str(json).unwrap()).unwrap()
     }
 
     fn admit(json: &str) -> Result<Message<'_>, String> {
@@ -424,7 +451,7 @@ mod tests {
 
     fn json_of(m: &Message) -> Value {
         let mut out = Vec::new();
-        m.write_json(&mut out);
+        m.write_json(&mut out, &[]);
         serde_json::from_slice(&out).unwrap()
     }
 
@@ -562,6 +589,36 @@ mod tests {
     }
 
     #[test]
+    fn shared_times_write_what_formatting_writes() {
+        let batch = BatchDefaults {
+            sent_at: Some(at("2026-01-01T11:59:59.5Z")),
+            ..Default::default()
+        };
+        let received = at("2026-01-01T12:00:00.123456Z");
+        let m = apply(
+            raw(r#"{"type":"track","userId":"u","event":"E","timestamp":"2026-01-01T11:59:58Z"}"#),
+            None,
+            &batch,
+            received,
+        )
+        .unwrap();
+        let (mut formatted, mut copied) = (Vec::new(), Vec::new());
+        m.write_json(&mut formatted, &[]);
+        let shared = [
+            SharedTime::new(received),
+            SharedTime::new(at("2026-01-01T11:59:59.5Z")),
+        ];
+        m.write_json(&mut copied, &shared);
+        assert_eq!(
+            String::from_utf8(copied).unwrap(),
+            String::from_utf8(formatted).unwrap()
+        );
+        assert!(shared
+            .iter()
+            .all(|s| s.at == m.received_at || Some(s.at) == m.sent_at));
+    }
+
+    #[test]
     fn batch_context_and_integrations_merge_under_the_message() {
         let batch = BatchDefaults {
             context: Some(
@@ -594,7 +651,7 @@ mod tests {
         )
         .unwrap();
         let mut out = Vec::new();
-        m.write_json(&mut out);
+        m.write_json(&mut out, &[]);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("secret"));
         let j: Value = serde_json::from_str(&text).unwrap();

@@ -1,5 +1,6 @@
 //! Reading committed records from any offset, across segments.
 
+use std::io;
 use std::sync::Arc;
 
 use super::segment::{Next, RecordReader};
@@ -65,7 +66,7 @@ impl LogReader {
                 break;
             }
             // Find the segment holding `next`, and its durable length.
-            let (base, limit, is_last, path) = {
+            let (base, limit, is_last, path, following) = {
                 let state = self.shared.state.lock().unwrap();
                 let oldest = state.segments[0].base;
                 if self.next < oldest {
@@ -81,10 +82,24 @@ impl LogReader {
                     s.size,
                     i + 1 == state.segments.len(),
                     s.path.clone(),
+                    state.segments.get(i + 1).map(|s| s.base),
                 )
             };
             if self.open.as_ref().map(|(b, _)| *b) != Some(base) {
-                let mut reader = RecordReader::open(&path, base)?;
+                let mut reader = match RecordReader::open(&path, base) {
+                    // Read-only beside a live server, which trimmed the segment after this log
+                    // was listed: its records are gone, as if the read had started a moment later.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && self.shared.read_only => {
+                        match following {
+                            Some(next) => {
+                                self.next = next;
+                                continue;
+                            }
+                            None => return Err(e.into()),
+                        }
+                    }
+                    opened => opened?,
+                };
                 // Move up to `next` within the segment.
                 while reader.next_offset() < self.next {
                     match reader.next(limit)? {

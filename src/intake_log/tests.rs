@@ -254,6 +254,23 @@ async fn read_only_open_reads_what_a_writer_has_written() {
     assert!(open_read_only(&dir.path().join("nothing")).is_err());
 }
 
+#[tokio::test]
+async fn a_read_only_reader_goes_past_a_segment_the_live_log_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(dir.path());
+    log.append(batch(&payloads(0..100))).await.unwrap();
+    log.append(batch(&payloads(100..110))).await.unwrap();
+    let (factory, start) = open_read_only(dir.path()).unwrap();
+    let segments = segment::list(dir.path()).unwrap();
+    assert!(segments.len() >= 2, "the first group fills a segment");
+    // Trimmed between listing the log and reading it, as a live server does.
+    std::fs::remove_file(&segments[0].path).unwrap();
+    let records = factory.reader(start).read(usize::MAX).unwrap();
+    let second = segments[1].base as u32;
+    assert!(second > 0);
+    assert_eq!(texts(&records), payloads(second..110));
+}
+
 #[test]
 fn consumer_names_are_checked() {
     assert!(cursor::dir(Path::new("/x")).ends_with("cursors"));

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use sluice::config::{Unplanned, Violations};
+use sluice::ingest::message::RawMessage;
 use sluice::ingest::plan::{enforce, Decision, Policy};
 use sluice::ingest::rules::{self, BatchDefaults};
 use sluice::metrics::SchemaMetrics;
@@ -45,7 +46,7 @@ fn shipped_examples_pass_or_fail_as_labelled() {
         for (label, want_valid) in [("valid", true), ("invalid", false)] {
             for (i, example) in examples[label].as_array().unwrap().iter().enumerate() {
                 let text = example.to_string();
-                let raw = serde_json::from_str(&text).unwrap();
+                let raw = RawMessage::read(serde_json::from_str(&text).unwrap()).unwrap();
                 let m =
                     rules::apply(raw, None, &BatchDefaults::default(), chrono::Utc::now()).unwrap();
                 let strict = Policy {

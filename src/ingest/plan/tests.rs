@@ -1,4 +1,5 @@
 use super::*;
+use crate::ingest::message::RawMessage;
 use crate::ingest::rules::{self, BatchDefaults};
 use crate::schema::Schemas;
 
@@ -19,7 +20,7 @@ fn registry() -> Registry {
 }
 
 fn message(json: &str) -> Box<Message<'_>> {
-    let raw = serde_json::from_str(json).unwrap();
+    let raw = RawMessage::read(serde_json::from_str(json).unwrap()).unwrap();
     Box::new(rules::apply(raw, None, &BatchDefaults::default(), chrono::Utc::now()).unwrap())
 }
 
