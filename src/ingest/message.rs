@@ -56,7 +56,7 @@ pub type Text<'a> = Cow<'a, str>;
 
 /// One JSON value kept as its text, always well-formed: borrowed from the request as sent, or
 /// made by the server (a merged batch context, the tracking plan's violations).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Json<'a>(Cow<'a, str>);
 
 impl Json<'_> {

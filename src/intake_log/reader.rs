@@ -86,19 +86,16 @@ impl LogReader {
                 )
             };
             if self.open.as_ref().map(|(b, _)| *b) != Some(base) {
-                let mut reader = match RecordReader::open(&path, base) {
+                let mut reader = match (RecordReader::open(&path, base), following) {
                     // Read-only beside a live server, which trimmed the segment after this log
                     // was listed: its records are gone, as if the read had started a moment later.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && self.shared.read_only => {
-                        match following {
-                            Some(next) => {
-                                self.next = next;
-                                continue;
-                            }
-                            None => return Err(e.into()),
-                        }
+                    (Err(e), Some(next))
+                        if e.kind() == io::ErrorKind::NotFound && self.shared.read_only =>
+                    {
+                        self.next = next;
+                        continue;
                     }
-                    opened => opened?,
+                    (opened, _) => opened?,
                 };
                 // Move up to `next` within the segment.
                 while reader.next_offset() < self.next {
