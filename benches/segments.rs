@@ -167,6 +167,7 @@ fn one_rule_native_and_rhai(c: &mut Criterion) {
         std::sync::Arc::new(profile),
         T0 + 40 * 60_000,
         Default::default(),
+        i64::MAX,
     );
     let compiled = native::compile(rule).expect("in the native subset");
     let engine = sandbox::engine();

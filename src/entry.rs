@@ -1,9 +1,10 @@
-//! What one record of the intake log holds: a message the edge accepted, or one it rejected
-//! (kept for the quarantine). Written by the ingest stage, read by every consumer.
+//! What one record of the intake log holds: a message the edge accepted, one it rejected (kept
+//! for the quarantine), or a clock reading of the profile stage's (see `crate::audience`, "The
+//! stage's time"). Written by the ingest stage, read by every consumer.
 //!
 //! ```text
 //! u8   format version (1)
-//! u8   status: 0 accepted, 1 rejected
+//! u8   status: 0 accepted, 1 rejected, 2 clock (no message; the body is empty)
 //! i64  receivedAt, microseconds since the epoch
 //! u16  length, source name
 //! u16  length, messageId (may be empty for a rejected message)
@@ -23,6 +24,9 @@ const VERSION: u8 = 1;
 pub enum Status {
     Accepted,
     Rejected,
+    /// The profile stage's clock read `receivedAt`: time passed to then with no message. Only
+    /// the profile stage reads these; every other consumer passes over them.
+    Clock,
 }
 
 impl Status {
@@ -30,6 +34,7 @@ impl Status {
         match self {
             Status::Accepted => "accepted",
             Status::Rejected => "rejected",
+            Status::Clock => "clock",
         }
     }
 }
@@ -64,6 +69,7 @@ impl<'a> Entry<'a> {
         out.push(match status {
             Status::Accepted => 0,
             Status::Rejected => 1,
+            Status::Clock => 2,
         });
         out.extend_from_slice(&received_at.timestamp_micros().to_le_bytes());
         put_str16(out, source);
@@ -82,6 +88,7 @@ impl<'a> Entry<'a> {
         let status = match r.u8()? {
             0 => Status::Accepted,
             1 => Status::Rejected,
+            2 => Status::Clock,
             _ => return Err(DecodeError("unknown status")),
         };
         let received_at_micros = i64::from_le_bytes(r.take(8)?.try_into().unwrap());

@@ -25,22 +25,32 @@
 //! away are in [`Stage::deleted`], and the timers of changed profiles are in [`Stage::timers`]
 //! (due timers are read from both, skipping the store's entries for changed profiles).
 
-//! A crash (or a failed save) loses what was not saved, and the stage redoes it from the log: the same messages on
-//! the same state emit the same changes with the same messageIds, and the dedup drops those the
-//! log already holds. Nothing is emitted twice, and nothing is lost. The log's cursor for this
-//! stage only advances when a save commits, so the log keeps what a redo needs. Readers of the
-//! store (the admin API) see it as of the last save committed.
+//! A crash (or a failed save) loses what was not saved, and the stage redoes it from the log: the same records on
+//! the same state emit the same changes with the same messageIds (evaluation depends only on the
+//! log, see below), and those the log already holds are not appended again: the stage reads the
+//! messageIds of its own records past the saved offset before it redoes anything, so this holds
+//! however long ago they were appended, beyond the dedup's window. Nothing is emitted twice, and
+//! nothing is lost. The log's cursor for this stage only advances when a save commits, so the log
+//! keeps what a redo needs. Readers of the store (the admin API) see it as of the last save
+//! committed.
 //!
 //! Messages from the reserved source `sluice` (our own emissions) are not applied to profiles:
 //! memberships are already on the profile.
 //!
 //! ## The stage's time
-//! Rules and timers are evaluated at the stage's time ([`Stage::batch_time`]): the clock's once
-//! the stage has caught up with the log, and while it is behind, the arrival time of the last
-//! record it read. So time passes for the stage in the order the messages arrived, and a window
-//! does not close on a profile whose next message is already in the log, unread: evaluated at
-//! the clock's time, a stage catching up (after a restart, or behind a burst) would emit an exit
-//! and then the entry again for every such profile, and send both on to destinations.
+//! Rules and timers are evaluated at the stage's time, which is read from the log alone: the
+//! latest arrival (`receivedAt`) of the records read so far. Before a record is applied, time
+//! passes to its arrival, and every timer due by then is woken (at that time). When the stage has
+//! read everything and a timer comes due by the clock, it appends a clock record
+//! ([`Status::Clock`]: the clock's reading, no message) and wakes the timer when it reads that
+//! record back. So a redo, reading the same records, evaluates at the same times and wakes the
+//! same timers between the same records as the first run did; evaluated at the clock's time, it
+//! emitted other changes, and the change counters went apart from what the log held. Time passes
+//! in the order the messages arrived, too: a window does not close on a profile whose next
+//! message is already in the log, unread (a stage catching up would emit an exit and then the
+//! entry again for every such profile). The time is saved with the offset. The stage's own
+//! records (emitted changes) do not move it: they arrive at the clock's time, which is ahead of a
+//! stage catching up.
 //!
 //! This module owns the loop and the bookkeeping (timers, the members index, segment sizes); the
 //! profile is `crate::profiles`, the rules are `crate::segments`.
@@ -66,7 +76,7 @@ use crate::clock::Clock;
 use crate::entry::{Entry, Status};
 use crate::ingest::dedup::{self, Dedup};
 use crate::ingest::message::{JsonStr, MessageType};
-use crate::intake_log::{AppendError, IntakeLog, LogReader, Record, RecordBatch};
+use crate::intake_log::{AppendError, IntakeLog, LogReader, RecordBatch};
 use crate::metrics::{
     Cause, CauseLabels, Direction, FailureClass, PauseLabels, RuleFailureLabels, SavePause,
     SegmentChangeLabels, SegmentLabels, SegmentMetrics,
@@ -101,6 +111,9 @@ const EMIT_EVERY: Duration = Duration::from_millis(10);
 const MAX_REDOS: u32 = 5;
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
+/// A clock record is appended at most this often (in the stage's time): a timer is woken up to
+/// this late when no message comes.
+const TICK: Millis = 50;
 /// After this long with nothing to do, what is pending is saved without waiting for
 /// `profiles.save_interval`: the interval spaces saves out under load, and a quiet store need
 /// not stay behind for it.
@@ -229,7 +242,6 @@ struct Removed {
     id: u64,
     stored_members: BTreeSet<Name>,
     stored_recheck: Option<Millis>,
-    timer: Option<Millis>,
 }
 
 struct Backfill {
@@ -298,6 +310,13 @@ struct Stage {
     /// The last store timer read since the last save committed: those up to it were woken, or
     /// belong to changed profiles (whose timers are in `timers`).
     timer_cursor: Option<(Millis, u64)>,
+    /// The store's first timer past `timer_cursor`, once read (`None`: not read since the cursor
+    /// or the store moved).
+    next_stored_due: Option<Option<Millis>>,
+    /// The messageIds of the stage's own records in the log past the saved offset, up to
+    /// `own_ahead_until`: a redo appends none of them again.
+    own_ahead: HashSet<String>,
+    own_ahead_until: u64,
     emissions: Vec<Emission>,
     /// The log offset of the last save handed off.
     saved_offset: u64,
@@ -307,8 +326,10 @@ struct Stage {
     last_busy: Instant,
     save_every: Duration,
     last_conflict_log: Option<Instant>,
-    /// The time of the last batch: the stage's time never goes back.
-    time: DateTime<Utc>,
+    /// The stage's time (see "The stage's time" above): it never goes back.
+    time: Millis,
+    /// Whether the next step appends a clock record first (for a backfill).
+    clock_wanted: bool,
 }
 
 impl Stage {
@@ -320,6 +341,7 @@ impl Stage {
         let read = parts.store.read()?;
         let offset = read.meta("offset")?.unwrap_or(consumer.committed());
         let next_id = read.meta("next_id")?.unwrap_or(1);
+        let time = read.meta("time")?.map_or(0, |t| t as Millis);
         let profiles = read.meta("profiles")?.unwrap_or(0);
         parts.metrics.profiles.set(profiles as i64);
         let saver = Saver::start(parts.store.clone(), parts.metrics.clone(), consumer)
@@ -357,14 +379,50 @@ impl Stage {
             backfill: None,
             timers: BTreeSet::new(),
             timer_cursor: None,
+            next_stored_due: None,
+            own_ahead: HashSet::new(),
+            own_ahead_until: offset,
             emissions: Vec::new(),
             saved_offset: offset,
             last_saved: Instant::now(),
             last_busy: Instant::now(),
             save_every: parts.save_every,
             last_conflict_log: None,
-            time: DateTime::<Utc>::MIN_UTC,
+            time,
+            clock_wanted: false,
         })
+        .and_then(|mut stage| {
+            stage.read_own_ahead()?;
+            Ok(stage)
+        })
+    }
+
+    /// Notes the messageIds of the stage's own records between the saved offset and the log's
+    /// end: what a redo emits again is already there.
+    fn read_own_ahead(&mut self) -> Result<(), StageError> {
+        self.own_ahead.clear();
+        let mut reader = self.log.reader(self.offset);
+        loop {
+            let records = reader.read(BATCH)?;
+            if records.is_empty() {
+                break;
+            }
+            for record in &records {
+                match Entry::decode(&record.payload) {
+                    Ok(e) if e.source == SOURCE && !e.message_id.is_empty() => {
+                        self.own_ahead.insert(e.message_id.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.own_ahead_until = reader.position();
+        Ok(())
+    }
+
+    /// The stage's time, as a date.
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.time).unwrap_or_default()
     }
 
     /// Puts `set` in force and plans the backfill of segments whose rule is new.
@@ -392,6 +450,9 @@ impl Stage {
             .lake
             .as_ref()
             .and_then(|_| needed_history(&set, &stale));
+        // The backfill evaluates at the stage's time: the next step brings it up to the clock's,
+        // through the log (a stage behind gets there as it reads).
+        self.clock_wanted |= !stale.is_empty();
         self.backfill = (!stale.is_empty()).then_some(Backfill {
             segments: stale,
             after: None,
@@ -496,6 +557,7 @@ impl Stage {
             profiles,
             writes,
             offset: self.offset,
+            time: self.time,
             next_id: self.next_id,
             profile_count: self.profiles,
         })?;
@@ -562,6 +624,7 @@ impl Stage {
             .filter_map(|&id| Some((cache.get(id)?.timer?, id)))
             .collect();
         self.timer_cursor = None;
+        self.next_stored_due = None;
         self.trim_cache();
         Ok(())
     }
@@ -584,8 +647,10 @@ impl Stage {
         self.set_aside.clear();
         self.timers.clear();
         self.timer_cursor = None;
+        self.next_stored_due = None;
         if let Ok(read) = self.store.read() {
             self.offset = read.meta("offset").ok().flatten().unwrap_or(self.offset);
+            self.time = read.meta("time").ok().flatten().map_or(0, |t| t as Millis);
             self.next_id = read.meta("next_id").ok().flatten().unwrap_or(self.next_id);
             self.profiles = read
                 .meta("profiles")
@@ -596,21 +661,21 @@ impl Stage {
         }
         self.saved_offset = self.offset;
         self.reader = self.log.reader(self.offset);
+        if let Err(e) = self.read_own_ahead() {
+            // The dedup still drops what it holds of them.
+            tracing::error!(error = %e, "reading the stage's own records ahead of the redo failed");
+        }
         let set = self.set.clone();
         let _ = self.install(set);
     }
 
-    /// Waits for new records or the next timer, briefly.
-    fn idle(&self) {
-        let stored = self.read.next_due(self.timer_cursor).ok().flatten();
-        let next_due = stored
-            .into_iter()
-            .chain(self.timers.first().map(|t| t.0))
-            .min();
+    /// Waits for new records or the next clock record, briefly.
+    fn idle(&mut self) {
+        let tick = self.next_tick().ok().flatten();
         let now = (self.clock)().timestamp_millis();
-        let wait = match next_due {
-            Some(due) if due <= now => return,
-            Some(due) => IDLE.min(Duration::from_millis((due - now) as u64)),
+        let wait = match tick {
+            Some(at) if at <= now => return,
+            Some(at) => IDLE.min(Duration::from_millis((at - now) as u64)),
             None => IDLE,
         };
         let mut end = self.log.watch_end();
@@ -623,22 +688,37 @@ impl Stage {
     /// One batch. Returns whether there was anything to do.
     fn step(&mut self) -> Result<bool, StageError> {
         self.poll_save()?;
+        if self.clock_wanted {
+            self.append_clock()?;
+            self.clock_wanted = false;
+        }
         let records = self.reader.read(BATCH)?;
-        let now = self.batch_time(&records);
-        let now_ms = now.timestamp_millis();
-        let due = self.due(now_ms)?;
+        if records.is_empty() {
+            if self
+                .next_tick()?
+                .is_some_and(|at| at <= (self.clock)().timestamp_millis())
+            {
+                // A timer is due by the clock: the next step reads the clock record and wakes it.
+                self.append_clock()?;
+                return Ok(true);
+            }
+            if self.backfill.is_none() {
+                return Ok(false);
+            }
+        }
         let backfill_ids = match &self.backfill {
             Some(b) => Some(self.read.profile_ids(b.after, BACKFILL_CHUNK)?),
             None => None,
         };
-        if records.is_empty() && due.is_empty() && backfill_ids.is_none() {
-            return Ok(false);
-        }
         let started = Instant::now();
         let set = self.set.clone();
         let mut batch = Batch { stage: self };
         let mut emitted = started;
         for record in &records {
+            let entry = Entry::decode(&record.payload).ok();
+            if let Some(e) = entry.as_ref().filter(|e| moves_time(e)) {
+                batch.pass_time(&set, e.received_at_micros.div_euclid(1_000), &mut emitted)?;
+            }
             let health = &batch.stage.health;
             if let Some(reason) = health.set_aside(record.offset) {
                 batch.stage.set_aside.push(SetAside {
@@ -648,7 +728,7 @@ impl Stage {
                 });
                 continue;
             }
-            let Ok(entry) = Entry::decode(&record.payload) else {
+            let Some(entry) = entry else {
                 continue;
             };
             if entry.status != Status::Accepted || entry.source == SOURCE {
@@ -660,16 +740,12 @@ impl Stage {
             if entry.message_id == crate::supervisor::POISON_FOR_TESTS {
                 panic!("the tests' poison record");
             }
-            batch.message(&set, &entry, now)?;
+            batch.message(&set, &entry)?;
             batch.stage.health.between_records();
             batch.emit_if_long(&mut emitted)?;
         }
-        for (due, id) in &due {
-            batch.wake(&set, *id, *due, now)?;
-            batch.emit_if_long(&mut emitted)?;
-        }
         if let Some(ids) = &backfill_ids {
-            batch.backfill(&set, ids, now)?;
+            batch.backfill(&set, ids)?;
         }
         let end = records.last().map_or(self.offset, |r| r.offset + 1);
         let backfill_done = backfill_ids.map(|ids| ids.len() < BACKFILL_CHUNK);
@@ -685,6 +761,10 @@ impl Stage {
                 .extend(finished.map(|s| (s.key.clone(), s.fingerprint)));
         }
         self.offset = end;
+        if self.offset >= self.own_ahead_until && !self.own_ahead.is_empty() {
+            // The redo is past every record it could repeat.
+            self.own_ahead = HashSet::new();
+        }
         self.last_busy = Instant::now();
         // Over its bounds, the cache drops saved profiles; if it is still over, the unsaved ones
         // and those of the save in flight fill it, and only saves let them go: then the stage
@@ -702,22 +782,35 @@ impl Stage {
         Ok(true)
     }
 
-    /// The moment a batch is evaluated at (see "The stage's time" above): the clock's when the
-    /// stage has read everything, else the arrival time of the last record read; never earlier
-    /// than the last batch's, nor later than the clock.
-    fn batch_time(&mut self, records: &[Record]) -> DateTime<Utc> {
-        let clock = (self.clock)();
-        let behind = self.reader.position() < self.log.end();
-        let arrived = records
-            .last()
-            .and_then(|r| Entry::decode(&r.payload).ok())
-            .and_then(|e| DateTime::from_timestamp_micros(e.received_at_micros));
-        let time = match arrived {
-            Some(arrived) if behind => arrived.min(clock),
-            _ => clock,
+    /// When the stage will append a clock record, by the clock, if no record comes first: once
+    /// a timer is due, and at least [`TICK`] after the stage's time.
+    fn next_tick(&mut self) -> Result<Option<Millis>, StoreError> {
+        Ok(self.next_due()?.map(|due| due.max(self.time + TICK)))
+    }
+
+    /// The earliest timer not woken yet: the store's past the cursor (it may be a changed
+    /// profile's, which [`Stage::due`] passes over) or the stage's.
+    fn next_due(&mut self) -> Result<Option<Millis>, StoreError> {
+        let stored = match self.next_stored_due {
+            Some(due) => due,
+            None => {
+                let due = self.read.next_due(self.timer_cursor)?;
+                self.next_stored_due = Some(due);
+                due
+            }
         };
-        self.time = self.time.max(time);
-        self.time
+        Ok(stored
+            .into_iter()
+            .chain(self.timers.first().map(|t| t.0))
+            .min())
+    }
+
+    /// Appends a clock record: the clock's time, for the stage to read back.
+    fn append_clock(&mut self) -> Result<(), AppendError> {
+        let now = (self.clock)();
+        let mut record = RecordBatch::with_capacity(64);
+        record.push_with(|b| Entry::encode(b, Status::Clock, now, SOURCE, "", "", |_| {}));
+        self.runtime.block_on(self.log.append(record)).map(drop)
     }
 
     /// Timers due at `now`: the store's past the cursor, except those of profiles changed since
@@ -726,6 +819,7 @@ impl Stage {
         let stored = self.read.due(self.timer_cursor, now, TIMER_CHUNK)?;
         if let Some(last) = stored.last() {
             self.timer_cursor = Some(*last);
+            self.next_stored_due = None;
         }
         let (cache, committed) = (&self.cache, self.committed);
         let changed = |id: u64| {
@@ -740,8 +834,8 @@ impl Stage {
     }
 
     /// The end of a batch: appends what it emitted to the log, deletes the profiles merged away,
-    /// and brings the stage's timers up to date with the profiles it touched. Those profiles,
-    /// with their memberships and timers, are written by the next save.
+    /// and notes the membership changes of the profiles it touched. Those profiles, with their
+    /// memberships and timers, are written by the next save.
     fn settle(&mut self) -> Result<(), StageError> {
         self.append_emissions()?;
         let writes = &mut self.writes;
@@ -751,9 +845,6 @@ impl Stage {
                 writes.members.push((key, gone.id, false));
             }
             writes.timers.push((gone.id, gone.stored_recheck, None));
-            if let Some(due) = gone.timer {
-                self.timers.remove(&(due, gone.id));
-            }
             writes.deletes.push(gone.id);
         }
         for id in std::mem::take(&mut self.touched) {
@@ -763,24 +854,6 @@ impl Stage {
                 continue;
             };
             held.touched = false;
-            if !held.unsaved {
-                held.unsaved = true;
-                self.unsaved.push(id);
-                // From now until the save, the stage's timers hold this profile's.
-                if let Some(due) = held.timer {
-                    self.timers.insert((due, id));
-                }
-            }
-            let timer = held.profile.next_recheck();
-            if timer != held.timer {
-                if let Some(due) = held.timer {
-                    self.timers.remove(&(due, id));
-                }
-                if let Some(due) = timer {
-                    self.timers.insert((due, id));
-                }
-                held.timer = timer;
-            }
             // Here rather than at the hand-off, which would walk every changed profile at once
             // (and, long after this batch, mostly out of the CPU's caches).
             if std::mem::take(&mut held.memberships_changed) {
@@ -823,7 +896,7 @@ impl Stage {
         let mut records =
             RecordBatch::with_capacity(self.emissions.iter().map(|e| e.body.len() + 64).sum());
         for (e, dup) in self.emissions.iter().zip(duplicate) {
-            if !dup {
+            if !dup && !self.own_ahead.contains(&e.message_id) {
                 records.push_with(|b| {
                     Entry::encode(b, Status::Accepted, now, SOURCE, &e.message_id, "", |b| {
                         b.extend_from_slice(&e.body)
@@ -863,7 +936,7 @@ impl Stage {
             .block_on(self.dedup.reserve(&keys, || self.log.end()));
         let mut records = RecordBatch::default();
         for ((s, id), dup) in self.set_aside.iter().zip(&ids).zip(duplicate) {
-            if dup {
+            if dup || self.own_ahead.contains(id) {
                 continue;
             }
             let body = Entry::decode(&s.payload).map_or(&s.payload[..], |e| e.body);
@@ -945,12 +1018,30 @@ impl Batch<'_> {
         Ok(())
     }
 
-    fn message(
+    /// Time passes to `to` (a record's arrival), if that is later than the stage's time: every
+    /// timer due by then is woken first, at `to`, whatever profile it is of.
+    fn pass_time(
         &mut self,
         set: &SegmentSet,
-        entry: &Entry,
-        now: DateTime<Utc>,
+        to: Millis,
+        emitted: &mut Instant,
     ) -> Result<(), StageError> {
+        if to <= self.stage.time {
+            return Ok(());
+        }
+        self.stage.time = to;
+        // A woken profile's next timer is later than `to`, and the store's cursor moves on: this
+        // ends.
+        while self.stage.next_due()?.is_some_and(|due| due <= to) {
+            for (due, id) in self.stage.due(to)? {
+                self.wake(set, id, due)?;
+                self.emit_if_long(emitted)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn message(&mut self, set: &SegmentSet, entry: &Entry) -> Result<(), StageError> {
         let Ok(m) = serde_json::from_slice::<Fields>(entry.body) else {
             return Ok(());
         };
@@ -989,12 +1080,16 @@ impl Batch<'_> {
                 );
             }
         }
-        let now_ms = now.timestamp_millis();
+        let now_ms = self.stage.time;
+        // A message happened when its timestamp says, but not after it arrived: a device whose
+        // clock runs ahead (and no `sentAt` for the edge to correct it by) would otherwise be
+        // seen in the future, outside every window until then and with no timer for it.
+        let arrived = entry.received_at_micros.div_euclid(1_000);
         let at = m
             .timestamp
             .as_deref()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map_or(entry.received_at_micros / 1_000, |t| t.timestamp_millis());
+            .map_or(arrived, |t| t.timestamp_millis().min(arrived));
         let event = event_name(kind, m.event.as_deref());
         let observed = Observed {
             kind,
@@ -1027,53 +1122,37 @@ impl Batch<'_> {
         let held = self.held(resolved.id)?;
         held.profile_mut().apply(&observed, &set.retention, now_ms);
         let cause = Some((Cause::Message, entry.received_at_micros));
-        self.evaluate(set, resolved.id, trigger, now, cause)
+        self.evaluate(set, resolved.id, trigger, cause)
     }
 
-    fn wake(
-        &mut self,
-        set: &SegmentSet,
-        id: u64,
-        due: Millis,
-        now: DateTime<Utc>,
-    ) -> Result<(), StageError> {
+    fn wake(&mut self, set: &SegmentSet, id: u64, due: Millis) -> Result<(), StageError> {
         let stage = &mut self.stage;
         if stage.deleted.contains(&id)
             || (!stage.cache.contains(id) && stage.read.profile(id)?.is_none())
         {
             // A stale timer of a profile merged away: drop it.
             stage.writes.timers.push((id, Some(due), None));
+            stage.timers.remove(&(due, id));
             return Ok(());
         }
         self.stage.metrics.timer_wakeups.inc();
         // A timer that comes due with nothing to re-evaluate (its segment was unloaded) is
         // cleared by the evaluation.
-        self.evaluate(
-            set,
-            id,
-            Trigger::Timer,
-            now,
-            Some((Cause::Timer, due * 1_000)),
-        )
+        self.evaluate(set, id, Trigger::Timer, Some((Cause::Timer, due * 1_000)))
     }
 
-    fn backfill(
-        &mut self,
-        set: &SegmentSet,
-        ids: &[u64],
-        now: DateTime<Utc>,
-    ) -> Result<(), StageError> {
+    fn backfill(&mut self, set: &SegmentSet, ids: &[u64]) -> Result<(), StageError> {
         let segments = match &self.stage.backfill {
             Some(b) => b.segments.clone(),
             None => return Ok(()),
         };
         if let Some(needed) = self.stage.backfill.as_mut().and_then(|b| b.fill.take()) {
-            self.fill_history(set, &needed, now)?;
+            self.fill_history(set, &needed)?;
         }
         for &id in ids {
             // A profile merged away since the last save committed is still in the store.
             if !self.stage.deleted.contains(&id) {
-                self.evaluate(set, id, Trigger::Only(&segments), now, None)?;
+                self.evaluate(set, id, Trigger::Only(&segments), None)?;
             }
         }
         if let (Some(b), Some(last)) = (self.stage.backfill.as_mut(), ids.last()) {
@@ -1083,16 +1162,11 @@ impl Batch<'_> {
     }
 
     /// Merges the occurrences the lake holds for `needed` into the profiles they belong to.
-    fn fill_history(
-        &mut self,
-        set: &SegmentSet,
-        needed: &Retention,
-        now: DateTime<Utc>,
-    ) -> Result<(), StageError> {
+    fn fill_history(&mut self, set: &SegmentSet, needed: &Retention) -> Result<(), StageError> {
         let Some(lake) = self.stage.lake.clone() else {
             return Ok(());
         };
-        let now_ms = now.timestamp_millis();
+        let now_ms = self.stage.time;
         let rows = match self
             .stage
             .runtime
@@ -1133,19 +1207,31 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Evaluates the segments `trigger` calls for on the profile, at the stage's time; notes the
+    /// changes to emit and the profile's next timer.
     fn evaluate(
         &mut self,
         set: &SegmentSet,
         id: u64,
         trigger: Trigger,
-        now: DateTime<Utc>,
         cause: Option<(Cause, i64)>,
     ) -> Result<(), StageError> {
-        let now_ms = now.timestamp_millis();
+        let (now, now_ms) = (self.stage.now(), self.stage.time);
         let metrics = self.stage.metrics.clone();
         let held = self.held(id)?;
         let evaluation = set.evaluate(held.profile_mut(), trigger, now_ms);
         held.memberships_changed |= !evaluation.transitions.is_empty();
+        let (before, timer) = (held.timer, held.profile.next_recheck());
+        if timer != before {
+            held.timer = timer;
+            let timers = &mut self.stage.timers;
+            if let Some(due) = before {
+                timers.remove(&(due, id));
+            }
+            if let Some(due) = timer {
+                timers.insert((due, id));
+            }
+        }
         metrics
             .evaluations
             .inc_by((evaluation.transitions.len() + evaluation.failures.len()) as u64);
@@ -1162,6 +1248,7 @@ impl Batch<'_> {
                 })
                 .inc();
         }
+        let held = self.stage.cache.get(id).expect("loaded above");
         let profile = &held.profile;
         let mut out = Vec::new();
         let mut changed = Vec::new();
@@ -1199,6 +1286,12 @@ impl Batch<'_> {
             .get_mut(id)
             .expect("loaded by Directory::profile"))
     }
+}
+
+/// Whether a record moves the stage's time: a message from a client, or a clock record. The
+/// stage's own emissions do not (see "The stage's time").
+fn moves_time(entry: &Entry) -> bool {
+    entry.source != SOURCE || entry.status == Status::Clock
 }
 
 /// An identity index key's 128-bit hash: the stage's identity map is keyed by it. Two keys with
@@ -1240,10 +1333,19 @@ impl Directory for Batch<'_> {
                 .ok_or_else(|| StoreError::missing(id))?;
             self.stage.cache.insert(id, Held::new(profile));
         }
-        let held = self.stage.cache.get_mut(id).expect("inserted above");
+        let stage = &mut self.stage;
+        let held = stage.cache.get_mut(id).expect("inserted above");
         if !held.touched {
             held.touched = true;
-            self.stage.touched.push(id);
+            stage.touched.push(id);
+        }
+        if !held.unsaved {
+            held.unsaved = true;
+            stage.unsaved.push(id);
+            // From now until the save, the stage's timers hold this profile's.
+            if let Some(due) = held.timer {
+                stage.timers.insert((due, id));
+            }
         }
         Ok(held.profile_mut())
     }
@@ -1254,8 +1356,10 @@ impl Directory for Batch<'_> {
         self.stage.profiles += 1;
         let mut held = Held::new(Profile::new(id));
         held.touched = true;
+        held.unsaved = true;
         self.stage.cache.insert(id, held);
         self.stage.touched.push(id);
+        self.stage.unsaved.push(id);
         Ok(id)
     }
 
@@ -1266,11 +1370,13 @@ impl Directory for Batch<'_> {
         // name it.
         self.stage.deleted.insert(id);
         self.stage.profiles -= 1;
+        if let Some(due) = held.timer {
+            self.stage.timers.remove(&(due, id));
+        }
         self.stage.removed.push(Removed {
             id,
             stored_members: held.stored_members,
             stored_recheck: held.stored_recheck,
-            timer: held.timer,
         });
         Ok(Arc::try_unwrap(held.profile).unwrap_or_else(|shared| (*shared).clone()))
     }

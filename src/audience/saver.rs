@@ -60,6 +60,8 @@ pub struct Save {
     pub writes: Writes,
     /// The log offset everything here reflects, and the counters kept in `meta`.
     pub offset: u64,
+    /// The stage's time at `offset` (see "The stage's time" in `crate::audience`).
+    pub time: Millis,
     pub next_id: u64,
     pub profile_count: u64,
 }
@@ -181,6 +183,7 @@ fn write(store: &ProfileStore, metrics: &SegmentMetrics, save: Save) -> Result<(
         profiles,
         writes,
         offset,
+        time,
         next_id,
         profile_count,
     } = save;
@@ -208,6 +211,7 @@ fn write(store: &ProfileStore, metrics: &SegmentMetrics, save: Save) -> Result<(
     drop(encoded);
     segment_stats(&w, metrics, &writes)?;
     w.set_meta("offset", offset)?;
+    w.set_meta("time", time.max(0) as u64)?;
     w.set_meta("next_id", next_id)?;
     w.set_meta("profiles", profile_count)?;
     w.commit()?;

@@ -20,6 +20,9 @@ struct Fixture {
     now: Arc<AtomicI64>,
     stage: Stage,
     messages: usize,
+    /// What the stage was built from, to build it again.
+    parts: Parts,
+    live: Arc<LiveSegments>,
 }
 
 fn set(rules: &[(&str, &str)]) -> Arc<SegmentSet> {
@@ -85,7 +88,7 @@ impl Fixture {
         let (log, store) = (parts.log.clone(), parts.store.clone());
         let live = Arc::new(LiveSegments::new(segments.clone()));
         let consumer = log.consumer(CONSUMER).unwrap();
-        let mut stage = Stage::new(parts, consumer, live).unwrap();
+        let mut stage = Stage::new(parts.clone(), consumer, live.clone()).unwrap();
         stage.install(segments).unwrap();
         // The segments are new: their backfill (of no profiles) finishes with a save.
         assert!(stage.step().unwrap());
@@ -99,7 +102,51 @@ impl Fixture {
             now,
             stage,
             messages: 0,
+            parts,
+            live,
         }
+    }
+
+    /// The process dies (nothing unsaved is written) and starts again from the store; with
+    /// `forget_dedup`, its dedup has forgotten every id (as after an outage longer than its
+    /// window).
+    fn crash_and_restart(&mut self, forget_dedup: bool) {
+        if forget_dedup {
+            let dir = self._dir.path().join(format!("dedup-{}", self.messages));
+            let config = DedupConfig {
+                window: Duration::from_secs(3600),
+                max_ids: 10_000,
+            };
+            self.parts.dedup = Arc::new(Dedup::new(&config, dir, Default::default()));
+        }
+        let consumer = self.log.consumer(CONSUMER).unwrap();
+        let stage = Stage::new(self.parts.clone(), consumer, self.live.clone()).unwrap();
+        // The old stage goes without a save (it has handed none off since the last one).
+        assert!(self.stage.in_flight.is_none());
+        drop(std::mem::replace(&mut self.stage, stage));
+        self.stage.install(self.live.current()).unwrap();
+    }
+
+    /// Runs the stage until it has nothing to do (clock records included).
+    fn settle(&mut self) {
+        while self.stage.step().unwrap() {}
+    }
+
+    /// The segment changes in the log, in order: (messageId, event) of the `sluice` source's
+    /// tracks.
+    fn changes(&self) -> Vec<(String, String)> {
+        let records = self.log.reader(0).read(10_000).unwrap();
+        records
+            .iter()
+            .filter_map(|r| {
+                let e = Entry::decode(&r.payload).ok()?;
+                let body: Value = serde_json::from_slice(e.body).ok()?;
+                (e.source == SOURCE && body["type"] == "track").then(|| {
+                    let event = body["event"].as_str().unwrap().to_string();
+                    (e.message_id.to_string(), event)
+                })
+            })
+            .collect()
     }
 
     /// Appends `messages` to the log, then runs the stage over them in one batch.
@@ -237,7 +284,9 @@ fn a_message_the_stage_keeps_failing_on_is_set_aside_and_the_stage_goes_on() {
             })
         });
     }
-    runtime.block_on(log.append(records)).unwrap();
+    let appended = runtime.block_on(log.append(records)).unwrap();
+    // (A clock record, for the new segment's backfill, may come before them.)
+    let poisoned_at = appended.start + 1;
     let deadline = Instant::now() + Duration::from_secs(20);
     let quarantined = loop {
         let found: Vec<(String, String)> = log
@@ -259,7 +308,10 @@ fn a_message_the_stage_keeps_failing_on_is_set_aside_and_the_stage_goes_on() {
     };
     stage.finish();
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
-    assert_eq!(quarantined[0].0, "set-aside-profiles-1");
+    assert_eq!(
+        quarantined[0].0,
+        format!("set-aside-profiles-{poisoned_at}")
+    );
     assert!(
         quarantined[0].1.contains("failed on it 3 times") && quarantined[0].1.contains("poison"),
         "{quarantined:?}"
@@ -272,4 +324,86 @@ fn a_message_the_stage_keeps_failing_on_is_set_aside_and_the_stage_goes_on() {
         "the stage went on"
     );
     assert!(r.lookup("user:poisoned").unwrap().is_none());
+}
+
+/// The issue's case: `did("Ping", seconds(30))`; a Ping enters, the timer exits, the process
+/// dies before a save and is started again, and the redo must evaluate as the first run did (at
+/// the times the log holds, waking the timer where the clock record is): the next Ping enters
+/// again and its timer exits again, under the next change numbers, and nothing is doubled.
+/// Evaluated at the clock's time, the redo saw no entry at all, counted no change, and the later
+/// changes reused ids the dedup held: they were dropped. With `forget_dedup` the dedup holds
+/// none of them (an outage longer than its window): the redo must still append nothing twice.
+fn a_redo_emits_what_the_first_run_did(forget_dedup: bool) {
+    let ping = ("pinged", r#"user.did("Ping", seconds(30))"#);
+    let mut f = Fixture::new(100, set(&[ping]));
+    let ping = json!({"type": "track", "event": "Ping", "userId": "u1"});
+    f.step(std::slice::from_ref(&ping)).unwrap();
+    f.advance(Duration::from_secs(31));
+    f.settle();
+    assert_eq!(f.changes().len(), 2, "entered, then exited on the timer");
+    f.crash_and_restart(forget_dedup);
+    f.settle();
+    f.step(&[ping]).unwrap();
+    f.advance(Duration::from_secs(31));
+    f.settle();
+    f.stage.flush().unwrap();
+    let profile = f.stored("user:u1").unwrap().id;
+    let id = |n: u32, direction: &str| {
+        (
+            format!("audience-pinged-{profile}-{n}-{direction}"),
+            format!(
+                "Audience {}",
+                if direction == "entered" {
+                    "Entered"
+                } else {
+                    "Exited"
+                }
+            ),
+        )
+    };
+    assert_eq!(
+        f.changes(),
+        [
+            id(1, "entered"),
+            id(2, "exited"),
+            id(3, "entered"),
+            id(4, "exited")
+        ]
+    );
+    let u1 = f.stored("user:u1").unwrap();
+    assert_eq!(u1.memberships.get("pinged").unwrap().changes, 4);
+    assert_eq!(f.stage.metrics.redos.get(), 0);
+}
+
+#[test]
+fn a_redo_after_a_crash_emits_what_the_first_run_did() {
+    a_redo_emits_what_the_first_run_did(false);
+}
+
+#[test]
+fn a_redo_appends_nothing_twice_when_the_dedup_has_forgotten_the_ids() {
+    a_redo_emits_what_the_first_run_did(true);
+}
+
+/// A device clock ahead of the server's (and no `sentAt` to correct it): the event counts as of
+/// its arrival, so it is inside the window now, and `last_seen` is not in the future.
+#[test]
+fn a_timestamp_in_the_future_counts_as_of_the_arrival() {
+    let mut f = Fixture::new(100, set(&[("recent", r#"user.did("Ping", minutes(10))"#)]));
+    let ahead = "2026-01-02T00:00:00Z";
+    f.step(&[json!({"type": "track", "event": "Ping", "userId": "u1", "timestamp": ahead})])
+        .unwrap();
+    f.stage.flush().unwrap();
+    let u1 = f.stored("user:u1").unwrap();
+    let arrived = DateTime::parse_from_rfc3339(T0).unwrap().timestamp_millis();
+    assert_eq!(u1.last_seen, arrived);
+    assert!(
+        u1.memberships.get("recent").unwrap().member,
+        "in the window now"
+    );
+    assert_eq!(
+        u1.next_recheck(),
+        Some(arrived + 10 * 60_000 + 1),
+        "the timer for the window's end"
+    );
 }

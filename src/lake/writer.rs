@@ -288,6 +288,8 @@ impl Flush {
                 }
             }
             Status::Rejected => self.quarantine(&entry, entry.reason, date)?,
+            // The profile stage's clock: nothing to store.
+            Status::Clock => return Ok(()),
         }
         self.rows += 1;
         Ok(())

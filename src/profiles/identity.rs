@@ -1,7 +1,7 @@
 //! Identity resolution: which profile a message belongs to.
 //!
 //! A message carrying a userId and an anonymousId links the two; an alias links its userId with
-//! its previousId. When the two identifiers already belong to different profiles, those merge
+//! its previousId, and with its anonymousId too when it carries one. When the two identifiers already belong to different profiles, those merge
 //! into the one holding the userId, keeping all history. A profile holds at most one userId: a
 //! link between two different userIds is a conflict, counted and logged, and never merged; the
 //! message then goes to its userId's profile.
@@ -52,6 +52,45 @@ pub struct Identifiers<'a> {
 
 /// Finds, creates, links or merges profiles for `ids`. `None` when the message names no one.
 pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Resolved>, StoreError> {
+    let third = ids
+        .anonymous_id
+        .filter(|a| !a.is_empty() && ids.previous_id.is_some_and(|p| p != *a));
+    let Some(anonymous_id) = third else {
+        return resolve_pair(dir, ids);
+    };
+    // An alias with an anonymousId as well: the previousId is linked first, then the
+    // anonymousId, each as a message naming the userId and that one would be.
+    let aliased = resolve_pair(
+        dir,
+        Identifiers {
+            anonymous_id: None,
+            ..ids
+        },
+    )?;
+    let with_anonymous = resolve_pair(
+        dir,
+        Identifiers {
+            anonymous_id: Some(anonymous_id),
+            previous_id: None,
+            ..ids
+        },
+    )?;
+    Ok(match (aliased, with_anonymous) {
+        (Some(a), Some(b)) => Some(Resolved {
+            id: b.id,
+            created: (a.created && a.id == b.id) || b.created,
+            absorbed: b.absorbed.or(a.absorbed),
+            conflict: a.conflict || b.conflict,
+        }),
+        (a, b) => b.or(a),
+    })
+}
+
+/// [`resolve`] for a message that links at most two identifiers.
+fn resolve_pair(
+    dir: &mut impl Directory,
+    ids: Identifiers,
+) -> Result<Option<Resolved>, StoreError> {
     let user_id = ids.user_id.filter(|u| !u.is_empty());
     let other = ids
         .previous_id
@@ -290,6 +329,40 @@ mod tests {
         let r = resolve(&mut d, alias).unwrap().unwrap();
         assert_eq!((r.id, r.absorbed), (user.id, Some(anon.id)));
         assert!(resolve(&mut d, ids(None, None)).unwrap().is_none());
+    }
+
+    /// The contract links a userId and an anonymousId that arrive on one message: an alias is one
+    /// too. All three profiles end up one.
+    #[test]
+    fn an_alias_with_an_anonymous_id_links_all_three() {
+        let mut d = Memory::default();
+        let previous = resolve(&mut d, ids(None, Some("p1"))).unwrap().unwrap();
+        let device = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
+        let user = resolve(&mut d, ids(Some("u1"), None)).unwrap().unwrap();
+        let alias = Identifiers {
+            user_id: Some("u1"),
+            anonymous_id: Some("a1"),
+            previous_id: Some("p1"),
+        };
+        let r = resolve(&mut d, alias).unwrap().unwrap();
+        assert_eq!(r.id, user.id);
+        assert!(r.absorbed.is_some());
+        assert_eq!(d.profiles.len(), 1, "{:?}", d.profiles.keys());
+        assert!(!d.profiles.contains_key(&previous.id));
+        assert!(!d.profiles.contains_key(&device.id));
+        for key in ["user:u1", "anon:p1", "anon:a1"] {
+            assert_eq!(d.index[key], user.id, "{key}");
+        }
+        let mut anonymous = d.profiles[&user.id].anonymous_ids.clone();
+        anonymous.sort();
+        assert_eq!(anonymous, ["a1", "p1"]);
+        // New to all three: one profile with every identifier.
+        let mut d = Memory::default();
+        let r = resolve(&mut d, alias).unwrap().unwrap();
+        assert!(r.created);
+        assert_eq!(d.profiles.len(), 1);
+        assert_eq!(d.index["anon:a1"], r.id);
+        assert_eq!(d.index["anon:p1"], r.id);
     }
 
     #[test]

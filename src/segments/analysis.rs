@@ -3,13 +3,17 @@
 //! keep. Used to re-evaluate on a message only the segments that message can affect.
 //!
 //! The analysis is conservative: anything it cannot pin down (a name held in a variable, the
-//! `event` variable, `last_seen`) makes the rule depend on every message, which is always correct
-//! and only slower. It works on tokens rather than Rhai's internal AST, whose shape is not a
-//! stable API; the rule has already compiled, so the tokens are well formed.
+//! `event` variable, `last_seen`, a function pointer) makes the rule depend on every message,
+//! which is always correct and only slower. It reads both forms of a call, `user.did("A")` and
+//! `did(user, "A")`, and string literals as Rhai reads them (escapes included). It works on
+//! tokens rather than Rhai's internal AST, whose shape is not a stable API; the rule has already
+//! compiled, so the tokens are well formed.
 
 use crate::profiles::profile::{Millis, Names, Retention, Set as HashSet};
 
-/// How far back history is kept for a windowed call whose window is not a literal duration.
+/// How far back history is kept for a windowed call whose window is not a literal duration. A
+/// longer window, computed at run time, fails the rule (see `super::api`) rather than answer from
+/// too little history.
 pub const UNKNOWN_WINDOW: Millis = 90 * 86_400_000;
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -52,14 +56,36 @@ pub fn analyse(rule: &str) -> Dependencies {
     let mut values: Option<HashSet<(String, String)>> = Some(HashSet::new());
     let mut window: Millis = 0;
     let all_events = |deps: &mut Dependencies| deps.events = Names::All;
+    if tokens.iter().any(calls_indirectly) {
+        // A function pointer can call any of the API by a name we do not see.
+        return Dependencies {
+            events: Names::All,
+            traits: true,
+            segments: Names::All,
+            retention: Retention {
+                window: UNKNOWN_WINDOW,
+                history: Names::All,
+                values: None,
+                objects: Names::All,
+            },
+        };
+    }
     for i in 0..tokens.len() {
         let after_dot = i > 0 && tokens[i - 1] == Token::Punct('.');
         let Token::Ident(name) = &tokens[i] else {
             continue;
         };
-        let call_args =
-            (tokens.get(i + 1) == Some(&Token::Punct('('))).then(|| args(&tokens, i + 1));
-        match (name.as_str(), after_dot, call_args) {
+        let call_args = (tokens.get(i + 1) == Some(&Token::Punct('('))).then(|| {
+            let mut args = args(&tokens, i + 1);
+            if !after_dot && !args.is_empty() {
+                // `did(user, "A")`: the user is the first argument.
+                args.remove(0);
+            }
+            args
+        });
+        // Both forms of a call of the user API; a plain name (`event`) is never after a dot.
+        let method = after_dot || call_args.is_some();
+        match (name.as_str(), method, call_args) {
             ("did" | "count" | "first" | "last" | "sum", true, Some(args)) => {
                 let event = match args.first() {
                     Some([Token::Str(event)]) => Some(event.clone()),
@@ -94,7 +120,7 @@ pub fn analyse(rule: &str) -> Dependencies {
             }
             ("traits", true, _) => deps.traits = true,
             ("first_seen" | "last_seen", true, _) => all_events(&mut deps),
-            ("in_segment", _, Some(args)) => match args.first() {
+            ("in_segment", true, Some(args)) => match args.first() {
                 Some([Token::Str(key)]) => deps.segments.union(&Names::Only([key.clone()].into())),
                 _ => deps.segments = Names::All,
             },
@@ -114,6 +140,16 @@ pub fn analyse(rule: &str) -> Dependencies {
         objects,
     };
     deps
+}
+
+/// Whether a token makes a call we cannot follow: a function pointer (`Fn("did")`, `.call(...)`,
+/// `.curry(...)`), or a string naming one of the API's getters (`"get$traits"`).
+fn calls_indirectly(token: &Token) -> bool {
+    match token {
+        Token::Ident(name) => matches!(name.as_str(), "Fn" | "call" | "curry"),
+        Token::Str(text) => text.contains('$'),
+        _ => false,
+    }
 }
 
 /// Whether a token can be a way to an event's `properties`: the getter's name, or a string
@@ -189,23 +225,14 @@ pub(super) fn tokenize(text: &str) -> Vec<Token> {
             }
             i += 2;
         } else if c == '"' {
-            let mut s = String::new();
+            let start = i;
             i += 1;
             while i < chars.len() && chars[i] != '"' {
-                if chars[i] == '\\' && i + 1 < chars.len() {
-                    i += 1;
-                    s.push(match chars[i] {
-                        'n' => '\n',
-                        't' => '\t',
-                        other => other,
-                    });
-                } else {
-                    s.push(chars[i]);
-                }
-                i += 1;
+                i += if chars[i] == '\\' { 2 } else { 1 };
             }
             i += 1;
-            out.push(Token::Str(s));
+            let literal: String = chars[start..i.min(chars.len())].iter().collect();
+            out.push(string_literal(&literal));
         } else if c == '`' || c == '\'' {
             i += 1;
             while i < chars.len() && chars[i] != c {
@@ -231,6 +258,19 @@ pub(super) fn tokenize(text: &str) -> Vec<Token> {
         }
     }
     out
+}
+
+/// A string literal, as Rhai reads it: with an escape in it, Rhai itself reads it (there are
+/// several kinds, and line continuations); a literal it cannot read is one we do not either.
+fn string_literal(literal: &str) -> Token {
+    let inside = &literal[1..literal.len().saturating_sub(1).max(1)];
+    if !inside.contains('\\') {
+        return Token::Str(inside.to_string());
+    }
+    match rhai::Engine::new_raw().eval_expression::<rhai::ImmutableString>(literal) {
+        Ok(text) => Token::Str(text.to_string()),
+        Err(_) => Token::Other,
+    }
 }
 
 #[cfg(test)]
@@ -288,7 +328,8 @@ mod tests {
         );
         assert_eq!(
             reads(r#"Fn("get$properties").call(user.first("Signed Up")) != ()"#),
-            only(&["Signed Up"])
+            Names::All,
+            "a function pointer could read anything"
         );
         assert_eq!(
             reads(r#"user.first("Signed Up").age() > hours(1)"#),
@@ -322,5 +363,64 @@ mod tests {
             analyse("let k = \"a\"; user.in_segment(k)").segments,
             Names::All
         );
+    }
+}
+
+#[cfg(test)]
+mod forms {
+    use super::*;
+
+    fn only(names: &[&str]) -> Names {
+        Names::Only(names.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn the_function_call_form_is_indexed_like_the_method_form() {
+        let d = analyse(
+            r#"did(user, "Signed Up") && count(user, "Page Viewed", days(7)) > 2
+               && sum(user, "Order Completed", "revenue", days(30)) > 10.0
+               && in_segment(user, "vip") && last(user, "Plan Chosen").properties.tier == "pro""#,
+        );
+        assert_eq!(
+            d.events,
+            only(&["Signed Up", "Page Viewed", "Order Completed", "Plan Chosen"])
+        );
+        assert_eq!(d.segments, only(&["vip"]));
+        assert_eq!(d.retention.window, 30 * 86_400_000);
+        assert_eq!(
+            d.retention.history,
+            only(&["Page Viewed", "Order Completed"])
+        );
+        assert_eq!(
+            d.retention.values,
+            Some([("Order Completed".to_string(), "revenue".to_string())].into())
+        );
+        assert_eq!(d.retention.objects, only(&["Plan Chosen"]));
+    }
+
+    #[test]
+    fn string_escapes_read_as_rhai_reads_them() {
+        let d = analyse(
+            r#"user.did("Caf\u00e9 \"Visited\"") || user.did("Tab\there") || user.did("back\\slash")"#,
+        );
+        assert_eq!(
+            d.events,
+            only(&["Café \"Visited\"", "Tab\there", "back\\slash"])
+        );
+    }
+
+    #[test]
+    fn a_function_pointer_depends_on_everything() {
+        for rule in [
+            r#"Fn("did").call(user, "A")"#,
+            r#"let f = Fn("get$traits"); f.call(user).plan == "pro""#,
+            r#"let f = Fn("in_segment"); f.curry(user).call("vip")"#,
+        ] {
+            let d = analyse(rule);
+            assert_eq!(d.events, Names::All, "{rule}");
+            assert!(d.traits, "{rule}");
+            assert_eq!(d.segments, Names::All, "{rule}");
+            assert_eq!(d.retention.history, Names::All, "{rule}");
+        }
     }
 }

@@ -80,6 +80,8 @@ pub struct Round {
     answers: std::sync::Mutex<smallvec::SmallVec<[(usize, bool); 16]>>,
     /// Segment positions by key.
     keys: Arc<hashbrown::HashMap<String, usize>>,
+    /// How far back profiles keep history: a longer window would answer from too little.
+    kept: Millis,
     traits: OnceLock<Dynamic>,
 }
 
@@ -88,14 +90,31 @@ impl Round {
         profile: Arc<Profile>,
         now: Millis,
         keys: Arc<hashbrown::HashMap<String, usize>>,
+        kept: Millis,
     ) -> Arc<Round> {
         Arc::new(Round {
             profile,
             now,
             answers: std::sync::Mutex::new(smallvec::SmallVec::new()),
             keys,
+            kept,
             traits: OnceLock::new(),
         })
+    }
+
+    /// Fails a windowed call whose window reaches further back than profiles keep history (a
+    /// window computed at run time can: see `super::analysis::UNKNOWN_WINDOW`).
+    fn within_kept(&self, within: Duration) -> Result<(), Box<rhai::EvalAltResult>> {
+        if within.millis <= self.kept {
+            return Ok(());
+        }
+        let days = |ms: Millis| ms as f64 / 86_400_000.0;
+        Err(format!(
+            "a window of {:.1} days reaches further back than the history profiles keep ({:.1} days); write the window as a literal duration (days(n)) so that the history kept follows it",
+            days(within.millis),
+            days(self.kept)
+        )
+        .into())
     }
 
     /// Whether the profile is in the segment at `index` as of this round.
@@ -303,22 +322,34 @@ pub fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
     }
 }
 
+/// What a windowed call answers: a window longer than the history kept fails the rule.
+type Windowed<T> = Result<T, Box<rhai::EvalAltResult>>;
+
 /// Registers the types and functions above.
 pub fn register(engine: &mut Engine) {
     engine
         .register_type_with_name::<User>("User")
         .register_fn("did", |u: &mut User, name: &str| u.0.did(name))
-        .register_fn("did", |u: &mut User, name: &str, within: Duration| {
-            u.0.did_within(name, within)
-        })
+        .register_fn(
+            "did",
+            |u: &mut User, name: &str, within: Duration| -> Windowed<bool> {
+                u.0.within_kept(within)?;
+                Ok(u.0.did_within(name, within))
+            },
+        )
         .register_fn("count", |u: &mut User, name: &str| u.0.count(name))
-        .register_fn("count", |u: &mut User, name: &str, within: Duration| {
-            u.0.count_within(name, within)
-        })
+        .register_fn(
+            "count",
+            |u: &mut User, name: &str, within: Duration| -> Windowed<i64> {
+                u.0.within_kept(within)?;
+                Ok(u.0.count_within(name, within))
+            },
+        )
         .register_fn(
             "sum",
-            |u: &mut User, name: &str, property: &str, within: Duration| {
-                u.0.sum(name, property, within)
+            |u: &mut User, name: &str, property: &str, within: Duration| -> Windowed<f64> {
+                u.0.within_kept(within)?;
+                Ok(u.0.sum(name, property, within))
             },
         )
         .register_fn("first", |u: &mut User, name: &str| u.occurrence(name, true))

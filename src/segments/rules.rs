@@ -26,7 +26,8 @@ pub struct Segment {
     pub description: String,
     pub destinations: Vec<String>,
     pub backfill: bool,
-    /// Changes whenever the rule's text does: a new fingerprint means backfill again.
+    /// Changes whenever the rule's text does, or the set of loaded segments it reads: a new
+    /// fingerprint means backfill again.
     pub fingerprint: u64,
     pub deps: Dependencies,
     pub file: SegmentFile,
@@ -161,22 +162,26 @@ impl SegmentSet {
                 "this rule is part of an in_segment cycle",
             ));
         }
+        let loaded: Vec<String> = order.iter().map(|&i| compiled[i].0.key.clone()).collect();
         let mut slots: Vec<Option<(SegmentFile, AST)>> = compiled.into_iter().map(Some).collect();
         let segments: Vec<Segment> = order
             .into_iter()
             .filter_map(|i| slots[i].take())
-            .map(|(file, ast)| Segment {
-                key: file.key.clone(),
-                name: file.name.clone(),
-                description: file.description.clone(),
-                destinations: file.destinations.iter().map(|(d, _)| d.clone()).collect(),
-                backfill: file.backfill,
-                fingerprint: xxhash_rust::xxh3::xxh3_64(file.rule.as_bytes()),
-                deps: analyse(&file.rule),
-                native: native::compile(&file.rule),
-                file,
-                ast,
-                health: Health::default(),
+            .map(|(file, ast)| {
+                let deps = analyse(&file.rule);
+                Segment {
+                    key: file.key.clone(),
+                    name: file.name.clone(),
+                    description: file.description.clone(),
+                    destinations: file.destinations.iter().map(|(d, _)| d.clone()).collect(),
+                    backfill: file.backfill,
+                    fingerprint: fingerprint(&file.rule, &deps, &loaded),
+                    deps,
+                    native: native::compile(&file.rule),
+                    file,
+                    ast,
+                    health: Health::default(),
+                }
             })
             .collect();
         let index: HashMap<&str, usize> = segments
@@ -293,7 +298,12 @@ impl SegmentSet {
             return out;
         }
         let shared = Arc::new(std::mem::take(profile));
-        let round = Round::new(shared.clone(), now, self.by_key.clone());
+        let round = Round::new(
+            shared.clone(),
+            now,
+            self.by_key.clone(),
+            self.retention.window,
+        );
         let mut answers: smallvec::SmallVec<[(usize, bool, Option<Millis>); 16]> =
             smallvec::SmallVec::new();
         {
@@ -454,6 +464,38 @@ pub fn rhai_problem_at(
 
 fn strip_position(message: &str) -> &str {
     message.split(" (line ").next().unwrap_or(message)
+}
+
+/// What a segment's memberships depend on besides the events: its rule, and which of the segments
+/// it reads are loaded. A new fingerprint means backfill again, so a rule that reads
+/// `in_segment("b")` is evaluated again on every profile when `b` is removed (or added).
+fn fingerprint(rule: &str, deps: &Dependencies, loaded: &[String]) -> u64 {
+    let read: Vec<&str> = match &deps.segments {
+        Names::Only(keys) if keys.is_empty() => {
+            // Reads no segment: the rule alone, as before segments were part of it.
+            return xxhash_rust::xxh3::xxh3_64(rule.as_bytes());
+        }
+        Names::Only(keys) => {
+            let mut read: Vec<&str> = loaded
+                .iter()
+                .filter(|k| keys.contains(k.as_str()))
+                .map(String::as_str)
+                .collect();
+            read.sort_unstable();
+            read
+        }
+        Names::All => {
+            let mut read: Vec<&str> = loaded.iter().map(String::as_str).collect();
+            read.sort_unstable();
+            read
+        }
+    };
+    let mut text = rule.to_string();
+    for key in read {
+        text.push('\0');
+        text.push_str(key);
+    }
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
 /// Indexes into `compiled` in an order where `in_segment` dependencies come first, and those in a

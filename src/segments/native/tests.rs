@@ -58,7 +58,7 @@ fn round(mut profile: Profile, now: Millis) -> Arc<Round> {
     profile
         .memberships
         .lay_out(&layout, |key| keys.get(key).copied());
-    Round::new(Arc::new(profile), now, keys)
+    Round::new(Arc::new(profile), now, keys, Millis::MAX)
 }
 
 fn agree(rule: &str, round: &Arc<Round>) {

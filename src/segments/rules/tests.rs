@@ -439,3 +439,52 @@ fn rules_read_a_profile_with_hundreds_of_traits() {
     );
     assert!(member(&s, &mut p, "many", T0));
 }
+
+/// A window computed at run time gets the history kept for computed windows: one longer than that
+/// fails the rule (counted, membership unchanged) rather than answer from part of the history.
+#[test]
+fn a_computed_window_longer_than_the_history_kept_fails_the_rule() {
+    let set = set(&[
+        ("short", r#"let n = 10; user.did("A", days(n))"#),
+        ("long", r#"let n = 120; user.count("A", days(n)) > 0"#),
+    ]);
+    assert_eq!(
+        set.retention.window,
+        crate::segments::analysis::UNKNOWN_WINDOW
+    );
+    let mut p = Profile::new(1);
+    track(&mut p, &set, "A", T0, "{}");
+    let eval = set.evaluate(&mut p, Trigger::All(None), T0 + DAY);
+    let long = set.position("long").unwrap();
+    assert_eq!(eval.failures, [(long, RuleFailure::Error)]);
+    assert!(p.memberships.get("short").unwrap().member);
+    assert!(p.memberships.get("long").is_none_or(|m| !m.member));
+    let error = set.segments[long].health.last_error.lock().unwrap().clone();
+    assert!(error.unwrap().contains("further back than the history"));
+}
+
+/// `in_segment("b")` reads `b`: removing `b` (or adding it) is a new fingerprint for the rule that
+/// reads it, so that rule is backfilled (evaluated on every profile) again.
+#[test]
+fn a_rule_reading_a_segment_is_new_when_that_segment_comes_or_goes() {
+    let reader = ("reader", r#"!user.in_segment("b")"#);
+    let b = ("b", r#"user.did("A")"#);
+    let other = ("other", r#"user.did("B")"#);
+    let fingerprint = |rules: &[(&str, &str)]| {
+        let set = set(rules);
+        set.segments[set.position("reader").unwrap()].fingerprint
+    };
+    let with_b = fingerprint(&[reader, b]);
+    assert_ne!(with_b, fingerprint(&[reader]));
+    assert_eq!(
+        with_b,
+        fingerprint(&[reader, b, other]),
+        "other segments do not count"
+    );
+    let plain = set(&[other]);
+    assert_eq!(
+        plain.segments[0].fingerprint,
+        xxhash_rust::xxh3::xxh3_64(plain.segments[0].file.rule.as_bytes()),
+        "a rule reading no segment keeps the fingerprint it had"
+    );
+}
