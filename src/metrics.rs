@@ -276,6 +276,8 @@ pub struct SegmentMetrics {
     /// Times the profile stage went back to the last save and redid the log from there, after a
     /// batch or a save failed.
     pub redos: Counter,
+    /// Reads of the lake for a backfill's history that failed (each is tried again later).
+    pub backfill_read_failures: Counter,
     /// One batch of the profile stage: applying its records, waking due timers, and appending
     /// what it emitted to the log, durably.
     pub batch_seconds: Histogram,
@@ -345,6 +347,7 @@ impl Default for SegmentMetrics {
             saved_profiles: Counter::default(),
             save_pauses: Family::new_with_constructor(delays),
             redos: Counter::default(),
+            backfill_read_failures: Counter::default(),
             batch_seconds: delays(),
             batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
         }
@@ -706,6 +709,11 @@ impl Metrics {
             "profile_stage_redos",
             "Times the profile stage went back to its last save after a failure and redid the log from there",
             g.redos.clone(),
+        );
+        r.register(
+            "segment_backfill_read_failures",
+            "Reads of the lake for a backfill's history that failed; the backfill waits and tries again",
+            g.backfill_read_failures.clone(),
         );
         r.register(
             "profile_batch_seconds",

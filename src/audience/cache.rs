@@ -217,7 +217,7 @@ mod tests {
 
     fn with_history(id: u64, entries: usize) -> Profile {
         let mut p = Profile::new(id);
-        (0..entries).for_each(|i| p.record("Page Viewed", i as Millis, &[], false));
+        (0..entries).for_each(|i| p.record("Page Viewed", i as Millis, &[]));
         p
     }
 

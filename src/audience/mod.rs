@@ -86,7 +86,7 @@ use crate::profiles::profile::{
     anonymous_key, event_name, user_key, Millis, Name, Names, Observed, Profile, Retention,
 };
 use crate::profiles::store::{ProfileStore, Reader, StoreError};
-use crate::query::QueryEngine;
+use crate::query::{QueryEngine, QueryError};
 use crate::segments::api::Message;
 use crate::segments::rules::{RuleFailure, SegmentSet, Trigger};
 use crate::supervisor::{supervise, Health};
@@ -102,6 +102,10 @@ pub const CONSUMER: &str = "profiles";
 pub const BATCH: usize = 2_000;
 /// Profiles backfilled per batch, so that a backfill never holds up real-time evaluation long.
 const BACKFILL_CHUNK: usize = 1_000;
+/// History is read back from the lake for a backfill only while the stage is at most this many
+/// records behind the log's end (they are listed, to leave their rows out).
+const MAX_AHEAD: u64 = 200_000;
+const DAY: Millis = 86_400_000;
 /// Due timers handled per batch.
 const TIMER_CHUNK: usize = 2_000;
 /// A batch that runs longer than this (the stage behind, a burst of timers) appends what it has
@@ -247,8 +251,12 @@ struct Removed {
 struct Backfill {
     segments: HashSet<usize>,
     after: Option<u64>,
-    /// History to read back from the lake before the first chunk, if the segments need any.
+    /// History to read back from the lake before the first chunk, if the segments need any (and
+    /// the stage has a lake).
     fill: Option<Retention>,
+    /// Failed reads of the lake so far, and when to try again.
+    fill_failures: u32,
+    retry_at: Option<Instant>,
 }
 
 /// The save handed to the saver and not committed yet.
@@ -457,6 +465,8 @@ impl Stage {
             segments: stale,
             after: None,
             fill,
+            fill_failures: 0,
+            retry_at: None,
         });
         self.live.replace(set.clone());
         self.set = set;
@@ -692,7 +702,12 @@ impl Stage {
             self.append_clock()?;
             self.clock_wanted = false;
         }
+        if let Some(needed) = self.fill_due() {
+            return self.fill(needed);
+        }
         let records = self.reader.read(BATCH)?;
+        // The backfill's chunks wait for its history to be read back from the lake.
+        let chunk_due = self.backfill.as_ref().is_some_and(|b| b.fill.is_none());
         if records.is_empty() {
             if self
                 .next_tick()?
@@ -702,13 +717,13 @@ impl Stage {
                 self.append_clock()?;
                 return Ok(true);
             }
-            if self.backfill.is_none() {
+            if !chunk_due {
                 return Ok(false);
             }
         }
         let backfill_ids = match &self.backfill {
-            Some(b) => Some(self.read.profile_ids(b.after, BACKFILL_CHUNK)?),
-            None => None,
+            Some(b) if chunk_due => Some(self.read.profile_ids(b.after, BACKFILL_CHUNK)?),
+            _ => None,
         };
         let started = Instant::now();
         let set = self.set.clone();
@@ -780,6 +795,70 @@ impl Stage {
             self.backfill = None;
         }
         Ok(true)
+    }
+
+    /// The history the backfill waits for, if it is time to read it back from the lake: not
+    /// while a failed read waits to be tried again, nor while the stage is far behind the log
+    /// (every record ahead of it is listed, to leave its rows out: see
+    /// [`Batch::fill_history`]).
+    fn fill_due(&self) -> Option<Retention> {
+        let b = self.backfill.as_ref()?;
+        let waiting = b.retry_at.is_some_and(|at| at > Instant::now());
+        let behind = self.log.end().saturating_sub(self.offset) > MAX_AHEAD;
+        (!waiting && !behind).then(|| b.fill.clone()).flatten()
+    }
+
+    /// A step that reads the backfill's history back from the lake, and nothing else: no record
+    /// is applied while the profiles take it in, so what a save hands off in the middle (to keep
+    /// the cache bounded) is as of the stage's offset. A failed read is tried again later, with
+    /// growing pauses; the backfill waits for it.
+    fn fill(&mut self, needed: Retention) -> Result<bool, StageError> {
+        let set = self.set.clone();
+        let started = Instant::now();
+        let outcome = Batch { stage: self }.fill_history(&set, &needed)?;
+        self.settle()?;
+        self.last_busy = Instant::now();
+        let Some(b) = self.backfill.as_mut() else {
+            return Ok(true);
+        };
+        match outcome {
+            Ok(added) => {
+                b.fill = None;
+                tracing::info!(
+                    occurrences = added,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "history read back from the lake for a backfill"
+                );
+            }
+            Err(e) => {
+                b.fill_failures += 1;
+                let pause = Duration::from_secs(5 << b.fill_failures.min(6));
+                b.retry_at = Some(Instant::now() + pause);
+                self.metrics.backfill_read_failures.inc();
+                tracing::warn!(error = %e, retry_in = ?pause, "reading history back from the lake for a backfill failed; the backfill waits for it");
+            }
+        }
+        Ok(true)
+    }
+
+    /// The dedup keys of the accepted records from the stage's offset to the log's end.
+    fn keys_ahead(&self) -> Result<HashSet<u128>, StageError> {
+        let mut keys = HashSet::new();
+        let mut reader = self.log.reader(self.offset);
+        loop {
+            let records = reader.read(BATCH)?;
+            if records.is_empty() {
+                return Ok(keys);
+            }
+            for record in &records {
+                match Entry::decode(&record.payload) {
+                    Ok(e) if e.status == Status::Accepted && !e.message_id.is_empty() => {
+                        keys.insert(dedup::key(e.source, e.message_id));
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// When the stage will append a clock record, by the clock, if no record comes first: once
@@ -1146,9 +1225,6 @@ impl Batch<'_> {
             Some(b) => b.segments.clone(),
             None => return Ok(()),
         };
-        if let Some(needed) = self.stage.backfill.as_mut().and_then(|b| b.fill.take()) {
-            self.fill_history(set, &needed)?;
-        }
         for &id in ids {
             // A profile merged away since the last save committed is still in the store.
             if !self.stage.deleted.contains(&id) {
@@ -1161,49 +1237,100 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Merges the occurrences the lake holds for `needed` into the profiles they belong to.
-    fn fill_history(&mut self, set: &SegmentSet, needed: &Retention) -> Result<(), StageError> {
+    /// Merges the occurrences the lake holds for `needed` into the profiles they belong to, a day
+    /// of event time at a time, and returns how many it added. An error reading the lake is
+    /// given back as such (the caller tries again later); the store's go up.
+    ///
+    /// Exactly once: the lake holds the messages the stage applied, and some it has not applied
+    /// yet; the profiles hold some of those it applied (of the names the rules kept). A row of a
+    /// record ahead of the stage is left out (the stage applies it later), and of the `n` rows of
+    /// one profile, name and moment, as many are added as the profile holds fewer than `n`; the
+    /// ones it holds take the values they lack. So filling twice (a crash during a fill) adds
+    /// nothing the second time, and two orders of one request (one `receivedAt`) stay two.
+    fn fill_history(
+        &mut self,
+        set: &SegmentSet,
+        needed: &Retention,
+    ) -> Result<Result<u64, QueryError>, StageError> {
         let Some(lake) = self.stage.lake.clone() else {
-            return Ok(());
+            return Ok(Ok(0));
         };
-        let now_ms = self.stage.time;
-        let rows = match self
-            .stage
-            .runtime
-            .block_on(history::read(&lake, needed, now_ms))
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading history back from the lake for a backfill failed; backfilling from the profiles alone");
-                return Ok(());
-            }
-        };
+        let now = self.stage.time;
+        let mut added = 0;
         let mut touched = HashSet::new();
-        for row in rows {
-            let by_user = match &row.user_id {
-                Some(u) => self.lookup(&user_key(u))?,
-                None => None,
+        let mut day = (now - needed.window).div_euclid(DAY) * DAY;
+        while day <= now {
+            let runtime = self.stage.runtime.clone();
+            let stream = match runtime.block_on(history::open(&lake, needed, day, day + DAY)) {
+                Ok(Some(stream)) => stream,
+                Ok(None) => break,
+                Err(e) => return Ok(Err(e)),
             };
-            let id = match (by_user, &row.anonymous_id) {
-                (Some(id), _) => id,
-                (None, Some(a)) => match self.lookup(&anonymous_key(a))? {
-                    Some(id) => id,
-                    None => continue,
-                },
-                (None, None) => continue,
-            };
-            self.held(id)?
-                .profile_mut()
-                .record(&row.name, row.at, &row.values, true);
-            touched.insert(id);
+            // Listed after the lake's files were: every row of a record ahead is in it.
+            let ahead = self.stage.keys_ahead()?;
+            let mut stream = std::pin::pin!(stream);
+            // (profile, name, moment) -> (occurrences the profile held, rows read).
+            let mut seen: hashbrown::HashMap<u128, (usize, usize)> = hashbrown::HashMap::new();
+            while let Some(batch) = runtime.block_on(futures_util::StreamExt::next(&mut stream)) {
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => return Ok(Err(e.into())),
+                };
+                for row in history::occurrences(&batch, set.retention.values.as_ref()) {
+                    if ahead.contains(&row.key) {
+                        continue;
+                    }
+                    let Some(id) = self.owner(&row)? else {
+                        continue;
+                    };
+                    let profile = self.held(id)?.profile_mut();
+                    let moment = xxhash_rust::xxh3::xxh3_128(
+                        format!("{id}\0{}\0{}", row.name, row.at).as_bytes(),
+                    );
+                    let (held, read) = seen
+                        .entry(moment)
+                        .or_insert_with(|| (profile.count_at(&row.name, row.at), 0));
+                    if *read < *held {
+                        profile.add_values(&row.name, row.at, *read, &row.values);
+                    } else {
+                        profile.record(&row.name, row.at, &row.values);
+                        added += 1;
+                    }
+                    *read += 1;
+                    touched.insert(id);
+                    if self.stage.cache.over() {
+                        // Save what is filled so far, so that the cache lets it go.
+                        self.prune(set, &mut touched)?;
+                        self.stage.settle()?;
+                        self.stage.flush()?;
+                    }
+                }
+            }
+            day += DAY;
         }
-        for id in &touched {
-            self.held(*id)?.profile_mut().prune(&set.retention, now_ms);
+        self.prune(set, &mut touched)?;
+        Ok(Ok(added))
+    }
+
+    /// The profile a row read back from the lake belongs to, if it has one.
+    fn owner(&mut self, row: &history::LakeOccurrence) -> Result<Option<u64>, StageError> {
+        if let Some(u) = &row.user_id {
+            if let Some(id) = self.lookup(&user_key(u))? {
+                return Ok(Some(id));
+            }
         }
-        tracing::info!(
-            profiles = touched.len(),
-            "history read back from the lake for a backfill"
-        );
+        Ok(match &row.anonymous_id {
+            Some(a) => self.lookup(&anonymous_key(a))?,
+            None => None,
+        })
+    }
+
+    /// Drops from the `touched` profiles' history what the rules do not need, and forgets them.
+    fn prune(&mut self, set: &SegmentSet, touched: &mut HashSet<u64>) -> Result<(), StageError> {
+        let now = self.stage.time;
+        for id in touched.drain() {
+            self.held(id)?.profile_mut().prune(&set.retention, now);
+        }
         Ok(())
     }
 

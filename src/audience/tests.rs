@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use super::*;
 use crate::config::DedupConfig;
 use crate::intake_log::LogOptions;
+use object_store::ObjectStoreExt;
 
 const T0: &str = "2026-01-01T00:00:00Z";
 
@@ -23,6 +24,8 @@ struct Fixture {
     /// What the stage was built from, to build it again.
     parts: Parts,
     live: Arc<LiveSegments>,
+    /// The lake the stage reads history back from, if it has one, and its writer.
+    lake: Option<(crate::lake::LakeStore, crate::lake::writer::LakeWriter)>,
 }
 
 fn set(rules: &[(&str, &str)]) -> Arc<SegmentSet> {
@@ -82,16 +85,42 @@ fn runtime() -> tokio::runtime::Runtime {
 
 impl Fixture {
     fn new(cache_size: usize, segments: Arc<SegmentSet>) -> Fixture {
+        Fixture::build(cache_size, segments, false)
+    }
+
+    /// A stage with a lake (in memory), which [`Fixture::flush_lake`] fills from the log.
+    fn with_lake(segments: Arc<SegmentSet>) -> Fixture {
+        Fixture::build(100, segments, true)
+    }
+
+    fn build(cache_size: usize, segments: Arc<SegmentSet>, with_lake: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let runtime = runtime();
-        let (parts, now) = parts(dir.path(), &runtime, cache_size);
+        let (mut parts, now) = parts(dir.path(), &runtime, cache_size);
+        let lake = with_lake.then(|| {
+            let store = crate::lake::LakeStore::in_memory();
+            std::fs::create_dir_all(dir.path().join("lake-state")).unwrap();
+            let writer = crate::lake::writer::LakeWriter::new(
+                store.clone(),
+                parts.log.consumer(crate::lake::writer::CONSUMER).unwrap(),
+                &dir.path().join("lake-state"),
+                Default::default(),
+                Default::default(),
+                runtime.handle().clone(),
+                Default::default(),
+            )
+            .unwrap();
+            let limits = crate::query::QueryLimits::default();
+            parts.lake = Some(QueryEngine::new(store.clone(), Default::default(), limits));
+            (store, writer)
+        });
         let (log, store) = (parts.log.clone(), parts.store.clone());
         let live = Arc::new(LiveSegments::new(segments.clone()));
         let consumer = log.consumer(CONSUMER).unwrap();
         let mut stage = Stage::new(parts.clone(), consumer, live.clone()).unwrap();
         stage.install(segments).unwrap();
         // The segments are new: their backfill (of no profiles) finishes with a save.
-        assert!(stage.step().unwrap());
+        while stage.step().unwrap() {}
         stage.flush().unwrap();
         assert!(stage.backfill.is_none());
         Fixture {
@@ -104,7 +133,44 @@ impl Fixture {
             messages: 0,
             parts,
             live,
+            lake,
         }
+    }
+
+    /// Writes everything the log holds past the lake's cursor to the lake.
+    fn flush_lake(&mut self) {
+        use crate::lake::writer::{Flush, CONSUMER};
+        let start = self.log.consumer(CONSUMER).unwrap().committed();
+        let mut flush = Flush::new(start, Default::default());
+        for r in self.log.reader(start).read(usize::MAX).unwrap() {
+            flush.add(&r).unwrap();
+        }
+        let (_, writer) = self.lake.as_mut().expect("a fixture with a lake");
+        writer.write(&flush.finish().unwrap()).unwrap();
+    }
+
+    /// Appends `messages` to the log (one request: one arrival time), as the edge writes them,
+    /// and does not run the stage.
+    fn append(&mut self, messages: &[Value]) {
+        let received = (self.stage.clock)();
+        let mut records = RecordBatch::default();
+        for m in messages {
+            self.messages += 1;
+            let id = format!("m{}", self.messages);
+            let mut m = m.clone();
+            m["messageId"] = json!(id);
+            m["receivedAt"] = json!(crate::ingest::format_time(received));
+            if m.get("timestamp").is_none() {
+                m["timestamp"] = m["receivedAt"].clone();
+            }
+            let body = m.to_string();
+            records.push_with(|b| {
+                Entry::encode(b, Status::Accepted, received, "web", &id, "", |b| {
+                    b.extend_from_slice(body.as_bytes())
+                })
+            });
+        }
+        self.runtime.block_on(self.log.append(records)).unwrap();
     }
 
     /// The process dies (nothing unsaved is written) and starts again from the store; with
@@ -151,19 +217,7 @@ impl Fixture {
 
     /// Appends `messages` to the log, then runs the stage over them in one batch.
     fn step(&mut self, messages: &[Value]) -> Result<(), StageError> {
-        let received = (self.stage.clock)();
-        let mut records = RecordBatch::default();
-        for m in messages {
-            self.messages += 1;
-            let id = format!("m{}", self.messages);
-            let body = m.to_string();
-            records.push_with(|b| {
-                Entry::encode(b, Status::Accepted, received, "web", &id, "", |b| {
-                    b.extend_from_slice(body.as_bytes())
-                })
-            });
-        }
-        self.runtime.block_on(self.log.append(records)).unwrap();
+        self.append(messages);
         assert!(self.stage.step()?, "the batch had work");
         Ok(())
     }
@@ -406,4 +460,170 @@ fn a_timestamp_in_the_future_counts_as_of_the_arrival() {
         Some(arrived + 10 * 60_000 + 1),
         "the timer for the window's end"
     );
+}
+
+fn order(user: &str, revenue: f64, timestamp: &str) -> Value {
+    json!({"type": "track", "event": "Order Completed", "userId": user,
+        "timestamp": timestamp, "properties": {"revenue": revenue}})
+}
+
+const SEEN: (&str, &str) = ("seen", r#"user.did("Page Viewed")"#);
+
+impl Fixture {
+    /// The changes of `segment` in the log, as (messageId, event).
+    fn changes_of(&self, segment: &str) -> Vec<(String, String)> {
+        let prefix = format!("audience-{segment}-");
+        let mut changes = self.changes();
+        changes.retain(|(id, _)| id.starts_with(&prefix));
+        changes
+    }
+
+    fn member(&self, identity: &str, segment: &str) -> bool {
+        let profile = self.stored(identity).unwrap();
+        profile.memberships.get(segment).is_some_and(|m| m.member)
+    }
+
+    /// The revenues of `identity`'s orders in its history, in time order.
+    fn order_history(&self, identity: &str) -> Vec<Option<f64>> {
+        let p = self.stored(identity).unwrap();
+        let (name, revenue) = (p.find("Order Completed"), p.find("revenue"));
+        p.history
+            .iter()
+            .filter(|o| Some(o.name) == name)
+            .map(|o| {
+                o.values
+                    .iter()
+                    .find(|(k, _)| Some(*k) == revenue)
+                    .map(|v| v.1)
+            })
+            .collect()
+    }
+}
+
+/// A segment added while the stage is behind: the lake already holds an order the stage has not
+/// applied. Read back and then applied, it counted twice (600 became 800, a false entry).
+#[test]
+fn history_read_back_leaves_out_what_the_stage_has_not_applied_yet() {
+    let mut f = Fixture::with_lake(set(&[SEEN]));
+    f.step(&[order("u1", 200.0, "2026-01-01T00:00:00Z")])
+        .unwrap();
+    f.step(&[order("u1", 200.0, "2026-01-01T00:00:01Z")])
+        .unwrap();
+    // The stage falls behind a burst of other people's page views, then u1's third order; the
+    // lake writer is ahead of it and holds them all.
+    let pages: Vec<Value> = (0..BATCH)
+        .map(|i| page(json!({ "userId": format!("p{i}") })))
+        .collect();
+    f.append(&pages);
+    f.append(&[order("u1", 200.0, "2026-01-01T00:00:02Z")]);
+    f.flush_lake();
+    let spenders = (
+        "spenders",
+        r#"user.sum("Order Completed", "revenue", days(30)) >= 700.0"#,
+    );
+    f.stage.install(set(&[SEEN, spenders])).unwrap();
+    f.settle();
+    f.stage.flush().unwrap();
+    assert_eq!(
+        f.order_history("user:u1"),
+        [Some(200.0), Some(200.0), Some(200.0)]
+    );
+    assert!(!f.member("user:u1", "spenders"), "600 is not 700");
+    assert_eq!(f.changes_of("spenders"), []);
+}
+
+/// Every message of one request shares its arrival; without timestamps they share their moment
+/// too. Read back, two orders of one request stay two (matched by moment, they became one).
+#[test]
+fn history_read_back_keeps_two_orders_of_one_moment() {
+    let mut f = Fixture::with_lake(set(&[SEEN]));
+    let at = "2026-01-01T00:00:00Z";
+    f.step(&[order("u2", 100.0, at), order("u2", 150.0, at)])
+        .unwrap();
+    f.flush_lake();
+    let spenders = (
+        "spenders",
+        r#"user.sum("Order Completed", "revenue", days(30)) >= 250.0"#,
+    );
+    f.stage.install(set(&[SEEN, spenders])).unwrap();
+    f.settle();
+    f.stage.flush().unwrap();
+    let mut revenues = f.order_history("user:u2");
+    revenues.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(revenues, [Some(100.0), Some(150.0)]);
+    assert!(f.member("user:u2", "spenders"));
+}
+
+/// A new segment that only counts orders reads their history back: the orders the profile
+/// already kept must keep the revenue another rule sums (replaced by copies without it,
+/// `big_spenders` left on the next order).
+#[test]
+fn history_read_back_keeps_the_values_other_rules_sum() {
+    let big = (
+        "big_spenders",
+        r#"user.sum("Order Completed", "revenue", days(30)) >= 500.0"#,
+    );
+    let mut f = Fixture::with_lake(set(&[big]));
+    f.step(&[order("u3", 600.0, "2026-01-01T00:00:00Z")])
+        .unwrap();
+    f.flush_lake();
+    let recent = (
+        "recent_buyers",
+        r#"user.count("Order Completed", days(7)) >= 1"#,
+    );
+    f.stage.install(set(&[big, recent])).unwrap();
+    f.settle();
+    f.advance(Duration::from_secs(1));
+    f.step(&[order("u3", 1.0, "2026-01-01T00:00:01Z")]).unwrap();
+    f.stage.flush().unwrap();
+    assert_eq!(f.order_history("user:u3"), [Some(600.0), Some(1.0)]);
+    assert!(f.member("user:u3", "big_spenders"));
+    assert!(f.member("user:u3", "recent_buyers"));
+    assert_eq!(
+        f.changes_of("big_spenders").len(),
+        1,
+        "entered once, never left"
+    );
+}
+
+/// The lake cannot be read (a broken file): the backfill waits, counted, and is not marked done;
+/// once the lake reads again, it reads the history back and finishes.
+#[test]
+fn a_failed_read_of_the_lake_is_tried_again_and_the_backfill_waits_for_it() {
+    let mut f = Fixture::with_lake(set(&[SEEN]));
+    f.step(&[order("u4", 300.0, "2026-01-01T00:00:00Z")])
+        .unwrap();
+    f.flush_lake();
+    let (store, _) = f.lake.as_ref().unwrap();
+    let (store, broken) = (
+        store.clone(),
+        store.path("events/date=2026-01-01/broken.parquet"),
+    );
+    f.runtime
+        .block_on(store.store.put(&broken, b"not parquet".to_vec().into()))
+        .unwrap();
+    let spenders = (
+        "spenders",
+        r#"user.sum("Order Completed", "revenue", days(30)) >= 250.0"#,
+    );
+    let segments = set(&[SEEN, spenders]);
+    let fingerprint = segments.segments[1].fingerprint;
+    f.stage.install(segments).unwrap();
+    f.settle();
+    f.stage.flush().unwrap();
+    assert_eq!(f.stage.metrics.backfill_read_failures.get(), 1);
+    assert!(!f
+        .stored("user:u4")
+        .unwrap()
+        .memberships
+        .contains_key("spenders"));
+    let stats = f.store.read().unwrap().segment_stats("spenders").unwrap();
+    assert_ne!(stats.backfilled, Some(fingerprint), "not done");
+    f.runtime.block_on(store.store.delete(&broken)).unwrap();
+    f.stage.backfill.as_mut().unwrap().retry_at = None;
+    f.settle();
+    f.stage.flush().unwrap();
+    assert!(f.member("user:u4", "spenders"));
+    let stats = f.store.read().unwrap().segment_stats("spenders").unwrap();
+    assert_eq!(stats.backfilled, Some(fingerprint));
 }

@@ -103,7 +103,7 @@ pub async fn query(
         let _slot = slot;
         let timeout = engine.timeout();
         let deadline = tokio::time::Instant::now() + timeout;
-        let planned = tokio::time::timeout_at(deadline, engine.stream(&sql, max_rows)).await;
+        let planned = tokio::time::timeout_at(deadline, engine.stream(&sql, Some(max_rows))).await;
         let mut rows = match planned {
             Err(_) => return drop(started.send(Err(QueryError::Timeout(timeout)))),
             Ok(Err(e)) => return drop(started.send(Err(e))),

@@ -346,10 +346,10 @@ mod tests {
         p.memberships.insert("gone", Membership::default());
         let t = 1_767_225_600_000;
         let revenue = |x| vec![("revenue".to_string(), x)];
-        p.record("Order Completed", t, &revenue(30.5), false);
-        p.record("Page Viewed", t, &[], false);
-        p.record("Order Completed", t - 60_000, &revenue(f64::MIN), false);
-        p.record("Order Completed", t + 1, &revenue(-0.0), false);
+        p.record("Order Completed", t, &revenue(30.5));
+        p.record("Page Viewed", t, &[]);
+        p.record("Order Completed", t - 60_000, &revenue(f64::MIN));
+        p.record("Order Completed", t + 1, &revenue(-0.0));
         p
     }
 
@@ -425,7 +425,6 @@ mod tests {
                 "Order Completed",
                 t + i * 60_000,
                 &[("revenue".to_string(), 2.0)],
-                false,
             );
         }
         let per_entry = (encoded(&p).len() - before) / 100;

@@ -273,7 +273,7 @@ impl Profile {
                 m.properties.map(RawValue::get),
                 retention.values.as_ref(),
             );
-            self.record(name, m.at, &values, false);
+            self.record(name, m.at, &values);
         }
         self.prune(retention, now);
     }
@@ -304,10 +304,8 @@ impl Profile {
         name_at(&self.names, place)
     }
 
-    /// Adds an occurrence to the history, in time order. With `replace`, an occurrence of the
-    /// same name at the same time is replaced rather than added (history read back from the lake
-    /// may hold what the profile has).
-    pub fn record(&mut self, name: &str, at: Millis, values: &[(String, f64)], replace: bool) {
+    /// Adds an occurrence to the history, in time order.
+    pub fn record(&mut self, name: &str, at: Millis, values: &[(String, f64)]) {
         let Some(name) = self.place(name) else {
             return;
         };
@@ -315,16 +313,38 @@ impl Profile {
             .iter()
             .filter_map(|(k, v)| Some((self.place(k)?, *v)))
             .collect();
-        let o = Occurrence { name, at, values };
         let end = self.history.partition_point(|h| h.at <= at);
-        if replace {
-            let start = self.history.partition_point(|h| h.at < at);
-            if let Some(i) = (start..end).find(|&i| self.history[i].name == name) {
-                self.history[i] = o;
-                return;
+        self.history.insert(end, Occurrence { name, at, values });
+    }
+
+    /// The places in the history of the occurrences of `name` at `at`.
+    fn occurrences_at(&self, name: &str, at: Millis) -> impl Iterator<Item = usize> + '_ {
+        let place = self.find(name);
+        let start = self.history.partition_point(|h| h.at < at);
+        let end = self.history.partition_point(|h| h.at <= at);
+        (start..end).filter(move |&i| Some(self.history[i].name) == place)
+    }
+
+    /// How many occurrences of `name` at `at` the history holds.
+    pub fn count_at(&self, name: &str, at: Millis) -> usize {
+        self.occurrences_at(name, at).count()
+    }
+
+    /// Adds to the `nth` occurrence of `name` at `at` the `values` it does not hold (an
+    /// occurrence read back from the lake for a rule that sums what the profile did not keep).
+    pub fn add_values(&mut self, name: &str, at: Millis, nth: usize, values: &[(String, f64)]) {
+        let Some(i) = self.occurrences_at(name, at).nth(nth) else {
+            return;
+        };
+        for (key, value) in values {
+            let Some(key) = self.place(key) else {
+                continue;
+            };
+            let held = &mut self.history[i].values;
+            if !held.iter().any(|(k, _)| *k == key) {
+                held.push((key, *value));
             }
         }
-        self.history.insert(end, o);
     }
 
     /// Drops history outside the window, and the oldest entries past the cap.
@@ -700,29 +720,29 @@ mod tests {
     }
 
     #[test]
-    fn recording_what_the_history_has_replaces_it() {
+    fn occurrences_at_one_moment_are_counted_and_take_values_they_lack() {
         let mut p = Profile::new(1);
-        let v = |x: f64| vec![("revenue".to_string(), x)];
-        for (name, at) in [("A", 1), ("B", 2), ("A", 3)] {
-            p.record(name, at, &v(1.0), false);
+        let v = |k: &str, x: f64| vec![(k.to_string(), x)];
+        for (name, at) in [("A", 1), ("B", 2), ("A", 2), ("A", 2), ("A", 3)] {
+            p.record(name, at, &v("revenue", 1.0));
         }
-        p.record("A", 2, &v(5.0), true);
-        p.record("A", 3, &v(7.0), true);
-        p.record("A", 0, &v(1.0), true);
-        let got: Vec<(&str, Millis, f64)> = p
-            .history
-            .iter()
-            .map(|o| (p.name(o.name), o.at, o.values[0].1))
-            .collect();
+        assert_eq!(p.count_at("A", 2), 2);
+        assert_eq!(p.count_at("B", 2), 1);
+        assert_eq!(p.count_at("A", 4), 0);
+        assert_eq!(p.count_at("C", 2), 0);
+        p.add_values("A", 2, 1, &[("revenue".into(), 9.0), ("tax".into(), 2.0)]);
+        let values = |i: usize| -> Vec<(&str, f64)> {
+            p.history[i]
+                .values
+                .iter()
+                .map(|(k, v)| (p.name(*k), *v))
+                .collect()
+        };
+        assert_eq!(values(2), [("revenue", 1.0)], "the first is untouched");
         assert_eq!(
-            got,
-            [
-                ("A", 0, 1.0),
-                ("A", 1, 1.0),
-                ("B", 2, 1.0),
-                ("A", 2, 5.0),
-                ("A", 3, 7.0)
-            ]
+            values(3),
+            [("revenue", 1.0), ("tax", 2.0)],
+            "what it holds stays; what it lacks is added"
         );
     }
 
@@ -734,9 +754,9 @@ mod tests {
             ..keep_all()
         };
         for i in 0..MAX_NAMES / 2 {
-            p.record(&format!("old {i}"), 0, &[], false);
+            p.record(&format!("old {i}"), 0, &[]);
         }
-        p.record("new", 5_000, &[("price".to_string(), 2.0)], false);
+        p.record("new", 5_000, &[("price".to_string(), 2.0)]);
         p.prune(&keep, 5_000);
         assert_eq!(p.names, [intern("new"), intern("price")]);
         let o = &p.history[0];
@@ -745,7 +765,7 @@ mod tests {
         // A place past the table (a damaged record) neither panics nor takes a name.
         p.history[0].values.push((60_000, 1.0));
         for i in 0..MAX_NAMES / 2 {
-            p.record(&format!("more {i}"), 0, &[], false);
+            p.record(&format!("more {i}"), 0, &[]);
         }
         p.prune(&keep, 5_000);
         assert_eq!(p.names, [intern("new"), intern("price")]);
@@ -756,9 +776,9 @@ mod tests {
     fn merged_history_keeps_its_names() {
         let r = keep_all();
         let (mut a, mut b) = (Profile::new(1), Profile::new(2));
-        a.record("A", 1, &[], false);
-        b.record("B", 2, &[("price".to_string(), 3.0)], false);
-        b.record("A", 3, &[], false);
+        a.record("A", 1, &[]);
+        b.record("B", 2, &[("price".to_string(), 3.0)]);
+        b.record("A", 3, &[]);
         a.merge(b);
         a.prune(&r, 10);
         let got: Vec<(&str, Millis)> = a.history.iter().map(|o| (a.name(o.name), o.at)).collect();

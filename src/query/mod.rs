@@ -193,16 +193,20 @@ impl QueryEngine {
         }
     }
 
-    /// Plans one statement and starts it: its rows, at most `max_rows` of them, as they come. The
-    /// caller bounds the time (dropping the stream stops the query).
+    /// Plans one statement and starts it: its rows, at most `max_rows` of them (`None`: all), as
+    /// they come. The lake's files are listed by the time this returns. The caller bounds the
+    /// time (dropping the stream stops the query).
     pub async fn stream(
         &self,
         sql: &str,
-        max_rows: usize,
+        max_rows: Option<usize>,
     ) -> Result<SendableRecordBatchStream, QueryError> {
         let ctx = self.session().await?;
-        let frame = ctx.sql_with_options(sql, read_only()).await?;
-        Ok(frame.limit(0, Some(max_rows))?.execute_stream().await?)
+        let mut frame = ctx.sql_with_options(sql, read_only()).await?;
+        if let Some(max_rows) = max_rows {
+            frame = frame.limit(0, Some(max_rows))?;
+        }
+        Ok(frame.execute_stream().await?)
     }
 
     /// How long a query may run.

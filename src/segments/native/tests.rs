@@ -171,7 +171,7 @@ fn profiles() -> impl Strategy<Value = (Profile, Millis)> {
                     stats.count += 1;
                     stats.last = at;
                     let values = [("price".to_string(), f64::from(price) / 2.0)];
-                    p.record(name, at, &values, false);
+                    p.record(name, at, &values);
                 }
                 p.first_seen = p.history.first().map_or(now - seen_ago, |o| o.at);
                 p.last_seen = p.history.last().map_or(now - seen_ago, |o| o.at);
