@@ -23,7 +23,8 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
     };
     let (schemas, _, mut problems) = crate::schema::watch::Loader::new(&config.schemas.dir).load();
     problems.extend(crate::schema::compat::check(&schemas));
-    let segments = check_segments(&config, &mut problems);
+    let mut notes = Vec::new();
+    let segments = check_segments(&config, &mut problems, &mut notes);
     let (destinations, mut found) =
         crate::destinations::load(&config.destinations.dir, &|name| std::env::var(name).ok());
     problems.append(&mut found);
@@ -40,7 +41,7 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
             ));
         }
     }
-    for p in &problems {
+    for p in problems.iter().chain(&notes) {
         writeln!(out, "{p}")?;
     }
     if !problems.is_empty() {
@@ -67,8 +68,13 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
 }
 
 /// Reads and compiles every segment file, checks the destinations they name exist, and runs their
-/// test cases. Returns how many segments loaded.
-fn check_segments(config: &Config, problems: &mut Vec<crate::diagnostic::Diagnostic>) -> usize {
+/// test cases. Returns how many segments loaded; `notes` gets what is worth knowing about the
+/// rules that load (it fails nothing).
+fn check_segments(
+    config: &Config,
+    problems: &mut Vec<crate::diagnostic::Diagnostic>,
+    notes: &mut Vec<crate::diagnostic::Diagnostic>,
+) -> usize {
     use crate::segments::{cases, files, SegmentSet};
     let mut loaded = Vec::new();
     for path in files::list(&config.segments.dir) {
@@ -84,6 +90,7 @@ fn check_segments(config: &Config, problems: &mut Vec<crate::diagnostic::Diagnos
     let (set, mut found) = SegmentSet::build(loaded, Some(&destinations));
     problems.append(&mut found);
     problems.extend(cases::run_all(&set));
+    notes.extend(set.notes());
     set.len()
 }
 

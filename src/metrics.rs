@@ -278,6 +278,8 @@ pub struct SegmentMetrics {
     pub redos: Counter,
     /// Reads of the lake for a backfill's history that failed (each is tried again later).
     pub backfill_read_failures: Counter,
+    /// What profiles dropped at their caps.
+    pub capped: Family<CapLabels, Counter>,
     /// One batch of the profile stage: applying its records, waking due timers, and appending
     /// what it emitted to the log, durably.
     pub batch_seconds: Histogram,
@@ -304,6 +306,20 @@ pub enum SavePause {
     HandOff,
     Wait,
     Commit,
+}
+
+/// What a profile's cap dropped (see `crate::profiles::profile::MAX_EVENT_NAMES`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Capped {
+    EventName,
+    Trait,
+    History,
+    AnonymousId,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapLabels {
+    pub what: Capped,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -348,6 +364,7 @@ impl Default for SegmentMetrics {
             save_pauses: Family::new_with_constructor(delays),
             redos: Counter::default(),
             backfill_read_failures: Counter::default(),
+            capped: Family::default(),
             batch_seconds: delays(),
             batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
         }
@@ -709,6 +726,11 @@ impl Metrics {
             "profile_stage_redos",
             "Times the profile stage went back to its last save after a failure and redid the log from there",
             g.redos.clone(),
+        );
+        r.register(
+            "profile_capped",
+            "What profiles dropped at their caps: event names no rule reads, traits, history entries, anonymousIds not linked",
+            g.capped.clone(),
         );
         r.register(
             "segment_backfill_read_failures",

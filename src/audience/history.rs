@@ -138,6 +138,7 @@ mod tests {
             history: Names::Only(["Order Completed".to_string(), "Page Viewed".to_string()].into()),
             values: None,
             objects: Names::default(),
+            read: Names::default(),
         };
         let sql = sql(&needed, 1_767_225_600_000, 1_767_312_000_000);
         assert!(

@@ -78,12 +78,12 @@ use crate::ingest::dedup::{self, Dedup};
 use crate::ingest::message::{JsonStr, MessageType};
 use crate::intake_log::{AppendError, IntakeLog, LogReader, RecordBatch};
 use crate::metrics::{
-    Cause, CauseLabels, Direction, FailureClass, PauseLabels, RuleFailureLabels, SavePause,
-    SegmentChangeLabels, SegmentLabels, SegmentMetrics,
+    CapLabels, Capped, Cause, CauseLabels, Direction, FailureClass, PauseLabels, RuleFailureLabels,
+    SavePause, SegmentChangeLabels, SegmentLabels, SegmentMetrics,
 };
 use crate::profiles::identity::{self, Directory, Identifiers};
 use crate::profiles::profile::{
-    anonymous_key, event_name, user_key, Millis, Name, Names, Observed, Profile, Retention,
+    anonymous_key, event_name, user_key, Dropped, Millis, Name, Names, Observed, Profile, Retention,
 };
 use crate::profiles::store::{ProfileStore, Reader, StoreError};
 use crate::query::{QueryEngine, QueryError};
@@ -1135,7 +1135,7 @@ impl Batch<'_> {
                 .as_deref()
                 .filter(|_| kind == MessageType::Alias),
         };
-        let Some(resolved) = identity::resolve(self, ids)? else {
+        let Some(resolved) = identity::resolve(self, ids, &set.retention)? else {
             return Ok(());
         };
         let metrics = self.stage.metrics.clone();
@@ -1199,7 +1199,11 @@ impl Batch<'_> {
             }
         };
         let held = self.held(resolved.id)?;
-        held.profile_mut().apply(&observed, &set.retention, now_ms);
+        let mut dropped = held.profile_mut().apply(&observed, &set.retention, now_ms);
+        dropped.add(resolved.dropped);
+        if dropped != Dropped::default() {
+            count_drops(&metrics, dropped);
+        }
         let cause = Some((Cause::Message, entry.received_at_micros));
         self.evaluate(set, resolved.id, trigger, cause)
     }
@@ -1328,9 +1332,11 @@ impl Batch<'_> {
     /// Drops from the `touched` profiles' history what the rules do not need, and forgets them.
     fn prune(&mut self, set: &SegmentSet, touched: &mut HashSet<u64>) -> Result<(), StageError> {
         let now = self.stage.time;
+        let mut dropped = Dropped::default();
         for id in touched.drain() {
-            self.held(id)?.profile_mut().prune(&set.retention, now);
+            dropped.history += self.held(id)?.profile_mut().prune(&set.retention, now);
         }
+        count_drops(&self.stage.metrics, dropped);
         Ok(())
     }
 
@@ -1412,6 +1418,20 @@ impl Batch<'_> {
             .cache
             .get_mut(id)
             .expect("loaded by Directory::profile"))
+    }
+}
+
+/// Counts what the profiles' caps dropped.
+fn count_drops(metrics: &SegmentMetrics, dropped: Dropped) {
+    for (what, n) in [
+        (Capped::EventName, dropped.event_names),
+        (Capped::Trait, dropped.traits),
+        (Capped::History, dropped.history),
+        (Capped::AnonymousId, dropped.anonymous_ids),
+    ] {
+        if n > 0 {
+            metrics.capped.get_or_create(&CapLabels { what }).inc_by(n);
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! link between two different userIds is a conflict, counted and logged, and never merged; the
 //! message then goes to its userId's profile.
 
-use super::profile::{anonymous_key, user_key, Profile};
+use super::profile::{anonymous_key, user_key, Dropped, Profile, Retention};
 use super::store::StoreError;
 
 /// Where profiles and the identity index live while a batch is being applied.
@@ -28,6 +28,8 @@ pub struct Resolved {
     pub absorbed: Option<u64>,
     /// Two different userIds were linked; nothing was merged.
     pub conflict: bool,
+    /// What the profiles' caps dropped: an anonymousId not linked, what a merge left out.
+    pub dropped: Dropped,
 }
 
 impl Resolved {
@@ -37,6 +39,7 @@ impl Resolved {
             created: false,
             absorbed: None,
             conflict: false,
+            dropped: Dropped::default(),
         }
     }
 }
@@ -51,12 +54,17 @@ pub struct Identifiers<'a> {
 }
 
 /// Finds, creates, links or merges profiles for `ids`. `None` when the message names no one.
-pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Resolved>, StoreError> {
+/// `retention` is what merged profiles keep (the loaded rules').
+pub fn resolve(
+    dir: &mut impl Directory,
+    ids: Identifiers,
+    retention: &Retention,
+) -> Result<Option<Resolved>, StoreError> {
     let third = ids
         .anonymous_id
         .filter(|a| !a.is_empty() && ids.previous_id.is_some_and(|p| p != *a));
     let Some(anonymous_id) = third else {
-        return resolve_pair(dir, ids);
+        return resolve_pair(dir, ids, retention);
     };
     // An alias with an anonymousId as well: the previousId is linked first, then the
     // anonymousId, each as a message naming the userId and that one would be.
@@ -66,6 +74,7 @@ pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Reso
             anonymous_id: None,
             ..ids
         },
+        retention,
     )?;
     let with_anonymous = resolve_pair(
         dir,
@@ -74,6 +83,7 @@ pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Reso
             previous_id: None,
             ..ids
         },
+        retention,
     )?;
     Ok(match (aliased, with_anonymous) {
         (Some(a), Some(b)) => Some(Resolved {
@@ -81,6 +91,11 @@ pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Reso
             created: (a.created && a.id == b.id) || b.created,
             absorbed: b.absorbed.or(a.absorbed),
             conflict: a.conflict || b.conflict,
+            dropped: {
+                let mut dropped = a.dropped;
+                dropped.add(b.dropped);
+                dropped
+            },
         }),
         (a, b) => b.or(a),
     })
@@ -90,6 +105,7 @@ pub fn resolve(dir: &mut impl Directory, ids: Identifiers) -> Result<Option<Reso
 fn resolve_pair(
     dir: &mut impl Directory,
     ids: Identifiers,
+    retention: &Retention,
 ) -> Result<Option<Resolved>, StoreError> {
     let user_id = ids.user_id.filter(|u| !u.is_empty());
     let other = ids
@@ -140,10 +156,11 @@ fn resolve_pair(
         (None, _, Some(id)) => Resolved::existing(id),
         (Some(_), Some(a), Some(b)) if a == b => Resolved::existing(a),
         (Some(_), Some(a), None) => {
+            let mut resolved = Resolved::existing(a);
             if let Some(k) = &other_key {
-                attach(dir, a, k)?;
+                resolved.dropped = attach(dir, a, k)?;
             }
-            Resolved::existing(a)
+            resolved
         }
         (Some(u), None, None) => {
             let id = dir.create()?;
@@ -182,9 +199,10 @@ fn resolve_pair(
                 for key in absorbed.identity_keys() {
                     dir.link(&key, a)?;
                 }
-                dir.profile(a)?.merge(absorbed);
+                let dropped = dir.profile(a)?.merge(absorbed, retention);
                 Resolved {
                     absorbed: Some(b),
+                    dropped,
                     ..Resolved::existing(a)
                 }
             }
@@ -192,16 +210,23 @@ fn resolve_pair(
     }))
 }
 
-/// Links `key` to profile `id` and records the identifier on the profile.
-fn attach(dir: &mut impl Directory, id: u64, key: &str) -> Result<(), StoreError> {
-    dir.link(key, id)?;
+/// Links `key` to profile `id` and records the identifier on the profile; an anonymousId past
+/// the profile's cap is neither (see `super::profile::MAX_ANONYMOUS_IDS`), and counted as dropped.
+fn attach(dir: &mut impl Directory, id: u64, key: &str) -> Result<Dropped, StoreError> {
     let profile = dir.profile(id)?;
     if let Some(user) = key.strip_prefix("user:") {
         profile.user_id = Some(user.to_string());
     } else if let Some(anon) = key.strip_prefix("anon:") {
+        if !profile.has_room_for_anonymous_id(anon) {
+            return Ok(Dropped {
+                anonymous_ids: 1,
+                ..Dropped::default()
+            });
+        }
         profile.add_anonymous_id(anon);
     }
-    Ok(())
+    dir.link(key, id)?;
+    Ok(Dropped::default())
 }
 
 #[cfg(test)]
@@ -209,6 +234,10 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    fn keep() -> Retention {
+        Retention::default()
+    }
 
     #[derive(Default)]
     struct Memory {
@@ -252,16 +281,20 @@ mod tests {
     #[test]
     fn anonymous_history_joins_the_identified_profile() {
         let mut d = Memory::default();
-        let anon = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
+        let anon = resolve(&mut d, ids(None, Some("a1")), &keep())
+            .unwrap()
+            .unwrap();
         assert!(anon.created);
         d.profile(anon.id)
             .unwrap()
             .traits
             .insert("seen".into(), true.into());
-        let user = resolve(&mut d, ids(Some("u1"), None)).unwrap().unwrap();
+        let user = resolve(&mut d, ids(Some("u1"), None), &keep())
+            .unwrap()
+            .unwrap();
         assert_ne!(user.id, anon.id);
         // A message with both links them: the anonymous profile merges into the user's.
-        let both = resolve(&mut d, ids(Some("u1"), Some("a1")))
+        let both = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
             .unwrap()
             .unwrap();
         assert_eq!(both.id, user.id);
@@ -273,7 +306,10 @@ mod tests {
         assert_eq!(d.index["anon:a1"], user.id);
         // From now on the anonymousId alone finds the user.
         assert_eq!(
-            resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap().id,
+            resolve(&mut d, ids(None, Some("a1")), &keep())
+                .unwrap()
+                .unwrap()
+                .id,
             user.id
         );
     }
@@ -281,8 +317,10 @@ mod tests {
     #[test]
     fn an_anonymous_profile_learns_its_user_id() {
         let mut d = Memory::default();
-        let anon = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
-        let user = resolve(&mut d, ids(Some("u1"), Some("a1")))
+        let anon = resolve(&mut d, ids(None, Some("a1")), &keep())
+            .unwrap()
+            .unwrap();
+        let user = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
             .unwrap()
             .unwrap();
         assert_eq!(user.id, anon.id);
@@ -292,10 +330,10 @@ mod tests {
     #[test]
     fn two_user_ids_are_never_merged() {
         let mut d = Memory::default();
-        let u1 = resolve(&mut d, ids(Some("u1"), Some("shared-device")))
+        let u1 = resolve(&mut d, ids(Some("u1"), Some("shared-device")), &keep())
             .unwrap()
             .unwrap();
-        let u2 = resolve(&mut d, ids(Some("u2"), Some("shared-device")))
+        let u2 = resolve(&mut d, ids(Some("u2"), Some("shared-device")), &keep())
             .unwrap()
             .unwrap();
         assert!(u2.conflict);
@@ -311,7 +349,7 @@ mod tests {
             anonymous_id: None,
             previous_id: Some("u1"),
         };
-        let r = resolve(&mut d, alias).unwrap().unwrap();
+        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
         assert!(r.conflict);
         assert_eq!(d.profiles.len(), 2);
     }
@@ -319,16 +357,20 @@ mod tests {
     #[test]
     fn alias_links_a_previous_anonymous_id() {
         let mut d = Memory::default();
-        let anon = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
-        let user = resolve(&mut d, ids(Some("u1"), None)).unwrap().unwrap();
+        let anon = resolve(&mut d, ids(None, Some("a1")), &keep())
+            .unwrap()
+            .unwrap();
+        let user = resolve(&mut d, ids(Some("u1"), None), &keep())
+            .unwrap()
+            .unwrap();
         let alias = Identifiers {
             user_id: Some("u1"),
             anonymous_id: None,
             previous_id: Some("a1"),
         };
-        let r = resolve(&mut d, alias).unwrap().unwrap();
+        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
         assert_eq!((r.id, r.absorbed), (user.id, Some(anon.id)));
-        assert!(resolve(&mut d, ids(None, None)).unwrap().is_none());
+        assert!(resolve(&mut d, ids(None, None), &keep()).unwrap().is_none());
     }
 
     /// The contract links a userId and an anonymousId that arrive on one message: an alias is one
@@ -336,15 +378,21 @@ mod tests {
     #[test]
     fn an_alias_with_an_anonymous_id_links_all_three() {
         let mut d = Memory::default();
-        let previous = resolve(&mut d, ids(None, Some("p1"))).unwrap().unwrap();
-        let device = resolve(&mut d, ids(None, Some("a1"))).unwrap().unwrap();
-        let user = resolve(&mut d, ids(Some("u1"), None)).unwrap().unwrap();
+        let previous = resolve(&mut d, ids(None, Some("p1")), &keep())
+            .unwrap()
+            .unwrap();
+        let device = resolve(&mut d, ids(None, Some("a1")), &keep())
+            .unwrap()
+            .unwrap();
+        let user = resolve(&mut d, ids(Some("u1"), None), &keep())
+            .unwrap()
+            .unwrap();
         let alias = Identifiers {
             user_id: Some("u1"),
             anonymous_id: Some("a1"),
             previous_id: Some("p1"),
         };
-        let r = resolve(&mut d, alias).unwrap().unwrap();
+        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
         assert_eq!(r.id, user.id);
         assert!(r.absorbed.is_some());
         assert_eq!(d.profiles.len(), 1, "{:?}", d.profiles.keys());
@@ -358,28 +406,60 @@ mod tests {
         assert_eq!(anonymous, ["a1", "p1"]);
         // New to all three: one profile with every identifier.
         let mut d = Memory::default();
-        let r = resolve(&mut d, alias).unwrap().unwrap();
+        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
         assert!(r.created);
         assert_eq!(d.profiles.len(), 1);
         assert_eq!(d.index["anon:a1"], r.id);
         assert_eq!(d.index["anon:p1"], r.id);
     }
 
+    /// Past its cap a profile does not take a new anonymousId: it is not linked (a message naming
+    /// only it makes a profile of its own), and it is counted. What a profile lists is what is
+    /// linked to it, so a merge later moves every link.
+    #[test]
+    fn past_the_cap_an_anonymous_id_is_not_linked_and_counted() {
+        use crate::profiles::profile::MAX_ANONYMOUS_IDS;
+        let mut d = Memory::default();
+        let mut user = 0;
+        for i in 0..MAX_ANONYMOUS_IDS {
+            let r = resolve(&mut d, ids(Some("u1"), Some(&format!("a{i}"))), &keep());
+            user = r.unwrap().unwrap().id;
+        }
+        let past = resolve(&mut d, ids(Some("u1"), Some("late")), &keep())
+            .unwrap()
+            .unwrap();
+        assert_eq!(past.id, user);
+        assert_eq!(past.dropped.anonymous_ids, 1);
+        assert!(!d.index.contains_key("anon:late"), "not linked");
+        assert_eq!(d.profiles[&user].anonymous_ids.len(), MAX_ANONYMOUS_IDS);
+        let alone = resolve(&mut d, ids(None, Some("late")), &keep())
+            .unwrap()
+            .unwrap();
+        assert_ne!(alone.id, user, "a profile of its own");
+        // A message naming both merges them: that profile's anonymousId comes with it.
+        let merged = resolve(&mut d, ids(Some("u1"), Some("late")), &keep())
+            .unwrap()
+            .unwrap();
+        assert_eq!(merged.absorbed, Some(alone.id));
+        assert_eq!(d.index["anon:late"], user);
+        assert_eq!(d.profiles[&user].anonymous_ids.len(), MAX_ANONYMOUS_IDS + 1);
+    }
+
     #[test]
     fn a_known_pair_needs_one_lookup() {
         let mut d = Memory::default();
-        let first = resolve(&mut d, ids(Some("u1"), Some("a1")))
+        let first = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
             .unwrap()
             .unwrap();
         d.asked.clear();
-        let again = resolve(&mut d, ids(Some("u1"), Some("a1")))
+        let again = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
             .unwrap()
             .unwrap();
         assert_eq!(again, Resolved::existing(first.id));
         assert_eq!(d.asked, ["user:u1"]);
         // A new anonymousId of the same user is looked up, and linked.
         d.asked.clear();
-        let other = resolve(&mut d, ids(Some("u1"), Some("a2")))
+        let other = resolve(&mut d, ids(Some("u1"), Some("a2")), &keep())
             .unwrap()
             .unwrap();
         assert_eq!(other.id, first.id);

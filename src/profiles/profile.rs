@@ -51,11 +51,19 @@ pub fn intern(name: &str) -> Name {
 
 /// A profile keeps at most this many event names, anonymousIds, traits and history entries, so
 /// that one noisy device cannot grow a profile without bound. What is past a cap is dropped and
-/// counted by the caller.
+/// counted ([`Dropped`]). The caps are drawn so that what a rule reads stays right:
+/// - event names: past 500, a new name is counted only if a loaded rule names it (`did`,
+///   `count`, `first`, `last`, `sum` with a literal name);
+/// - anonymousIds: past 100, a new one is not linked to the profile (a message naming only it
+///   makes a profile of its own); merges keep every one, so that each stays linked;
+/// - history: at most 2,000 occurrences of each event name (its oldest dropped first), so page
+///   views never push an order out of a sum, and 20,000 in all (the oldest first);
+/// - traits: past 200, a new trait is dropped.
 pub const MAX_EVENT_NAMES: usize = 500;
 pub const MAX_ANONYMOUS_IDS: usize = 100;
 pub const MAX_TRAITS: usize = 200;
-pub const MAX_HISTORY: usize = 2000;
+pub const MAX_HISTORY_PER_NAME: usize = 2_000;
+pub const MAX_HISTORY: usize = 20_000;
 /// Names the history refers to, at most; past half of it, prune drops the unused ones.
 pub const MAX_NAMES: usize = 4096;
 /// Properties kept with a first or last occurrence are dropped past this size (bytes of JSON).
@@ -88,6 +96,24 @@ pub struct Profile {
     /// Occurrences inside the retention window, oldest first.
     pub history: Vec<Occurrence>,
     pub memberships: Memberships,
+}
+
+/// What a profile dropped at its caps, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub event_names: u64,
+    pub traits: u64,
+    pub history: u64,
+    pub anonymous_ids: u64,
+}
+
+impl Dropped {
+    pub fn add(&mut self, other: Dropped) {
+        self.event_names += other.event_names;
+        self.traits += other.traits;
+        self.history += other.history;
+        self.anonymous_ids += other.anonymous_ids;
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -133,6 +159,7 @@ impl Retention {
         self.window = self.window.max(other.window);
         self.history.union(&other.history);
         self.objects.union(&other.objects);
+        self.read.union(&other.read);
         self.values = match (self.values.take(), &other.values) {
             (Some(mut a), Some(b)) => {
                 a.extend(b.iter().cloned());
@@ -159,6 +186,11 @@ impl Names {
         }
     }
 
+    /// Whether `name` is one of the names listed (`All` lists none).
+    pub fn lists(&self, name: &str) -> bool {
+        matches!(self, Names::Only(names) if names.contains(name))
+    }
+
     pub fn union(&mut self, other: &Names) {
         match (&mut *self, other) {
             (Names::All, _) => {}
@@ -179,6 +211,8 @@ pub struct Retention {
     pub values: Option<HashSet<(String, String)>>,
     /// Event names whose first and last occurrence keep their properties.
     pub objects: Names,
+    /// Event names the rules read by name: counted even past [`MAX_EVENT_NAMES`].
+    pub read: Names,
 }
 
 /// The parts of a message a profile learns from.
@@ -206,16 +240,22 @@ impl Profile {
         keys
     }
 
+    /// Whether the profile holds the anonymousId `id`, or can take it (under its cap).
+    pub fn has_room_for_anonymous_id(&self, id: &str) -> bool {
+        self.anonymous_ids.len() < MAX_ANONYMOUS_IDS || self.anonymous_ids.iter().any(|a| a == id)
+    }
+
+    /// Adds the anonymousId `id`, whatever the cap (the caller links it only if
+    /// [`Profile::has_room_for_anonymous_id`]).
     pub fn add_anonymous_id(&mut self, id: &str) {
-        if !self.anonymous_ids.iter().any(|a| a == id)
-            && self.anonymous_ids.len() < MAX_ANONYMOUS_IDS
-        {
+        if !self.anonymous_ids.iter().any(|a| a == id) {
             self.anonymous_ids.push(id.to_string());
         }
     }
 
-    /// Learns from one message. `now` bounds the history window.
-    pub fn apply(&mut self, m: &Observed, retention: &Retention, now: Millis) {
+    /// Learns from one message. `now` bounds the history window. Returns what the caps dropped.
+    pub fn apply(&mut self, m: &Observed, retention: &Retention, now: Millis) -> Dropped {
+        let mut dropped = Dropped::default();
         if self.first_seen == 0 || m.at < self.first_seen {
             self.first_seen = m.at;
         }
@@ -225,12 +265,14 @@ impl Profile {
                 for (k, v) in traits {
                     if self.traits.len() < MAX_TRAITS || self.traits.contains_key(&k) {
                         self.traits.insert(k, v);
+                    } else {
+                        dropped.traits += 1;
                     }
                 }
             }
         }
         let Some(name) = event_name(m.kind, m.event) else {
-            return;
+            return dropped;
         };
         let keep_object = retention.objects.contains(name);
         let properties = || {
@@ -239,7 +281,7 @@ impl Profile {
                 .filter(|p| keep_object && p.len() <= MAX_KEPT_PROPERTIES)
                 .map(str::to_string)
         };
-        let room = self.events.len() < MAX_EVENT_NAMES;
+        let room = self.events.len() < MAX_EVENT_NAMES || retention.read.lists(name);
         match self.events.get_mut(name) {
             Some(stats) => {
                 stats.count += 1;
@@ -265,7 +307,7 @@ impl Profile {
                     },
                 );
             }
-            None => {}
+            None => dropped.event_names += 1,
         }
         if retention.history.contains(name) && m.at >= now - retention.window {
             let values = numeric_values(
@@ -275,7 +317,8 @@ impl Profile {
             );
             self.record(name, m.at, &values);
         }
-        self.prune(retention, now);
+        dropped.history += self.prune(retention, now);
+        dropped
     }
 
     /// The place of `name` in [`Profile::names`], added if new; `None` when the table is full.
@@ -347,17 +390,50 @@ impl Profile {
         }
     }
 
-    /// Drops history outside the window, and the oldest entries past the cap.
-    pub fn prune(&mut self, retention: &Retention, now: Millis) {
+    /// Drops history outside the window, and the oldest entries past the caps. Returns how many
+    /// entries the caps dropped (what leaves with the window is not a drop).
+    pub fn prune(&mut self, retention: &Retention, now: Millis) -> u64 {
         let horizon = now - retention.window;
         let old = self.history.partition_point(|o| o.at < horizon);
         let over = self.history.len().saturating_sub(old + MAX_HISTORY);
         // Entries of names no longer needed are not hunted down here (that would cost a lookup
         // per entry per message): they leave with the window or the cap.
         self.history.drain(..old + over);
+        let mut dropped = over as u64;
+        if self.history.len() > MAX_HISTORY_PER_NAME {
+            dropped += self.cap_each_name();
+        }
         if self.names.len() > MAX_NAMES / 2 {
             self.compact_names();
         }
+        dropped
+    }
+
+    /// Drops the oldest occurrences of each name past [`MAX_HISTORY_PER_NAME`].
+    fn cap_each_name(&mut self) -> u64 {
+        let mut counts = vec![0usize; self.names.len()];
+        for o in &self.history {
+            if let Some(c) = counts.get_mut(usize::from(o.name)) {
+                *c += 1;
+            }
+        }
+        // Now the number to drop of each name, oldest first.
+        let mut excess: Vec<usize> = counts
+            .iter()
+            .map(|c| c.saturating_sub(MAX_HISTORY_PER_NAME))
+            .collect();
+        let dropped: usize = excess.iter().sum();
+        if dropped > 0 {
+            self.history
+                .retain(|o| match excess.get_mut(usize::from(o.name)) {
+                    Some(e) if *e > 0 => {
+                        *e -= 1;
+                        false
+                    }
+                    _ => true,
+                });
+        }
+        dropped as u64
     }
 
     /// Drops the names no occurrence refers to any more.
@@ -389,8 +465,11 @@ impl Profile {
     }
 
     /// Takes in everything `other` knows (its messages are disjoint from ours, so counts add).
-    /// Our traits win over `other`'s where both have one: `self` is the surviving profile.
-    pub fn merge(&mut self, other: Profile) {
+    /// Our traits win over `other`'s where both have one: `self` is the surviving profile. Every
+    /// anonymousId is kept, past the cap too: each is linked to a profile, and the merge moves
+    /// those links here. Returns what the caps dropped.
+    pub fn merge(&mut self, other: Profile, retention: &Retention) -> Dropped {
+        let mut dropped = Dropped::default();
         if self.user_id.is_none() {
             self.user_id = other.user_id;
         }
@@ -398,8 +477,13 @@ impl Profile {
             self.add_anonymous_id(a);
         }
         for (k, v) in other.traits {
-            if !self.traits.contains_key(&k) && self.traits.len() < MAX_TRAITS {
+            if self.traits.contains_key(&k) {
+                continue;
+            }
+            if self.traits.len() < MAX_TRAITS {
                 self.traits.insert(k, v);
+            } else {
+                dropped.traits += 1;
             }
         }
         if other.first_seen != 0 && (self.first_seen == 0 || other.first_seen < self.first_seen) {
@@ -407,7 +491,7 @@ impl Profile {
         }
         self.last_seen = self.last_seen.max(other.last_seen);
         for (name, theirs) in other.events {
-            let room = self.events.len() < MAX_EVENT_NAMES;
+            let room = self.events.len() < MAX_EVENT_NAMES || retention.read.lists(&name);
             match self.events.get_mut(&name) {
                 Some(ours) => {
                     ours.count += theirs.count;
@@ -423,7 +507,7 @@ impl Profile {
                 None if room => {
                     self.events.insert(name, theirs);
                 }
-                None => {}
+                None => dropped.event_names += 1,
             }
         }
         let mut history = std::mem::take(&mut self.history);
@@ -446,6 +530,10 @@ impl Profile {
         let over = history.len().saturating_sub(MAX_HISTORY);
         history.drain(..over);
         self.history = history;
+        dropped.history += over as u64;
+        if self.history.len() > MAX_HISTORY_PER_NAME {
+            dropped.history += self.cap_each_name();
+        }
         for (key, theirs) in other.memberships.into_pairs() {
             let ours = self.memberships.entry(&key);
             ours.member |= theirs.member;
@@ -455,6 +543,7 @@ impl Profile {
                 (a, b) => a.or(b),
             };
         }
+        dropped
     }
 
     /// The earliest moment any segment asked to be looked at again.
@@ -564,6 +653,7 @@ mod tests {
             history: Names::All,
             values: None,
             objects: Names::All,
+            read: Names::All,
         }
     }
 
@@ -667,6 +757,7 @@ mod tests {
             history: Names::Only(["A".to_string()].into()),
             values: Some(HashSet::new()),
             objects: Names::default(),
+            read: Names::default(),
         };
         for (name, at) in [("A", 100), ("B", 200), ("A", 5_000)] {
             let m = Observed {
@@ -708,7 +799,7 @@ mod tests {
         a.apply(&page(2_000), &r, 4_000);
         b.apply(&page(1_000), &r, 4_000);
         b.apply(&page(3_000), &r, 4_000);
-        a.merge(b);
+        a.merge(b, &r);
         let stats = &a.events["Page Viewed"];
         assert_eq!((stats.count, stats.first, stats.last), (3, 1_000, 3_000));
         assert_eq!(a.anonymous_ids, ["anon-1"]);
@@ -779,10 +870,75 @@ mod tests {
         a.record("A", 1, &[]);
         b.record("B", 2, &[("price".to_string(), 3.0)]);
         b.record("A", 3, &[]);
-        a.merge(b);
+        a.merge(b, &r);
         a.prune(&r, 10);
         let got: Vec<(&str, Millis)> = a.history.iter().map(|o| (a.name(o.name), o.at)).collect();
         assert_eq!(got, [("A", 1), ("B", 2), ("A", 3)]);
         assert_eq!(a.name(a.history[1].values[0].0), "price");
+    }
+}
+
+#[cfg(test)]
+mod caps {
+    use super::*;
+
+    fn track<'a>(event: &'a str, at: Millis, properties: Option<&'a RawValue>) -> Observed<'a> {
+        Observed {
+            kind: MessageType::Track,
+            event: Some(event),
+            at,
+            properties,
+            traits: None,
+        }
+    }
+
+    /// Page views past the cap drop the oldest page views, not the order another rule sums.
+    #[test]
+    fn the_history_cap_is_per_event_name() {
+        let keep = Retention {
+            window: 30 * 86_400_000,
+            history: Names::All,
+            values: None,
+            objects: Names::default(),
+            read: Names::default(),
+        };
+        let revenue = RawValue::from_string(r#"{"revenue": 600}"#.to_string()).unwrap();
+        let mut p = Profile::new(1);
+        let mut dropped = p.apply(
+            &track("Order Completed", 1_000, Some(&revenue)),
+            &keep,
+            1_000,
+        );
+        let pages = MAX_HISTORY_PER_NAME + 500;
+        for i in 0..pages {
+            let at = 2_000 + i as Millis;
+            dropped.add(p.apply(&track("Page Viewed", at, None), &keep, at));
+        }
+        let order = p.find("Order Completed");
+        let orders: Vec<&Occurrence> = p.history.iter().filter(|o| Some(o.name) == order).collect();
+        assert_eq!(orders.len(), 1, "the order stays");
+        assert_eq!(orders[0].values.len(), 1);
+        assert_eq!(p.history.len(), 1 + MAX_HISTORY_PER_NAME);
+        assert_eq!(p.history[1].at, 2_500, "the oldest page views went");
+        assert_eq!(dropped.history, 500, "and every one is counted");
+    }
+
+    /// Past the cap on event names, a name a rule reads is still counted (`did`, `count`,
+    /// `first`, `last` see it as the windowed calls do); another is dropped, counted.
+    #[test]
+    fn past_the_name_cap_the_names_rules_read_are_still_counted() {
+        let keep = Retention {
+            read: Names::Only(["Upgraded".to_string()].into()),
+            ..Retention::nothing()
+        };
+        let mut p = Profile::new(1);
+        for i in 0..MAX_EVENT_NAMES {
+            p.apply(&track(&format!("noise {i}"), 1, None), &keep, 1);
+        }
+        let read = p.apply(&track("Upgraded", 2, None), &keep, 2);
+        let unread = p.apply(&track("Other", 3, None), &keep, 3);
+        assert_eq!(p.events["Upgraded"].count, 1);
+        assert!(!p.events.contains_key("Other"));
+        assert_eq!((read.event_names, unread.event_names), (0, 1));
     }
 }

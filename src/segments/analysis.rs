@@ -25,6 +25,8 @@ pub struct Dependencies {
     /// Segments whose membership the rule reads (`All`: any).
     pub segments: Names,
     pub retention: Retention,
+    /// Whether a windowed call's window is computed (kept as [`UNKNOWN_WINDOW`]).
+    pub computed_window: bool,
 }
 
 impl Dependencies {
@@ -53,6 +55,7 @@ pub fn analyse(rule: &str) -> Dependencies {
     let mut deps = Dependencies::default();
     let mut history = Names::default();
     let mut objects = Names::default();
+    let mut read = Names::default();
     let mut values: Option<HashSet<(String, String)>> = Some(HashSet::new());
     let mut window: Millis = 0;
     let all_events = |deps: &mut Dependencies| deps.events = Names::All;
@@ -67,7 +70,9 @@ pub fn analyse(rule: &str) -> Dependencies {
                 history: Names::All,
                 values: None,
                 objects: Names::All,
+                read: Names::All,
             },
+            computed_window: true,
         };
     }
     for i in 0..tokens.len() {
@@ -98,12 +103,14 @@ pub fn analyse(rule: &str) -> Dependencies {
                 let names = event
                     .clone()
                     .map_or(Names::All, |e| Names::Only([e].into()));
+                read.union(&names);
                 match (name.as_str(), args.len()) {
                     ("first" | "last", _) => objects.union(&names),
                     ("did" | "count", 2) | ("sum", 3) => {
                         history.union(&names);
-                        window = window
-                            .max(literal_duration(args.last().unwrap()).unwrap_or(UNKNOWN_WINDOW));
+                        let literal = literal_duration(args.last().unwrap());
+                        deps.computed_window |= literal.is_none();
+                        window = window.max(literal.unwrap_or(UNKNOWN_WINDOW));
                         if name == "sum" {
                             match (&event, args[1]) {
                                 (Some(e), [Token::Str(p)]) => {
@@ -138,6 +145,7 @@ pub fn analyse(rule: &str) -> Dependencies {
         history,
         values,
         objects,
+        read,
     };
     deps
 }

@@ -399,6 +399,33 @@ impl SegmentSet {
     }
 }
 
+impl SegmentSet {
+    /// What `sluice check` notes about loaded rules whose answers the profiles' caps can bend
+    /// (they load and run; see `crate::profiles::profile::MAX_EVENT_NAMES`).
+    pub fn notes(&self) -> Vec<Diagnostic> {
+        use crate::profiles::profile::MAX_EVENT_NAMES;
+        let mut notes = Vec::new();
+        for s in &self.segments {
+            let mut note = |message: String| {
+                notes.push(Diagnostic::at(
+                    &s.file.path,
+                    &s.file.text,
+                    s.file.rule_offset,
+                    format!("note: {message}"),
+                ))
+            };
+            if s.deps.retention.read == Names::All {
+                note(format!("this rule reads event names it computes: past {MAX_EVENT_NAMES} event names a profile counts only the names rules write out, so a computed name may read as never done"));
+            }
+            if s.deps.computed_window {
+                let days = super::analysis::UNKNOWN_WINDOW / 86_400_000;
+                note(format!("this rule computes a window: history is kept {days} days for it, and a longer window fails the rule; write the window out (days(30)) to keep what it needs"));
+            }
+        }
+        notes
+    }
+}
+
 impl Health {
     fn failed(&self, key: &str, message: String, now: Millis) {
         self.errors.fetch_add(1, Ordering::Relaxed);

@@ -488,3 +488,18 @@ fn a_rule_reading_a_segment_is_new_when_that_segment_comes_or_goes() {
         "a rule reading no segment keeps the fingerprint it had"
     );
 }
+
+/// `sluice check` notes the rules the caps can bend: a computed event name (past the cap on
+/// names only written-out names are counted) and a computed window; plain rules get no note.
+#[test]
+fn check_notes_the_rules_the_caps_can_bend() {
+    let set = set(&[
+        ("named", r#"let e = "Signed Up"; user.did(e)"#),
+        ("windowed", r#"let n = 7; user.count("A", days(n)) > 1"#),
+        ("plain", r#"user.did("A") && user.count("B", days(7)) > 1"#),
+    ]);
+    let notes: Vec<String> = set.notes().iter().map(|n| n.to_string()).collect();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes[0].starts_with("named.toml:2:1: note: this rule reads event names it computes"));
+    assert!(notes[1].starts_with("windowed.toml:2:1: note: this rule computes a window"));
+}
