@@ -98,6 +98,21 @@ pub fn change(
     [track, identify]
 }
 
+/// What the messageId of a change's track says: the segment's key, the profile, the change's
+/// number, and whether it was an entry. `None` for any other id (an identify's among them).
+pub fn parse_change_id(id: &str) -> Option<(&str, u64, u32, bool)> {
+    let rest = id.strip_prefix("audience-")?;
+    let mut parts = rest.rsplitn(4, '-');
+    let entered = match parts.next()? {
+        "entered" => true,
+        "exited" => false,
+        _ => return None,
+    };
+    let changes = parts.next()?.parse().ok()?;
+    let profile = parts.next()?.parse().ok()?;
+    Some((parts.next()?, profile, changes, entered))
+}
+
 /// `"name":"value",`
 fn field(out: &mut Vec<u8>, name: &str, value: &str) {
     string(out, name);
@@ -160,5 +175,16 @@ mod tests {
             identify["messageId"],
             format!("audience-{key}-7-3-entered-identify")
         );
+        let track_id = track["messageId"].as_str().unwrap();
+        assert_eq!(parse_change_id(track_id), Some((key, 7, 3, true)));
+        assert_eq!(
+            parse_change_id("audience-a-b-12-4-exited"),
+            Some(("a-b", 12, 4, false))
+        );
+        assert_eq!(
+            parse_change_id(identify["messageId"].as_str().unwrap()),
+            None
+        );
+        assert_eq!(parse_change_id("order-1"), None);
     }
 }

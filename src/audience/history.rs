@@ -31,8 +31,9 @@ pub struct LakeOccurrence {
     pub values: Vec<(String, f64)>,
 }
 
-/// The SQL that reads what `needed` asks for, of events whose timestamp is in `[from, to)`.
-fn sql(needed: &Retention, from: Millis, to: Millis) -> String {
+/// The SQL that reads what `needed` asks for, of events whose timestamp is in `[from, to)`
+/// (`to` `None`: from `from` on, future timestamps included), received since `since`.
+fn sql(needed: &Retention, since: Millis, from: Millis, to: Option<Millis>) -> String {
     let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
     let kinds = match &needed.history {
         Names::All => "type IN ('track', 'page', 'screen')".to_string(),
@@ -63,28 +64,35 @@ fn sql(needed: &Retention, from: Millis, to: Millis) -> String {
         }
     };
     let time = |ms: Millis| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    // An event arrives no earlier than it happened (a device clock ahead counts as of its
-    // arrival), so its date partition is no earlier than `from`'s.
+    // An event whose device clock ran ahead arrived before its timestamp: the partitions are
+    // those of the whole window, and the timestamp picks the day.
+    let until = to.map_or(String::new(), |to| {
+        format!(
+            "AND timestamp < TIMESTAMP '{}' ",
+            crate::ingest::format_time(time(to))
+        )
+    });
     format!(
         "SELECT source, message_id, user_id, anonymous_id, type, event, timestamp, received_at, \
          properties FROM events WHERE source <> '{}' AND date >= DATE '{}' \
-         AND timestamp >= TIMESTAMP '{}' AND timestamp < TIMESTAMP '{}' AND {kinds}",
+         AND timestamp >= TIMESTAMP '{}' {until}AND {kinds}",
         super::SOURCE,
-        time(from).format("%Y-%m-%d"),
+        time(since).format("%Y-%m-%d"),
         crate::ingest::format_time(time(from)),
-        crate::ingest::format_time(time(to)),
     )
 }
 
-/// Starts reading the occurrences `needed` asks for whose timestamp is in `[from, to)`. The
-/// lake's files are listed before this returns: a row the stream yields was in the log before.
+/// Starts reading the occurrences `needed` asks for whose timestamp is in `[from, to)` (`to`
+/// `None`: on from `from`), of the messages received since `since`. The lake's files are listed
+/// before this returns: a row the stream yields was in the log before.
 pub async fn open(
     engine: &QueryEngine,
     needed: &Retention,
+    since: Millis,
     from: Millis,
-    to: Millis,
+    to: Option<Millis>,
 ) -> Result<Option<SendableRecordBatchStream>, QueryError> {
-    let sql = sql(needed, from, to);
+    let sql = sql(needed, since, from, to);
     if sql.is_empty() {
         return Ok(None);
     }
@@ -140,7 +148,12 @@ mod tests {
             objects: Names::default(),
             read: Names::default(),
         };
-        let sql = sql(&needed, 1_767_225_600_000, 1_767_312_000_000);
+        let sql = sql(
+            &needed,
+            1_767_225_600_000,
+            1_767_225_600_000,
+            Some(1_767_312_000_000),
+        );
         assert!(
             sql.contains("(type = 'track' AND event IN ('Order Completed'))"),
             "{sql}"
@@ -153,6 +166,8 @@ mod tests {
         );
         assert!(sql.contains("source <> 'sluice'"), "{sql}");
         let nothing = Retention::default();
-        assert_eq!(super::sql(&nothing, 0, 1), "");
+        assert_eq!(super::sql(&nothing, 0, 0, Some(1)), "");
+        let open_ended = super::sql(&needed, 0, 1_767_225_600_000, None);
+        assert!(!open_ended.contains("timestamp <"), "{open_ended}");
     }
 }

@@ -355,7 +355,7 @@ impl Stage {
         let saver = Saver::start(parts.store.clone(), parts.metrics.clone(), consumer)
             .map_err(StageError::Saver)?;
         let set = live.current();
-        Ok(Stage {
+        let mut stage = Stage {
             reader: parts.log.reader(offset),
             store: parts.store,
             read,
@@ -398,11 +398,9 @@ impl Stage {
             last_conflict_log: None,
             time,
             clock_wanted: false,
-        })
-        .and_then(|mut stage| {
-            stage.read_own_ahead()?;
-            Ok(stage)
-        })
+        };
+        stage.read_own_ahead()?;
+        Ok(stage)
     }
 
     /// Notes the messageIds of the stage's own records between the saved offset and the log's
@@ -450,8 +448,17 @@ impl Stage {
                 if s.backfill {
                     stale.insert(i);
                 } else {
-                    self.writes.backfilled.push((s.key.clone(), s.fingerprint));
+                    self.writes
+                        .backfilled
+                        .push((s.key.clone(), Some(s.fingerprint)));
                 }
+            }
+        }
+        // A segment no longer loaded is not evaluated: its memberships go stale. Loaded again, even
+        // with the same rule, it is backfilled again.
+        for key in self.read.segment_keys()? {
+            if set.position(&key).is_none() && self.read.segment_stats(&key)?.backfilled.is_some() {
+                self.writes.backfilled.push((key, None));
             }
         }
         let fill = self
@@ -734,7 +741,7 @@ impl Stage {
             if let Some(e) = entry.as_ref().filter(|e| moves_time(e)) {
                 batch.pass_time(&set, e.received_at_micros.div_euclid(1_000), &mut emitted)?;
             }
-            let health = &batch.stage.health;
+            let health = batch.stage.health.clone();
             if let Some(reason) = health.set_aside(record.offset) {
                 batch.stage.set_aside.push(SetAside {
                     offset: record.offset,
@@ -746,7 +753,13 @@ impl Stage {
             let Some(entry) = entry else {
                 continue;
             };
-            if entry.status != Status::Accepted || entry.source == SOURCE {
+            if entry.status != Status::Accepted {
+                continue;
+            }
+            if entry.source == SOURCE {
+                if record.offset < batch.stage.own_ahead_until {
+                    batch.reconcile(&set, &entry)?;
+                }
                 continue;
             }
             // A panic from here on is blamed on this record; an error (a store's) is not.
@@ -773,7 +786,7 @@ impl Stage {
             let finished = b.segments.iter().map(|&i| &set.segments[i]);
             self.writes
                 .backfilled
-                .extend(finished.map(|s| (s.key.clone(), s.fingerprint)));
+                .extend(finished.map(|s| (s.key.clone(), Some(s.fingerprint))));
         }
         self.offset = end;
         if self.offset >= self.own_ahead_until && !self.own_ahead.is_empty() {
@@ -1208,6 +1221,40 @@ impl Batch<'_> {
         self.evaluate(set, resolved.id, trigger, cause)
     }
 
+    /// A change the stage emitted before a crash, read back by the redo: the log says what was
+    /// sent on. A redo evaluates as the first run did, but with the segments in force when it
+    /// runs and backfills in its own order, so it can fall behind what the log holds: then the
+    /// membership takes the change, and the segment is evaluated again, so that what is sent on
+    /// next follows on from what was sent (and no change number is used twice).
+    fn reconcile(&mut self, set: &SegmentSet, entry: &Entry) -> Result<(), StageError> {
+        let Some((key, id, changes, entered)) = emit::parse_change_id(entry.message_id) else {
+            return Ok(());
+        };
+        let stage = &mut self.stage;
+        let held = match stage.cache.get(id) {
+            Some(held) => held.profile.memberships.get(key).map(|m| m.changes),
+            None if stage.deleted.contains(&id) => return Ok(()),
+            None => match stage.read.profile(id)? {
+                Some(p) => p.memberships.get(key).map(|m| m.changes),
+                // Merged away since.
+                None => return Ok(()),
+            },
+        };
+        if held.unwrap_or(0) >= changes {
+            return Ok(());
+        }
+        let since = stage.time;
+        let profile = self.held(id)?;
+        profile.memberships_changed = true;
+        let m = profile.profile_mut().memberships.entry(key);
+        (m.changes, m.member, m.since) = (changes, entered, since);
+        if let Some(place) = set.position(key) {
+            let only = HashSet::from([place]);
+            self.evaluate(set, id, Trigger::Only(&only), None)?;
+        }
+        Ok(())
+    }
+
     fn wake(&mut self, set: &SegmentSet, id: u64, due: Millis) -> Result<(), StageError> {
         let stage = &mut self.stage;
         if stage.deleted.contains(&id)
@@ -1262,10 +1309,13 @@ impl Batch<'_> {
         let now = self.stage.time;
         let mut added = 0;
         let mut touched = HashSet::new();
-        let mut day = (now - needed.window).div_euclid(DAY) * DAY;
+        let since = (now - needed.window).div_euclid(DAY) * DAY;
+        let mut day = since;
         while day <= now {
             let runtime = self.stage.runtime.clone();
-            let stream = match runtime.block_on(history::open(&lake, needed, day, day + DAY)) {
+            // The last day reads on past it: a device clock ahead counts as of its arrival.
+            let to = (day + DAY <= now).then_some(day + DAY);
+            let stream = match runtime.block_on(history::open(&lake, needed, since, day, to)) {
                 Ok(Some(stream)) => stream,
                 Ok(None) => break,
                 Err(e) => return Ok(Err(e)),

@@ -39,7 +39,8 @@ pub struct Writes {
     /// When each segment that changed last did.
     pub last_change: HashMap<String, Millis>,
     /// Segments (key, rule fingerprint) whose backfill finished or that need none.
-    pub backfilled: Vec<(String, u64)>,
+    /// The rule version each segment is backfilled for (`None`: none, it was unloaded).
+    pub backfilled: Vec<(String, Option<u64>)>,
 }
 
 impl Writes {
@@ -235,7 +236,7 @@ fn segment_stats(w: &Writer, metrics: &SegmentMetrics, writes: &Writes) -> Resul
             stats.last_change = Some(*at);
         }
         if let Some((_, fingerprint)) = writes.backfilled.iter().find(|(k, _)| k == key) {
-            stats.backfilled = Some(*fingerprint);
+            stats.backfilled = *fingerprint;
         }
         w.put_segment_stats(key, &stats)?;
         metrics

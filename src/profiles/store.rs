@@ -136,6 +136,16 @@ impl Reader {
         segment_stats(&self.0.open_table(SEGMENTS)?, key)
     }
 
+    /// The keys of every segment with stats, loaded or not.
+    pub fn segment_keys(&self) -> Result<Vec<String>, StoreError> {
+        let t = self.0.open_table(SEGMENTS)?;
+        let mut keys = Vec::new();
+        for row in t.iter()? {
+            keys.push(row?.0.value().to_string());
+        }
+        Ok(keys)
+    }
+
     /// The earliest timer after `after`, if any.
     pub fn next_due(&self, after: Option<(Millis, u64)>) -> Result<Option<Millis>, StoreError> {
         let t = self.0.open_table(TIMERS)?;
