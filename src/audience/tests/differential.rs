@@ -326,8 +326,7 @@ impl Reference {
         let number = || -> i64 {
             let digits: String = rule
                 .split(|c: char| !c.is_ascii_digit())
-                .filter(|d| !d.is_empty())
-                .next_back()
+                .rfind(|d| !d.is_empty())
                 .unwrap()
                 .to_string();
             digits.parse().unwrap()
