@@ -10,5 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cases="${1:-10000}"
+# Each workload's log, store and dedup live in a temporary folder; on tmpfs their fsyncs cost
+# nothing, which makes a workload several times faster here.
+[ -d /dev/shm ] && export TMPDIR="${TMPDIR:-/dev/shm}"
 SLUICE_DIFFERENTIAL_CASES="$cases" cargo test --lib audience::tests::differential -- --nocapture 2>&1 \
   | grep -E "^differential:|test result|panicked|minimal failing|Test failed" 

@@ -702,7 +702,9 @@ impl Stage {
         });
     }
 
-    /// One batch. Returns whether there was anything to do.
+    /// One step: the backfill's read of history from the lake when it is due, or else a batch
+    /// of records (with the due timers they pass and a backfill chunk), or a clock record when a
+    /// timer is due and there is nothing to read. Returns whether there was anything to do.
     fn step(&mut self) -> Result<bool, StageError> {
         self.poll_save()?;
         if self.clock_wanted {

@@ -658,7 +658,7 @@ proptest! {
         WORKLOADS.fetch_add(1, Ordering::Relaxed);
         run(first, cache, &actions)?;
         let (workloads, crashes) = (WORKLOADS.load(Ordering::Relaxed), CRASHES.load(Ordering::Relaxed));
-        if workloads % 1_000 == 0 || u64::from(cases()) == workloads {
+        if workloads % 250 == 0 || u64::from(cases()) == workloads {
             eprintln!("differential: {workloads} workloads, {crashes} crash points");
         }
     }
