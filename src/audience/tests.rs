@@ -672,3 +672,37 @@ fn a_redo_with_other_segments_loaded_takes_the_changes_the_log_holds() {
     let m = profile.memberships.get("pinged").unwrap();
     assert_eq!((m.member, m.changes), (false, 2));
 }
+
+/// The read-back is bounded by the profile cache: with room for 4 profiles and 40 people's
+/// orders in the lake, it saves what it has filled as it goes (so the cache lets those go) and
+/// every one of them is filled.
+#[test]
+fn history_read_back_saves_as_it_goes_to_stay_in_the_cache() {
+    let mut f = Fixture::with_lake_and_cache(4, set(&[SEEN]));
+    let orders: Vec<Value> = (0..40)
+        .map(|i| order(&format!("u{i}"), 60.0, "2026-01-01T00:00:00Z"))
+        .collect();
+    f.step(&orders).unwrap();
+    f.stage.flush().unwrap();
+    f.flush_lake();
+    let spenders = (
+        "spenders",
+        r#"user.sum("Order Completed", "revenue", days(30)) >= 50.0"#,
+    );
+    f.stage.install(set(&[SEEN, spenders])).unwrap();
+    let saves = f.stage.handed;
+    // The clock record, then the read-back alone.
+    while f.stage.backfill.as_ref().is_some_and(|b| b.fill.is_some()) {
+        assert!(f.stage.step().unwrap());
+    }
+    assert!(
+        f.stage.handed - saves >= 40 / 4,
+        "{} saves during the read-back",
+        f.stage.handed - saves
+    );
+    f.settle();
+    f.stage.flush().unwrap();
+    for i in 0..40 {
+        assert!(f.member(&format!("user:u{i}"), "spenders"), "u{i}");
+    }
+}
