@@ -4,8 +4,10 @@
 //! messages to the intake log (from where they reach the lake and destinations like any message).
 //!
 //! ## Batches, saves, exactly once
-//! The stage works in batches: read up to [`BATCH`] records, apply each to its profile and
-//! evaluate, then wake due timers and advance any backfill. The messages a batch emits are
+//! The stage works in batches: read up to [`BATCH`] records and apply each to its profile and
+//! evaluate (waking, before each, the timers its arrival passes), then advance any backfill.
+//! A backfill whose segments need history the profiles never kept first reads it back from the
+//! lake ([`history`]), in a step of its own. The messages a batch emits are
 //! appended to the log (durably) at the end of the batch, and every [`EMIT_EVERY`] within a
 //! long one, so their delay is at most that much of a batch.
 //!
@@ -24,13 +26,16 @@
 //! the cache until a committed save holds them, links stay in the identity map, profiles merged
 //! away are in [`Stage::deleted`], and the timers of changed profiles are in [`Stage::timers`]
 //! (due timers are read from both, skipping the store's entries for changed profiles).
-
-//! A crash (or a failed save) loses what was not saved, and the stage redoes it from the log: the same records on
-//! the same state emit the same changes with the same messageIds (evaluation depends only on the
-//! log, see below), and those the log already holds are not appended again: the stage reads the
-//! messageIds of its own records past the saved offset before it redoes anything, so this holds
-//! however long ago they were appended, beyond the dedup's window. Nothing is emitted twice, and
-//! nothing is lost. The log's cursor for this stage only advances when a save commits, so the log
+//!
+//! A crash (or a failed save) loses what was not saved, and the stage redoes it from the log:
+//! the same records on the same state emit the same changes with the same messageIds
+//! (evaluation depends only on the log, see below), and those the log already holds are not
+//! appended again: the stage reads the messageIds of its own records past the saved offset
+//! before it redoes anything, so this holds however long ago they were appended, beyond the
+//! dedup's window. What the redo cannot repeat exactly (the segments loaded may have changed
+//! since, a backfill may run in another order) it takes from the log: reading its own earlier
+//! changes back, it brings a membership that is behind up to them and evaluates again
+//! (`Batch::reconcile`). Nothing is emitted twice, and nothing is lost. The log's cursor for this stage only advances when a save commits, so the log
 //! keeps what a redo needs. Readers of the store (the admin API) see it as of the last save
 //! committed.
 //!
