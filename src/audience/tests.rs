@@ -163,19 +163,7 @@ impl Fixture {
         let mut records = RecordBatch::default();
         for m in messages {
             self.messages += 1;
-            let id = format!("m{}", self.messages);
-            let mut m = m.clone();
-            m["messageId"] = json!(id);
-            m["receivedAt"] = json!(crate::ingest::format_time(received));
-            if m.get("timestamp").is_none() {
-                m["timestamp"] = m["receivedAt"].clone();
-            }
-            let body = m.to_string();
-            records.push_with(|b| {
-                Entry::encode(b, Status::Accepted, received, "web", &id, "", |b| {
-                    b.extend_from_slice(body.as_bytes())
-                })
-            });
+            push_as_the_edge(&mut records, &format!("m{}", self.messages), m, received);
         }
         self.runtime.block_on(self.log.append(records)).unwrap();
     }
@@ -240,6 +228,23 @@ impl Fixture {
         let id = r.lookup(identity).unwrap()?;
         r.profile(id).unwrap()
     }
+}
+
+/// Adds `message` to `records` as the edge stores an accepted one from the `web` source: with
+/// its messageId, its arrival, and a timestamp (the arrival when it has none).
+fn push_as_the_edge(records: &mut RecordBatch, id: &str, message: &Value, received: DateTime<Utc>) {
+    let mut m = message.clone();
+    m["messageId"] = json!(id);
+    m["receivedAt"] = json!(crate::ingest::format_time(received));
+    if m.get("timestamp").is_none() {
+        m["timestamp"] = m["receivedAt"].clone();
+    }
+    let body = m.to_string();
+    records.push_with(|b| {
+        Entry::encode(b, Status::Accepted, received, "web", id, "", |b| {
+            b.extend_from_slice(body.as_bytes())
+        })
+    });
 }
 
 fn page(who: Value) -> Value {

@@ -239,6 +239,11 @@ mod tests {
         Retention::default()
     }
 
+    /// The profile a message naming `ids` resolves to (it names someone).
+    fn resolved(d: &mut Memory, ids: Identifiers) -> Resolved {
+        resolve(d, ids, &keep()).unwrap().unwrap()
+    }
+
     #[derive(Default)]
     struct Memory {
         index: HashMap<String, u64>,
@@ -281,22 +286,16 @@ mod tests {
     #[test]
     fn anonymous_history_joins_the_identified_profile() {
         let mut d = Memory::default();
-        let anon = resolve(&mut d, ids(None, Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
+        let anon = resolved(&mut d, ids(None, Some("a1")));
         assert!(anon.created);
         d.profile(anon.id)
             .unwrap()
             .traits
             .insert("seen".into(), true.into());
-        let user = resolve(&mut d, ids(Some("u1"), None), &keep())
-            .unwrap()
-            .unwrap();
+        let user = resolved(&mut d, ids(Some("u1"), None));
         assert_ne!(user.id, anon.id);
         // A message with both links them: the anonymous profile merges into the user's.
-        let both = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
+        let both = resolved(&mut d, ids(Some("u1"), Some("a1")));
         assert_eq!(both.id, user.id);
         assert_eq!(both.absorbed, Some(anon.id));
         assert!(!d.profiles.contains_key(&anon.id));
@@ -305,24 +304,14 @@ mod tests {
         assert_eq!(p.anonymous_ids, ["a1"]);
         assert_eq!(d.index["anon:a1"], user.id);
         // From now on the anonymousId alone finds the user.
-        assert_eq!(
-            resolve(&mut d, ids(None, Some("a1")), &keep())
-                .unwrap()
-                .unwrap()
-                .id,
-            user.id
-        );
+        assert_eq!(resolved(&mut d, ids(None, Some("a1"))).id, user.id);
     }
 
     #[test]
     fn an_anonymous_profile_learns_its_user_id() {
         let mut d = Memory::default();
-        let anon = resolve(&mut d, ids(None, Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
-        let user = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
+        let anon = resolved(&mut d, ids(None, Some("a1")));
+        let user = resolved(&mut d, ids(Some("u1"), Some("a1")));
         assert_eq!(user.id, anon.id);
         assert_eq!(d.profiles[&anon.id].user_id.as_deref(), Some("u1"));
     }
@@ -330,12 +319,8 @@ mod tests {
     #[test]
     fn two_user_ids_are_never_merged() {
         let mut d = Memory::default();
-        let u1 = resolve(&mut d, ids(Some("u1"), Some("shared-device")), &keep())
-            .unwrap()
-            .unwrap();
-        let u2 = resolve(&mut d, ids(Some("u2"), Some("shared-device")), &keep())
-            .unwrap()
-            .unwrap();
+        let u1 = resolved(&mut d, ids(Some("u1"), Some("shared-device")));
+        let u2 = resolved(&mut d, ids(Some("u2"), Some("shared-device")));
         assert!(u2.conflict);
         assert_ne!(u1.id, u2.id);
         assert_eq!(d.profiles[&u1.id].user_id.as_deref(), Some("u1"));
@@ -349,7 +334,7 @@ mod tests {
             anonymous_id: None,
             previous_id: Some("u1"),
         };
-        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
+        let r = resolved(&mut d, alias);
         assert!(r.conflict);
         assert_eq!(d.profiles.len(), 2);
     }
@@ -357,18 +342,14 @@ mod tests {
     #[test]
     fn alias_links_a_previous_anonymous_id() {
         let mut d = Memory::default();
-        let anon = resolve(&mut d, ids(None, Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
-        let user = resolve(&mut d, ids(Some("u1"), None), &keep())
-            .unwrap()
-            .unwrap();
+        let anon = resolved(&mut d, ids(None, Some("a1")));
+        let user = resolved(&mut d, ids(Some("u1"), None));
         let alias = Identifiers {
             user_id: Some("u1"),
             anonymous_id: None,
             previous_id: Some("a1"),
         };
-        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
+        let r = resolved(&mut d, alias);
         assert_eq!((r.id, r.absorbed), (user.id, Some(anon.id)));
         assert!(resolve(&mut d, ids(None, None), &keep()).unwrap().is_none());
     }
@@ -378,21 +359,15 @@ mod tests {
     #[test]
     fn an_alias_with_an_anonymous_id_links_all_three() {
         let mut d = Memory::default();
-        let previous = resolve(&mut d, ids(None, Some("p1")), &keep())
-            .unwrap()
-            .unwrap();
-        let device = resolve(&mut d, ids(None, Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
-        let user = resolve(&mut d, ids(Some("u1"), None), &keep())
-            .unwrap()
-            .unwrap();
+        let previous = resolved(&mut d, ids(None, Some("p1")));
+        let device = resolved(&mut d, ids(None, Some("a1")));
+        let user = resolved(&mut d, ids(Some("u1"), None));
         let alias = Identifiers {
             user_id: Some("u1"),
             anonymous_id: Some("a1"),
             previous_id: Some("p1"),
         };
-        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
+        let r = resolved(&mut d, alias);
         assert_eq!(r.id, user.id);
         assert!(r.absorbed.is_some());
         assert_eq!(d.profiles.len(), 1, "{:?}", d.profiles.keys());
@@ -406,7 +381,7 @@ mod tests {
         assert_eq!(anonymous, ["a1", "p1"]);
         // New to all three: one profile with every identifier.
         let mut d = Memory::default();
-        let r = resolve(&mut d, alias, &keep()).unwrap().unwrap();
+        let r = resolved(&mut d, alias);
         assert!(r.created);
         assert_eq!(d.profiles.len(), 1);
         assert_eq!(d.index["anon:a1"], r.id);
@@ -425,21 +400,15 @@ mod tests {
             let r = resolve(&mut d, ids(Some("u1"), Some(&format!("a{i}"))), &keep());
             user = r.unwrap().unwrap().id;
         }
-        let past = resolve(&mut d, ids(Some("u1"), Some("late")), &keep())
-            .unwrap()
-            .unwrap();
+        let past = resolved(&mut d, ids(Some("u1"), Some("late")));
         assert_eq!(past.id, user);
         assert_eq!(past.dropped.anonymous_ids, 1);
         assert!(!d.index.contains_key("anon:late"), "not linked");
         assert_eq!(d.profiles[&user].anonymous_ids.len(), MAX_ANONYMOUS_IDS);
-        let alone = resolve(&mut d, ids(None, Some("late")), &keep())
-            .unwrap()
-            .unwrap();
+        let alone = resolved(&mut d, ids(None, Some("late")));
         assert_ne!(alone.id, user, "a profile of its own");
         // A message naming both merges them: that profile's anonymousId comes with it.
-        let merged = resolve(&mut d, ids(Some("u1"), Some("late")), &keep())
-            .unwrap()
-            .unwrap();
+        let merged = resolved(&mut d, ids(Some("u1"), Some("late")));
         assert_eq!(merged.absorbed, Some(alone.id));
         assert_eq!(d.index["anon:late"], user);
         assert_eq!(d.profiles[&user].anonymous_ids.len(), MAX_ANONYMOUS_IDS + 1);
@@ -448,20 +417,14 @@ mod tests {
     #[test]
     fn a_known_pair_needs_one_lookup() {
         let mut d = Memory::default();
-        let first = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
+        let first = resolved(&mut d, ids(Some("u1"), Some("a1")));
         d.asked.clear();
-        let again = resolve(&mut d, ids(Some("u1"), Some("a1")), &keep())
-            .unwrap()
-            .unwrap();
+        let again = resolved(&mut d, ids(Some("u1"), Some("a1")));
         assert_eq!(again, Resolved::existing(first.id));
         assert_eq!(d.asked, ["user:u1"]);
         // A new anonymousId of the same user is looked up, and linked.
         d.asked.clear();
-        let other = resolve(&mut d, ids(Some("u1"), Some("a2")), &keep())
-            .unwrap()
-            .unwrap();
+        let other = resolved(&mut d, ids(Some("u1"), Some("a2")));
         assert_eq!(other.id, first.id);
         assert_eq!(d.asked, ["user:u1", "anon:a2"]);
         assert_eq!(d.index["anon:a2"], first.id);

@@ -471,18 +471,12 @@ fn send(f: &mut Fixture, messages: &[(String, Message)]) -> Vec<Message> {
         if dup {
             continue;
         }
-        let mut body = body(m, arrived.timestamp_millis());
-        body["messageId"] = json!(id);
-        body["receivedAt"] = json!(crate::ingest::format_time(arrived));
-        if body.get("timestamp").is_none() {
-            body["timestamp"] = body["receivedAt"].clone();
-        }
-        let body = body.to_string();
-        records.push_with(|b| {
-            Entry::encode(b, Status::Accepted, arrived, "web", id, "", |b| {
-                b.extend_from_slice(body.as_bytes())
-            })
-        });
+        push_as_the_edge(
+            &mut records,
+            id,
+            &body(m, arrived.timestamp_millis()),
+            arrived,
+        );
         accepted.push(m.clone());
     }
     if !records.is_empty() {
