@@ -100,41 +100,42 @@ fn anonymous_id(a: u8) -> String {
     format!("a{a}")
 }
 
-/// The segments that `variant` loads: `buyers` always, the others by its bits, with thresholds
-/// and windows that an edit (another variant) changes.
-fn segments(variant: u8) -> Vec<(&'static str, String)> {
+/// The segments that `variant` loads: `buyers` always, the others by its bits, each with the
+/// threshold or window (its parameter) that an edit (another variant) changes: (key, rule,
+/// parameter).
+fn segments(variant: u8) -> Vec<(&'static str, String, i64)> {
     let bit = |n: u8| variant & (1 << n) != 0;
-    let mut out = vec![("buyers", r#"user.did("Order Completed")"#.to_string())];
+    let mut out = vec![("buyers", r#"user.did("Order Completed")"#.to_string(), 0)];
     if bit(0) {
         let n = if bit(1) { 3 } else { 2 };
-        out.push(("viewers", format!(r#"user.count("Page Viewed") >= {n}"#)));
+        out.push(("viewers", format!(r#"user.count("Page Viewed") >= {n}"#), n));
     }
     if bit(2) {
         let hours = if bit(3) { 24 } else { 1 };
-        out.push(("pinged", format!(r#"user.did("Ping", hours({hours}))"#)));
+        out.push((
+            "pinged",
+            format!(r#"user.did("Ping", hours({hours}))"#),
+            hours,
+        ));
     }
     if bit(4) {
         let x = if bit(5) { 100 } else { 50 };
-        out.push((
-            "spenders",
-            format!(r#"user.sum("Order Completed", "revenue", days(7)) >= {x}.0"#),
-        ));
+        let rule = format!(r#"user.sum("Order Completed", "revenue", days(7)) >= {x}.0"#);
+        out.push(("spenders", rule, x));
     }
     if bit(6) {
-        out.push(("pro", r#"user.traits.plan == "pro""#.to_string()));
+        out.push(("pro", r#"user.traits.plan == "pro""#.to_string(), 0));
     }
     if bit(7) {
-        out.push((
-            "quiet_buyers",
-            r#"user.in_segment("buyers") && !did(user, "Ping", hours(1))"#.to_string(),
-        ));
+        let rule = r#"user.in_segment("buyers") && !did(user, "Ping", hours(1))"#;
+        out.push(("quiet_buyers", rule.to_string(), 0));
     }
     out
 }
 
 fn segment_set(variant: u8) -> Arc<SegmentSet> {
     let rules = segments(variant);
-    let rules: Vec<(&str, &str)> = rules.iter().map(|(k, r)| (*k, r.as_str())).collect();
+    let rules: Vec<(&str, &str)> = rules.iter().map(|(k, r, _)| (*k, r.as_str())).collect();
     set(&rules)
 }
 
@@ -315,30 +316,19 @@ impl Reference {
     }
 
     /// Whether `g` is in `key`'s segment (as [`segments`] defines it) at `now`.
-    fn member(g: &Group, key: &str, rule: &str, now: Millis) -> bool {
+    fn member(g: &Group, key: &str, parameter: i64, now: Millis) -> bool {
         let count = |name: &str| g.events.get(name).map_or(0, |e| e.0);
         let within = |name: &'static str, window: Millis| {
             g.occurrences
                 .iter()
                 .filter(move |(n, at, _)| n == name && *at >= now - window && *at <= now)
         };
-        // The number the variant put in the rule.
-        let number = || -> i64 {
-            let digits: String = rule
-                .split(|c: char| !c.is_ascii_digit())
-                .rfind(|d| !d.is_empty())
-                .unwrap()
-                .to_string();
-            digits.parse().unwrap()
-        };
         match key {
             "buyers" => count("Order Completed") > 0,
-            "viewers" => count("Page Viewed") as i64 >= number(),
-            "pinged" => within("Ping", number() * HOUR).next().is_some(),
+            "viewers" => count("Page Viewed") as i64 >= parameter,
+            "pinged" => within("Ping", parameter * HOUR).next().is_some(),
             "spenders" => {
-                let threshold = rule.split(">= ").nth(1).unwrap();
-                let threshold: f64 = threshold.trim_end_matches(".0").parse().unwrap();
-                within("Order Completed", 7 * DAY).map(|o| o.2).sum::<f64>() >= threshold
+                within("Order Completed", 7 * DAY).map(|o| o.2).sum::<f64>() >= parameter as f64
             }
             "pro" => g.traits.get("plan") == Some(&json!("pro")),
             "quiet_buyers" => count("Order Completed") > 0 && within("Ping", HOUR).next().is_none(),
@@ -583,8 +573,8 @@ fn compare(f: &Fixture, reference: &Reference, variant: u8) -> Result<(), TestCa
             .map(|(k, e)| (k.to_string(), (e.count, e.first, e.last)))
             .collect();
         prop_assert_eq!(&events, &g.events, "{:?}", keys);
-        for (key, rule) in &loaded {
-            let expected = Reference::member(g, key, rule, now);
+        for (key, rule, parameter) in &loaded {
+            let expected = Reference::member(g, key, *parameter, now);
             let member = p.memberships.get(key).is_some_and(|m| m.member);
             prop_assert_eq!(
                 member,
@@ -616,7 +606,7 @@ fn compare(f: &Fixture, reference: &Reference, variant: u8) -> Result<(), TestCa
             .push((n.parse().unwrap(), direction == "entered"));
     }
     for p in unmerged {
-        for (key, _) in &loaded {
+        for (key, _, _) in &loaded {
             let emitted = changes.remove(&(p.id, key.to_string())).unwrap_or_default();
             let m = p.memberships.get(key);
             let expected: Vec<(u32, bool)> = (1..=m.map_or(0, |m| m.changes))
