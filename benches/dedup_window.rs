@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use sluice::config::DedupConfig;
-use sluice::ingest::dedup::{key, Dedup};
+use sluice::intake_log::dedup::{key, Dedup};
 use sluice::metrics::DedupMetrics;
 
 fn env(name: &str, default: u64) -> u64 {

@@ -120,7 +120,7 @@ fn ten_property_plan() -> (sluice::schema::Registry, serde_json::Value) {
     let file = sluice::schema::SchemaFile {
         path: "order.json".into(),
         text: schema.to_string(),
-        kind: sluice::ingest::message::MessageType::Track,
+        kind: sluice::vocabulary::MessageType::Track,
         event: Some("Order Completed".into()),
         version: 1,
         schema,
@@ -136,7 +136,7 @@ fn ten_property_plan() -> (sluice::schema::Registry, serde_json::Value) {
 }
 
 fn schema_validation(c: &mut Criterion) {
-    use sluice::ingest::message::MessageType;
+    use sluice::vocabulary::MessageType;
     let (registry, payload) = ten_property_plan();
     let text = payload.to_string();
     let mut group = c.benchmark_group("schema_validation");

@@ -9,11 +9,11 @@ use std::collections::HashMap;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::value::RawValue;
-use sluice::ingest::message::MessageType;
 use sluice::profiles::profile::{event_name, Observed};
 use sluice::profiles::Profile;
 use sluice::segments::api;
 use sluice::segments::{SegmentSet, Trigger};
+use sluice::vocabulary::MessageType;
 
 const EVENTS: [&str; 8] = [
     "Product Viewed",

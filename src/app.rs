@@ -11,18 +11,18 @@ use std::sync::Arc;
 use actix_web::{App, HttpServer};
 use anyhow::Context as _;
 
-use crate::audience::{self, AudienceHandle, LiveSegments};
 use crate::clock::{self, Clock};
 use crate::config::Config;
 use crate::destinations::{self, Destinations};
 use crate::http::{self, AppState};
-use crate::ingest::{dedup, Ingest, Parts};
-use crate::intake_log::{IntakeLog, LogOptions};
+use crate::ingest::{Ingest, Parts};
+use crate::intake_log::{dedup, Appender, IntakeLog, LogOptions};
 use crate::lake::compaction::{CompactionHandle, Compactor};
 use crate::lake::typed::TypedSource;
 use crate::lake::writer::{FlushPolicy, Stopped};
 use crate::lake::{LakeHandle, LakeStore};
 use crate::metrics::Metrics;
+use crate::profile_stage::{self, LiveSegments, ProfileStage};
 use crate::profiles::ProfileStore;
 use crate::query::{QueryEngine, QueryLimits};
 use crate::replay::Replayer;
@@ -66,6 +66,8 @@ pub async fn run_with_clock(
             .await?
             .context("rebuilding the dedup state")?
     };
+    // The one way anything enters the log.
+    let appender = Arc::new(Appender::new(log.clone(), dedup.clone()));
 
     // The tracking plan, reloaded whenever the schemas folder changes.
     let mut loader = schema::watch::Loader::new(&config.schemas.dir);
@@ -146,7 +148,10 @@ pub async fn run_with_clock(
     for problem in &problems {
         tracing::error!(%problem, "segment file refused");
     }
-    metrics.segments.refused_files.set(problems.len() as i64);
+    metrics
+        .profile_stage
+        .refused_files
+        .set(problems.len() as i64);
     tracing::info!(segments = segment_set.len(), "segments loaded");
     let segment_set = Arc::new(segment_set);
     let live_segments = Arc::new(LiveSegments::new(segment_set.clone()));
@@ -155,22 +160,22 @@ pub async fn run_with_clock(
     let segment_watch = segments::watch::spawn(
         segment_loader,
         new_sets,
-        metrics.segments.clone(),
+        metrics.profile_stage.clone(),
         segment_watch_stopped,
     )?;
-    let audience = AudienceHandle::start(
-        audience::Parts {
+    let profile_stage = ProfileStage::start(
+        profile_stage::Parts {
             store: profile_store.clone(),
             log: log.clone(),
-            dedup: dedup.clone(),
-            metrics: metrics.segments.clone(),
+            appender: appender.clone(),
+            metrics: metrics.profile_stage.clone(),
             clock: clock.clone(),
             runtime: tokio::runtime::Handle::current(),
             cache_size: config.profiles.cache_size,
             cache_memory: config.profiles.cache_memory as usize,
             save_every: config.profiles.save_interval,
             lake: Some(query.clone()),
-            health: health("profiles", audience::CONSUMER),
+            health: health("profiles", profile_stage::CONSUMER),
         },
         segment_set,
         reloaded_sets,
@@ -226,8 +231,7 @@ pub async fn run_with_clock(
     let ingest = Arc::new(Ingest::new(
         &config,
         Parts {
-            dedup: dedup.clone(),
-            log: log.clone(),
+            log: appender.clone(),
             plan: plan.clone(),
             metrics: metrics.ingest.clone(),
             schema_metrics: metrics.schema.clone(),
@@ -237,7 +241,7 @@ pub async fn run_with_clock(
     let replayer = Arc::new(Replayer::new(
         &config,
         query.clone(),
-        log.clone(),
+        appender,
         plan.clone(),
     ));
     let state = actix_web::web::Data::new(AppState {
@@ -309,7 +313,7 @@ pub async fn run_with_clock(
         abandoned.push("HTTP requests in flight");
     }
     // The profile stage appends to the log too: it stops before the log closes.
-    let audience_stopped = tokio::task::spawn_blocking(move || audience.finish());
+    let audience_stopped = tokio::task::spawn_blocking(move || profile_stage.finish());
     if tokio::time::timeout_at(deadline, audience_stopped)
         .await
         .is_err()

@@ -1,5 +1,5 @@
 //! What one record of the intake log holds: a message the edge accepted, one it rejected (kept
-//! for the quarantine), or a clock reading of the profile stage's (see `crate::audience`, "The
+//! for the quarantine), or a clock reading of the profile stage's (see `crate::profile_stage`, "The
 //! stage's time"). Written by the ingest stage, read by every consumer.
 //!
 //! ```text
@@ -120,7 +120,7 @@ impl<'a> Entry<'a> {
             "status": self.status.as_str(),
             "source": self.source,
             "messageId": self.message_id,
-            "receivedAt": crate::ingest::format_time(self.received_at()),
+            "receivedAt": crate::vocabulary::format_time(self.received_at()),
         });
         if self.status == Status::Rejected {
             head["reason"] = self.reason.into();

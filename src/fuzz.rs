@@ -53,7 +53,7 @@ pub fn body(data: &[u8]) {
     };
     let shape = match choice & 1 {
         0 => Shape::Batch,
-        _ => Shape::Single(crate::ingest::message::MessageType::Track),
+        _ => Shape::Single(crate::vocabulary::MessageType::Track),
     };
     ingest(shape, &body);
 }
@@ -68,7 +68,7 @@ pub fn sdk_payloads(data: &[u8]) {
     let shape = if value.get("batch").is_some() {
         Shape::Batch
     } else {
-        Shape::Single(crate::ingest::message::MessageType::Track)
+        Shape::Single(crate::vocabulary::MessageType::Track)
     };
     ingest(shape, body.as_bytes());
 }
@@ -260,14 +260,11 @@ fn evaluate(set: &SegmentSet) {
         serde_json::value::RawValue::from_string(r#"{"plan":"pro","seats":3}"#.into()).unwrap();
     for (i, (kind, event)) in [
         (
-            crate::ingest::message::MessageType::Track,
+            crate::vocabulary::MessageType::Track,
             Some("Order Completed"),
         ),
-        (crate::ingest::message::MessageType::Identify, None),
-        (
-            crate::ingest::message::MessageType::Track,
-            Some("Signed Up"),
-        ),
+        (crate::vocabulary::MessageType::Identify, None),
+        (crate::vocabulary::MessageType::Track, Some("Signed Up")),
     ]
     .into_iter()
     .enumerate()
@@ -277,9 +274,8 @@ fn evaluate(set: &SegmentSet) {
             kind,
             event,
             at,
-            properties: (kind != crate::ingest::message::MessageType::Identify)
-                .then_some(&*properties),
-            traits: (kind == crate::ingest::message::MessageType::Identify).then_some(&*traits),
+            properties: (kind != crate::vocabulary::MessageType::Identify).then_some(&*properties),
+            traits: (kind == crate::vocabulary::MessageType::Identify).then_some(&*traits),
         };
         profile.apply(&observed, &set.retention, at);
         let _ = set.evaluate(&mut profile, Trigger::All(None), at);
@@ -318,7 +314,7 @@ fn edge() -> &'static Edge {
         );
         let consumer = log.consumer("fuzz").unwrap();
         let metrics = Metrics::default();
-        let dedup = crate::ingest::dedup::Dedup::new(
+        let dedup = crate::intake_log::dedup::Dedup::new(
             &DedupConfig {
                 window: Duration::from_secs(3600),
                 max_ids: 100_000,
@@ -329,8 +325,10 @@ fn edge() -> &'static Edge {
         let ingest = Ingest::new(
             &config,
             Parts {
-                dedup: Arc::new(dedup),
-                log: log.clone(),
+                log: Arc::new(crate::intake_log::Appender::new(
+                    log.clone(),
+                    Arc::new(dedup),
+                )),
                 plan: Arc::new(crate::schema::Live::empty()),
                 metrics: metrics.ingest,
                 schema_metrics: metrics.schema,

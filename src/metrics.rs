@@ -249,9 +249,9 @@ impl Default for LakeMetrics {
     }
 }
 
-/// Profiles and segments. The `segment` label is a segment key: configuration (a file name in
+/// The `profiles` stage (`crate::profile_stage`): profiles and segments. The `segment` label is a segment key: configuration (a file name in
 /// `segments/`), never user data.
-pub struct SegmentMetrics {
+pub struct ProfileStageMetrics {
     /// From the arrival of the message (or the due moment of a timer) to the emitted change
     /// being durable in the log.
     pub change_delay: Family<CauseLabels, Histogram, fn() -> Histogram>,
@@ -338,7 +338,7 @@ pub enum Direction {
     Exited,
 }
 
-impl Default for SegmentMetrics {
+impl Default for ProfileStageMetrics {
     fn default() -> Self {
         fn delays() -> Histogram {
             Histogram::new([
@@ -346,7 +346,7 @@ impl Default for SegmentMetrics {
                 2.0, 5.0,
             ])
         }
-        SegmentMetrics {
+        ProfileStageMetrics {
             change_delay: Family::new_with_constructor(delays),
             messages: Counter::default(),
             evaluations: Counter::default(),
@@ -421,7 +421,7 @@ impl Default for DestinationMetrics {
 }
 
 pub struct Metrics {
-    pub segments: Arc<SegmentMetrics>,
+    pub profile_stage: Arc<ProfileStageMetrics>,
     pub destinations: Arc<DestinationMetrics>,
     pub ingest: Arc<IngestMetrics>,
     pub log: Arc<LogMetrics>,
@@ -462,7 +462,7 @@ impl Default for Metrics {
             dedup: Arc::new(DedupMetrics::default()),
             lake: Arc::new(LakeMetrics::default()),
             schema: Arc::new(SchemaMetrics::default()),
-            segments: Arc::new(SegmentMetrics::default()),
+            profile_stage: Arc::new(ProfileStageMetrics::default()),
             destinations: Arc::new(DestinationMetrics::default()),
             stages: Arc::new(StageMetrics::default()),
             state: StateGauges::default(),
@@ -650,7 +650,7 @@ impl Metrics {
             "Lake flushes that failed and are retried (storage unreachable, for one)",
             k.flush_errors.clone(),
         );
-        let g = &self.segments;
+        let g = &self.profile_stage;
         r.register(
             "profile_messages",
             "Messages applied to profiles",

@@ -301,7 +301,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
                 r.error(n.span, "`sources.name` must not be empty");
                 None
             }
-            Some(n) if n.value == crate::audience::SOURCE => {
+            Some(n) if n.value == crate::vocabulary::SOURCE => {
                 r.error(
                     n.span,
                     "`sluice` is reserved: it is the source of the messages Sluice emits itself",

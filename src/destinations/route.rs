@@ -8,9 +8,9 @@ use rhai::{Dynamic, Engine, Scope, AST};
 use serde::Deserialize;
 
 use super::files::DestinationFile;
-use crate::audience::emit::SOURCE;
 use crate::diagnostic::Diagnostic;
 use crate::segments::{api::json_to_dynamic, rules::rhai_problem_at, sandbox};
+use crate::vocabulary::SOURCE;
 
 /// The fields routing reads; the rest of the message is skipped, not built.
 #[derive(Debug, Deserialize)]

@@ -15,13 +15,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::ingest::message::{MessageType, RawMessage};
+use crate::ingest::message::RawMessage;
 use crate::ingest::plan;
 use crate::ingest::rules::{self, BatchDefaults};
 use crate::metrics::{PlanLabels, PlanOutcome};
 use crate::query::{self, QueryError};
 use crate::replay::ReplayRequest;
 use crate::schema::Verdict;
+use crate::vocabulary::MessageType;
 
 /// Lets the request on to the admin handler when it carries the admin token; answers it
 /// otherwise, without reading its body.

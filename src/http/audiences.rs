@@ -19,7 +19,7 @@ impl From<StoreError> for ApiError {
 
 fn time(ms: Millis) -> Value {
     chrono::DateTime::from_timestamp_millis(ms)
-        .map_or(Value::Null, |t| crate::ingest::format_time(t).into())
+        .map_or(Value::Null, |t| crate::vocabulary::format_time(t).into())
 }
 
 /// The contract's shape of a profile.

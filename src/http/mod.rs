@@ -21,14 +21,14 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
-use crate::ingest::dedup::Dedup;
-use crate::ingest::message::MessageType;
 use crate::ingest::{Ingest, Shape};
+use crate::intake_log::dedup::Dedup;
 use crate::intake_log::IntakeLog;
 use crate::metrics::{Metrics, RequestLabels, Route, RouteLabels};
 use crate::query::QueryEngine;
 use crate::replay::Replayer;
 use crate::schema::Live;
+use crate::vocabulary::MessageType;
 pub(crate) use body::gunzip;
 pub use error::ApiError;
 
@@ -51,7 +51,7 @@ pub struct AppState {
     pub query_slots: Arc<tokio::sync::Semaphore>,
     pub profiles: Arc<crate::profiles::ProfileStore>,
     /// The segments in force.
-    pub segments: Arc<crate::audience::LiveSegments>,
+    pub segments: Arc<crate::profile_stage::LiveSegments>,
     pub destinations: Arc<crate::destinations::Destinations>,
     /// The log's consumers and how they fare.
     pub stages: Arc<crate::supervisor::Stages>,

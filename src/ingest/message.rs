@@ -7,49 +7,10 @@
 //! from the request's text, not copied: a message is copied once, into its log record.
 
 use std::borrow::Cow;
-use std::fmt;
 
-use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::bounds;
-
-/// The six Segment message types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MessageType {
-    Track,
-    Identify,
-    Page,
-    Screen,
-    Group,
-    Alias,
-}
-
-impl MessageType {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "track" => Self::Track,
-            "identify" => Self::Identify,
-            "page" => Self::Page,
-            "screen" => Self::Screen,
-            "group" => Self::Group,
-            "alias" => Self::Alias,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Track => "track",
-            Self::Identify => "identify",
-            Self::Page => "page",
-            Self::Screen => "screen",
-            Self::Group => "group",
-            Self::Alias => "alias",
-        }
-    }
-}
 
 /// A string field as sent: borrowed from the request unless it had escapes.
 pub type Text<'a> = Cow<'a, str>;
@@ -230,37 +191,6 @@ impl<'a> Reader<'a> {
             Some(b'n') => self.value().map(|_| None),
             _ => Err(format!("`{field}` must be an object")),
         }
-    }
-}
-
-/// A JSON string, borrowed from the input when it has no escapes. (serde's own `Cow<str>`
-/// always copies, `#[serde(borrow)]` or not, when it is inside an `Option`.)
-pub struct JsonStr<'de>(pub std::borrow::Cow<'de, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for JsonStr<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = JsonStr<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(JsonStr(v.into()))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(JsonStr(v.to_owned().into()))
-            }
-        }
-        d.deserialize_str(V(std::marker::PhantomData))
-    }
-}
-
-impl std::ops::Deref for JsonStr<'_> {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
     }
 }
 

@@ -9,7 +9,6 @@
 //! the quarantine. Nothing is acknowledged before the log has fsynced it.
 
 pub mod bounds;
-pub mod dedup;
 pub mod message;
 pub mod plan;
 pub mod rate_limit;
@@ -26,14 +25,13 @@ use serde_json::{Map, Value};
 use crate::clock::Clock;
 use crate::config::{Config, SourceConfig};
 use crate::entry::{Entry, Status};
-use crate::intake_log::{AppendError, IntakeLog, RecordBatch};
+use crate::intake_log::{message_key, AppendError, Appender, RecordBatch};
 use crate::metrics::{IngestMetrics, MessageLabels, Outcome, SchemaMetrics};
 use crate::schema::Live;
-use dedup::Dedup;
-use message::{MessageType, RawMessage};
+use crate::vocabulary::MessageType;
+use message::RawMessage;
 use plan::{Decision, Policy};
 use rate_limit::RateLimits;
-pub use rules::format_time;
 use rules::{BatchDefaults, SharedTime};
 
 /// Segment's limits.
@@ -125,8 +123,7 @@ pub enum IngestError {
 pub struct Ingest {
     sources: Vec<SourceConfig>,
     limits: RateLimits,
-    dedup: Arc<Dedup>,
-    log: Arc<IntakeLog>,
+    log: Arc<Appender>,
     plan: Arc<Live>,
     default_policy: Policy,
     metrics: Arc<IngestMetrics>,
@@ -136,8 +133,7 @@ pub struct Ingest {
 
 /// What the edge needs besides the config.
 pub struct Parts {
-    pub dedup: Arc<Dedup>,
-    pub log: Arc<IntakeLog>,
+    pub log: Arc<Appender>,
     pub plan: Arc<Live>,
     pub metrics: Arc<IngestMetrics>,
     pub schema_metrics: Arc<SchemaMetrics>,
@@ -187,7 +183,6 @@ impl Ingest {
         Ingest {
             sources: config.sources.clone(),
             limits: RateLimits::new(&config.sources),
-            dedup: parts.dedup,
             log: parts.log,
             plan: parts.plan,
             default_policy: Policy {
@@ -274,12 +269,12 @@ impl Ingest {
             .iter()
             .map(|v| match v {
                 Verdict::Accepted(m) | Verdict::Blocked(m, _) if !m.message_id_generated => {
-                    Some(dedup::key(&source.name, &m.message_id))
+                    Some(message_key(&source.name, &m.message_id))
                 }
                 _ => None,
             })
             .collect();
-        let (reservation, duplicate) = self.dedup.reserve(&keys, || self.log.end()).await;
+        let pending = self.log.begin(&keys).await;
 
         // The times every message carries, formatted once.
         let shared: Vec<SharedTime> = std::iter::once(received_at)
@@ -292,7 +287,7 @@ impl Ingest {
         let mut report = Report::default();
         let mut duplicates = 0;
         let mut blocked = 0;
-        for (index, (verdict, dup)) in verdicts.into_iter().zip(duplicate).enumerate() {
+        for (index, (verdict, &dup)) in verdicts.into_iter().zip(pending.duplicates()).enumerate() {
             match verdict {
                 Verdict::Accepted(_) | Verdict::Blocked(..) if dup => duplicates += 1,
                 Verdict::Blocked(m, reason) => {
@@ -355,15 +350,12 @@ impl Ingest {
         // The estimate above leaves out the keys and timestamps the server writes: the records
         // themselves are held to the limit.
         if records.byte_len() > MAX_STORED_REQUEST_BYTES {
-            drop(reservation);
             return Err(IngestError::TooLarge(Limit::Stored));
         }
-        if let Err(e) = self.log.append(records).await {
-            drop(reservation);
+        if let Err(e) = pending.finish(records, received_at).await {
             count(Outcome::Unavailable, request.messages.len());
             return Err(IngestError::Unavailable(e));
         }
-        reservation.commit(received_at);
         count(Outcome::Accepted, report.accepted);
         count(Outcome::Blocked, blocked);
         count(Outcome::Duplicate, duplicates);
@@ -419,7 +411,10 @@ impl Ingest {
                 Ok(Request {
                     source,
                     defaults: BatchDefaults {
-                        sent_at: parsed.sent_at.as_deref().and_then(rules::parse_time),
+                        sent_at: parsed
+                            .sent_at
+                            .as_deref()
+                            .and_then(crate::vocabulary::parse_time),
                         context: batch_object(parsed.context, "context")?,
                         integrations: batch_object(parsed.integrations, "integrations")?,
                     },

@@ -12,11 +12,12 @@
 
 use serde_json::{Map, Value};
 
-use super::message::{Json, MessageType};
+use super::message::Json;
 use super::rules::Message;
 use crate::config::{Unplanned, Violations};
 use crate::metrics::{PlanOutcome, SchemaMetrics};
 use crate::schema::{Registry, Verdict, Violation};
+use crate::vocabulary::MessageType;
 
 /// A source's policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 use super::*;
 use crate::config::{Config, DedupConfig};
-use crate::intake_log::{LogOptions, Record};
+use crate::intake_log::dedup::Dedup;
+use crate::intake_log::{Appender, IntakeLog, LogOptions, Record};
 use crate::metrics::{DedupMetrics, LogMetrics};
 use chrono::{DateTime, Utc};
 
@@ -41,8 +42,7 @@ fn fixture_with_plan(config_text: &str, plan: crate::schema::Live) -> Fixture {
     let ingest = Ingest::new(
         &config,
         Parts {
-            dedup,
-            log: log.clone(),
+            log: Arc::new(Appender::new(log.clone(), dedup)),
             plan: Arc::new(plan),
             metrics: metrics.ingest,
             schema_metrics: metrics.schema,

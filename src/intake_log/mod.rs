@@ -27,7 +27,9 @@
 //! read, and fails that group's appends; what was acknowledged before is untouched. If even the
 //! cut fails, the log refuses all appends ([`AppendError::Failed`]) until a restart recovers it.
 
+mod append;
 pub mod cursor;
+pub mod dedup;
 pub mod reader;
 pub mod segment;
 mod writer;
@@ -43,6 +45,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::LogMetrics;
+pub use append::{message_key, readmission_key, Appender, Pending};
 pub use cursor::Consumer;
 pub use reader::{LogReader, ReadError, Record};
 use segment::SegmentFile;

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::entry::Entry;
-use crate::ingest::rules::parse_time;
+use crate::vocabulary::parse_time;
 
 /// The fixed tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

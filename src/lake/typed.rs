@@ -29,9 +29,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 
 use crate::entry::Entry;
-use crate::ingest::rules::parse_time;
 use crate::schema::live::Snapshot;
 use crate::schema::{Live, SchemaFile, Schemas};
+use crate::vocabulary::parse_time;
 
 /// The typed tables, by track event name.
 pub type TypedTables = std::collections::HashMap<String, TypedTable>;
@@ -434,7 +434,7 @@ impl TypedBuilder {
 mod tests {
     use super::*;
     use crate::entry::Status;
-    use crate::ingest::message::MessageType;
+    use crate::vocabulary::MessageType;
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 

@@ -14,7 +14,7 @@
 //! - [`codec`]: a profile's stored encoding.
 //! - [`store`]: the redb tables.
 //!
-//! This module knows nothing of rules or the intake log: `crate::audience` drives it.
+//! This module knows nothing of rules or the intake log: `crate::profile_stage` drives it.
 
 pub mod codec;
 pub mod identity;

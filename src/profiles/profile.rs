@@ -13,7 +13,7 @@ use Set as HashSet;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::ingest::message::{JsonStr, MessageType};
+use crate::vocabulary::{JsonStr, MessageType};
 
 pub use super::memberships::{Membership, Memberships};
 

@@ -101,10 +101,10 @@ async fn an_empty_lake_answers_with_no_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_track_tables_are_queryable_by_slug() {
-    use crate::ingest::message::MessageType;
     use crate::lake::typed::{TypedSource, TypedTable, TypedTables};
     use crate::lake::writer::Flush;
     use crate::schema::{Live, Registry, SchemaFile, Schemas};
+    use crate::vocabulary::MessageType;
 
     let schema = SchemaFile {
         path: "signed_up.json".into(),

@@ -6,12 +6,12 @@
 //! force now and, if it passes, appended to the intake log as accepted with its original
 //! `messageId`, `receivedAt` and timestamps: from there it reaches the lake like any message.
 //!
-//! Exactly once: the lake is consulted (a message in `events` is not a candidate), one replay
-//! runs at a time, and the ids re-admitted since the server started are remembered, which covers
-//! the moment before the lake has flushed them. After a restart the lake holds them (the writer
-//! flushes everything at shutdown, and redoes a flush after a crash).
+//! Exactly once: the lake is consulted (a message in `events` is not a candidate), and the append
+//! is the log's idempotent one, keyed by the message's [`readmission_key`]: within the dedup
+//! window a message is let in once, also before the lake has flushed it and across restarts once
+//! the dedup has checkpointed. (A message let in before, blocked again by a plan changed since, and
+//! not flushed yet, counts as still blocked.)
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray};
@@ -23,11 +23,11 @@ use serde_json::Value;
 
 use crate::config::{Config, Unplanned};
 use crate::entry::{Entry, Status};
-use crate::ingest::message::MessageType;
 use crate::ingest::plan::Policy;
-use crate::intake_log::{AppendError, IntakeLog, RecordBatch};
+use crate::intake_log::{readmission_key, AppendError, Appender, RecordBatch};
 use crate::query::{QueryEngine, QueryError};
 use crate::schema::{Live, Verdict};
+use crate::vocabulary::MessageType;
 
 /// Which quarantined messages to try.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -59,11 +59,9 @@ pub enum ReplayError {
 
 pub struct Replayer {
     engine: QueryEngine,
-    log: Arc<IntakeLog>,
+    log: Arc<Appender>,
     plan: Arc<Live>,
     sources: Vec<(String, Policy)>,
-    /// (source, messageId) keys re-admitted since start; the lock also makes replays take turns.
-    readmitted: tokio::sync::Mutex<HashSet<u128>>,
 }
 
 /// The parts of a stored message the plan looks at.
@@ -80,7 +78,7 @@ struct Stored<'a> {
 }
 
 impl Replayer {
-    pub fn new(config: &Config, engine: QueryEngine, log: Arc<IntakeLog>, plan: Arc<Live>) -> Self {
+    pub fn new(config: &Config, engine: QueryEngine, log: Arc<Appender>, plan: Arc<Live>) -> Self {
         let sources = config
             .sources
             .iter()
@@ -97,12 +95,10 @@ impl Replayer {
             log,
             plan,
             sources,
-            readmitted: tokio::sync::Mutex::new(HashSet::new()),
         }
     }
 
     pub async fn replay(&self, request: &ReplayRequest) -> Result<ReplayReport, ReplayError> {
-        let mut readmitted = self.readmitted.lock().await;
         let mut sql = String::from(
             "SELECT q.source, q.message_id, q.received_at, q.raw FROM quarantine q \
              WHERE (q.reason LIKE 'schema:%' OR q.reason LIKE 'unplanned:%') AND q.message_id IS NOT NULL \
@@ -114,7 +110,7 @@ impl Replayer {
             sql.push_str(&format!(" AND q.event = ${}", params.len()));
         }
         if let Some(since) = &request.since {
-            let t = crate::ingest::rules::parse_time(since)
+            let t = crate::vocabulary::parse_time(since)
                 .ok_or_else(|| ReplayError::Since(since.clone()))?;
             params.push(ScalarValue::TimestampMicrosecond(
                 Some(t.timestamp_micros()),
@@ -125,9 +121,10 @@ impl Replayer {
         sql.push_str(" ORDER BY q.received_at");
         let rows = self.engine.sql_with_params(&sql, params).await?;
 
+        // The messages that pass the plan now, once each.
         let snapshot = self.plan.snapshot();
         let mut report = ReplayReport::default();
-        let mut records = RecordBatch::default();
+        let mut passing = Vec::new();
         let mut keys = Vec::new();
         for batch in &rows.batches {
             let source = batch.column(0).as_string::<i32>();
@@ -135,17 +132,17 @@ impl Replayer {
             let received_at = batch.column(2).as_primitive::<TimestampMicrosecondType>();
             let raw = batch.column(3).as_string::<i32>();
             for i in 0..batch.num_rows() {
-                let key = crate::ingest::dedup::key(source.value(i), message_id.value(i));
-                if readmitted.contains(&key) || keys.contains(&key) {
+                let key = Some(readmission_key(source.value(i), message_id.value(i)));
+                if keys.contains(&key) {
                     continue;
                 }
-                report.candidates += 1;
                 let policy = self
                     .sources
                     .iter()
                     .find(|(name, _)| name == source.value(i))
                     .map(|(_, p)| *p);
                 if !passes(&snapshot.registry, policy, raw.value(i)) {
+                    report.candidates += 1;
                     report.still_blocked += 1;
                     continue;
                 }
@@ -155,25 +152,29 @@ impl Replayer {
                     received_at.value(i)
                 })
                 .unwrap_or_default();
-                records.push_with(|out| {
-                    Entry::encode(
-                        out,
-                        Status::Accepted,
-                        at,
-                        source.value(i),
-                        message_id.value(i),
-                        "",
-                        |out| out.extend_from_slice(raw.value(i).as_bytes()),
-                    )
-                });
+                let (source, message_id, raw) =
+                    (source.value(i), message_id.value(i), raw.value(i));
+                passing.push((at, source, message_id, raw));
                 keys.push(key);
             }
         }
-        report.readmitted = keys.len();
-        if !records.is_empty() {
-            self.log.append(records).await?;
-            readmitted.extend(keys);
+        // Those not let in already, appended as accepted.
+        let pending = self.log.begin(&keys).await;
+        let mut records = RecordBatch::default();
+        for ((at, source, message_id, raw), _) in passing
+            .iter()
+            .zip(pending.duplicates())
+            .filter(|(_, &dup)| !dup)
+        {
+            records.push_with(|out| {
+                Entry::encode(out, Status::Accepted, *at, source, message_id, "", |out| {
+                    out.extend_from_slice(raw.as_bytes())
+                })
+            });
         }
+        report.readmitted = records.len() as usize;
+        report.candidates += report.readmitted;
+        pending.finish(records, chrono::Utc::now()).await?;
         tracing::info!(?request, ?report, "quarantine replay");
         Ok(report)
     }

@@ -161,7 +161,7 @@ fn compare_property(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::message::MessageType;
+    use crate::vocabulary::MessageType;
 
     fn version(v: u64, schema: Value) -> SchemaFile {
         SchemaFile {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::diagnostic::Diagnostic;
-use crate::ingest::message::MessageType;
+use crate::vocabulary::MessageType;
 
 /// One schema file.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::files::{SchemaFile, Schemas};
 use crate::diagnostic::Diagnostic;
-use crate::ingest::message::MessageType;
+use crate::vocabulary::MessageType;
 
 /// One error of a message against its schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -116,7 +116,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::message::MessageType;
+    use crate::vocabulary::MessageType;
 
     fn schema(required: &str) -> String {
         format!(

@@ -295,7 +295,7 @@ impl Event {
     }
 
     fn timestamp(&mut self) -> ImmutableString {
-        crate::ingest::format_time(
+        crate::vocabulary::format_time(
             chrono::DateTime::from_timestamp_millis(self.at).unwrap_or_default(),
         )
         .into()

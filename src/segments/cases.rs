@@ -8,8 +8,8 @@ use serde_json::Value;
 use super::files::{parse_time, TestCase};
 use super::rules::{SegmentSet, Trigger};
 use crate::diagnostic::Diagnostic;
-use crate::ingest::message::MessageType;
 use crate::profiles::profile::{Millis, Observed, Profile};
+use crate::vocabulary::MessageType;
 
 /// When a case's messages have no timestamp, they happen one second apart from this moment.
 const DEFAULT_START: Millis = 1_767_225_600_000; // 2026-01-01T00:00:00Z

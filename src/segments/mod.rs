@@ -1,5 +1,5 @@
 //! Segments: `segments/*.toml` files, each a Rhai rule over one profile, compiled once and
-//! evaluated in real time by the profile stage (`crate::audience`).
+//! evaluated in real time by the profile stage (`crate::profile_stage`).
 //!
 //! - [`files`]: reading a segment file (pure; every problem with its place).
 //! - [`sandbox`]: the one function that builds a Rhai engine, with every limit set.

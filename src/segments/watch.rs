@@ -14,7 +14,7 @@ use super::files::{self, SegmentFile};
 use super::rules::SegmentSet;
 use crate::diagnostic::Diagnostic;
 use crate::folder_watch::{self, Fingerprint};
-use crate::metrics::SegmentMetrics;
+use crate::metrics::ProfileStageMetrics;
 
 pub struct Loader {
     dir: PathBuf,
@@ -83,7 +83,7 @@ impl Loader {
 pub fn spawn(
     mut loader: Loader,
     sets: SyncSender<Arc<SegmentSet>>,
-    metrics: Arc<SegmentMetrics>,
+    metrics: Arc<ProfileStageMetrics>,
     stop: Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     folder_watch::spawn("sluice-segment-watch", stop, move || {

@@ -217,7 +217,7 @@ fn time_condition_flips(config: &str, busy: bool) {
     let traffic = busy.then(|| Traffic::start(&server));
     let log = server.log_dir();
     let signup = |server: &Server, user: &str, clock: &ManualClock| {
-        let at = sluice::ingest::format_time(clock.now());
+        let at = sluice::vocabulary::format_time(clock.now());
         send(
             server,
             json!({"type": "track", "event": "Signed Up", "userId": user, "timestamp": at}),
@@ -304,7 +304,7 @@ fn a_stage_catching_up_on_the_log_does_not_flap_memberships() {
     segment(dir.path(), "browsing", BROWSING);
     let clock = ManualClock::at("2026-01-01T00:00:00Z");
     let page = |at: chrono::DateTime<chrono::Utc>, n: usize| {
-        let at = sluice::ingest::format_time(at);
+        let at = sluice::vocabulary::format_time(at);
         json!({"type": "page", "name": "Home", "userId": "u1", "messageId": format!("p{n}"),
                "timestamp": at, "receivedAt": at, "properties": {}, "context": {}})
     };
@@ -316,10 +316,10 @@ fn a_stage_catching_up_on_the_log_does_not_flap_memberships() {
     });
     let dir = server.stop();
 
-    let per_round = sluice::audience::BATCH + 100;
+    let per_round = sluice::profile_stage::BATCH + 100;
     for round in 1..=6 {
         clock.advance(Duration::from_secs(10 * 60));
-        let at = sluice::ingest::format_time(clock.now());
+        let at = sluice::vocabulary::format_time(clock.now());
         let mut messages = vec![page(clock.now(), round)];
         messages.extend((0..per_round).map(|i| {
             json!({"type": "track", "event": "Noise", "userId": format!("f{round}"),
@@ -642,7 +642,7 @@ fn saves_in_flight_while_the_stage_runs_on_leave_the_store_as_one_save_would() {
     let arrived = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
         .unwrap()
         .to_utc();
-    let at = sluice::ingest::format_time(arrived);
+    let at = sluice::vocabulary::format_time(arrived);
     let mut messages = Vec::new();
     let mut push = |mut m: Value| {
         m["messageId"] = json!(format!("m{}", messages.len()));

@@ -375,8 +375,8 @@ fn clock_skew_is_corrected() {
     );
     assert_eq!(r.status, 200);
     let m = &dump(&server.log_dir())[0]["message"];
-    let received = sluice::ingest::rules::parse_time(m["receivedAt"].as_str().unwrap()).unwrap();
-    let timestamp = sluice::ingest::rules::parse_time(m["timestamp"].as_str().unwrap()).unwrap();
+    let received = sluice::vocabulary::parse_time(m["receivedAt"].as_str().unwrap()).unwrap();
+    let timestamp = sluice::vocabulary::parse_time(m["timestamp"].as_str().unwrap()).unwrap();
     assert_eq!((received - timestamp).num_seconds(), 10);
     assert_eq!(m["originalTimestamp"], "2020-01-02T00:00:00Z");
     assert_eq!(m["sentAt"], "2020-01-02T00:00:10Z");

@@ -7,6 +7,7 @@ mod durability;
 mod hardening;
 mod http_api;
 mod lake;
+mod layering;
 mod plan;
 mod receiver;
 mod schemas;

@@ -28,7 +28,7 @@ impl SegmentApi {
 impl Sender for SegmentApi {
     async fn send(&self, batch: &[Outgoing]) -> Attempt {
         // Messages keep their messageId, so the receiver's dedup makes a retried batch harmless.
-        let sent_at = crate::ingest::format_time(chrono::Utc::now());
+        let sent_at = crate::vocabulary::format_time(chrono::Utc::now());
         let suffix = format!(",\"sentAt\":\"{sent_at}\"}}");
         let body = join_bodies(batch, b"{\"batch\":", suffix.as_bytes());
         let request = self

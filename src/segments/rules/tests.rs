@@ -7,9 +7,9 @@ use proptest::prelude::*;
 use serde_json::value::RawValue;
 
 use super::*;
-use crate::ingest::message::MessageType;
 use crate::profiles::profile::Observed;
 use crate::segments::files;
+use crate::vocabulary::MessageType;
 
 const MINUTE: Millis = 60_000;
 const HOUR: Millis = 3_600_000;

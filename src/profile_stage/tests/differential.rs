@@ -394,7 +394,7 @@ fn body(m: &Message, arrived: Millis) -> Value {
         out["anonymousId"] = json!(anonymous_id(a));
     }
     let time =
-        |ms: Millis| crate::ingest::format_time(DateTime::from_timestamp_millis(ms).unwrap());
+        |ms: Millis| crate::vocabulary::format_time(DateTime::from_timestamp_millis(ms).unwrap());
     match when(m) {
         When::Arrival => {}
         When::Before(s) => out["timestamp"] = json!(time(arrived - Millis::from(s) * 1_000)),
@@ -451,13 +451,13 @@ fn send(f: &mut Fixture, messages: &[(String, Message)]) -> Vec<Message> {
     let arrived = (f.stage.clock)();
     let keys: Vec<Option<u128>> = messages
         .iter()
-        .map(|(id, _)| Some(dedup::key("web", id)))
+        .map(|(id, _)| Some(message_key("web", id)))
         .collect();
-    let dedup = f.parts.dedup.clone();
-    let (reservation, duplicate) = f.runtime.block_on(dedup.reserve(&keys, || f.log.end()));
+    let appender = f.parts.appender.clone();
+    let pending = f.runtime.block_on(appender.begin(&keys));
     let mut records = RecordBatch::default();
     let mut accepted = Vec::new();
-    for ((id, m), dup) in messages.iter().zip(duplicate) {
+    for ((id, m), &dup) in messages.iter().zip(pending.duplicates()) {
         if dup {
             continue;
         }
@@ -469,10 +469,9 @@ fn send(f: &mut Fixture, messages: &[(String, Message)]) -> Vec<Message> {
         );
         accepted.push(m.clone());
     }
-    if !records.is_empty() {
-        f.runtime.block_on(f.log.append(records)).unwrap();
-    }
-    reservation.commit(arrived);
+    f.runtime
+        .block_on(pending.finish(records, arrived))
+        .unwrap();
     accepted
 }
 

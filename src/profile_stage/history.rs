@@ -15,7 +15,7 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::TimestampMicrosecondType;
 use datafusion::execution::SendableRecordBatchStream;
 
-use crate::ingest::dedup;
+use crate::intake_log::message_key;
 use crate::profiles::profile::{numeric_values, Millis, Names, Retention, Set};
 use crate::query::{QueryEngine, QueryError};
 
@@ -69,7 +69,7 @@ fn sql(needed: &Retention, since: Millis, from: Millis, to: Option<Millis>) -> S
     let until = to.map_or(String::new(), |to| {
         format!(
             "AND timestamp < TIMESTAMP '{}' ",
-            crate::ingest::format_time(time(to))
+            crate::vocabulary::format_time(time(to))
         )
     });
     format!(
@@ -78,7 +78,7 @@ fn sql(needed: &Retention, since: Millis, from: Millis, to: Option<Millis>) -> S
          AND timestamp >= TIMESTAMP '{}' {until}AND {kinds}",
         super::SOURCE,
         time(since).format("%Y-%m-%d"),
-        crate::ingest::format_time(time(from)),
+        crate::vocabulary::format_time(time(from)),
     )
 }
 
@@ -124,7 +124,7 @@ pub fn occurrences(
         };
         let props = (!properties.is_null(i)).then(|| properties.value(i));
         out.push(LakeOccurrence {
-            key: dedup::key(source.value(i), message_id.value(i)),
+            key: message_key(source.value(i), message_id.value(i)),
             user_id: (!user.is_null(i)).then(|| user.value(i).to_string()),
             anonymous_id: (!anon.is_null(i)).then(|| anon.value(i).to_string()),
             name: name.to_string(),

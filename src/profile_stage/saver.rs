@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::intake_log::Consumer;
-use crate::metrics::{SegmentLabels, SegmentMetrics};
+use crate::metrics::{ProfileStageMetrics, SegmentLabels};
 use crate::profiles::profile::{Millis, Name, Profile};
 use crate::profiles::store::{Encoded, ProfileStore, StoreError, Writer};
 
@@ -61,7 +61,7 @@ pub struct Save {
     pub writes: Writes,
     /// The log offset everything here reflects, and the counters kept in `meta`.
     pub offset: u64,
-    /// The stage's time at `offset` (see "The stage's time" in `crate::audience`).
+    /// The stage's time at `offset` (see "The stage's time" in `crate::profile_stage`).
     pub time: Millis,
     pub next_id: u64,
     pub profile_count: u64,
@@ -101,7 +101,7 @@ impl Saver {
     /// to the save's offset, so that the log keeps what a redo from that save needs.
     pub fn start(
         store: Arc<ProfileStore>,
-        metrics: Arc<SegmentMetrics>,
+        metrics: Arc<ProfileStageMetrics>,
         mut consumer: Consumer,
     ) -> std::io::Result<Saver> {
         let (saves, inbox) = std::sync::mpsc::sync_channel::<Save>(1);
@@ -179,7 +179,11 @@ impl Drop for Saver {
     }
 }
 
-fn write(store: &ProfileStore, metrics: &SegmentMetrics, save: Save) -> Result<(), StoreError> {
+fn write(
+    store: &ProfileStore,
+    metrics: &ProfileStageMetrics,
+    save: Save,
+) -> Result<(), StoreError> {
     let Save {
         profiles,
         writes,
@@ -222,7 +226,11 @@ fn write(store: &ProfileStore, metrics: &SegmentMetrics, save: Save) -> Result<(
 
 /// Brings the stats of the segments that changed up to date: sizes, last changes, the rule
 /// versions backfilled.
-fn segment_stats(w: &Writer, metrics: &SegmentMetrics, writes: &Writes) -> Result<(), StoreError> {
+fn segment_stats(
+    w: &Writer,
+    metrics: &ProfileStageMetrics,
+    writes: &Writes,
+) -> Result<(), StoreError> {
     let mut changed: Vec<&str> = writes.size_delta.keys().map(|k| &**k).collect();
     changed.extend(writes.last_change.keys().map(|k| k.as_str()));
     changed.extend(writes.backfilled.iter().map(|(k, _)| k.as_str()));

@@ -45,9 +45,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+use super::{Consumer, IntakeLog};
 use crate::config::DedupConfig;
 use crate::entry::{Entry, Status};
-use crate::intake_log::{Consumer, IntakeLog};
 use crate::metrics::DedupMetrics;
 use filter::{shard_of, shard_range, Filter, Shard, SHARDS};
 use runs::Run;

@@ -9,6 +9,7 @@ mod differential;
 
 use super::*;
 use crate::config::DedupConfig;
+use crate::intake_log::dedup::Dedup;
 use crate::intake_log::LogOptions;
 use object_store::ObjectStoreExt;
 
@@ -64,8 +65,8 @@ fn parts(
     };
     let parts = Parts {
         store,
+        appender: Arc::new(Appender::new(log.clone(), Arc::new(dedup))),
         log,
-        dedup: Arc::new(dedup),
         metrics: Default::default(),
         clock,
         runtime: runtime.handle().clone(),
@@ -178,7 +179,8 @@ impl Fixture {
                 window: Duration::from_secs(3600),
                 max_ids: 10_000,
             };
-            self.parts.dedup = Arc::new(Dedup::new(&config, dir, Default::default()));
+            let dedup = Arc::new(Dedup::new(&config, dir, Default::default()));
+            self.parts.appender = Arc::new(Appender::new(self.parts.log.clone(), dedup));
         }
         // A save in flight is written first (the saver finishes it): the process died right
         // after it committed. Nothing else the old stage holds is written.
@@ -235,7 +237,7 @@ impl Fixture {
 fn push_as_the_edge(records: &mut RecordBatch, id: &str, message: &Value, received: DateTime<Utc>) {
     let mut m = message.clone();
     m["messageId"] = json!(id);
-    m["receivedAt"] = json!(crate::ingest::format_time(received));
+    m["receivedAt"] = json!(crate::vocabulary::format_time(received));
     if m.get("timestamp").is_none() {
         m["timestamp"] = m["receivedAt"].clone();
     }
@@ -336,7 +338,7 @@ fn a_message_the_stage_keeps_failing_on_is_set_aside_and_the_stage_goes_on() {
     let segments = set(&[("seen", r#"user.did("Page Viewed")"#)]);
     let live = Arc::new(LiveSegments::new(segments.clone()));
     let (_sets, reloaded) = std::sync::mpsc::sync_channel(1);
-    let stage = AudienceHandle::start(parts, segments, reloaded, live).unwrap();
+    let stage = ProfileStage::start(parts, segments, reloaded, live).unwrap();
     let mut records = RecordBatch::default();
     let received = DateTime::parse_from_rfc3339(T0).unwrap().to_utc();
     for (id, user) in [

@@ -12,9 +12,6 @@ use chrono::{DateTime, Utc};
 use crate::profiles::Profile;
 use crate::segments::rules::Segment;
 
-/// The source name of every message Sluice emits itself. No configured source may use it.
-pub const SOURCE: &str = "sluice";
-
 pub struct Emission {
     pub message_id: String,
     pub body: Vec<u8>,
@@ -41,7 +38,7 @@ pub fn change(
     let direction = if entered { "entered" } else { "exited" };
     let track_id = format!("audience-{key}-{}-{changes}-{direction}", profile.id);
     let identify_id = format!("{track_id}-identify");
-    let time = crate::ingest::format_time(now);
+    let time = crate::vocabulary::format_time(now);
     // What both messages share, from the opening brace on.
     let mut common = Vec::with_capacity(256);
     common.push(b'{');

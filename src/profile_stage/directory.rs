@@ -1,0 +1,92 @@
+//! The stage as the identity resolver's directory ([`Directory`]): identities cached in memory
+//! over the last save committed, profiles loaded into the cache, created and merged away.
+
+use super::*;
+
+/// An identity index key's 128-bit hash: the stage's identity map is keyed by it. Two keys with
+/// the same hash would share a profile; among a billion keys the chance of that is about 10^-21.
+pub(super) fn identity_hash(key: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
+
+impl Directory for Batch<'_> {
+    fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
+        let stage = &mut self.stage;
+        let hash = identity_hash(identity);
+        if let Some(id) = stage.identities.get(&hash) {
+            return Ok(Some(*id));
+        }
+        let found = stage.read.lookup(identity)?;
+        if let Some(id) = found {
+            self.stage.identities.insert(hash, id);
+        }
+        Ok(found)
+    }
+
+    fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
+        let stage = &mut self.stage;
+        stage.writes.links.insert(identity.to_string(), id);
+        stage.identities.insert(identity_hash(identity), id);
+        Ok(())
+    }
+
+    fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError> {
+        if !self.stage.cache.contains(id) {
+            if self.stage.deleted.contains(&id) {
+                return Err(StoreError::missing(id));
+            }
+            let profile = self
+                .stage
+                .read
+                .profile(id)?
+                .ok_or_else(|| StoreError::missing(id))?;
+            self.stage.cache.insert(id, Held::new(profile));
+        }
+        let stage = &mut self.stage;
+        let held = stage.cache.get_mut(id).expect("inserted above");
+        if !held.touched {
+            held.touched = true;
+            stage.touched.push(id);
+        }
+        if !held.unsaved {
+            held.unsaved = true;
+            stage.unsaved.push(id);
+            // From now until the save, the stage's timers hold this profile's.
+            if let Some(due) = held.timer {
+                stage.timers.insert((due, id));
+            }
+        }
+        Ok(held.profile_mut())
+    }
+
+    fn create(&mut self) -> Result<u64, StoreError> {
+        let id = self.stage.next_id;
+        self.stage.next_id += 1;
+        self.stage.profiles += 1;
+        let mut held = Held::new(Profile::new(id));
+        held.touched = true;
+        held.unsaved = true;
+        self.stage.cache.insert(id, held);
+        self.stage.touched.push(id);
+        self.stage.unsaved.push(id);
+        Ok(id)
+    }
+
+    fn remove(&mut self, id: u64) -> Result<Profile, StoreError> {
+        Directory::profile(self, id)?;
+        let held = self.stage.cache.remove(id).expect("loaded above");
+        // From now on: a timer read or a backfill chunk listed at the batch's start may still
+        // name it.
+        self.stage.deleted.insert(id);
+        self.stage.profiles -= 1;
+        if let Some(due) = held.timer {
+            self.stage.timers.remove(&(due, id));
+        }
+        self.stage.removed.push(Removed {
+            id,
+            stored_members: held.stored_members,
+            stored_recheck: held.stored_recheck,
+        });
+        Ok(Arc::try_unwrap(held.profile).unwrap_or_else(|shared| (*shared).clone()))
+    }
+}
