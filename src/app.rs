@@ -184,10 +184,9 @@ pub async fn run_with_clock(
     .context("starting the profile stage")?;
 
     // Destinations: one log consumer each, registered before anything can trim the log.
-    let (loaded, problems) =
-        destinations::load(&config.destinations.dir, &|name| std::env::var(name).ok());
+    let (loaded, problems) = destinations::load(&config, &|name| std::env::var(name).ok());
     for problem in &problems {
-        tracing::error!(%problem, "destination file refused");
+        tracing::error!(%problem, "destination file problem");
     }
     let destinations = Arc::new(
         Destinations::start(
@@ -195,14 +194,6 @@ pub async fn run_with_clock(
             destinations::Parts {
                 log: log.clone(),
                 state_dir: config.destinations.state.clone(),
-                segments: {
-                    let live = live_segments.clone();
-                    Arc::new(move |key: &str, destination: &str| {
-                        live.current().segments.iter().any(|s| {
-                            s.key == key && s.destinations.iter().any(|d| d == destination)
-                        })
-                    })
-                },
                 metrics: metrics.destinations.clone(),
                 health: {
                     let (stages, metrics) = (stages.clone(), metrics.stages.clone());

@@ -26,21 +26,8 @@ pub fn check(config_path: &Path, out: &mut dyn Write) -> io::Result<bool> {
     let mut notes = Vec::new();
     let segments = check_segments(&config, &mut problems, &mut notes);
     let (destinations, mut found) =
-        crate::destinations::load(&config.destinations.dir, &|name| std::env::var(name).ok());
+        crate::destinations::load(&config, &|name| std::env::var(name).ok());
     problems.append(&mut found);
-    let segment_keys: std::collections::HashSet<String> =
-        crate::segments::files::list(&config.segments.dir)
-            .iter()
-            .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-            .collect();
-    for (file, _) in &destinations {
-        for key in file.segments.iter().filter(|k| !segment_keys.contains(*k)) {
-            problems.push(crate::diagnostic::Diagnostic::file(
-                &file.path,
-                format!("`segments`: unknown segment `{key}` (no segments/{key}.toml)"),
-            ));
-        }
-    }
     for p in problems.iter().chain(&notes) {
         writeln!(out, "{p}")?;
     }
@@ -77,16 +64,13 @@ fn check_segments(
 ) -> usize {
     use crate::segments::{cases, files, SegmentSet};
     let mut loaded = Vec::new();
-    for path in files::list(&config.segments.dir) {
+    for path in crate::folder_watch::toml_files(&config.segments.dir) {
         match files::read(&path) {
             Ok(file) => loaded.push(file),
             Err(mut found) => problems.append(&mut found),
         }
     }
-    let destinations: std::collections::HashSet<String> = files::list(&config.destinations.dir)
-        .iter()
-        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .collect();
+    let destinations = crate::folder_watch::toml_names(&config.destinations.dir);
     let (set, mut found) = SegmentSet::build(loaded, Some(&destinations));
     problems.append(&mut found);
     problems.extend(cases::run_all(&set));

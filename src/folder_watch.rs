@@ -1,7 +1,7 @@
 //! What the hot-reloaded folders (`schemas/`, `segments/`) share: telling that a folder's files
 //! changed, a thread that looks every second, and how a reload is logged and counted.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, SystemTime};
 
@@ -27,6 +27,27 @@ pub fn fingerprint(paths: Vec<PathBuf>) -> Fingerprint {
         .collect();
     out.sort();
     out
+}
+
+/// The `*.toml` files of `dir` (not recursive), sorted.
+pub fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The names (file stems) of the `*.toml` files of `dir`: segment keys, destination names.
+pub fn toml_names(dir: &Path) -> std::collections::HashSet<String> {
+    toml_files(dir)
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect()
 }
 
 /// Calls `poll` every [`POLL_EVERY`] on a thread named `name`, until `stop` is dropped or `poll`

@@ -48,7 +48,7 @@
 //! rules         segments
 //!               profiles schema
 //! the log       intake_log
-//! around        config supervisor folder_watch
+//! around        config supervisor folder_watch script
 //!               entry diagnostic
 //! words         vocabulary text clock metrics thread_priority
 //! ```
@@ -85,6 +85,7 @@ pub mod profiles;
 pub mod query;
 pub mod replay;
 pub mod schema;
+pub mod script;
 pub mod segments;
 pub mod supervisor;
 pub mod text;

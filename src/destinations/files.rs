@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use crate::config::reader::{Env, Reader, Section};
 use crate::diagnostic::Diagnostic;
-use crate::segments::files::code_start;
+use crate::script::code_start;
 
 use super::Kind;
 
@@ -98,7 +98,7 @@ pub fn valid_name(name: &str) -> bool {
 /// Reads every `*.toml` of `dir`: the files that are good, and every problem of the others.
 pub fn read_all(dir: &Path, env: Env<'_>) -> (Vec<DestinationFile>, Vec<Diagnostic>) {
     let (mut files, mut problems) = (Vec::new(), Vec::new());
-    for path in crate::segments::files::list(dir) {
+    for path in crate::folder_watch::toml_files(dir) {
         match read(&path, env) {
             Ok(file) => files.push(file),
             Err(mut found) => problems.append(&mut found),

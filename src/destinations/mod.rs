@@ -27,7 +27,6 @@ pub mod segment;
 pub mod sender;
 pub mod webhook;
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -39,7 +38,6 @@ use crate::intake_log::IntakeLog;
 use crate::metrics::DestinationMetrics;
 use crate::supervisor::{supervise, Health};
 pub use files::{Delivery, DestinationFile};
-pub use pump::SegmentRoutes;
 use pump::{Command, Pump, Stats};
 use queue::{Dead, Queue};
 use route::Route;
@@ -78,14 +76,24 @@ pub fn consumer_name(destination: &str) -> String {
     format!("destination-{destination}")
 }
 
-/// Reads and compiles every destination file: what `sluice check` and `sluice serve` both do.
+/// Reads and compiles every destination file and checks the segments each lists exist: what
+/// `sluice check` and `sluice serve` both do (serve logs the problems and starts what loaded).
 pub fn load(
-    dir: &Path,
+    config: &crate::config::Config,
     env: crate::config::reader::Env<'_>,
 ) -> (Vec<(DestinationFile, Route)>, Vec<Diagnostic>) {
-    let (files, mut problems) = files::read_all(dir, env);
+    let (files, mut problems) = files::read_all(&config.destinations.dir, env);
+    let segments = crate::folder_watch::toml_names(&config.segments.dir);
     let mut loaded = Vec::new();
     for file in files {
+        // Reported, not refused: segments are reloaded while serving, and one added later is
+        // routed to this destination from then on.
+        for key in file.segments.iter().filter(|k| !segments.contains(*k)) {
+            problems.push(Diagnostic::file(
+                &file.path,
+                format!("`segments`: unknown segment `{key}` (no segments/{key}.toml)"),
+            ));
+        }
         match Route::compile(&file) {
             Ok(route) => loaded.push((file, route)),
             Err(mut found) => problems.append(&mut found),
@@ -131,7 +139,6 @@ pub type HealthOf = Arc<dyn Fn(&str) -> Arc<Health> + Send + Sync>;
 pub struct Parts {
     pub log: Arc<IntakeLog>,
     pub state_dir: std::path::PathBuf,
-    pub segments: SegmentRoutes,
     pub metrics: Arc<DestinationMetrics>,
     /// Makes the supervisor's record of one destination, by its name.
     pub health: HealthOf,
@@ -161,7 +168,7 @@ impl Destinations {
                     stats.clone(),
                     health.clone(),
                 );
-                let (segments, metrics) = (parts.segments.clone(), parts.metrics.clone());
+                let metrics = parts.metrics.clone();
                 let sender = file.kind.sender(client, &file.delivery);
                 let file = file.clone();
                 let mut route = Some(route);
@@ -180,7 +187,6 @@ impl Destinations {
                         consumer: consumer.reopen()?,
                         log: log.clone(),
                         queue: queue.clone(),
-                        segments: segments.clone(),
                         metrics: metrics.clone(),
                         stats: stats.clone(),
                         health: health.clone(),

@@ -57,9 +57,6 @@ const READ_CHUNK: usize = 1_000;
 const PAUSE_AFTER: u32 = 3;
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
-/// Whether a segment file names a destination: `(segment key, destination name)`.
-pub type SegmentRoutes = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
-
 /// Counters the admin API reads.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -83,7 +80,6 @@ pub struct Pump {
     /// For its end (to wait for more) and its fill level (see [`SPILL_AT`]).
     pub log: Arc<IntakeLog>,
     pub queue: Arc<Queue>,
-    pub segments: SegmentRoutes,
     pub metrics: Arc<DestinationMetrics>,
     pub stats: Arc<Stats>,
     /// Its supervisor: failures are counted there, and records it keeps failing on are set
@@ -308,12 +304,7 @@ impl State<'_> {
                         continue;
                     }
                 };
-                let segments = &self.pump.segments;
-                if !self
-                    .pump
-                    .route
-                    .wants(entry.source, &head, |k, d| segments(k, d))
-                {
+                if !self.pump.route.wants(entry.source, &head) {
                     continue;
                 }
                 let mut message = Outgoing {

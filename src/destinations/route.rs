@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::files::DestinationFile;
 use crate::diagnostic::Diagnostic;
-use crate::segments::{api::json_to_dynamic, rules::rhai_problem_at, sandbox};
+use crate::script::{self, dynamic_to_json, json_to_dynamic};
 use crate::vocabulary::SOURCE;
 
 /// The fields routing reads; the rest of the message is skipped, not built.
@@ -35,10 +35,15 @@ struct HeadContext<'a> {
     sluice: Option<&'a serde_json::value::RawValue>,
 }
 
-#[derive(Debug, Deserialize)]
-struct SluiceContext<'a> {
+/// The routing a segment change carries (see `crate::profile_stage::emit`).
+#[derive(Debug, Default, Deserialize)]
+pub struct SluiceContext<'a> {
+    /// The segment key.
     #[serde(default, borrow)]
-    audience: Option<Cow<'a, str>>,
+    pub audience: Option<Cow<'a, str>>,
+    /// The destinations the segment named when the change was emitted.
+    #[serde(default, borrow)]
+    pub destinations: Vec<Cow<'a, str>>,
 }
 
 impl Head<'_> {
@@ -52,15 +57,15 @@ impl Head<'_> {
     }
 }
 
-/// The segment a message announces an entry or exit of, when Sluice emitted it.
-pub fn audience<'a>(source: &str, head: &Head<'a>) -> Option<Cow<'a, str>> {
+/// The segment a message announces an entry or exit of, with the destinations it was routed to,
+/// when Sluice emitted it.
+pub fn audience<'a>(source: &str, head: &Head<'a>) -> Option<SluiceContext<'a>> {
     if source != SOURCE {
         return None;
     }
     let raw = head.context.as_ref()?.sluice?;
-    serde_json::from_str::<SluiceContext<'a>>(raw.get())
-        .ok()?
-        .audience
+    let routing = serde_json::from_str::<SluiceContext<'a>>(raw.get()).ok()?;
+    routing.audience.is_some().then_some(routing)
 }
 
 pub struct Route {
@@ -84,7 +89,7 @@ pub enum Shaped {
 
 impl Route {
     pub fn compile(file: &DestinationFile) -> Result<Route, Vec<Diagnostic>> {
-        let engine = sandbox::limited();
+        let engine = script::engine();
         let mut problems = Vec::new();
         let mut compile = |what: &str, code: &Option<(String, usize)>| {
             let (code, offset) = code.as_ref()?;
@@ -93,7 +98,7 @@ impl Route {
             match engine.compile_with_scope(&scope, code) {
                 Ok(ast) => Some(ast),
                 Err(e) => {
-                    problems.push(rhai_problem_at(
+                    problems.push(script::problem_at(
                         &file.path,
                         &file.text,
                         *offset,
@@ -121,16 +126,14 @@ impl Route {
     }
 
     /// Whether this destination receives the message. A segment's entries and exits go to the
-    /// destinations the segment file names (`named_by_segment`) and to those listing it under
-    /// `segments`, whatever `events` says; ordinary messages go by `events`.
-    pub fn wants(
-        &self,
-        source: &str,
-        head: &Head<'_>,
-        named_by_segment: impl Fn(&str, &str) -> bool,
-    ) -> bool {
-        if let Some(key) = audience(source, head) {
-            return self.segments.contains(key.as_ref()) || named_by_segment(&key, &self.name);
+    /// destinations the segment file named when the change was emitted (carried in the message)
+    /// and to those listing it under `segments`, whatever `events` says; ordinary messages go by
+    /// `events`.
+    pub fn wants(&self, source: &str, head: &Head<'_>) -> bool {
+        if let Some(routing) = audience(source, head) {
+            let key = routing.audience.as_deref().unwrap_or_default();
+            return self.segments.contains(key)
+                || routing.destinations.iter().any(|d| *d == self.name);
         }
         match &self.events {
             None => true,
@@ -196,42 +199,6 @@ impl Route {
     }
 }
 
-/// Rhai values back as JSON; `None` for what JSON cannot hold (functions, custom types).
-pub fn dynamic_to_json(v: &Dynamic) -> Option<serde_json::Value> {
-    use serde_json::Value;
-    if v.is_unit() {
-        return Some(Value::Null);
-    }
-    if let Ok(b) = v.as_bool() {
-        return Some(b.into());
-    }
-    if let Ok(i) = v.as_int() {
-        return Some(i.into());
-    }
-    if let Ok(f) = v.as_float() {
-        return Some(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
-    }
-    if let Ok(c) = v.as_char() {
-        return Some(c.to_string().into());
-    }
-    if v.is_string() {
-        return Some(v.clone().into_string().ok()?.into());
-    }
-    if v.is_array() {
-        let items = v.clone().into_array().ok()?;
-        return items.iter().map(dynamic_to_json).collect::<Option<_>>();
-    }
-    if v.is_map() {
-        let map = v.clone().try_cast::<rhai::Map>()?;
-        return map
-            .iter()
-            .map(|(k, v)| Some((k.to_string(), dynamic_to_json(v)?)))
-            .collect::<Option<serde_json::Map<_, _>>>()
-            .map(Value::Object);
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,38 +218,27 @@ mod tests {
     #[test]
     fn events_match_names_and_types() {
         let r = route("events = [\"Order Completed\", \"identify\"]\n");
-        let none = |_: &str, _: &str| false;
-        assert!(r.wants(
-            "web",
-            &head(r#"{"type":"track","event":"Order Completed"}"#),
-            none
-        ));
-        assert!(r.wants("web", &head(r#"{"type":"identify"}"#), none));
-        assert!(!r.wants(
-            "web",
-            &head(r#"{"type":"track","event":"Signed Up"}"#),
-            none
-        ));
-        assert!(!r.wants("web", &head(r#"{"type":"page"}"#), none));
-        assert!(route("").wants("web", &head(r#"{"type":"page"}"#), none));
-        assert!(!route("events = []\n").wants("web", &head(r#"{"type":"page"}"#), none));
+        let order = head(r#"{"type":"track","event":"Order Completed"}"#);
+        assert!(r.wants("web", &order));
+        assert!(r.wants("web", &head(r#"{"type":"identify"}"#)));
+        assert!(!r.wants("web", &head(r#"{"type":"track","event":"Signed Up"}"#)));
+        assert!(!r.wants("web", &head(r#"{"type":"page"}"#)));
+        assert!(route("").wants("web", &head(r#"{"type":"page"}"#)));
+        assert!(!route("events = []\n").wants("web", &head(r#"{"type":"page"}"#)));
     }
 
     #[test]
     fn segment_changes_go_by_segment_only() {
-        let change = r#"{"type":"track","event":"Audience Entered","context":{"sluice":{"audience":"vip"}}}"#;
-        let none = |_: &str, _: &str| false;
+        let change = r#"{"type":"track","event":"Audience Entered","context":{"sluice":{"audience":"vip","destinations":[]}}}"#;
         // Listed under `segments`, whatever `events` says.
-        assert!(route("events = []\nsegments = [\"vip\"]\n").wants("sluice", &head(change), none));
-        // Named by the segment file.
-        assert!(
-            route("events = []\n").wants("sluice", &head(change), |key, dest| key == "vip"
-                && dest == "crm")
-        );
+        assert!(route("events = []\nsegments = [\"vip\"]\n").wants("sluice", &head(change)));
+        // Named by the segment file when the change was emitted: the change says so.
+        let named = r#"{"type":"track","context":{"sluice":{"audience":"vip","destinations":["ads","crm"]}}}"#;
+        assert!(route("events = []\n").wants("sluice", &head(named)));
         // Neither: not even a destination taking every event.
-        assert!(!route("").wants("sluice", &head(change), none));
+        assert!(!route("").wants("sluice", &head(change)));
         // The same shape from a client is an ordinary message.
-        assert!(route("").wants("web", &head(change), none));
+        assert!(route("").wants("web", &head(named)));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! What Sluice says when a membership changes, Segment Engage style: a track `Audience Entered`
-//! or `Audience Exited`, and an identify with the boolean trait. Both carry
-//! `context.sluice.audience` (the segment key) so that destinations can route them, come from
+//! or `Audience Exited`, and an identify with the boolean trait. Both carry their routing in
+//! `context.sluice`: `audience`, the segment key, and `destinations`, the destinations the
+//! segment file named when the change was emitted (so a redelivery goes where the change was
+//! routed, whatever the segment says later). They come from
 //! the reserved source `sluice`, and have messageIds that depend only on the profile, the segment
 //! and the change count, so that redoing a batch after a crash produces the same ids (and the
 //! dedup drops the repeats).
@@ -54,7 +56,14 @@ pub fn change(
     string(&mut common, env!("CARGO_PKG_VERSION"));
     common.extend_from_slice(br#"},"sluice":{"audience":"#);
     string(&mut common, key);
-    common.extend_from_slice(b"}},");
+    common.extend_from_slice(br#","destinations":["#);
+    for (i, destination) in segment.destinations.iter().enumerate() {
+        if i > 0 {
+            common.push(b',');
+        }
+        string(&mut common, destination);
+    }
+    common.extend_from_slice(b"]}},");
     let message = |id: String, cause, rest: &dyn Fn(&mut Vec<u8>)| {
         let mut body = common.clone();
         field(&mut body, "messageId", &id);
@@ -139,7 +148,7 @@ mod tests {
     fn both_messages_are_json_with_every_field() {
         let file = files::parse(
             std::path::Path::new("segments/vip.toml"),
-            "name = 'Very \"important\"'\nrule = 'true'\n",
+            "name = 'Very \"important\"'\ndestinations = ['crm', 'ads']\nrule = 'true'\n",
         );
         let (set, problems) = crate::segments::SegmentSet::build(vec![file.unwrap()], None);
         assert!(problems.is_empty(), "{problems:?}");
@@ -164,7 +173,10 @@ mod tests {
             track["properties"],
             json!({"audience_key": key, "audience_name": "Very \"important\"", key: true})
         );
-        assert_eq!(track["context"]["sluice"]["audience"], key);
+        // Its routing: the segment and the destinations it named at this moment.
+        let routing = json!({"audience": key, "destinations": ["crm", "ads"]});
+        assert_eq!(track["context"]["sluice"], routing);
+        assert_eq!(identify["context"]["sluice"], routing);
         assert_eq!(track["context"]["library"]["name"], "sluice");
         assert_eq!(identify["type"], "identify");
         assert_eq!(identify["traits"], json!({key: true}));

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use rhai::{Dynamic, Engine, ImmutableString};
 
 use crate::profiles::profile::{Millis, Profile};
+use crate::script::json_to_dynamic;
 
 thread_local! {
     /// The earliest moment, after `now`, at which the rule being evaluated could answer
@@ -299,26 +300,6 @@ impl Event {
             chrono::DateTime::from_timestamp_millis(self.at).unwrap_or_default(),
         )
         .into()
-    }
-}
-
-/// JSON as Rhai values: objects become maps, numbers become integers when they are whole.
-pub fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
-    use serde_json::Value;
-    match v {
-        Value::Null => Dynamic::UNIT,
-        Value::Bool(b) => Dynamic::from_bool(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => Dynamic::from_int(i),
-            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Value::String(s) => Dynamic::from(ImmutableString::from(s.as_str())),
-        Value::Array(items) => Dynamic::from_array(items.iter().map(json_to_dynamic).collect()),
-        Value::Object(map) => Dynamic::from_map(
-            map.iter()
-                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                .collect(),
-        ),
     }
 }
 

@@ -62,19 +62,6 @@ pub fn valid_key(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// The `*.toml` files of `dir` (not recursive), sorted.
-pub fn list(dir: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
-        .collect();
-    out.sort();
-    out
-}
-
 pub fn read(path: &Path) -> Result<SegmentFile, Vec<Diagnostic>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![Diagnostic::file(
@@ -166,7 +153,10 @@ pub fn parse(path: &Path, text: &str) -> Result<SegmentFile, Vec<Diagnostic>> {
         return Err(r.diagnostics);
     }
     let rule = rule.expect("checked above");
-    let rule_offset = rule.span.clone().map_or(0, |s| code_start(text, s.start));
+    let rule_offset = rule
+        .span
+        .clone()
+        .map_or(0, |s| crate::script::code_start(text, s.start));
     Ok(SegmentFile {
         name: name.map_or_else(|| key.clone(), |n| n.value),
         key,
@@ -182,26 +172,6 @@ pub fn parse(path: &Path, text: &str) -> Result<SegmentFile, Vec<Diagnostic>> {
         rule_offset,
         tests,
     })
-}
-
-/// Where the code of a TOML string starting at `start` begins: past the quotes, and past the
-/// newline that TOML drops right after opening triple quotes.
-pub(crate) fn code_start(text: &str, start: usize) -> usize {
-    let rest = &text[start..];
-    let quotes = if rest.starts_with("'''") || rest.starts_with("\"\"\"") {
-        3
-    } else {
-        1
-    };
-    let mut at = start + quotes;
-    if quotes == 3 {
-        if text[at..].starts_with("\r\n") {
-            at += 2;
-        } else if text[at..].starts_with('\n') {
-            at += 1;
-        }
-    }
-    at
 }
 
 pub fn parse_time(text: &str) -> Option<Millis> {

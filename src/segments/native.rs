@@ -185,7 +185,7 @@ impl Expr {
     }
 }
 
-/// A trait as Rhai sees it (`api::json_to_dynamic`): whole numbers are integers, null is `()`.
+/// A trait as Rhai sees it (`crate::script::json_to_dynamic`): whole numbers are integers, null is `()`.
 fn trait_value(v: Option<&serde_json::Value>) -> Value<'_> {
     use serde_json::Value as J;
     match v {

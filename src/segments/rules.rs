@@ -455,7 +455,7 @@ fn classify(e: &rhai::EvalAltResult) -> RuleFailure {
 
 /// A Rhai problem placed in the segment file.
 pub fn rhai_problem(file: &SegmentFile, pos: &rhai::Position, message: &str) -> Diagnostic {
-    rhai_problem_at(
+    crate::script::problem_at(
         &file.path,
         &file.text,
         file.rule_offset,
@@ -463,34 +463,6 @@ pub fn rhai_problem(file: &SegmentFile, pos: &rhai::Position, message: &str) -> 
         pos,
         message,
     )
-}
-
-/// A Rhai problem in code that starts at byte `code_offset` of a file's `text`, labelled `what`.
-pub fn rhai_problem_at(
-    path: &std::path::Path,
-    text: &str,
-    code_offset: usize,
-    what: &str,
-    pos: &rhai::Position,
-    message: &str,
-) -> Diagnostic {
-    let (base_line, base_col) = crate::diagnostic::line_col(text, code_offset);
-    let (line, col) = match (pos.line(), pos.position()) {
-        (Some(1), Some(c)) => (base_line, base_col + c - 1),
-        (Some(l), Some(c)) => (base_line + l - 1, c),
-        (Some(l), None) => (base_line + l - 1, 1),
-        _ => (base_line, base_col),
-    };
-    Diagnostic {
-        file: path.to_path_buf(),
-        line,
-        col,
-        message: format!("{what}: {}", strip_position(message)),
-    }
-}
-
-fn strip_position(message: &str) -> &str {
-    message.split(" (line ").next().unwrap_or(message)
 }
 
 /// What a segment's memberships depend on besides the events: its rule, and which of the segments

@@ -32,7 +32,7 @@ impl Loader {
     }
 
     fn current_fingerprint(&self) -> Fingerprint {
-        folder_watch::fingerprint(files::list(&self.dir))
+        folder_watch::fingerprint(folder_watch::toml_files(&self.dir))
     }
 
     pub fn changed(&self) -> bool {
@@ -42,7 +42,7 @@ impl Loader {
     /// Reads the folder; every file that reads and compiles replaces its last good version.
     pub fn load(&mut self) -> (SegmentSet, Vec<Diagnostic>) {
         self.fingerprint = self.current_fingerprint();
-        let paths = files::list(&self.dir);
+        let paths = folder_watch::toml_files(&self.dir);
         self.good.retain(|p, _| paths.contains(p));
         let mut problems = Vec::new();
         for path in paths {
