@@ -1,4 +1,4 @@
-# Sourced by the scripts in benches/: the protocol's common part. Builds the release binaries
+# Sourced by the scripts in benches/: the protocol's common part. Builds the binaries of the `fast` profile
 # (skipped with SLUICE_NO_BUILD=1), makes a work folder `$work` that goes away on exit together with
 # any server started on `$work/sluice.toml`, and starts sluice pinned to core 1.
 #
@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --release --workspace --quiet
-bin="$CARGO_TARGET_DIR/release"
+[ -n "${SLUICE_NO_BUILD:-}" ] || cargo build --profile fast --workspace --quiet
+bin="$CARGO_TARGET_DIR/fast"
 work="$(mktemp -d)"
 bench_cleanup() { pkill -f "$work/sluice.toml" || true; rm -rf "$work"; }
 trap bench_cleanup EXIT

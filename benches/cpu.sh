@@ -5,7 +5,7 @@
 # drifts, since it does not depend on how much of the core the server got. With PERF=1 it also
 # records a `perf` profile of those 15 s into $work/perf.data and prints its top symbols.
 #
-#   benches/cpu.sh [BUILD_DIR...]     each a folder holding a release `sluice` (default: this build)
+#   benches/cpu.sh [BUILD_DIR...]     each a folder holding a `sluice` build (default: this build)
 #
 # The same load generator (this build's) drives every build; give several folders to alternate
 # builds in one run.

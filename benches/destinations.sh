@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Destination benchmark: sluice (release) pinned to core 1; the load generator and the webhook
+# Destination benchmark: sluice (the `fast` profile) pinned to core 1; the load generator and the webhook
 # receiver (tools/loadgen's sluice-receiver) on core 0; loopback.
 #
 #   benches/destinations.sh [SECONDS]

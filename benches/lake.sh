@@ -5,7 +5,7 @@
 #
 #   benches/lake.sh [SECONDS]
 #
-# Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0,
+# Protocol as in benches/load.sh: sluice (the `fast` profile) on core 1, the load generator on core 0,
 # varied web events (`--events web`, ~560 bytes enriched). DuckDB comes from PyPI into
 # $SLUICE_BENCH_VENV (default ~/.cache/sluice-bench-venv).
 source "$(dirname "$0")/common.sh"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The whole-server benchmark protocol: sluice (release build) pinned to core 1, the load generator
+# The whole-server benchmark protocol: sluice (the `fast` profile) pinned to core 1, the load generator
 # pinned to core 0, loopback, ~420-byte tracks with unique messageIds, a 200 meaning fsynced.
 #
 #   benches/load.sh [SECONDS] [REPEATS]
 #   SLUICE_BENCH_PLAN=1 benches/load.sh [SECONDS] [REPEATS]
-#   SLUICE_BENCH_BASELINE=/path/to/old/release benches/load.sh [SECONDS] [REPEATS]
+#   SLUICE_BENCH_BASELINE=/path/to/old/fast benches/load.sh [SECONDS] [REPEATS]
 #
 # Runs, REPEATS times each on a fresh data folder: /v1/batch (100 per request) and /v1/track at
 # full load (closed loop), then both at half of the contract's targets (open loop) for latency.

@@ -18,7 +18,7 @@
 # SLUICE_BENCH_PHASES="3" runs only the phases named; SLUICE_BENCH_SAVE_INTERVAL sets
 # profiles.save_interval (default: the config's, 5s); SLUICE_BENCH_LAKE_NICE renices the lake
 # writer (its thread name is cut to 15 characters in /proc: sluice-lake-wri).
-# Protocol as in benches/load.sh: sluice (release) on core 1, the load generator on core 0.
+# Protocol as in benches/load.sh: sluice (the `fast` profile) on core 1, the load generator on core 0.
 source "$(dirname "$0")/common.sh"
 seconds="${1:-60}"
 port=18090

@@ -214,3 +214,58 @@ fn post_json(
         .unwrap_or(0);
     Ok((status, rest.to_string()))
 }
+
+/// `sluice receive`: a webhook receiver on `listen` that answers every POST with 200 and prints
+/// each message it carries (a `{"batch":[...]}` body's messages each on a line of their own) to
+/// stdout, until `shutdown`. For seeing what a destination sends; the demo's `destinations/demo.toml`
+/// posts to its default address.
+pub async fn receive(
+    listen: std::net::SocketAddr,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let server = HttpServer::new(|| {
+        App::new()
+            .app_data(web::PayloadConfig::new(16 << 20))
+            .default_service(web::to(|body: web::Bytes| async move {
+                print_received(&body);
+                HttpResponse::Ok().json(serde_json::json!({ "success": true }))
+            }))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(listen)?;
+    for address in server.addrs() {
+        eprintln!("receiving on http://{address}/ (Ctrl-C to stop)");
+    }
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+    shutdown.await;
+    handle.stop(true).await;
+    task.await??;
+    Ok(())
+}
+
+/// One line per message received.
+fn print_received(body: &[u8]) {
+    let mut out = io::stdout().lock();
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => {
+            let _ = writeln!(out, "{}", String::from_utf8_lossy(body));
+            return;
+        }
+    };
+    match value.get("batch").and_then(|b| b.as_array()) {
+        Some(messages) => {
+            for m in messages {
+                let _ = writeln!(out, "{m}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "{value}");
+        }
+    }
+    let _ = out.flush();
+}

@@ -1,6 +1,8 @@
 //! What the hot-reloaded folders (`schemas/`, `segments/`) share: telling that a folder's files
-//! changed, a thread that looks every second, and how a reload is logged and counted.
+//! changed, keeping the last good version of each file, a thread that looks every second, and how
+//! a reload is logged and counted.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, SystemTime};
@@ -48,6 +50,65 @@ pub fn toml_names(dir: &Path) -> std::collections::HashSet<String> {
         .iter()
         .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .collect()
+}
+
+/// The last good version of each file of a folder, across reloads: a file that reads replaces
+/// its version, a file that is gone is dropped, and a file refused keeps the version it had (its
+/// problems say so), so one broken edit never takes the rest of the folder down.
+pub struct LastGood<T> {
+    good: HashMap<PathBuf, T>,
+    fingerprint: Fingerprint,
+}
+
+impl<T> Default for LastGood<T> {
+    fn default() -> Self {
+        LastGood {
+            good: HashMap::new(),
+            fingerprint: Vec::new(),
+        }
+    }
+}
+
+impl<T> LastGood<T> {
+    /// Whether `paths` (the folder's files now) changed since the last reload.
+    pub fn changed(&self, paths: Vec<PathBuf>) -> bool {
+        fingerprint(paths) != self.fingerprint
+    }
+
+    /// Reads each of `paths` with `read`; returns the problems of the files refused.
+    pub fn reload(
+        &mut self,
+        paths: Vec<PathBuf>,
+        mut read: impl FnMut(&Path) -> Result<T, Vec<Diagnostic>>,
+    ) -> Vec<Diagnostic> {
+        self.fingerprint = fingerprint(paths.clone());
+        self.good.retain(|path, _| paths.contains(path));
+        let mut problems = Vec::new();
+        for path in paths {
+            match read(&path) {
+                Ok(file) => {
+                    self.good.insert(path, file);
+                }
+                Err(found) => {
+                    let kept = if self.good.contains_key(&path) {
+                        "; its last good version stays loaded"
+                    } else {
+                        ""
+                    };
+                    problems.extend(found.into_iter().map(|d| Diagnostic {
+                        message: format!("{}{kept}", d.message),
+                        ..d
+                    }));
+                }
+            }
+        }
+        problems
+    }
+
+    /// The files in force.
+    pub fn files(&self) -> impl Iterator<Item = &T> {
+        self.good.values()
+    }
 }
 
 /// Calls `poll` every [`POLL_EVERY`] on a thread named `name`, until `stop` is dropped or `poll`

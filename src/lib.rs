@@ -10,7 +10,8 @@
 //! query  ←  lake
 //! ```
 //!
-//! - [`http`]: the Segment-compatible HTTP edge, the admin API and the operations endpoints.
+//! - [`http`]: the Segment-compatible HTTP edge and the operations endpoints.
+//! - [`admin`]: the operator's API (`/admin/*`), over narrow views of the stages.
 //! - [`ingest`]: write keys, limits, field rules, rate limits; turns a body into records.
 //! - [`intake_log`]: the durable, group-committed, segment-file log with consumer cursors, and its
 //!   one idempotent append (the dedup lives here).
@@ -39,7 +40,8 @@
 //!
 //! ```text
 //! wiring        app commands fuzz
-//! edge          http
+//! edge          admin
+//!               http
 //! admission     replay
 //!               ingest
 //! consumers     profile_stage destinations
@@ -65,6 +67,7 @@ macro_rules! error_from {
     )*};
 }
 
+pub mod admin;
 pub mod app;
 pub mod clock;
 pub mod commands;

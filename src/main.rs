@@ -59,6 +59,12 @@ enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// A webhook receiver for trying destinations out: answers every POST with 200 and prints
+    /// each message it carries as a line of JSON (no config needed).
+    Receive {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -100,111 +106,98 @@ enum LogCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&cli.config),
-        Command::Check => match commands::check(&cli.config, &mut std::io::stdout()) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Check = command {
+        // `check` reports a broken config itself, with everything else that is wrong.
+        return match commands::check(&cli.config, &mut std::io::stdout()) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => fail(e.into()),
-        },
+        };
+    }
+    if let Command::Receive { listen } = command {
+        let outcome = tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(commands::receive(listen, shutdown_signal())));
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
+    if let Command::Replay {
+        command: ReplayCommand::Destination(args),
+    } = &command
+    {
+        if args.len() != 1 {
+            eprintln!("usage: sluice replay <destination> | sluice replay quarantine [--event E] [--since T]");
+            return ExitCode::from(2);
+        }
+    }
+    if let Command::Serve = command {
+        // A write past a file size limit should fail with EFBIG, which the intake log handles
+        // like a full disk, instead of killing the process.
+        // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(command, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs every command but `check`, on the loaded config.
+fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let mut out = std::io::stdout();
+    match command {
+        Command::Check | Command::Receive { .. } => {
+            unreachable!("run before the config is loaded")
+        }
+        Command::Serve => serve(config),
         Command::Query { sql, format } => {
-            let config = match Config::load(&cli.config) {
-                Ok(c) => c,
-                Err(problems) => return print_problems(&problems),
-            };
             let format = match format {
                 QueryFormat::Table => Format::Table,
                 QueryFormat::Json => Format::Json,
                 QueryFormat::Csv => Format::Csv,
             };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => return fail(e.into()),
-            };
-            let mut out = std::io::stdout().lock();
-            match runtime.block_on(commands::query(&config, &sql, format, &mut out)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            }
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(commands::query(&config, &sql, format, &mut out.lock()))
         }
         Command::Replay {
             command: ReplayCommand::Quarantine { event, since },
         } => {
-            let config = match Config::load(&cli.config) {
-                Ok(c) => c,
-                Err(problems) => return print_problems(&problems),
-            };
             let request = sluice::replay::ReplayRequest { event, since };
-            match commands::replay_quarantine(&config, &request, &mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            }
+            commands::replay_quarantine(&config, &request, &mut out)
         }
         Command::Replay {
             command: ReplayCommand::Destination(args),
-        } => {
-            let config = match Config::load(&cli.config) {
-                Ok(c) => c,
-                Err(problems) => return print_problems(&problems),
-            };
-            let [name] = args.as_slice() else {
-                eprintln!("usage: sluice replay <destination> | sluice replay quarantine [--event E] [--since T]");
-                return ExitCode::from(2);
-            };
-            match commands::replay_destination(&config, name, &mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            }
-        }
+        } => commands::replay_destination(&config, &args[0], &mut out),
         Command::Log {
             command: LogCommand::Dump { from, cursor },
         } => {
-            let config = match Config::load(&cli.config) {
-                Ok(c) => c,
-                Err(problems) => return print_problems(&problems),
-            };
             let from = match (from, cursor) {
                 (Some(n), _) => DumpFrom::Offset(n),
                 (None, Some(name)) => DumpFrom::Cursor(name),
                 (None, None) => DumpFrom::Oldest,
             };
-            match commands::log_dump(&config.log.dir, from, &mut std::io::stdout()) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            }
+            commands::log_dump(&config.log.dir, from, &mut out).map(drop)
         }
     }
 }
 
-fn serve(config_path: &std::path::Path) -> ExitCode {
-    // A write past a file size limit should fail with EFBIG, which the intake log handles like a
-    // full disk, instead of killing the process.
-    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
-    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    let config = match Config::load(config_path) {
-        Ok(c) => c,
-        Err(problems) => return print_problems(&problems),
-    };
-    let listener = match TcpListener::bind(config.server.listen) {
-        Ok(l) => l,
-        Err(e) => {
-            return fail(anyhow::anyhow!(
-                "cannot listen on {}: {e}",
-                config.server.listen
-            ))
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.server.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(e.into()),
-    };
-    match runtime.block_on(sluice::app::run(config, listener, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
-    }
+        .build()?;
+    runtime.block_on(sluice::app::run(config, listener, shutdown_signal()))
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -227,11 +220,6 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-}
-
-fn print_problems(problems: &sluice::diagnostic::Diagnostics) -> ExitCode {
-    eprintln!("{problems}");
-    ExitCode::FAILURE
 }
 
 fn fail(e: anyhow::Error) -> ExitCode {

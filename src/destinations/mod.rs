@@ -86,6 +86,13 @@ pub fn load(
     let segments = crate::folder_watch::toml_names(&config.segments.dir);
     let mut loaded = Vec::new();
     for file in files {
+        let route = match Route::compile(&file) {
+            Ok(route) => route,
+            Err(mut found) => {
+                problems.append(&mut found);
+                continue;
+            }
+        };
         // Reported, not refused: segments are reloaded while serving, and one added later is
         // routed to this destination from then on.
         for key in file.segments.iter().filter(|k| !segments.contains(*k)) {
@@ -94,10 +101,7 @@ pub fn load(
                 format!("`segments`: unknown segment `{key}` (no segments/{key}.toml)"),
             ));
         }
-        match Route::compile(&file) {
-            Ok(route) => loaded.push((file, route)),
-            Err(mut found) => problems.append(&mut found),
-        }
+        loaded.push((file, route));
     }
     (loaded, problems)
 }

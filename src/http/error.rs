@@ -35,6 +35,20 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// A handler's blocking task that did not finish (it panicked, or the runtime is going away).
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(e: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+/// What the admin API's stores and queues report as text: a failure of Sluice's own.
+impl From<String> for ApiError {
+    fn from(e: String) -> Self {
+        ApiError::Internal(e)
+    }
+}
+
 /// How long a client should wait after a 503: long enough for a stalled disk or a draining log.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 

@@ -1,11 +1,9 @@
 //! The HTTP edge: Segment's tracking API, analytics.js settings, CORS, and the operations
 //! endpoints. It reads requests and writes answers; what a body means and where it goes is the
-//! ingest stage's job (`crate::ingest`), and `error` is the one place errors become statuses.
+//! ingest stage's job (`crate::ingest`), and `error` is the one place errors become statuses, for
+//! this edge and for the admin API (`crate::admin`) alike.
 
-mod admin;
-mod audiences;
 mod body;
-mod destinations;
 mod error;
 mod ops;
 mod settings;
@@ -25,9 +23,6 @@ use crate::ingest::{Ingest, Shape};
 use crate::intake_log::dedup::Dedup;
 use crate::intake_log::IntakeLog;
 use crate::metrics::{Metrics, RequestLabels, Route, RouteLabels};
-use crate::query::QueryEngine;
-use crate::replay::Replayer;
-use crate::schema::Live;
 use crate::vocabulary::MessageType;
 pub(crate) use body::gunzip;
 pub use error::ApiError;
@@ -41,18 +36,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub shutting_down: AtomicBool,
-    /// The tracking plan in force.
-    pub plan: Arc<Live>,
-    pub query: QueryEngine,
-    pub replayer: Arc<Replayer>,
-    /// Where admin queries run, away from the HTTP workers.
-    pub query_runtime: tokio::runtime::Handle,
-    /// Admin queries allowed to run at once.
-    pub query_slots: Arc<tokio::sync::Semaphore>,
-    pub profiles: Arc<crate::profiles::ProfileStore>,
-    /// The segments in force.
-    pub segments: Arc<crate::profile_stage::LiveSegments>,
-    pub destinations: Arc<crate::destinations::Destinations>,
     /// The log's consumers and how they fare.
     pub stages: Arc<crate::supervisor::Stages>,
 }
@@ -113,7 +96,8 @@ const TRACKING_PATHS: &[(&[&str], Shape, Route)] = &[
     ),
 ];
 
-/// Adds every route to an actix-web app.
+/// Adds the tracking edge's routes and the operations endpoints to an actix-web app (the admin
+/// API is `crate::admin::routes`), with a fallback answer for any other path.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     for (paths, shape, route) in TRACKING_PATHS {
         let (shape, route) = (*shape, *route);
@@ -134,41 +118,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/projects/{write_key}/settings")
             .route(web::get().to(settings::project_settings))
             .route(web::method(Method::OPTIONS).to(preflight)),
-    )
-    .service(
-        web::scope("/admin")
-            .wrap(actix_web::middleware::from_fn(admin::guard))
-            .service(
-                web::resource("/query")
-                    .app_data(
-                        web::JsonConfig::default()
-                            .limit(1 << 20)
-                            .content_type_required(false)
-                            .error_handler(|e, _| {
-                                ApiError::BadRequest(format!("expected {{\"sql\": \"...\"}}: {e}"))
-                                    .into()
-                            }),
-                    )
-                    .route(web::post().to(admin::query)),
-            )
-            .route("/schemas", web::get().to(admin::schemas))
-            .route("/schemas/validate", web::post().to(admin::validate))
-            .route(
-                "/replay/quarantine",
-                web::post().to(admin::replay_quarantine),
-            )
-            .route("/profiles/{id}", web::get().to(audiences::profile))
-            .route("/segments", web::get().to(audiences::segments))
-            .route("/segments/{key}/members", web::get().to(audiences::members))
-            .route("/destinations", web::get().to(destinations::list))
-            .route(
-                "/destinations/{name}/dead",
-                web::get().to(destinations::dead),
-            )
-            .route(
-                "/destinations/{name}/replay",
-                web::post().to(destinations::replay),
-            ),
     )
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))

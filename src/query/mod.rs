@@ -274,7 +274,14 @@ pub fn write(
     let to_io = |e: datafusion::arrow::error::ArrowError| std::io::Error::other(e.to_string());
     match format {
         Format::Table => {
-            let table = pretty::pretty_format_batches(&result.batches).map_err(to_io)?;
+            // With no batches at all, a batch of no rows still gives the header.
+            let empty = [RecordBatch::new_empty(result.schema.clone())];
+            let batches = if result.batches.is_empty() {
+                &empty[..]
+            } else {
+                &result.batches
+            };
+            let table = pretty::pretty_format_batches(batches).map_err(to_io)?;
             writeln!(out, "{table}")?;
             writeln!(
                 out,

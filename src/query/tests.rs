@@ -97,6 +97,14 @@ async fn an_empty_lake_answers_with_no_rows() {
     let r = engine.sql("SELECT * FROM quarantine").await.unwrap();
     assert_eq!(r.rows(), 0);
     assert!(text(&r, Format::Csv).starts_with("received_at,source,message_id"));
+    // A table with its columns and no rows, not an empty frame.
+    let table = text(&r, Format::Table);
+    assert!(
+        table.contains("| received_at")
+            && table.contains("| source")
+            && table.ends_with("0 rows\n"),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

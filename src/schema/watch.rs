@@ -2,10 +2,9 @@
 //! goes away, the registry is rebuilt and swapped in whole.
 //!
 //! A file that does not parse, lacks its header, or does not compile is refused: its last good
-//! version (if it had one) stays in force, the problem is logged with the file and counted
+//! version (if it had one) stays loaded ([`LastGood`]), the problem is logged with the file and counted
 //! (`sluice_schema_refused_files`), and every other change applies.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,72 +12,49 @@ use super::files::{collect_json_files, read_schema_file, SchemaFile, Schemas};
 use super::live::Live;
 use super::registry::{compile, Registry};
 use crate::diagnostic::Diagnostic;
-use crate::folder_watch::{self, Fingerprint};
+use crate::folder_watch::{self, LastGood};
 use crate::metrics::SchemaMetrics;
 
 /// Reads a schemas folder, keeping the last good version of every file across reloads.
 pub struct Loader {
     dir: PathBuf,
-    /// The last good version of each file that ever loaded.
-    good: HashMap<PathBuf, SchemaFile>,
-    fingerprint: Fingerprint,
+    files: LastGood<SchemaFile>,
 }
 
 impl Loader {
     pub fn new(dir: &Path) -> Loader {
         Loader {
             dir: dir.to_path_buf(),
-            good: HashMap::new(),
-            fingerprint: Vec::new(),
+            files: LastGood::default(),
         }
-    }
-
-    fn current_fingerprint(&self) -> Fingerprint {
-        let mut paths = Vec::new();
-        collect_json_files(&self.dir, &mut paths, &mut Vec::new());
-        folder_watch::fingerprint(paths)
     }
 
     /// Whether the folder changed since the last load.
     pub fn changed(&self) -> bool {
-        self.current_fingerprint() != self.fingerprint
+        let mut paths = Vec::new();
+        collect_json_files(&self.dir, &mut paths, &mut Vec::new());
+        self.files.changed(paths)
     }
 
     /// Reads the folder: every file that loads and compiles replaces its last good version;
     /// a file that is gone is dropped. Returns the files in force and the problems found.
     pub fn load(&mut self) -> (Schemas, Registry, Vec<Diagnostic>) {
-        self.fingerprint = self.current_fingerprint();
         let mut problems = Vec::new();
         let mut paths = Vec::new();
         collect_json_files(&self.dir, &mut paths, &mut problems);
-        self.good.retain(|path, _| paths.contains(path));
-        for path in paths {
-            match read_schema_file(&path).and_then(|file| match compile(&file.schema) {
+        problems.extend(self.files.reload(paths, |path| {
+            let file = read_schema_file(path).map_err(|p| vec![p])?;
+            match compile(&file.schema) {
                 Ok(_) => Ok(file),
-                Err(e) => Err(Diagnostic::at(
+                Err(e) => Err(vec![Diagnostic::at(
                     &file.path,
                     &file.text,
                     super::registry::locate(&file.text, &e.pointer),
                     format!("schema does not compile: {}", e.message),
-                )),
-            }) {
-                Ok(file) => {
-                    self.good.insert(path, file);
-                }
-                Err(problem) => {
-                    let kept = if self.good.contains_key(&path) {
-                        "; its last good version stays in force"
-                    } else {
-                        ""
-                    };
-                    problems.push(Diagnostic {
-                        message: format!("{}{kept}", problem.message),
-                        ..problem
-                    });
-                }
+                )]),
             }
-        }
-        let (schemas, mut conflicts) = Schemas::from_files(self.good.values().cloned());
+        }));
+        let (schemas, mut conflicts) = Schemas::from_files(self.files.files().cloned());
         let (registry, mut compile_problems) = Registry::build(&schemas);
         problems.append(&mut conflicts);
         problems.append(&mut compile_problems);

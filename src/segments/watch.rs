@@ -5,7 +5,6 @@
 //! A file that does not parse or whose rule does not compile is refused: its last good version
 //! (if it had one) stays loaded, the problem is logged with file:line:col and counted.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
@@ -13,40 +12,32 @@ use std::sync::Arc;
 use super::files::{self, SegmentFile};
 use super::rules::SegmentSet;
 use crate::diagnostic::Diagnostic;
-use crate::folder_watch::{self, Fingerprint};
+use crate::folder_watch::{self, LastGood};
 use crate::metrics::ProfileStageMetrics;
 
 pub struct Loader {
     dir: PathBuf,
-    good: HashMap<PathBuf, SegmentFile>,
-    fingerprint: Fingerprint,
+    files: LastGood<SegmentFile>,
 }
 
 impl Loader {
     pub fn new(dir: &Path) -> Loader {
         Loader {
             dir: dir.to_path_buf(),
-            good: HashMap::new(),
-            fingerprint: Vec::new(),
+            files: LastGood::default(),
         }
     }
 
-    fn current_fingerprint(&self) -> Fingerprint {
-        folder_watch::fingerprint(folder_watch::toml_files(&self.dir))
-    }
-
     pub fn changed(&self) -> bool {
-        self.current_fingerprint() != self.fingerprint
+        self.files.changed(folder_watch::toml_files(&self.dir))
     }
 
     /// Reads the folder; every file that reads and compiles replaces its last good version.
     pub fn load(&mut self) -> (SegmentSet, Vec<Diagnostic>) {
-        self.fingerprint = self.current_fingerprint();
-        let paths = folder_watch::toml_files(&self.dir);
-        self.good.retain(|p, _| paths.contains(p));
-        let mut problems = Vec::new();
-        for path in paths {
-            let checked = files::read(&path).and_then(|file| {
+        let mut problems = self
+            .files
+            .reload(folder_watch::toml_files(&self.dir), |path| {
+                let file = files::read(path)?;
                 let (_, problems) = SegmentSet::build(vec![file.clone()], None);
                 if problems.is_empty() {
                     Ok(file)
@@ -54,24 +45,7 @@ impl Loader {
                     Err(problems)
                 }
             });
-            match checked {
-                Ok(file) => {
-                    self.good.insert(path, file);
-                }
-                Err(found) => {
-                    let kept = if self.good.contains_key(&path) {
-                        "; its last good version stays loaded"
-                    } else {
-                        ""
-                    };
-                    problems.extend(found.into_iter().map(|d| Diagnostic {
-                        message: format!("{}{kept}", d.message),
-                        ..d
-                    }));
-                }
-            }
-        }
-        let mut good: Vec<SegmentFile> = self.good.values().cloned().collect();
+        let mut good: Vec<SegmentFile> = self.files.files().cloned().collect();
         good.sort_by(|a, b| a.key.cmp(&b.key));
         let (set, mut more) = SegmentSet::build(good, None);
         problems.append(&mut more);

@@ -4,16 +4,14 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::error::ApiError;
-use super::AppState;
+use super::AdminState;
+use crate::http::ApiError;
 
 /// `GET /admin/destinations`: `[{"name","type","delivered","retried","dead_lettered","backlog",
 /// "dead_letter"}]`.
-pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let destinations = state.destinations.clone();
-    let summaries = web::block(move || destinations.summaries())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+pub async fn list(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
+    let deliveries = state.deliveries.clone();
+    let summaries = web::block(move || deliveries.summaries()).await?;
     Ok(HttpResponse::Ok().json(summaries))
 }
 
@@ -27,15 +25,13 @@ pub struct Page {
 pub async fn dead(
     name: web::Path<String>,
     page: web::Query<Page>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let after = page.after;
-    let destinations = state.destinations.clone();
+    let deliveries = state.deliveries.clone();
     let name = name.into_inner();
-    let found = web::block(move || destinations.dead(&name, after, limit))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let found = web::block(move || deliveries.dead(&name, after, limit)).await?;
     let rows = found
         .ok_or_else(|| ApiError::NotFound("no destination has this name".into()))?
         .map_err(ApiError::Internal)?;
@@ -57,9 +53,9 @@ pub async fn dead(
 /// delivery, once; answers `{"replayed": N}`.
 pub async fn replay(
     name: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    match state.destinations.replay(&name).await {
+    match state.deliveries.replay(&name).await {
         None => Err(ApiError::NotFound("no destination has this name".into())),
         Some(Err(e)) => Err(ApiError::Internal(e)),
         Some(Ok(n)) => Ok(HttpResponse::Ok().json(json!({ "replayed": n }))),
