@@ -24,11 +24,14 @@
 //! - [`profile_stage`]: the `profiles` stage: applies messages to profiles, evaluates segments, emits
 //!   changes back into the log.
 //! - [`profiles`]: the profile, identity resolution, the embedded store.
-//! - [`segments`]: segment files, the Rhai sandbox and rule API, evaluation.
+//! - [`segments`]: segment files, the rule API, evaluation.
+//! - [`script`]: the one sandboxed Rhai engine (limits, JSON values, error positions) that segment
+//!   rules and destination filters and transforms run on.
 //! - [`destinations`]: destination files, routing, the delivery engine, queue and dead letter.
 //! - [`app`]: the wiring, and the only module that knows the whole chain.
 //! - [`supervisor`]: starts a failed stage again, counts it, sets aside what it keeps failing on.
-//! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`], [`text`]: around the flow.
+//! - [`config`], [`diagnostic`], [`metrics`], [`clock`], [`commands`], [`text`],
+//!   [`folder_watch`], [`thread_priority`]: around the flow.
 //!
 //! ## Layers
 //!

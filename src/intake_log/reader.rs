@@ -49,11 +49,6 @@ impl LogReader {
         self.next
     }
 
-    /// True when a record past the position is durable.
-    pub fn has_more(&self) -> bool {
-        self.shared.end() > self.next
-    }
-
     /// Up to `max` records from the position on; fewer (maybe none) at the end of the log, and
     /// fewer once they hold [`MAX_READ_BYTES`] (records can be large; a caller's memory is
     /// bounded by bytes, not only by count).

@@ -82,6 +82,7 @@ impl Compactor {
         }
     }
 
+    #[cfg(test)]
     pub fn with_target_bytes(mut self, bytes: u64) -> Self {
         self.target_bytes = bytes;
         self

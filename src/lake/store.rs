@@ -109,6 +109,7 @@ impl LakeStore {
         }
     }
 
+    #[cfg(test)]
     /// An in-memory lake, for tests.
     pub fn in_memory() -> LakeStore {
         Self::from_url("memory:///").expect("memory URLs are valid")

@@ -29,6 +29,7 @@ pub struct Schemas {
 }
 
 impl Schemas {
+    #[cfg(test)]
     /// Reads every `*.json` under `dir` (recursively). A missing folder is an empty registry;
     /// files that cannot be used are left out and reported.
     pub fn load_dir(dir: &Path) -> (Schemas, Vec<Diagnostic>) {

@@ -30,6 +30,7 @@ pub struct Dependencies {
 }
 
 impl Dependencies {
+    #[cfg(test)]
     /// Whether a message with this event name (or an identify) can change the answer.
     pub fn affected_by(&self, event: Option<&str>, identify: bool) -> bool {
         (identify && self.traits)

@@ -56,7 +56,7 @@ fn no_module_uses_a_module_of_its_own_layer_or_one_above() {
 
 #[test]
 fn the_check_sees_every_form_of_path() {
-    let code = "use crate::{alpha::A, beta::{B, C}, zeta};\nuse crate::{\n    eta::{H, I},\n    theta,\n};\nuse crate::gamma;\nfn f() { crate::delta::go(); }\n// crate::comment\n#[cfg(test)]\nmod tests { use crate::epsilon; }";
+    let code = "#[cfg(test)]\nmod tests;\nuse crate::{alpha::A, beta::{B, C}, zeta};\nuse crate::{\n    eta::{H, I},\n    theta,\n};\nuse crate::gamma;\nfn f() { crate::delta::go(); }\n// crate::comment\n#[cfg(test)]\nmod tests {\n    use crate::epsilon;\n}";
     let found = crate_paths(code_outside_tests(code));
     let expected = ["alpha", "beta", "delta", "eta", "gamma", "theta", "zeta"].map(String::from);
     assert_eq!(found, BTreeSet::from(expected));
@@ -120,9 +120,19 @@ fn is_test_file(relative: &Path) -> bool {
         || relative.components().any(|c| c.as_os_str() == "tests")
 }
 
-/// The file up to its first `#[cfg(test)]`: test modules stand at the end, by this crate's habit.
+/// The file up to its inline test module (`#[cfg(test)]` then `mod tests {`), which stands at the
+/// end by this crate's habit; a `#[cfg(test)] mod tests;` line only names another file.
 fn code_outside_tests(text: &str) -> &str {
-    text.find("#[cfg(test)]").map_or(text, |at| &text[..at])
+    let mut from = 0;
+    while let Some(at) = text[from..].find("#[cfg(test)]").map(|i| from + i) {
+        let rest = text[at + "#[cfg(test)]".len()..].trim_start();
+        let item = rest.lines().next().unwrap_or_default();
+        if item.starts_with("mod ") && item.ends_with('{') {
+            return &text[..at];
+        }
+        from = at + 1;
+    }
+    text
 }
 
 /// The first segment of every `crate::` path in `code`, comments left out, grouped imports

@@ -36,7 +36,7 @@ pub mod runs;
 use std::collections::BTreeSet;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -637,11 +637,6 @@ impl Checkpoints {
             .join()
             .map_err(|_| io::Error::other("the dedup checkpoint thread panicked"))?
     }
-}
-
-/// Where the runs of the log in `log_dir` are.
-pub fn runs_dir(log_dir: &Path) -> PathBuf {
-    runs::dir(log_dir)
 }
 
 #[cfg(test)]
