@@ -241,7 +241,7 @@ impl Batch<'_> {
         let (before, timer) = (held.timer, held.profile.next_recheck());
         if timer != before {
             held.timer = timer;
-            let timers = &mut self.stage.timers;
+            let timers = &mut self.stage.timers.changed;
             if let Some(due) = before {
                 timers.remove(&(due, id));
             }

@@ -3,6 +3,38 @@
 
 use super::*;
 
+/// The identity index as far as it was read or written: this stage is its only writer.
+/// hashbrown's hasher for the same reason as the cache's. It holds every link not committed yet:
+/// it is trimmed only right after a save committed, and keeps the links made since the last
+/// hand-off. Keyed by [`identity_hash`], not by the identifier: a lookup compares 16 bytes in
+/// place rather than following a pointer to the string, and an entry is 32 bytes.
+pub(super) struct Identities {
+    pub(super) map: hashbrown::HashMap<u128, u64>,
+    /// Identities kept in memory, at most.
+    pub(super) max: usize,
+}
+
+impl Identities {
+    /// Back to nine tenths of the bound once over it, keeping the identities in `keep`.
+    pub(super) fn trim<'k>(&mut self, keep: impl Iterator<Item = &'k String>) {
+        if self.map.len() <= self.max {
+            return;
+        }
+        let excess = self.map.len() - self.max * 9 / 10;
+        let keep: HashSet<u128> = keep.map(|k| identity_hash(k)).collect();
+        let victims: Vec<u128> = self
+            .map
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .take(excess)
+            .copied()
+            .collect();
+        for key in victims {
+            self.map.remove(&key);
+        }
+    }
+}
+
 /// An identity index key's 128-bit hash: the stage's identity map is keyed by it. Two keys with
 /// the same hash would share a profile; among a billion keys the chance of that is about 10^-21.
 pub(super) fn identity_hash(key: &str) -> u128 {
@@ -13,12 +45,12 @@ impl Directory for Batch<'_> {
     fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
         let stage = &mut self.stage;
         let hash = identity_hash(identity);
-        if let Some(id) = stage.identities.get(&hash) {
+        if let Some(id) = stage.identities.map.get(&hash) {
             return Ok(Some(*id));
         }
         let found = stage.read.lookup(identity)?;
         if let Some(id) = found {
-            self.stage.identities.insert(hash, id);
+            self.stage.identities.map.insert(hash, id);
         }
         Ok(found)
     }
@@ -26,7 +58,7 @@ impl Directory for Batch<'_> {
     fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
         let stage = &mut self.stage;
         stage.writes.links.insert(identity.to_string(), id);
-        stage.identities.insert(identity_hash(identity), id);
+        stage.identities.map.insert(identity_hash(identity), id);
         Ok(())
     }
 
@@ -53,7 +85,7 @@ impl Directory for Batch<'_> {
             stage.unsaved.push(id);
             // From now until the save, the stage's timers hold this profile's.
             if let Some(due) = held.timer {
-                stage.timers.insert((due, id));
+                stage.timers.changed.insert((due, id));
             }
         }
         Ok(held.profile_mut())
@@ -80,7 +112,7 @@ impl Directory for Batch<'_> {
         self.stage.deleted.insert(id);
         self.stage.profiles -= 1;
         if let Some(due) = held.timer {
-            self.stage.timers.remove(&(due, id));
+            self.stage.timers.changed.remove(&(due, id));
         }
         self.stage.removed.push(Removed {
             id,

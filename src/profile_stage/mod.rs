@@ -112,11 +112,12 @@ use crate::vocabulary::{JsonStr, MessageType};
 use backfill::{needed_history, Backfill, BACKFILL_CHUNK};
 use batch::Batch;
 use cache::{membership_changes, Cache, Held};
+use directory::Identities;
 use emit::Emission;
-use own_records::SetAside;
-use save::InFlight;
+use own_records::{OwnAhead, SetAside};
+use save::Saves;
 use saver::{Save, Saver, Writes};
-use time::moves_time;
+use time::{moves_time, Timers};
 
 /// The intake-log consumer name; its cursor only holds back log retention: the offset that
 /// counts is the one committed in the profile store.
@@ -255,7 +256,8 @@ struct Stage {
     store: Arc<ProfileStore>,
     /// The store as of the last save committed.
     read: Reader,
-    saver: Saver,
+    /// Saves handed to the saver and committed (`save.rs`).
+    saves: Saves,
     log: Arc<IntakeLog>,
     appender: Arc<Appender>,
     metrics: Arc<ProfileStageMetrics>,
@@ -275,20 +277,10 @@ struct Stage {
     unsaved: Vec<u64>,
     /// What the next save writes besides the profiles.
     writes: Writes,
-    in_flight: Option<InFlight>,
-    /// The number of the last save handed off, and of the last one committed.
-    handed: u64,
-    committed: u64,
     /// Profiles merged away whose deletion is not committed yet: `read` may still have them.
     deleted: HashSet<u64>,
-    /// The identity index as far as it was read or written: this stage is its only writer.
-    /// hashbrown's hasher for the same reason as the cache's. It holds every link not committed
-    /// yet: it is trimmed only right after a save committed, and keeps the links made since the
-    /// last hand-off. Keyed by [`identity_hash`], not by the identifier: a lookup compares 16
-    /// bytes in place rather than following a pointer to the string, and an entry is 32 bytes.
-    identities: hashbrown::HashMap<u128, u64>,
-    /// Identities kept in memory, at most.
-    max_identities: usize,
+    /// The identity index as far as it was read or written (`directory.rs`).
+    identities: Identities,
     /// Profiles merged away in this batch, with what the store and the stage's timers hold for
     /// them.
     removed: Vec<Removed>,
@@ -297,27 +289,13 @@ struct Stage {
     profiles: u64,
     offset: u64,
     backfill: Option<Backfill>,
-    /// The timers of the profiles changed since the last save committed, (due, profile): the
-    /// store's are as of that save.
-    timers: BTreeSet<(Millis, u64)>,
-    /// The last store timer read since the last save committed: those up to it were woken, or
-    /// belong to changed profiles (whose timers are in `timers`).
-    timer_cursor: Option<(Millis, u64)>,
-    /// The store's first timer past `timer_cursor`, once read (`None`: not read since the cursor
-    /// or the store moved).
-    next_stored_due: Option<Option<Millis>>,
-    /// The messageIds of the stage's own records in the log past the saved offset, up to
-    /// `own_ahead_until`: a redo appends none of them again.
-    own_ahead: HashSet<String>,
-    own_ahead_until: u64,
+    /// The timers not in the store yet, and how far the store's were read (`time.rs`).
+    timers: Timers,
+    /// The stage's own records ahead of the saved offset (`own_records.rs`).
+    own_ahead: OwnAhead,
     emissions: Vec<Emission>,
-    /// The log offset of the last save handed off.
-    saved_offset: u64,
-    /// When the last save was handed off.
-    last_saved: Instant,
     /// When the last batch with anything to do ended.
     last_busy: Instant,
-    save_every: Duration,
     last_conflict_log: Option<Instant>,
     /// The stage's time (see "The stage's time" above): it never goes back.
     time: Millis,
@@ -344,7 +322,15 @@ impl Stage {
             reader: parts.log.reader(offset),
             store: parts.store,
             read,
-            saver,
+            saves: Saves {
+                saver,
+                in_flight: None,
+                handed: 0,
+                committed: 0,
+                saved_offset: offset,
+                last_saved: Instant::now(),
+                every: parts.save_every,
+            },
             log: parts.log,
             appender: parts.appender,
             metrics: parts.metrics,
@@ -359,27 +345,23 @@ impl Stage {
             touched: Vec::new(),
             unsaved: Vec::new(),
             writes: Writes::default(),
-            in_flight: None,
-            handed: 0,
-            committed: 0,
             deleted: HashSet::new(),
-            identities: hashbrown::HashMap::new(),
-            max_identities: parts.cache_size.max(1) * 2,
+            identities: Identities {
+                map: hashbrown::HashMap::new(),
+                max: parts.cache_size.max(1) * 2,
+            },
             removed: Vec::new(),
             next_id,
             profiles,
             offset,
             backfill: None,
-            timers: BTreeSet::new(),
-            timer_cursor: None,
-            next_stored_due: None,
-            own_ahead: HashSet::new(),
-            own_ahead_until: offset,
+            timers: Timers::default(),
+            own_ahead: OwnAhead {
+                ids: HashSet::new(),
+                until: offset,
+            },
             emissions: Vec::new(),
-            saved_offset: offset,
-            last_saved: Instant::now(),
             last_busy: Instant::now(),
-            save_every: parts.save_every,
             last_conflict_log: None,
             time,
             clock_wanted: false,
@@ -463,9 +445,9 @@ impl Stage {
                     // Nothing to do now: save what is pending once it is due, or once it has
                     // been quiet for a while, and the save before has committed (messages may
                     // come while it is written; the next step takes it in).
-                    let due = self.last_saved.elapsed() >= self.save_every
+                    let due = self.saves.last_saved.elapsed() >= self.saves.every
                         || self.last_busy.elapsed() >= QUIET;
-                    if self.pending() && due && self.in_flight.is_none() {
+                    if self.pending() && due && self.saves.in_flight.is_none() {
                         if let Err(e) = self.hand_off() {
                             tracing::error!(error = %e, "saving the profile store failed; redoing from the last save");
                             self.health.failed(&e.to_string());
@@ -566,7 +548,7 @@ impl Stage {
                 continue;
             }
             if entry.source == SOURCE {
-                if record.offset < batch.stage.own_ahead_until {
+                if record.offset < batch.stage.own_ahead.until {
                     batch.reconcile(&set, &entry)?;
                 }
                 continue;
@@ -598,18 +580,19 @@ impl Stage {
                 .extend(finished.map(|s| (s.key.clone(), Some(s.fingerprint))));
         }
         self.offset = end;
-        if self.offset >= self.own_ahead_until && !self.own_ahead.is_empty() {
+        if self.offset >= self.own_ahead.until && !self.own_ahead.ids.is_empty() {
             // The redo is past every record it could repeat.
-            self.own_ahead = HashSet::new();
+            self.own_ahead.ids = HashSet::new();
         }
         self.last_busy = Instant::now();
         // Over its bounds, the cache drops saved profiles; if it is still over, the unsaved ones
         // and those of the save in flight fill it, and only saves let them go: then the stage
         // waits for the save in flight. A save merely due does not wait: while one is in
         // flight, the next grows.
-        self.cache.trim(self.committed);
-        let due = self.last_saved.elapsed() >= self.save_every || backfill_done == Some(true);
-        if self.cache.over() || (due && self.in_flight.is_none()) {
+        self.cache.trim(self.saves.committed);
+        let due =
+            self.saves.last_saved.elapsed() >= self.saves.every || backfill_done == Some(true);
+        if self.cache.over() || (due && self.saves.in_flight.is_none()) {
             self.hand_off()?;
         }
         if backfill_done == Some(true) {

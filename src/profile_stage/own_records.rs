@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// The messageIds of the stage's own records in the log past the saved offset, up to `until`: a
+/// redo appends none of them again.
+pub(super) struct OwnAhead {
+    pub(super) ids: HashSet<String>,
+    pub(super) until: u64,
+}
+
 /// A record of the log the supervisor set aside: the stage kept failing on it.
 pub(super) struct SetAside {
     pub(super) offset: u64,
@@ -15,7 +22,7 @@ impl Stage {
     /// Notes the messageIds of the stage's own records between the saved offset and the log's
     /// end: what a redo emits again is already there.
     pub(super) fn read_own_ahead(&mut self) -> Result<(), StageError> {
-        self.own_ahead.clear();
+        self.own_ahead.ids.clear();
         let mut reader = self.log.reader(self.offset);
         loop {
             let records = reader.read(BATCH)?;
@@ -25,13 +32,13 @@ impl Stage {
             for record in &records {
                 match Entry::decode(&record.payload) {
                     Ok(e) if e.source == SOURCE && !e.message_id.is_empty() => {
-                        self.own_ahead.insert(e.message_id.to_string());
+                        self.own_ahead.ids.insert(e.message_id.to_string());
                     }
                     _ => {}
                 }
             }
         }
-        self.own_ahead_until = reader.position();
+        self.own_ahead.until = reader.position();
         Ok(())
     }
 
@@ -55,7 +62,7 @@ impl Stage {
         let mut records =
             RecordBatch::with_capacity(self.emissions.iter().map(|e| e.body.len() + 64).sum());
         for (e, &dup) in self.emissions.iter().zip(pending.duplicates()) {
-            if !dup && !self.own_ahead.contains(&e.message_id) {
+            if !dup && !self.own_ahead.ids.contains(&e.message_id) {
                 records.push_with(|b| {
                     Entry::encode(b, Status::Accepted, now, SOURCE, &e.message_id, "", |b| {
                         b.extend_from_slice(&e.body)
@@ -90,7 +97,7 @@ impl Stage {
         let pending = self.runtime.block_on(self.appender.begin(&keys));
         let mut records = RecordBatch::default();
         for ((s, id), &dup) in self.set_aside.iter().zip(&ids).zip(pending.duplicates()) {
-            if dup || self.own_ahead.contains(id) {
+            if dup || self.own_ahead.ids.contains(id) {
                 continue;
             }
             let body = Entry::decode(&s.payload).map_or(&s.payload[..], |e| e.body);

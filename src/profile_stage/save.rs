@@ -2,8 +2,22 @@
 //! the [`saver`](super::saver) thread, taking in its outcome, and going back to the last save
 //! committed when anything fails. Also keeps the caches within bounds once a save lets them.
 
-use super::directory::identity_hash;
 use super::*;
+
+/// The stage's side of the saves: the saver, the save in flight, and when the last went.
+pub(super) struct Saves {
+    pub(super) saver: Saver,
+    pub(super) in_flight: Option<InFlight>,
+    /// The number of the last save handed off, and of the last one committed.
+    pub(super) handed: u64,
+    pub(super) committed: u64,
+    /// The log offset of the last save handed off.
+    pub(super) saved_offset: u64,
+    /// When the last save was handed off.
+    pub(super) last_saved: Instant,
+    /// `profiles.save_interval`.
+    pub(super) every: Duration,
+}
 
 /// The save handed to the saver and not committed yet.
 pub(super) struct InFlight {
@@ -15,20 +29,22 @@ pub(super) struct InFlight {
 impl Stage {
     /// Whether anything was done since the last save handed off.
     pub(super) fn pending(&self) -> bool {
-        self.offset != self.saved_offset || !self.unsaved.is_empty() || !self.writes.is_empty()
+        self.offset != self.saves.saved_offset
+            || !self.unsaved.is_empty()
+            || !self.writes.is_empty()
     }
 
     /// Hands the saver every profile changed since the last save, with its timer, `writes` (the
     /// members index changes among them), and the offset reached. One save is in
     /// flight at a time: this first waits for the one before.
     pub(super) fn hand_off(&mut self) -> Result<(), StageError> {
-        if self.in_flight.is_some() {
+        if self.saves.in_flight.is_some() {
             let waited = Instant::now();
             self.wait_for_save()?;
             self.pause(SavePause::Wait, waited);
         }
         let started = Instant::now();
-        let number = self.handed + 1;
+        let number = self.saves.handed + 1;
         let unsaved = std::mem::take(&mut self.unsaved);
         let writes = &mut self.writes;
         let mut profiles = Vec::with_capacity(unsaved.len());
@@ -47,7 +63,7 @@ impl Stage {
         }
         let writes = std::mem::take(&mut self.writes);
         let deletes = writes.deletes.clone();
-        self.saver.send(Save {
+        self.saves.saver.send(Save {
             profiles,
             writes,
             offset: self.offset,
@@ -55,10 +71,10 @@ impl Stage {
             next_id: self.next_id,
             profile_count: self.profiles,
         })?;
-        self.in_flight = Some(InFlight { number, deletes });
-        self.handed = number;
-        self.saved_offset = self.offset;
-        self.last_saved = Instant::now();
+        self.saves.in_flight = Some(InFlight { number, deletes });
+        self.saves.handed = number;
+        self.saves.saved_offset = self.offset;
+        self.saves.last_saved = Instant::now();
         self.pause(SavePause::HandOff, started);
         Ok(())
     }
@@ -81,8 +97,8 @@ impl Stage {
 
     /// Waits for the save in flight, if any, to finish.
     pub(super) fn wait_for_save(&mut self) -> Result<(), StageError> {
-        if self.in_flight.is_some() {
-            let outcome = self.saver.wait();
+        if self.saves.in_flight.is_some() {
+            let outcome = self.saves.saver.wait();
             self.saved(outcome)?;
         }
         Ok(())
@@ -90,8 +106,8 @@ impl Stage {
 
     /// Takes in the outcome of the save in flight, if it has finished.
     pub(super) fn poll_save(&mut self) -> Result<(), StageError> {
-        if self.in_flight.is_some() {
-            if let Some(outcome) = self.saver.poll() {
+        if self.saves.in_flight.is_some() {
+            if let Some(outcome) = self.saves.saver.poll() {
                 let started = Instant::now();
                 self.saved(outcome)?;
                 self.pause(SavePause::Commit, started);
@@ -104,21 +120,21 @@ impl Stage {
     /// timers it wrote out of memory, and lets the caches drop what it saved. A failure goes up,
     /// and the caller resets to the last save committed.
     pub(super) fn saved(&mut self, outcome: Result<(), StoreError>) -> Result<(), StageError> {
-        let flight = self.in_flight.take().expect("a save in flight");
+        let flight = self.saves.in_flight.take().expect("a save in flight");
         outcome?;
-        self.committed = flight.number;
+        self.saves.committed = flight.number;
         self.read = self.store.read()?;
         for id in &flight.deletes {
             self.deleted.remove(id);
         }
         let cache = &self.cache;
-        self.timers = self
+        self.timers.changed = self
             .unsaved
             .iter()
             .filter_map(|&id| Some((cache.get(id)?.timer?, id)))
             .collect();
-        self.timer_cursor = None;
-        self.next_stored_due = None;
+        self.timers.cursor = None;
+        self.timers.next_stored = None;
         self.trim_cache();
         Ok(())
     }
@@ -127,21 +143,21 @@ impl Stage {
     pub(super) fn reset(&mut self) {
         self.metrics.redos.inc();
         // Whatever the save in flight does, the store will be as of some save: wait for it.
-        if self.in_flight.take().is_some() {
-            let _ = self.saver.wait();
+        if self.saves.in_flight.take().is_some() {
+            let _ = self.saves.saver.wait();
         }
         self.cache.clear();
         self.touched.clear();
         self.unsaved.clear();
         self.writes = Writes::default();
         self.deleted.clear();
-        self.identities.clear();
+        self.identities.map.clear();
         self.removed.clear();
         self.emissions.clear();
         self.set_aside.clear();
-        self.timers.clear();
-        self.timer_cursor = None;
-        self.next_stored_due = None;
+        self.timers.changed.clear();
+        self.timers.cursor = None;
+        self.timers.next_stored = None;
         if let Ok(read) = self.store.read() {
             self.offset = read.meta("offset").ok().flatten().unwrap_or(self.offset);
             self.time = read.meta("time").ok().flatten().map_or(0, |t| t as Millis);
@@ -153,7 +169,7 @@ impl Stage {
                 .unwrap_or(self.profiles);
             self.read = read;
         }
-        self.saved_offset = self.offset;
+        self.saves.saved_offset = self.offset;
         self.reader = self.log.reader(self.offset);
         if let Err(e) = self.read_own_ahead() {
             // The dedup still drops what it holds of them.
@@ -166,23 +182,9 @@ impl Stage {
     /// Keeps the caches within their bounds (it runs right after a save committed, when every
     /// profile not changed since is saved and may go): random eviction, by hash order.
     pub(super) fn trim_cache(&mut self) {
-        self.cache.trim(self.committed);
-        let max_identities = self.max_identities;
-        if self.identities.len() > max_identities {
-            let excess = self.identities.len() - max_identities * 9 / 10;
-            // Links made since the last save was handed off are not in the store yet: they stay
-            // (and the save in flight has just committed).
-            let links: HashSet<u128> = self.writes.links.keys().map(|k| identity_hash(k)).collect();
-            let victims: Vec<u128> = self
-                .identities
-                .keys()
-                .filter(|k| !links.contains(*k))
-                .take(excess)
-                .copied()
-                .collect();
-            for key in victims {
-                self.identities.remove(&key);
-            }
-        }
+        self.cache.trim(self.saves.committed);
+        // Links made since the last save was handed off are not in the store yet: they stay (and
+        // the save in flight has just committed).
+        self.identities.trim(self.writes.links.keys());
     }
 }

@@ -263,7 +263,7 @@ fn page(who: Value) -> Value {
 #[test]
 fn a_profile_in_a_save_in_flight_stays_cached_until_the_save_commits() {
     let mut f = Fixture::new(3, set(&[("viewers", r#"user.did("Page Viewed")"#)]));
-    let gate = f.stage.saver.gate.clone();
+    let gate = f.stage.saves.saver.gate.clone();
     gate.set(false);
     f.step(&[page(json!({"userId": "u1"})), page(json!({"userId": "u2"}))])
         .unwrap();
@@ -697,15 +697,15 @@ fn history_read_back_saves_as_it_goes_to_stay_in_the_cache() {
         r#"user.sum("Order Completed", "revenue", days(30)) >= 50.0"#,
     );
     f.stage.install(set(&[SEEN, spenders])).unwrap();
-    let saves = f.stage.handed;
+    let saves = f.stage.saves.handed;
     // The clock record, then the read-back alone.
     while f.stage.backfill.as_ref().is_some_and(|b| b.fill.is_some()) {
         assert!(f.stage.step().unwrap());
     }
     assert!(
-        f.stage.handed - saves >= 40 / 4,
+        f.stage.saves.handed - saves >= 40 / 4,
         "{} saves during the read-back",
-        f.stage.handed - saves
+        f.stage.saves.handed - saves
     );
     f.settle();
     f.stage.flush().unwrap();

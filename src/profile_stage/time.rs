@@ -10,6 +10,20 @@ pub(super) const TIMER_CHUNK: usize = 2_000;
 /// this late when no message comes.
 pub(super) const TICK: Millis = 50;
 
+/// The timers not in the store yet, and how far the store's were read.
+#[derive(Default)]
+pub(super) struct Timers {
+    /// The timers of the profiles changed since the last save committed, (due, profile): the
+    /// store's are as of that save.
+    pub(super) changed: BTreeSet<(Millis, u64)>,
+    /// The last store timer read since the last save committed: those up to it were woken, or
+    /// belong to changed profiles (whose timers are in `changed`).
+    pub(super) cursor: Option<(Millis, u64)>,
+    /// The store's first timer past `cursor`, once read (`None`: not read since the cursor or the
+    /// store moved).
+    pub(super) next_stored: Option<Option<Millis>>,
+}
+
 /// Whether a record moves the stage's time: a message from a client, or a clock record. The
 /// stage's own emissions do not (see "The stage's time").
 pub(super) fn moves_time(entry: &Entry) -> bool {
@@ -31,17 +45,17 @@ impl Stage {
     /// The earliest timer not woken yet: the store's past the cursor (it may be a changed
     /// profile's, which [`Stage::due`] passes over) or the stage's.
     pub(super) fn next_due(&mut self) -> Result<Option<Millis>, StoreError> {
-        let stored = match self.next_stored_due {
+        let stored = match self.timers.next_stored {
             Some(due) => due,
             None => {
-                let due = self.read.next_due(self.timer_cursor)?;
-                self.next_stored_due = Some(due);
+                let due = self.read.next_due(self.timers.cursor)?;
+                self.timers.next_stored = Some(due);
                 due
             }
         };
         Ok(stored
             .into_iter()
-            .chain(self.timers.first().map(|t| t.0))
+            .chain(self.timers.changed.first().map(|t| t.0))
             .min())
     }
 
@@ -58,12 +72,12 @@ impl Stage {
     /// Timers due at `now`: the store's past the cursor, except those of profiles changed since
     /// the last save committed (their timers are in memory), and the stage's.
     pub(super) fn due(&mut self, now: Millis) -> Result<Vec<(Millis, u64)>, StoreError> {
-        let stored = self.read.due(self.timer_cursor, now, TIMER_CHUNK)?;
+        let stored = self.read.due(self.timers.cursor, now, TIMER_CHUNK)?;
         if let Some(last) = stored.last() {
-            self.timer_cursor = Some(*last);
-            self.next_stored_due = None;
+            self.timers.cursor = Some(*last);
+            self.timers.next_stored = None;
         }
-        let (cache, committed) = (&self.cache, self.committed);
+        let (cache, committed) = (&self.cache, self.saves.committed);
         let changed = |id: u64| {
             cache
                 .get(id)
@@ -71,7 +85,12 @@ impl Stage {
         };
         let mut due: Vec<(Millis, u64)> =
             stored.into_iter().filter(|(_, id)| !changed(*id)).collect();
-        due.extend(self.timers.range(..=(now, u64::MAX)).take(TIMER_CHUNK));
+        due.extend(
+            self.timers
+                .changed
+                .range(..=(now, u64::MAX))
+                .take(TIMER_CHUNK),
+        );
         Ok(due)
     }
 }
@@ -112,7 +131,7 @@ impl Batch<'_> {
         {
             // A stale timer of a profile merged away: drop it.
             stage.writes.timers.push((id, Some(due), None));
-            stage.timers.remove(&(due, id));
+            stage.timers.changed.remove(&(due, id));
             return Ok(());
         }
         self.stage.metrics.timer_wakeups.inc();
