@@ -10,7 +10,7 @@ use sluice::config::Config;
 use sluice::query::Format;
 
 /// mimalloc rather than glibc's malloc: the profile stage allocates and frees small objects per
-/// message (docs/performance.md, "Profiles and segments", step 19).
+/// message (step 19 in the history of docs/performance.md: `git log -p docs/performance.md`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -23,14 +23,9 @@ use super::{AppendError, IntakeLog, RecordBatch};
 pub use dedup::key as message_key;
 
 /// The key under which a quarantined message's readmission is remembered: another space than
-/// [`message_key`] (whose separator is `0xff`), which the message's quarantine record took. No
-/// UTF-8 text holds either byte, so the two never meet.
+/// [`message_key`], which the message's quarantine record took.
 pub fn readmission_key(source: &str, message_id: &str) -> u128 {
-    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
-    h.update(source.as_bytes());
-    h.update(&[0xfe]);
-    h.update(message_id.as_bytes());
-    h.digest128()
+    dedup::key_in(0xfe, source, message_id)
 }
 
 /// The log with its dedup: the handle every writer appends through.
@@ -94,5 +89,66 @@ impl Pending<'_> {
         };
         self.reservation.commit(at);
         Ok(appended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DedupConfig;
+    use crate::intake_log::LogOptions;
+
+    fn appender(dir: &std::path::Path) -> Appender {
+        let options = LogOptions {
+            dir: dir.join("log"),
+            segment_size: 1 << 20,
+            max_size: 1 << 30,
+        };
+        let log = Arc::new(IntakeLog::open(options, Default::default()).unwrap());
+        let config = DedupConfig {
+            window: std::time::Duration::from_secs(3600),
+            max_ids: 1000,
+        };
+        let dedup = Dedup::new(&config, dir.join("dedup"), Default::default());
+        Appender::new(log, Arc::new(dedup))
+    }
+
+    fn one(payload: &[u8]) -> RecordBatch {
+        let mut records = RecordBatch::default();
+        records.push(payload);
+        records
+    }
+
+    #[tokio::test]
+    async fn a_key_is_appended_once_and_a_readmission_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let appender = appender(dir.path());
+        let key = Some(message_key("web", "m1"));
+        let first = appender.begin(&[key]).await;
+        assert_eq!(first.duplicates(), [false]);
+        first.finish(one(b"a"), Utc::now()).await.unwrap();
+        let again = appender.begin(&[key, None]).await;
+        assert_eq!(again.duplicates(), [true, false], "unkeyed records never are");
+        again.finish(one(b"b"), Utc::now()).await.unwrap();
+
+        // The message's quarantine record holds its key; letting it in again is another.
+        let readmitted = Some(readmission_key("web", "m1"));
+        assert_ne!(readmitted, key);
+        let pending = appender.begin(&[readmitted]).await;
+        assert_eq!(pending.duplicates(), [false]);
+        pending.finish(one(b"c"), Utc::now()).await.unwrap();
+        assert_eq!(appender.begin(&[readmitted]).await.duplicates(), [true]);
+        assert_eq!(appender.log().end(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_append_that_fails_remembers_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let appender = appender(dir.path());
+        let key = Some(message_key("web", "m1"));
+        appender.log().close();
+        let pending = appender.begin(&[key]).await;
+        assert!(pending.finish(one(b"a"), Utc::now()).await.is_err());
+        assert_eq!(appender.begin(&[key]).await.duplicates(), [false], "the retry is new");
     }
 }

@@ -19,7 +19,24 @@
 //! - [`cursor`]: consumers' durable cursors; a segment is deleted once every registered
 //!   consumer's cursor has passed it.
 //!
-//! This module knows nothing of what a record holds (see `crate::entry`).
+//! - [`append`](Appender): the one way records enter the log, idempotent by key through
+//!   [`dedup`]: the edge, the profile stage and the quarantine replay all append through it.
+//!
+//! ## What the rest of Sluice uses
+//! The interface a second backend (JetStream, issue 20) has to give, and all of it:
+//! - writing: [`Appender::begin`] / [`Pending::finish`] (keys reserved, then records appended and
+//!   durable), and [`Appender::append_unkeyed`] for records that are never duplicates;
+//! - reading: [`IntakeLog::reader`] from an offset (records in order, each with its offset),
+//!   [`IntakeLog::end`] and [`IntakeLog::watch_end`] (the committed end, to wait for more);
+//! - cursors: [`IntakeLog::consumer`] by name, then [`Consumer::read`], [`Consumer::commit`]
+//!   (durable, at least once: a consumer resumes at its cursor and makes that idempotent),
+//!   [`Consumer::committed`], [`Consumer::rewind`], [`Consumer::reopen`];
+//! - lag and health: [`IntakeLog::stats`] (the end, each consumer's cursor, bytes held, failed)
+//!   and [`IntakeLog::fill`] (how full, for a destination that moves its backlog off the log).
+//!
+//! Offsets number the records one by one, as a JetStream stream's sequence numbers do. The
+//! module knows what a record holds (`crate::entry`) only to rebuild
+//! the dedup state from it.
 //!
 //! ## Failure
 //! When the log holds more than `max_size`, appends fail with [`AppendError::Full`]. A failed

@@ -54,9 +54,15 @@ use runs::Run;
 
 /// The dedup key of a message: 128 bits, so that two ids of a window never share one.
 pub fn key(source: &str, message_id: &str) -> u128 {
+    key_in(0xff, source, message_id)
+}
+
+/// A key in the space `separator` names (a byte no UTF-8 text holds: `0xfe` or `0xff`), so that
+/// keys of two spaces never meet.
+pub fn key_in(separator: u8, source: &str, message_id: &str) -> u128 {
     let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     h.update(source.as_bytes());
-    h.update(&[0xff]);
+    h.update(&[separator]);
     h.update(message_id.as_bytes());
     h.digest128()
 }
