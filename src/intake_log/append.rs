@@ -128,7 +128,11 @@ mod tests {
         assert_eq!(first.duplicates(), [false]);
         first.finish(one(b"a"), Utc::now()).await.unwrap();
         let again = appender.begin(&[key, None]).await;
-        assert_eq!(again.duplicates(), [true, false], "unkeyed records never are");
+        assert_eq!(
+            again.duplicates(),
+            [true, false],
+            "unkeyed records never are"
+        );
         again.finish(one(b"b"), Utc::now()).await.unwrap();
 
         // The message's quarantine record holds its key; letting it in again is another.
@@ -149,6 +153,10 @@ mod tests {
         appender.log().close();
         let pending = appender.begin(&[key]).await;
         assert!(pending.finish(one(b"a"), Utc::now()).await.is_err());
-        assert_eq!(appender.begin(&[key]).await.duplicates(), [false], "the retry is new");
+        assert_eq!(
+            appender.begin(&[key]).await.duplicates(),
+            [false],
+            "the retry is new"
+        );
     }
 }
