@@ -81,8 +81,8 @@ impl Pending<'_> {
         records: RecordBatch,
         at: DateTime<Utc>,
     ) -> Result<Range<u64>, AppendError> {
-        let end = self.log.end();
         let appended = if records.is_empty() {
+            let end = self.log.end();
             end..end
         } else {
             self.log.append(records).await?

@@ -256,3 +256,50 @@ fn check_reports_broken_rules_unknown_destinations_and_failing_segment_tests() {
     );
     assert_eq!(text.lines().count(), 5, "{text}");
 }
+
+#[test]
+fn receive_prints_each_message_it_is_posted_and_answers_200() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["receive", "--listen", &listen])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let post = |body: &str| {
+        crate::receiver::eventually(
+            "the receiver answers",
+            std::time::Duration::from_secs(10),
+            || {
+                try_request(addr, "POST", "/hook", &[], body.as_bytes())
+                    .ok()
+                    .map(|r| r.status)
+            },
+        )
+    };
+    assert_eq!(post(r#"{"type":"track","event":"One"}"#), 200);
+    assert_eq!(
+        post(r#"{"batch":[{"event":"Two"},{"event":"Three"}]}"#),
+        200
+    );
+    assert_eq!(post("not json"), 200);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"event":"One","type":"track"}"#,
+            r#"{"event":"Two"}"#,
+            r#"{"event":"Three"}"#,
+            "not json"
+        ]
+    );
+}
