@@ -261,7 +261,7 @@ fn check_reports_broken_rules_unknown_destinations_and_failing_segment_tests() {
 fn receive_prints_each_message_it_is_posted_and_answers_200() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["receive", "--listen", &listen])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
