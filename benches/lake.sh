@@ -4,6 +4,9 @@
 # DuckDB on the same files, side by side.
 #
 #   benches/lake.sh [SECONDS]
+#   SLUICE_BENCH_PHASES="2" SLUICE_BENCH_QUERY_BUILDS="DIR1 DIR2" benches/lake.sh
+#                           # only the GROUP BY, timed with each build in turn (folders holding a
+#                           # `sluice` build; default: this build)
 #
 # Protocol as in benches/load.sh: sluice (the `fast` profile) on core 1, the load generator on core 0,
 # varied web events (`--events web`, ~560 bytes enriched). DuckDB comes from PyPI into
@@ -24,6 +27,10 @@ TOML
 
 lag() { consumer_lag lake; }
 
+phases="${SLUICE_BENCH_PHASES:-1 2}"
+phase() { [[ " $phases " == *" $1 "* ]]; }
+
+if phase 1; then
 echo "--- 80,000 messages/s (800 batches of 100 per second, open loop) for $seconds s, lake writer running"
 rm -rf "$work/data"
 start_sluice
@@ -37,6 +44,9 @@ kill -TERM "$pid"; wait "$pid"
 rows="$("$bin/sluice" --config "$work/sluice.toml" query --format csv "SELECT count(*) AS n FROM events" | tail -1)"
 bytes="$(find "$work/data/lake/events" -name '*.parquet' -printf '%s\n' | awk '{s += $1} END {print s}')"
 echo "lake: $rows events in $bytes bytes of Parquet: $(awk -v b="$bytes" -v r="$rows" 'BEGIN {printf "%.1f", b / r}') bytes per message"
+fi
+
+if phase 2; then
 
 echo "--- filling the lake to 10,000,000 messages (closed loop)"
 start_sluice
@@ -55,10 +65,13 @@ sql="SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY event"
 glob="$work/data/lake/events/*/*.parquet"
 echo "--- $sql: five runs each, alternating, wall time of the whole command"
 for i in 1 2 3 4 5; do
-  s=$(date +%s.%N); taskset -c 1 "$bin/sluice" --config "$work/sluice.toml" query --format csv "$sql" > /dev/null; e=$(date +%s.%N)
-  echo "sluice query  $(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.3f", e - s}') s"
+  for build in ${SLUICE_BENCH_QUERY_BUILDS:-$bin}; do
+    s=$(date +%s.%N); taskset -c 1 "$build/sluice" --config "$work/sluice.toml" query --format csv "$sql" > /dev/null; e=$(date +%s.%N)
+    echo "sluice query  $(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.3f", e - s}') s  ($build)"
+  done
   s=$(date +%s.%N)
   taskset -c 1 "$venv/bin/python" -c "import duckdb; duckdb.sql(\"SELECT event, count(*) AS n FROM read_parquet('$glob', hive_partitioning = true) GROUP BY event ORDER BY event\").fetchall()"
   e=$(date +%s.%N)
   echo "duckdb        $(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.3f", e - s}') s"
 done
+fi
