@@ -33,15 +33,56 @@ struct Options {
     run_id: String,
     /// Varied web traffic instead of one repeated track.
     web_mix: bool,
-    /// Distinct users in the web mix.
-    users: u64,
+    /// Who sends the web mix's messages.
+    users: Users,
+}
+
+/// The users of the web mix: `count` of them, drawn uniformly or by a Zipf law (rank k sends in
+/// proportion to 1/k^s, as in real products: a few users are very active, most are quiet), and
+/// spread over `user-0` … `user-{space - 1}` (the users `sluice-profilegen` stored), so that the
+/// active ones are scattered among the stored ones, not the first of them.
+struct Users {
+    count: u64,
+    space: u64,
+    /// The Zipf law's cumulative distribution over ranks, if not uniform.
+    zipf: Option<Vec<f64>>,
+}
+
+impl Users {
+    /// A prime that divides no `space` made of 2s and 5s (10^n, 50,000): multiplying by it modulo
+    /// `space` is a bijection, so distinct ranks are distinct users.
+    const SCATTER: u64 = 1_000_003;
+
+    /// The user of the random draw `r`.
+    fn pick(&self, r: u64) -> u64 {
+        let rank = match &self.zipf {
+            None => r % self.count,
+            Some(cdf) => {
+                let u = (r >> 11) as f64 / (1u64 << 53) as f64;
+                (cdf.partition_point(|&c| c < u) as u64).min(self.count - 1)
+            }
+        };
+        (rank % self.space).wrapping_mul(Self::SCATTER % self.space) % self.space
+    }
+
+    fn zipf(count: u64, s: f64) -> Vec<f64> {
+        let mut cdf: Vec<f64> = (1..=count)
+            .scan(0.0, |sum, k| {
+                *sum += 1.0 / (k as f64).powf(s);
+                Some(*sum)
+            })
+            .collect();
+        let total = *cdf.last().unwrap_or(&1.0);
+        cdf.iter_mut().for_each(|c| *c /= total);
+        cdf
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: sluice-loadgen [--addr 127.0.0.1:8088] [--write-key KEY] [--mode batch|track] \
          [--batch 100] [--connections 32] [--duration SECS] [--warmup SECS] [--rate REQ_PER_SEC] [--pid SERVER_PID] \
-         [--events fixed|web] [--users 50000]"
+         [--events fixed|web] [--users 50000] [--user-space USERS] [--zipf EXPONENT]"
     );
     std::process::exit(2)
 }
@@ -58,7 +99,11 @@ fn parse_options() -> Options {
         rate: None,
         pid: None,
         web_mix: false,
-        users: 50_000,
+        users: Users {
+            count: 50_000,
+            space: 0,
+            zipf: None,
+        },
         run_id: format!(
             "{:x}",
             std::time::SystemTime::now()
@@ -67,6 +112,7 @@ fn parse_options() -> Options {
                 .as_micros()
         ),
     };
+    let mut zipf = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -97,10 +143,15 @@ fn parse_options() -> Options {
                     _ => usage(),
                 }
             }
-            "--users" => o.users = value().parse().unwrap_or_else(|_| usage()),
+            "--users" => o.users.count = value().parse().unwrap_or_else(|_| usage()),
+            "--user-space" => o.users.space = value().parse().unwrap_or_else(|_| usage()),
+            "--zipf" => zipf = Some(value().parse::<f64>().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
+    o.users.count = o.users.count.max(1);
+    o.users.space = o.users.space.max(o.users.count);
+    o.users.zipf = zipf.map(|s| Users::zipf(o.users.count, s));
     if o.single {
         o.batch = 1;
     }
@@ -187,12 +238,12 @@ fn now_ms() -> u64 {
 }
 
 /// One message of varied web traffic: a page view or one of eight tracks, with a random UUID-like
-/// messageId, one of `users` users (50,000 by default), properties that differ from message to message, and a device
-/// timestamp up to two seconds before it is sent, as SDKs send them.
-fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool, users: u64) {
+/// messageId, one of the `users` (50,000 by default, uniform), properties that differ from message
+/// to message, and a device timestamp up to two seconds before it is sent, as SDKs send them.
+fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool, users: &Users) {
     let r = mix(((conn as u64) << 40) ^ n ^ 0x5eed);
     let r2 = mix(r);
-    let user = r % users.max(1);
+    let user = users.pick(r);
     let path = PATHS[(r >> 20) as usize % PATHS.len()];
     let agent = AGENTS[(r >> 28) as usize % AGENTS.len()];
     let ip = format!(
@@ -258,7 +309,7 @@ fn request(o: &Options, conn: usize, seq: &mut u64, auth: &str) -> Vec<u8> {
     let seed = mix(run_seed(&o.run_id));
     let message = |body: &mut Vec<u8>, n: u64, with_type: bool| {
         if o.web_mix {
-            web_message(body, conn, n ^ seed, with_type, o.users)
+            web_message(body, conn, n ^ seed, with_type, &o.users)
         } else {
             message(body, &o.run_id, conn, n, with_type)
         }

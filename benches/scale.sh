@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One node at scale: a profile store pre-filled with 10,000,000 profiles (tools/profilegen, made
+# once and kept in $SLUICE_SCALE_STORE, copied for each run), the 50 segments of
+# benches/fifty-segments (windowed ones included), the lake on file://, and one webhook
+# destination receiving every message (tools/loadgen's sluice-receiver).
+#
+#   benches/scale.sh [SECONDS]          # default 120
+#
+# 1. Zipf traffic (exponent 1) from 1,000,000 of the stored users at 50,000 messages/s.
+# 2. Uniform traffic over 1,000,000 of the stored users at 25,000 messages/s.
+# Each run: the acknowledged rate and latency (the load generator), the messages the profile
+# stage applied in each 5 s against those offered (equal = it keeps up), its lag, the server's RSS
+# every 10 s, and the profile store's size. Rates: SLUICE_SCALE_ZIPF_RATE, SLUICE_SCALE_UNIFORM_RATE
+# (messages/s); SLUICE_SCALE_PROFILES (10000000) sizes the store; SLUICE_BENCH_PHASES="1" runs one.
+# Protocol as in benches/load.sh: sluice (the `fast` profile) on core 1, the load generator on core 0.
+source "$(dirname "$0")/common.sh"
+seconds="${1:-120}"
+port=18092
+receiver_port=19092
+profiles="${SLUICE_SCALE_PROFILES:-10000000}"
+store="${SLUICE_SCALE_STORE:-$HOME/.cache/sluice/scale-store-$profiles}"
+trap 'pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true; bench_cleanup' EXIT
+
+if [ ! -f "$store/profiles.redb" ]; then
+  echo "--- making the store: $profiles profiles in $store (once; it is kept)"
+  rm -rf "$store"
+  taskset -c 1 "$bin/sluice-profilegen" --segments benches/fifty-segments --dir "$store" \
+    --profiles "$profiles"
+fi
+
+cp -r benches/fifty-segments "$work/segments"
+mkdir -p "$work/destinations"
+printf 'type = "webhook"\nurl = "http://127.0.0.1:%s/hook"\n[delivery]\nbatch_size = 100\nconcurrency = 4\n' \
+  "$receiver_port" > "$work/destinations/hook.toml"
+write_config <<TOML
+[log]
+dir = "data/log"
+[storage]
+url = "file://./data/lake"
+flush_interval = "10s"
+[segments]
+dir = "segments"
+[profiles]
+dir = "data/profiles"
+[destinations]
+dir = "destinations"
+TOML
+
+applied() { metric | awk '/^sluice_profile_messages_total / {print $2}'; }
+rss_mb() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$pid/status"; }
+
+run() { # NAME RATE -- loadgen user options
+  local name="$1" rate="$2"; shift 2
+  echo "--- $name: $rate messages/s for $seconds s over $profiles stored profiles"
+  rm -rf "$work/data" "$work"/{lag,applied,rss}
+  mkdir -p "$work/data"
+  cp -r "$store" "$work/data/profiles"
+  taskset -c 0 "$bin/sluice-receiver" --listen "127.0.0.1:$receiver_port" \
+    --warmup 0 --duration $((seconds + 30)) > "$work/receiver.out" &
+  local started_at; started_at="$(date +%s%N)"
+  start_sluice
+  echo "serving $(( ($(date +%s%N) - started_at) / 1000000 )) ms after start"
+  local before; before="$(applied)"
+  ( for _ in $(seq 1 $((seconds / 5))); do sleep 5
+      printf '%s ' "$(consumer_lag profiles)" >> "$work/lag"
+      printf '%s ' "$(applied)" >> "$work/applied"
+      printf '%s ' "$(rss_mb)" >> "$work/rss"
+    done ) &
+  local sampler=$!
+  taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
+    --connections 32 --rate "$((rate / 100))" --duration "$seconds" --warmup 0 --pid "$pid" \
+    --users 1000000 --user-space "$profiles" "$@"
+  wait "$sampler" || true
+  echo "messages the stage applied in each 5 s ($((rate * 5)) offered; equal = it keeps up): $(
+    awk -v b="$before" '{for (i = 1; i <= NF; i++) {printf "%d ", $i - b; b = $i}}' "$work/applied")"
+  echo "profile stage lag, records, every 5 s: $(cat "$work/lag")"
+  echo "server RSS, MB, every 5 s: $(cat "$work/rss")"
+  metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) ' || true
+  kill -TERM "$pid"; wait "$pid" || true
+  pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true
+  wait || true
+  du -sh "$work/data/profiles" "$work/data/lake" "$work/data/log"
+}
+
+phases="${SLUICE_BENCH_PHASES:-1 2}"
+phase() { [[ " $phases " == *" $1 "* ]]; }
+if phase 1; then run "1. Zipf over 1,000,000 users" "${SLUICE_SCALE_ZIPF_RATE:-50000}" --zipf 1; fi
+if phase 2; then run "2. uniform over 1,000,000 users" "${SLUICE_SCALE_UNIFORM_RATE:-25000}"; fi

@@ -1,0 +1,269 @@
+//! Fills a profile store with profiles as the profile stage would have built them from months of
+//! web traffic, for the scale benchmark (`benches/scale.sh`): `user-{i}` with `anon-{i}`, for i
+//! from 0, each with an identify (traits, a fifth of them on the pro plan) and a random number of
+//! the web mix's page views and tracks (those of `sluice-loadgen --events web`) spread over the
+//! days before the user was last seen, which is up to 60 days ago. Each profile is evaluated for
+//! every segment of `--segments` and stored with its memberships, its timer and the segments'
+//! sizes, marked as backfilled for those rules: a server started on the store carries on from
+//! there, with no backfill.
+//!
+//! ```text
+//! sluice-profilegen --segments benches/fifty-segments --dir data/profiles --profiles 10000000
+//! ```
+//!
+//! The store must not exist yet. Deterministic for a given `--seed` and start time but for the
+//! times, which are relative to now.
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::value::RawValue;
+use sluice::profiles::profile::{Millis, Observed, Profile, Retention};
+use sluice::profiles::store::{Encoded, ProfileStore, SegmentStats};
+use sluice::segments::watch::Loader;
+use sluice::segments::Trigger;
+use sluice::vocabulary::MessageType;
+
+/// Profiles written per transaction.
+const CHUNK: u64 = 20_000;
+const DAY: Millis = 86_400_000;
+const EVENTS: [&str; 8] = [
+    "Product Viewed",
+    "Product Added",
+    "Cart Viewed",
+    "Checkout Started",
+    "Order Completed",
+    "Signed Up",
+    "Coupon Applied",
+    "Product Reviewed",
+];
+const CATEGORIES: [&str; 4] = ["products", "docs", "blog", "pricing"];
+
+struct Options {
+    segments: PathBuf,
+    dir: PathBuf,
+    profiles: u64,
+    seed: u64,
+    cache_bytes: usize,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: sluice-profilegen --segments DIR --dir PROFILE_DIR --profiles N [--seed N] [--cache-mb 1024]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_options() -> Options {
+    let mut o = Options {
+        segments: PathBuf::new(),
+        dir: PathBuf::new(),
+        profiles: 0,
+        seed: 1,
+        cache_bytes: 1 << 30,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--segments" => o.segments = value.into(),
+            "--dir" => o.dir = value.into(),
+            "--profiles" => o.profiles = value.parse().unwrap_or_else(|_| usage()),
+            "--seed" => o.seed = value.parse().unwrap_or_else(|_| usage()),
+            "--cache-mb" => {
+                o.cache_bytes = value.parse::<usize>().unwrap_or_else(|_| usage()) << 20
+            }
+            _ => usage(),
+        }
+    }
+    if o.dir.as_os_str().is_empty() || o.profiles == 0 {
+        usage()
+    }
+    o
+}
+
+/// splitmix64: cheap and good enough for test data.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A stream of random numbers for one user.
+struct Draws(u64);
+
+impl Draws {
+    fn next(&mut self) -> u64 {
+        self.0 = mix(self.0);
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn raw(json: String) -> Box<RawValue> {
+    RawValue::from_string(json).expect("the generator writes valid JSON")
+}
+
+/// The profile of `user-{i}`, built by applying its history of messages.
+fn profile(i: u64, seed: u64, retention: &Retention, now: Millis) -> Profile {
+    let mut draws = Draws(mix(seed ^ i.wrapping_mul(0x2545_f491_4f6c_dd1d)));
+    let mut p = Profile::new(i + 1);
+    p.user_id = Some(format!("user-{i}"));
+    p.add_anonymous_id(&format!("anon-{i}"));
+    // Last seen up to 60 days ago; active over up to 14 days before that.
+    let last = now - draws.below(60 * DAY as u64) as Millis;
+    let span = 1 + draws.below(14 * DAY as u64) as Millis;
+    let first = last - span;
+    let plan = if draws.below(5) == 0 { "pro" } else { "free" };
+    let traits = raw(format!(
+        r#"{{"email":"user-{i}@example.com","name":"User {i}","plan":"{plan}","createdAt":"2026-01-{:02}T10:00:00.000Z"}}"#,
+        1 + draws.below(28)
+    ));
+    p.apply(
+        &Observed {
+            kind: MessageType::Identify,
+            event: None,
+            at: first,
+            properties: None,
+            traits: Some(&traits),
+        },
+        retention,
+        now,
+    );
+    // Most users send a few messages, some many: 1 + an exponential-ish number, at most 64.
+    let messages = 1 + (draws.below(64) * draws.below(64) / 64);
+    let mut at = first;
+    for n in 0..messages {
+        at = if n + 1 == messages {
+            last
+        } else {
+            (at + draws.below(span as u64 / messages + 1) as Millis).min(last)
+        };
+        let page = draws.below(3) == 0;
+        let (kind, event) = if page {
+            (MessageType::Page, None)
+        } else {
+            (MessageType::Track, Some(EVENTS[draws.below(8) as usize]))
+        };
+        let properties = raw(format!(
+            r#"{{"product_id":"sku-{}","price":{}.{:02},"quantity":{},"currency":"EUR","category":"{}"}}"#,
+            draws.below(5000),
+            draws.below(300),
+            draws.below(100),
+            1 + draws.below(4),
+            CATEGORIES[draws.below(4) as usize]
+        ));
+        p.apply(
+            &Observed {
+                kind,
+                event,
+                at,
+                properties: Some(&properties),
+                traits: None,
+            },
+            retention,
+            now,
+        );
+    }
+    p
+}
+
+fn main() {
+    let o = parse_options();
+    let (set, problems) = Loader::new(&o.segments).load();
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    if !problems.is_empty() {
+        std::process::exit(1);
+    }
+    if o.dir.join("profiles.redb").exists() {
+        eprintln!("{} holds a profile store already", o.dir.display());
+        std::process::exit(1);
+    }
+    let store = ProfileStore::open(&o.dir, o.cache_bytes).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    });
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as Millis;
+    let started = Instant::now();
+    let mut sizes = vec![0u64; set.segments.len()];
+    let mut start = 0;
+    while start < o.profiles {
+        let end = (start + CHUNK).min(o.profiles);
+        let mut encoded = Encoded::default();
+        let mut identities = Vec::new();
+        let mut members = Vec::new();
+        let mut timers = Vec::new();
+        for i in start..end {
+            let mut p = profile(i, o.seed, &set.retention, now);
+            set.evaluate(&mut p, Trigger::All(None), now);
+            for (place, segment) in set.segments.iter().enumerate() {
+                if p.memberships.get(&segment.key).is_some_and(|m| m.member) {
+                    sizes[place] += 1;
+                    members.push((place, p.id));
+                }
+            }
+            if let Some(due) = p.next_recheck() {
+                timers.push((p.id, due));
+            }
+            identities.extend(p.identity_keys().into_iter().map(|k| (k, p.id)));
+            encoded.push(&p);
+        }
+        // In key order, so that each B-tree page is written once per chunk.
+        identities.sort_unstable();
+        let w = store.write().expect("a write transaction");
+        w.put_profiles(&encoded).expect("profiles written");
+        for (key, id) in &identities {
+            w.link(key, *id).expect("identity written");
+        }
+        for (place, id) in members {
+            w.set_member(&set.segments[place].key, id, true)
+                .expect("membership written");
+        }
+        for (id, due) in timers {
+            w.move_timer(id, None, Some(due)).expect("timer written");
+        }
+        w.set_meta("next_id", end + 1).expect("meta written");
+        w.set_meta("profiles", end).expect("meta written");
+        w.set_meta("time", now as u64).expect("meta written");
+        w.set_meta("offset", 0).expect("meta written");
+        for (place, segment) in set.segments.iter().enumerate() {
+            let stats = SegmentStats {
+                size: sizes[place],
+                last_change: Some(now),
+                backfilled: Some(segment.fingerprint),
+            };
+            w.put_segment_stats(&segment.key, &stats)
+                .expect("segment stats written");
+        }
+        w.commit().expect("committed");
+        start = end;
+        if start % 1_000_000 == 0 || start == o.profiles {
+            eprintln!(
+                "{start} profiles in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let bytes = std::fs::metadata(o.dir.join("profiles.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "{} profiles, {} identities, {} memberships over {} segments; store {} MB, {} bytes per profile; {:.0} s",
+        o.profiles,
+        o.profiles * 2,
+        sizes.iter().sum::<u64>(),
+        set.segments.len(),
+        bytes >> 20,
+        bytes / o.profiles,
+        started.elapsed().as_secs_f64()
+    );
+}
