@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One node at scale: a profile store pre-filled with 10,000,000 profiles (tools/profilegen, made
-# once and kept in $SLUICE_SCALE_STORE, copied for each run), the 50 segments of
+# once and kept in $SLUICE_SCALE_STORE, copied for each run; made again once it is 12 hours old,
+# as its histories and timers are relative to when it was made), the 50 segments of
 # benches/fifty-segments (windowed ones included), the lake on file://, and one webhook
 # destination receiving every message (tools/loadgen's sluice-receiver).
 #
@@ -21,7 +22,7 @@ profiles="${SLUICE_SCALE_PROFILES:-10000000}"
 store="${SLUICE_SCALE_STORE:-$HOME/.cache/sluice/scale-store-$profiles}"
 trap 'pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true; bench_cleanup' EXIT
 
-if [ ! -f "$store/profiles.redb" ]; then
+if [ ! -f "$store/profiles.redb" ] || [ -n "$(find "$store/profiles.redb" -mmin +720)" ]; then
   echo "--- making the store: $profiles profiles in $store (once; it is kept)"
   rm -rf "$store"
   taskset -c 1 "$bin/sluice-profilegen" --segments benches/fifty-segments --dir "$store" \
