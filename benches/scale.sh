@@ -56,6 +56,9 @@ run() { # NAME RATE -- loadgen user options
   rm -rf "$work/data" "$work"/{lag,applied,rss}
   mkdir -p "$work/data"
   cp -r "$store" "$work/data/profiles"
+  # On the disk before the clock starts: otherwise the store's first save commits (fsyncs) the
+  # whole copy.
+  sync "$work/data/profiles/profiles.redb"
   taskset -c 0 "$bin/sluice-receiver" --listen "127.0.0.1:$receiver_port" \
     --warmup 0 --duration $((seconds + 30)) > "$work/receiver.out" &
   local started_at; started_at="$(date +%s%N)"
