@@ -12,7 +12,8 @@
 # Each run: the acknowledged rate and latency (the load generator), the messages the profile
 # stage applied in each 5 s against those offered (equal = it keeps up), its lag, the server's RSS
 # every 10 s, and the profile store's size. Rates: SLUICE_SCALE_ZIPF_RATE, SLUICE_SCALE_UNIFORM_RATE
-# (messages/s); SLUICE_SCALE_PROFILES (10000000) sizes the store; SLUICE_BENCH_PHASES="1" runs one.
+# (messages/s); SLUICE_SCALE_PROFILES (10000000) sizes the store; SLUICE_SCALE_STORE_CACHE sets
+# profiles.store_cache (e.g. 512MiB); SLUICE_BENCH_PHASES="1" runs one.
 # Protocol as in benches/load.sh: sluice (the `fast` profile) on core 1, the load generator on core 0.
 source "$(dirname "$0")/common.sh"
 seconds="${1:-120}"
@@ -43,6 +44,7 @@ flush_interval = "10s"
 dir = "segments"
 [profiles]
 dir = "data/profiles"
+${SLUICE_SCALE_STORE_CACHE:+store_cache = \"$SLUICE_SCALE_STORE_CACHE\"}
 [destinations]
 dir = "destinations"
 TOML
