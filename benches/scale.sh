@@ -13,7 +13,9 @@
 # stage applied in each 5 s against those offered (equal = it keeps up), its lag, the server's RSS
 # every 10 s, and the profile store's size. Rates: SLUICE_SCALE_ZIPF_RATE, SLUICE_SCALE_UNIFORM_RATE
 # (messages/s); SLUICE_SCALE_PROFILES (10000000) sizes the store; SLUICE_SCALE_STORE_CACHE sets
-# profiles.store_cache (e.g. 512MiB); SLUICE_BENCH_PHASES="1" runs one.
+# profiles.store_cache (e.g. 512MiB); SLUICE_BENCH_SAVER_NICE renices the profile saver (nice 19
+# by default); SLUICE_BENCH_PHASES="1" runs one. Also prints the profile store's saves (count,
+# seconds in all) and how long the stage waited for them.
 # Protocol as in benches/load.sh: sluice (the `fast` profile) on core 1, the load generator on core 0.
 source "$(dirname "$0")/common.sh"
 seconds="${1:-120}"
@@ -65,6 +67,9 @@ run() { # NAME RATE -- loadgen user options
     --warmup 0 --duration $((seconds + 30)) > "$work/receiver.out" &
   local started_at; started_at="$(date +%s%N)"
   start_sluice
+  if [ -n "${SLUICE_BENCH_SAVER_NICE:-}" ]; then
+    renice -n "$SLUICE_BENCH_SAVER_NICE" -p "$(thread_id sluice-saver)" > /dev/null
+  fi
   echo "serving $(( ($(date +%s%N) - started_at) / 1000000 )) ms after start"
   local before; before="$(applied)"
   ( for _ in $(seq 1 $((seconds / 5))); do sleep 5
@@ -82,6 +87,7 @@ run() { # NAME RATE -- loadgen user options
   echo "profile stage lag, records, every 5 s: $(cat "$work/lag")"
   echo "server RSS, MB, every 5 s: $(cat "$work/rss")"
   metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) ' || true
+  metric | grep -E '^sluice_profile_save(_pause)?_seconds_(sum|count)' || true
   kill -TERM "$pid"; wait "$pid" || true
   pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true
   wait || true

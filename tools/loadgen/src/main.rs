@@ -53,7 +53,7 @@ impl Users {
     /// `space` is a bijection, so distinct ranks are distinct users.
     const SCATTER: u64 = 1_000_003;
 
-    /// The user of the random draw `r`.
+    /// The user of the random draw `r` (`rank < count <= space`, so the product fits in 64 bits).
     fn pick(&self, r: u64) -> u64 {
         let rank = match &self.zipf {
             None => r % self.count,
@@ -62,7 +62,7 @@ impl Users {
                 (cdf.partition_point(|&c| c < u) as u64).min(self.count - 1)
             }
         };
-        (rank % self.space).wrapping_mul(Self::SCATTER % self.space) % self.space
+        rank.wrapping_mul(Self::SCATTER % self.space) % self.space
     }
 
     fn zipf(count: u64, s: f64) -> Vec<f64> {
@@ -243,7 +243,9 @@ fn now_ms() -> u64 {
 fn web_message(out: &mut Vec<u8>, conn: usize, n: u64, with_type: bool, users: &Users) {
     let r = mix(((conn as u64) << 40) ^ n ^ 0x5eed);
     let r2 = mix(r);
-    let user = users.pick(r);
+    // A draw of its own: the path, agent and event come from `r`'s bits, and a Zipf rank is
+    // mostly `r`'s top bits.
+    let user = users.pick(mix(r2));
     let path = PATHS[(r >> 20) as usize % PATHS.len()];
     let agent = AGENTS[(r >> 28) as usize % AGENTS.len()];
     let ip = format!(

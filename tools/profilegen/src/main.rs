@@ -34,8 +34,8 @@ const EVENTS: [&str; 8] = [
     "Checkout Started",
     "Order Completed",
     "Signed Up",
-    "Coupon Applied",
-    "Product Reviewed",
+    "Search Performed",
+    "Video Played",
 ];
 const CATEGORIES: [&str; 4] = ["products", "docs", "blog", "pricing"];
 
