@@ -25,7 +25,7 @@ profiles="${SLUICE_SCALE_PROFILES:-10000000}"
 store="${SLUICE_SCALE_STORE:-$HOME/.cache/sluice/scale-store-$profiles}"
 trap 'pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true; bench_cleanup' EXIT
 
-if [ ! -f "$store/profiles.redb" ] || [ -n "$(find "$store/profiles.redb" -mmin +720)" ]; then
+if [ ! -d "$store/store" ] || [ -n "$(find "$store" -maxdepth 0 -mmin +720)" ]; then
   echo "--- making the store: $profiles profiles in $store (once; it is kept)"
   rm -rf "$store"
   taskset -c 1 "$bin/sluice-profilegen" --segments benches/fifty-segments --dir "$store" \
@@ -62,7 +62,7 @@ run() { # NAME RATE -- loadgen user options
   cp -r "$store" "$work/data/profiles"
   # On the disk before the clock starts: otherwise the store's first save commits (fsyncs) the
   # whole copy.
-  sync "$work/data/profiles/profiles.redb"
+  sync -f "$work/data/profiles"
   taskset -c 0 "$bin/sluice-receiver" --listen "127.0.0.1:$receiver_port" \
     --warmup 0 --duration $((seconds + 30)) > "$work/receiver.out" &
   local started_at; started_at="$(date +%s%N)"

@@ -199,7 +199,7 @@ fn write(
     for profile in profiles {
         encoded.push(&profile);
     }
-    let w = store.write()?;
+    let mut w = store.write()?;
     for (identity, id) in &writes.links {
         w.link(identity, *id)?;
     }
@@ -214,7 +214,7 @@ fn write(
     }
     w.put_profiles(&encoded)?;
     drop(encoded);
-    segment_stats(&w, metrics, &writes)?;
+    segment_stats(&mut w, metrics, &writes)?;
     w.set_meta("offset", offset)?;
     w.set_meta("time", time.max(0) as u64)?;
     w.set_meta("next_id", next_id)?;
@@ -227,7 +227,7 @@ fn write(
 /// Brings the stats of the segments that changed up to date: sizes, last changes, the rule
 /// versions backfilled.
 fn segment_stats(
-    w: &Writer,
+    w: &mut Writer,
     metrics: &ProfileStageMetrics,
     writes: &Writes,
 ) -> Result<(), StoreError> {

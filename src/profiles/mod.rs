@@ -1,18 +1,18 @@
 //! Profiles: one per person, with identity resolution, kept in an embedded durable store.
 //!
-//! ## Why redb
+//! ## The store
 //! The profile stage needs point reads and writes by key, a few ordered scans (members of a
 //! segment, due timers, all profiles for a backfill), and several tables changed atomically
-//! together with the intake-log offset they reflect. redb gives exactly that: ACID transactions
-//! over B-trees in one file, crash-safe by copy-on-write with a checksummed commit, pure Rust
-//! (no C++ build like RocksDB, which matters for our build times), and actively maintained. Its
-//! page cache is bounded, so memory does not grow with the number of profiles.
+//! together with the intake-log offset they reflect. fjall, an LSM tree in pure Rust, gives that
+//! with atomic batches across keyspaces and snapshots, and writes a save's scattered profiles
+//! several times cheaper than the B-tree (redb) used before: figures and reasons in [`store`].
+//! Its block cache is bounded, so memory does not grow with the number of profiles.
 //!
 //! - [`profile`]: the profile itself, applying a message and merging two profiles (pure).
 //! - [`identity`]: which profile a message belongs to, linking and merging identifiers.
 //! - [`memberships`]: a profile's segment memberships, laid out by the loaded segments.
 //! - [`codec`]: a profile's stored encoding.
-//! - [`store`]: the redb tables.
+//! - [`store`]: the keyspaces.
 //!
 //! This module knows nothing of rules or the intake log: `crate::profile_stage` drives it.
 

@@ -181,7 +181,7 @@ fn main() {
     if !problems.is_empty() {
         std::process::exit(1);
     }
-    if o.dir.join("profiles.redb").exists() {
+    if o.dir.join("store").exists() {
         eprintln!("{} holds a profile store already", o.dir.display());
         std::process::exit(1);
     }
@@ -195,6 +195,7 @@ fn main() {
         .as_millis() as Millis;
     let started = Instant::now();
     let mut sizes = vec![0u64; set.segments.len()];
+    let mut encoded_bytes = 0;
     let mut start = 0;
     while start < o.profiles {
         let end = (start + CHUNK).min(o.profiles);
@@ -217,9 +218,10 @@ fn main() {
             identities.extend(p.identity_keys().into_iter().map(|k| (k, p.id)));
             encoded.push(&p);
         }
-        // In key order, so that each B-tree page is written once per chunk.
+        encoded_bytes += encoded.bytes();
+        // In key order: the store's sort of the batch has less to do.
         identities.sort_unstable();
-        let w = store.write().expect("a write transaction");
+        let mut w = store.write().expect("a write transaction");
         w.put_profiles(&encoded).expect("profiles written");
         for (key, id) in &identities {
             w.link(key, *id).expect("identity written");
@@ -253,17 +255,32 @@ fn main() {
             );
         }
     }
-    let bytes = std::fs::metadata(o.dir.join("profiles.redb"))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    drop(store);
+    let bytes = disk_bytes(&o.dir);
     println!(
-        "{} profiles, {} identities, {} memberships over {} segments; store {} MB, {} bytes per profile; {:.0} s",
+        "{} profiles, {} identities, {} memberships over {} segments; encoded {} bytes per profile; \
+         store {} MB, {} bytes per profile; {:.0} s",
         o.profiles,
         o.profiles * 2,
         sizes.iter().sum::<u64>(),
         set.segments.len(),
+        encoded_bytes / o.profiles as usize,
         bytes >> 20,
         bytes / o.profiles,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The bytes of every file under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        total += if meta.is_dir() {
+            disk_bytes(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
 }
