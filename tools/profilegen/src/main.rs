@@ -196,6 +196,7 @@ fn main() {
     let started = Instant::now();
     let mut sizes = vec![0u64; set.segments.len()];
     let mut encoded_bytes = 0;
+    let mut history_bytes = 0;
     let mut start = 0;
     while start < o.profiles {
         let end = (start + CHUNK).min(o.profiles);
@@ -217,6 +218,7 @@ fn main() {
             }
             identities.extend(p.identity_keys().into_iter().map(|k| (k, p.id)));
             encoded.push(&p);
+            history_bytes += history_bytes_of(&p);
         }
         encoded_bytes += encoded.bytes();
         // In key order: the store's sort of the batch has less to do.
@@ -258,13 +260,14 @@ fn main() {
     drop(store);
     let bytes = disk_bytes(&o.dir);
     println!(
-        "{} profiles, {} identities, {} memberships over {} segments; encoded {} bytes per profile; \
-         store {} MB, {} bytes per profile; {:.0} s",
+        "{} profiles, {} identities, {} memberships over {} segments; encoded {} bytes per profile \
+         ({} of them history); store {} MB, {} bytes per profile; {:.0} s",
         o.profiles,
         o.profiles * 2,
         sizes.iter().sum::<u64>(),
         set.segments.len(),
         encoded_bytes / o.profiles as usize,
+        history_bytes / o.profiles as usize,
         bytes >> 20,
         bytes / o.profiles,
         started.elapsed().as_secs_f64()
@@ -283,4 +286,15 @@ fn disk_bytes(dir: &std::path::Path) -> u64 {
         };
     }
     total
+}
+
+/// The bytes of `p`'s encoding that its history takes (with the names it refers to).
+fn history_bytes_of(p: &sluice::profiles::Profile) -> usize {
+    let mut without = p.clone();
+    without.history.clear();
+    without.names.clear();
+    let (mut all, mut rest) = (Vec::new(), Vec::new());
+    sluice::profiles::codec::encode(p, &mut all);
+    sluice::profiles::codec::encode(&without, &mut rest);
+    all.len() - rest.len()
 }
