@@ -164,7 +164,7 @@ impl Route {
     /// `events`.
     pub fn wants(&self, routing: &Routing) -> bool {
         if let Some((segment, destinations)) = &routing.audience {
-            return self.segments.contains(segment) || destinations.iter().any(|d| *d == self.name);
+            return self.segments.contains(segment) || destinations.contains(&self.name);
         }
         match &self.events {
             None => true,
