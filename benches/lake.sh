@@ -4,6 +4,7 @@
 # DuckDB on the same files, side by side.
 #
 #   benches/lake.sh [SECONDS]
+#   SLUICE_LAKE_RATE=60000 SLUICE_BENCH_PHASES=1 benches/lake.sh   # ingestion at another rate
 #   SLUICE_BENCH_PHASES="2" SLUICE_BENCH_QUERY_BUILDS="DIR1 DIR2" benches/lake.sh
 #                           # only the GROUP BY, timed with each build in turn (folders holding a
 #                           # `sluice` build; default: this build)
@@ -31,13 +32,14 @@ phases="${SLUICE_BENCH_PHASES:-1 2}"
 phase() { [[ " $phases " == *" $1 "* ]]; }
 
 if phase 1; then
-echo "--- 80,000 messages/s (800 batches of 100 per second, open loop) for $seconds s, lake writer running"
+rate="${SLUICE_LAKE_RATE:-80000}"
+echo "--- $rate messages/s (batches of 100, open loop) for $seconds s, lake writer running"
 rm -rf "$work/data"
 start_sluice
 ( for _ in $(seq 1 $((seconds / 5 + 1))); do sleep 5; printf '%s ' "$(lag)"; done ) > "$work/lag" &
 sampler=$!
 taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
-  --connections 32 --rate 800 --duration "$seconds" --pid "$pid"
+  --connections 32 --rate "$((rate / 100))" --duration "$seconds" --pid "$pid"
 wait "$sampler" || true
 echo "lake lag behind the log, records, every 5 s: $(cat "$work/lag")"
 kill -TERM "$pid"; wait "$pid"

@@ -13,7 +13,7 @@
 # stage applied in each 5 s against those offered (equal = it keeps up), its lag, the server's RSS
 # every 10 s, and the profile store's size. Rates: SLUICE_SCALE_ZIPF_RATE, SLUICE_SCALE_UNIFORM_RATE
 # (messages/s); SLUICE_SCALE_PROFILES (10000000) sizes the store; SLUICE_SCALE_STORE_CACHE sets
-# profiles.store_cache (e.g. 512MiB); SLUICE_BENCH_SAVER_NICE renices the profile saver (nice 19
+# profiles.store_cache (e.g. 512MiB); SLUICE_BENCH_SAVER_NICE renices the profile saver (nice 10
 # by default); SLUICE_BENCH_PHASES="1" runs one. Also prints the profile store's saves (count,
 # seconds in all) and how long the stage waited for them.
 # Protocol as in benches/load.sh: sluice (the `fast` profile) on core 1, the load generator on core 0.

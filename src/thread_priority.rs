@@ -1,5 +1,5 @@
-//! Background work (compaction, admin queries, the profile stage, destinations) runs at a lower
-//! CPU priority than ingestion; the profile store's saver and the lake writer at the lowest.
+//! Background work (compaction, admin queries, the profile stage and its saver, destinations)
+//! runs at a lower CPU priority than ingestion; the lake writer at the lowest.
 
 /// Gives the calling thread a lower CPU priority (nice 10).
 pub fn lower() {

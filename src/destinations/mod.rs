@@ -6,11 +6,13 @@
 //! - [`sender`]: the [`Sender`] trait a type implements, and what HTTP types share.
 //! - [`webhook`], [`segment`]: the types, one folder each with the same two files.
 //! - [`queue`]: a destination's durable queue and dead letter.
+//! - [`shared_read`]: one read and parse of the log for all of them.
 //! - [`pump`]: the delivery engine of one destination.
 //!
 //! Each destination runs on its own thread, with its own log cursor (`destination-<name>`),
 //! queue file and rate limit: one that is slow or dead shares nothing with the others or with
-//! ingestion but the log it reads. The threads run below ingestion's CPU priority, all of them
+//! ingestion but the log it reads, and that read (the one ahead reads and parses each record
+//! once for all; one behind reads for itself). The threads run below ingestion's CPU priority, all of them
 //! together weighing about what the profile stage does.
 //!
 //! ## Adding a type
@@ -25,6 +27,7 @@ pub mod queue;
 pub mod route;
 pub mod segment;
 pub mod sender;
+pub mod shared_read;
 pub mod webhook;
 
 use std::sync::atomic::Ordering;
@@ -42,6 +45,7 @@ use pump::{Command, Pump, Stats};
 use queue::{Dead, Queue};
 use route::Route;
 pub use sender::Sender;
+use shared_read::SharedRead;
 
 /// The destination types, by the file's `type`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -158,6 +162,7 @@ impl Destinations {
     ) -> anyhow::Result<Destinations> {
         let mut running = Vec::new();
         let count = loaded.len();
+        let reads = Arc::new(SharedRead::default());
         for (file, route) in loaded {
             let name = file.name.clone();
             let consumer = parts.log.consumer(&consumer_name(&name))?;
@@ -166,8 +171,9 @@ impl Destinations {
             let stats = Arc::new(Stats::default());
             let health = (parts.health)(&name);
             let pump = {
-                let (log, queue, stats, health) = (
+                let (log, reads, queue, stats, health) = (
                     parts.log.clone(),
+                    reads.clone(),
                     queue.clone(),
                     stats.clone(),
                     health.clone(),
@@ -189,6 +195,7 @@ impl Destinations {
                         sender: sender.clone(),
                         delivery: file.delivery.clone(),
                         consumer: consumer.reopen()?,
+                        reads: reads.clone(),
                         log: log.clone(),
                         queue: queue.clone(),
                         metrics: metrics.clone(),

@@ -41,9 +41,10 @@ use tokio::time::Instant;
 
 use super::files::{Delivery, BACKOFF_CAP};
 use super::queue::{Change, Dead, Queue, QueueError, UserState};
-use super::route::{Head, Route, Shaped};
+use super::route::{Route, Shaped};
 use super::sender::{Attempt, Outgoing, Sender};
-use crate::entry::{Entry, Status};
+use super::shared_read::SharedRead;
+use crate::entry::Entry;
 use crate::intake_log::{Consumer, IntakeLog};
 use crate::metrics::{DestinationLabels, DestinationMetrics};
 use crate::supervisor::Health;
@@ -77,6 +78,8 @@ pub struct Pump {
     pub sender: Arc<dyn Sender>,
     pub delivery: Delivery,
     pub consumer: Consumer,
+    /// The read of the log every destination shares.
+    pub reads: Arc<SharedRead>,
     /// For its end (to wait for more) and its fill level (see [`SPILL_AT`]).
     pub log: Arc<IntakeLog>,
     pub queue: Arc<Queue>,
@@ -256,7 +259,7 @@ impl State<'_> {
 
     fn read_log(&mut self) -> anyhow::Result<()> {
         while self.should_read() {
-            let records = self.pump.consumer.read(READ_CHUNK)?;
+            let records = self.pump.reads.read(&mut self.pump.consumer, READ_CHUNK)?;
             if records.is_empty() {
                 return Ok(());
             }
@@ -280,13 +283,12 @@ impl State<'_> {
                 }
                 // A panic from here to the end of the record is blamed on it.
                 self.pump.health.working_on(record.offset);
-                let Ok(entry) = Entry::decode(&record.payload) else {
+                // Routed records are accepted messages, so they decode.
+                let (Some(routing), Ok(entry)) = (&record.routing, Entry::decode(&record.payload))
+                else {
                     continue;
                 };
-                if entry.status != Status::Accepted {
-                    continue;
-                }
-                let head = match serde_json::from_slice::<Head>(entry.body) {
+                let head = match routing {
                     Ok(head) => head,
                     Err(e) => {
                         // Never skipped in silence: kept in the dead letter with the reason.
@@ -304,12 +306,12 @@ impl State<'_> {
                         continue;
                     }
                 };
-                if !self.pump.route.wants(entry.source, &head) {
+                if !self.pump.route.wants(head) {
                     continue;
                 }
                 let mut message = Outgoing {
                     offset: record.offset,
-                    user: head.user().to_string(),
+                    user: head.user.clone(),
                     message_id: entry.message_id.to_string(),
                     accepted_micros: entry.received_at_micros,
                     body: Vec::new(),

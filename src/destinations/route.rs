@@ -12,17 +12,51 @@ use crate::diagnostic::Diagnostic;
 use crate::script::{self, dynamic_to_json, json_to_dynamic};
 use crate::vocabulary::SOURCE;
 
+/// What routing reads of a message: parsed once per message for every destination
+/// ([`super::shared_read`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub kind: String,
+    pub event: Option<String>,
+    /// The key per-user order is kept by.
+    pub user: String,
+    /// For a segment change Sluice emitted: the segment, and the destinations the segment file
+    /// named when the change was emitted.
+    pub audience: Option<(String, Vec<String>)>,
+}
+
+impl Routing {
+    /// Reads a message's routing from its JSON (`source` is the record's); the error says why the
+    /// message cannot be routed.
+    pub fn parse(source: &str, body: &[u8]) -> Result<Routing, String> {
+        let head: Head = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let audience = audience(source, &head).map(|r| {
+            let segment = r.audience.unwrap_or_default().into_owned();
+            (
+                segment,
+                r.destinations.into_iter().map(Cow::into_owned).collect(),
+            )
+        });
+        Ok(Routing {
+            user: head.user().to_string(),
+            kind: head.kind.into_owned(),
+            event: head.event.map(Cow::into_owned),
+            audience,
+        })
+    }
+}
+
 /// The fields routing reads; the rest of the message is skipped, not built.
 #[derive(Debug, Deserialize)]
-pub struct Head<'a> {
+struct Head<'a> {
     #[serde(rename = "type", borrow)]
-    pub kind: Cow<'a, str>,
+    kind: Cow<'a, str>,
     #[serde(default, borrow)]
-    pub event: Option<Cow<'a, str>>,
+    event: Option<Cow<'a, str>>,
     #[serde(rename = "userId", default, borrow)]
-    pub user_id: Option<Cow<'a, str>>,
+    user_id: Option<Cow<'a, str>>,
     #[serde(rename = "anonymousId", default, borrow)]
-    pub anonymous_id: Option<Cow<'a, str>>,
+    anonymous_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     context: Option<HeadContext<'a>>,
 }
@@ -37,18 +71,17 @@ struct HeadContext<'a> {
 
 /// The routing a segment change carries (see `crate::profile_stage::emit`).
 #[derive(Debug, Default, Deserialize)]
-pub struct SluiceContext<'a> {
+struct SluiceContext<'a> {
     /// The segment key.
     #[serde(default, borrow)]
-    pub audience: Option<Cow<'a, str>>,
+    audience: Option<Cow<'a, str>>,
     /// The destinations the segment named when the change was emitted.
     #[serde(default, borrow)]
-    pub destinations: Vec<Cow<'a, str>>,
+    destinations: Vec<Cow<'a, str>>,
 }
 
 impl Head<'_> {
-    /// The key per-user order is kept by.
-    pub fn user(&self) -> &str {
+    fn user(&self) -> &str {
         self.user_id
             .as_deref()
             .filter(|u| !u.is_empty())
@@ -59,7 +92,7 @@ impl Head<'_> {
 
 /// The segment a message announces an entry or exit of, with the destinations it was routed to,
 /// when Sluice emitted it.
-pub fn audience<'a>(source: &str, head: &Head<'a>) -> Option<SluiceContext<'a>> {
+fn audience<'a>(source: &str, head: &Head<'a>) -> Option<SluiceContext<'a>> {
     if source != SOURCE {
         return None;
     }
@@ -129,18 +162,16 @@ impl Route {
     /// destinations the segment file named when the change was emitted (carried in the message)
     /// and to those listing it under `segments`, whatever `events` says; ordinary messages go by
     /// `events`.
-    pub fn wants(&self, source: &str, head: &Head<'_>) -> bool {
-        if let Some(routing) = audience(source, head) {
-            let key = routing.audience.as_deref().unwrap_or_default();
-            return self.segments.contains(key)
-                || routing.destinations.iter().any(|d| *d == self.name);
+    pub fn wants(&self, routing: &Routing) -> bool {
+        if let Some((segment, destinations)) = &routing.audience {
+            return self.segments.contains(segment) || destinations.contains(&self.name);
         }
         match &self.events {
             None => true,
             Some(events) => {
-                events.contains(head.kind.as_ref())
-                    || (head.kind == "track"
-                        && head.event.as_deref().is_some_and(|e| events.contains(e)))
+                events.contains(&routing.kind)
+                    || (routing.kind == "track"
+                        && routing.event.as_deref().is_some_and(|e| events.contains(e)))
             }
         }
     }
@@ -211,34 +242,34 @@ mod tests {
         Route::compile(&file).unwrap()
     }
 
-    fn head(json: &str) -> Head<'_> {
-        serde_json::from_str(json).unwrap()
+    fn head(source: &str, json: &str) -> Routing {
+        Routing::parse(source, json.as_bytes()).unwrap()
     }
 
     #[test]
     fn events_match_names_and_types() {
         let r = route("events = [\"Order Completed\", \"identify\"]\n");
-        let order = head(r#"{"type":"track","event":"Order Completed"}"#);
-        assert!(r.wants("web", &order));
-        assert!(r.wants("web", &head(r#"{"type":"identify"}"#)));
-        assert!(!r.wants("web", &head(r#"{"type":"track","event":"Signed Up"}"#)));
-        assert!(!r.wants("web", &head(r#"{"type":"page"}"#)));
-        assert!(route("").wants("web", &head(r#"{"type":"page"}"#)));
-        assert!(!route("events = []\n").wants("web", &head(r#"{"type":"page"}"#)));
+        let order = head("web", r#"{"type":"track","event":"Order Completed"}"#);
+        assert!(r.wants(&order));
+        assert!(r.wants(&head("web", r#"{"type":"identify"}"#)));
+        assert!(!r.wants(&head("web", r#"{"type":"track","event":"Signed Up"}"#)));
+        assert!(!r.wants(&head("web", r#"{"type":"page"}"#)));
+        assert!(route("").wants(&head("web", r#"{"type":"page"}"#)));
+        assert!(!route("events = []\n").wants(&head("web", r#"{"type":"page"}"#)));
     }
 
     #[test]
     fn segment_changes_go_by_segment_only() {
         let change = r#"{"type":"track","event":"Audience Entered","context":{"sluice":{"audience":"vip","destinations":[]}}}"#;
         // Listed under `segments`, whatever `events` says.
-        assert!(route("events = []\nsegments = [\"vip\"]\n").wants("sluice", &head(change)));
+        assert!(route("events = []\nsegments = [\"vip\"]\n").wants(&head("sluice", change)));
         // Named by the segment file when the change was emitted: the change says so.
         let named = r#"{"type":"track","context":{"sluice":{"audience":"vip","destinations":["ads","crm"]}}}"#;
-        assert!(route("events = []\n").wants("sluice", &head(named)));
+        assert!(route("events = []\n").wants(&head("sluice", named)));
         // Neither: not even a destination taking every event.
-        assert!(!route("").wants("sluice", &head(change)));
+        assert!(!route("").wants(&head("sluice", change)));
         // The same shape from a client is an ordinary message.
-        assert!(route("").wants("web", &head(named)));
+        assert!(route("").wants(&head("web", named)));
     }
 
     #[test]

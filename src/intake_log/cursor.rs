@@ -125,6 +125,15 @@ impl Consumer {
         self.reader.read(max)
     }
 
+    /// Moves on to `offset`, not past the log's durable end, without reading what is before it:
+    /// for a consumer handed those records by another reader (the destinations share one read of
+    /// the log).
+    pub fn skip_to(&mut self, offset: u64) {
+        if offset != self.position() {
+            self.reader = LogReader::new(self.shared.clone(), offset.min(self.shared.end()));
+        }
+    }
+
     pub async fn wait(&self) {
         self.reader.wait().await
     }

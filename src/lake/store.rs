@@ -143,8 +143,15 @@ impl LakeStore {
 
     /// Writes a whole object so that it appears at once, and returns only when it is durable.
     pub async fn put_durable(&self, path: &Path, bytes: bytes::Bytes) -> Result<(), StoreError> {
+        if let Some(root) = &self.local_root {
+            let file = root.join(path.as_ref());
+            return write_in_steps(&file, &bytes).map_err(|source| StoreError::Sync {
+                path: file.display().to_string(),
+                source,
+            });
+        }
         self.store.put(path, PutPayload::from(bytes)).await?;
-        self.make_durable(path)
+        Ok(())
     }
 
     /// Makes an object just written durable: a no-op for object stores (a completed write is),
@@ -161,6 +168,51 @@ impl LakeStore {
         }
         Ok(())
     }
+}
+
+/// Bytes of a `file://` lake file written out to the disk at a time. A flush is tens of MB: synced
+/// in one go, it filled the disk's queue, and the intake log's syncs, which every `/v1/batch`
+/// waits for, waited behind it (the batch p99 crossed 10 ms at each flush). Written out a step at
+/// a time, the log's syncs get in between.
+const WRITE_STEP: usize = 1 << 20;
+
+/// Writes `bytes` to a staging file beside `file`, a step at a time, each step on the disk before
+/// the next (`sync_file_range`, data only), then syncs it whole and renames it into place, and
+/// syncs the folder. A crash leaves at most the staging file (`*.partial`, which no table reads
+/// and the same write replaces when it is done again).
+fn write_in_steps(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let folder = file.parent().unwrap_or(std::path::Path::new("/"));
+    std::fs::create_dir_all(folder)?;
+    let mut staging = file.as_os_str().to_owned();
+    staging.push(".partial");
+    let staging = std::path::PathBuf::from(staging);
+    let mut out = std::fs::File::create(&staging)?;
+    let mut written = 0usize;
+    for step in bytes.chunks(WRITE_STEP) {
+        out.write_all(step)?;
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: a plain syscall on a file descriptor this function owns.
+        let done = unsafe {
+            libc::sync_file_range(
+                out.as_raw_fd(),
+                written as libc::off64_t,
+                step.len() as libc::off64_t,
+                flags,
+            )
+        };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        written += step.len();
+    }
+    out.sync_all()?;
+    drop(out);
+    std::fs::rename(&staging, file)?;
+    std::fs::File::open(folder)?.sync_all()
 }
 
 #[cfg(test)]
@@ -184,6 +236,27 @@ mod tests {
             lake.table_url("events"),
             format!("file://{}/lake/events/", dir.path().display())
         );
+    }
+
+    #[tokio::test]
+    async fn a_file_of_many_steps_is_written_whole_and_a_redo_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = LakeStore::from_url(&format!("file://{}", dir.path().display())).unwrap();
+        let path = lake.path("events/date=2026-01-01/0-9.parquet");
+        let big: Vec<u8> = (0..(3 * WRITE_STEP + 12_345)).map(|i| i as u8).collect();
+        let on_disk = dir.path().join("events/date=2026-01-01/0-9.parquet");
+        // A crash left a staging file behind: the write done again replaces it.
+        std::fs::create_dir_all(on_disk.parent().unwrap()).unwrap();
+        std::fs::write(on_disk.with_extension("parquet.partial"), b"torn").unwrap();
+        lake.put_durable(&path, bytes::Bytes::from(big.clone()))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&on_disk).unwrap(), big);
+        let names: Vec<_> = std::fs::read_dir(on_disk.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["0-9.parquet"]);
     }
 
     #[test]

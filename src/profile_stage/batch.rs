@@ -241,12 +241,8 @@ impl Batch<'_> {
         let (before, timer) = (held.timer, held.profile.next_recheck());
         if timer != before {
             held.timer = timer;
-            let timers = &mut self.stage.timers.changed;
-            if let Some(due) = before {
-                timers.remove(&(due, id));
-            }
             if let Some(due) = timer {
-                timers.insert((due, id));
+                self.stage.timers.arm(due, id);
             }
         }
         metrics

@@ -85,7 +85,7 @@ impl Directory for Batch<'_> {
             stage.unsaved.push(id);
             // From now until the save, the stage's timers hold this profile's.
             if let Some(due) = held.timer {
-                stage.timers.changed.insert((due, id));
+                stage.timers.arm(due, id);
             }
         }
         Ok(held.profile_mut())
@@ -111,9 +111,6 @@ impl Directory for Batch<'_> {
         // name it.
         self.stage.deleted.insert(id);
         self.stage.profiles -= 1;
-        if let Some(due) = held.timer {
-            self.stage.timers.changed.remove(&(due, id));
-        }
         self.stage.removed.push(Removed {
             id,
             stored_members: held.stored_members,

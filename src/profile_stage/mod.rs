@@ -16,13 +16,12 @@
 //! come for a second ([`QUIET`]), it hands a save to the [`saver`] thread: every changed profile
 //! (shared, not copied), its memberships (the members index) and its timer, the identities
 //! linked, the profiles merged away, and the log offset reached. The saver writes it all in one
-//! transaction and commits it, durably, while the stage goes on with the next batches; one save
-//! is in flight at a time. Changed profiles are written once per save however many messages
-//! they took: redb copies a B-tree page for each write in a transaction, so writing per batch
-//! cost a page copy per message.
+//! batch and commits it, durably, while the stage goes on with the next batches; one save is in
+//! flight at a time. Changed profiles are written once per save however many messages they took,
+//! and a save syncs the disk once.
 //!
-//! Meanwhile the stage reads the store as of the last save committed ([`Stage::read`]; redb
-//! reads a snapshot) with in-memory overlays for what is newer: profiles changed since stay in
+//! Meanwhile the stage reads the store as of the last save committed ([`Stage::read`], a
+//! snapshot) with in-memory overlays for what is newer: profiles changed since stay in
 //! the cache until a committed save holds them, links stay in the identity map, profiles merged
 //! away are in [`Stage::deleted`], and the timers of changed profiles are in [`Stage::timers`]
 //! (due timers are read from both, skipping the store's entries for changed profiles).

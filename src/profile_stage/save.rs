@@ -128,13 +128,12 @@ impl Stage {
             self.deleted.remove(id);
         }
         let cache = &self.cache;
-        self.timers.changed = self
+        let changed = self
             .unsaved
             .iter()
             .filter_map(|&id| Some((cache.get(id)?.timer?, id)))
             .collect();
-        self.timers.cursor = None;
-        self.timers.next_stored = None;
+        self.timers.reset(changed);
         self.trim_cache();
         Ok(())
     }
@@ -155,9 +154,7 @@ impl Stage {
         self.removed.clear();
         self.emissions.clear();
         self.set_aside.clear();
-        self.timers.changed.clear();
-        self.timers.cursor = None;
-        self.timers.next_stored = None;
+        self.timers.reset(Vec::new());
         if let Ok(read) = self.store.read() {
             self.offset = read.meta("offset").ok().flatten().unwrap_or(self.offset);
             self.time = read.meta("time").ok().flatten().map_or(0, |t| t as Millis);

@@ -8,10 +8,12 @@
 //! letting go of each once encoded, so that the stage copies only the profiles it changes in
 //! that short while (encoding is a small part of a save).
 //!
-//! The saver runs at the lowest CPU priority: it takes what the core has left. At the stage's
-//! priority it finished sooner, but the stage applied messages at half speed meanwhile and fell
-//! behind (issue 5's notes). The stage waits for a save only when its cache is full of profiles
-//! not saved yet.
+//! The saver runs at the stage's CPU priority (nice 10). At the lowest it took what the core had
+//! left, which was right while a save cost a B-tree's page copies (at the stage's priority it
+//! made the stage apply at half speed: issue 5's notes); with the LSM store a save costs a few µs
+//! of CPU per profile, and at nice 19 on a busy core one took 12 s for 0.2 s of work while the
+//! stage, its cache full of unsaved profiles, waited for it (issue 19's notes). The stage waits
+//! for a save only when its cache is full of profiles not saved yet.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
@@ -116,7 +118,7 @@ impl Saver {
         let thread = std::thread::Builder::new()
             .name("sluice-saver".into())
             .spawn(move || {
-                crate::thread_priority::lowest();
+                crate::thread_priority::lower();
                 for save in inbox {
                     #[cfg(test)]
                     held.pass();

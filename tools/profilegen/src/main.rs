@@ -257,6 +257,10 @@ fn main() {
             );
         }
     }
+    store.flush().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    });
     drop(store);
     let bytes = disk_bytes(&o.dir);
     println!(
