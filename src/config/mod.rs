@@ -130,7 +130,7 @@ pub struct ProfilesConfig {
     pub cache_size: usize,
     /// What those profiles may take, at most (estimated from their contents).
     pub cache_memory: u64,
-    /// The store's page cache.
+    /// The store's block cache.
     pub store_cache: u64,
     /// How often the profile stage saves (commits durably) what it has done.
     pub save_interval: Duration,
