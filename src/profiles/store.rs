@@ -93,7 +93,8 @@ impl ProfileStore {
         if dir.join("profiles.redb").exists() {
             return Err(StoreError(format!(
                 "{} holds a store written by an earlier version (profiles.redb); \
-                 move it away and replay the intake log to rebuild the profiles",
+                 move it away to start a new one (profiles are then rebuilt only from what the \
+                 intake log still holds)",
                 dir.display()
             )));
         }
