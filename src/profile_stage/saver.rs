@@ -203,24 +203,24 @@ fn write(
     }
     let mut w = store.write()?;
     for (identity, id) in &writes.links {
-        w.link(identity, *id)?;
+        w.link(identity, *id);
     }
     for (segment, id, member) in &writes.members {
-        w.set_member(segment, *id, *member)?;
+        w.set_member(segment, *id, *member);
     }
     for &(id, from, to) in &writes.timers {
-        w.move_timer(id, from, to)?;
+        w.move_timer(id, from, to);
     }
     for &id in &writes.deletes {
-        w.delete_profile(id)?;
+        w.delete_profile(id);
     }
-    w.put_profiles(&encoded)?;
+    w.put_profiles(&encoded);
     drop(encoded);
     segment_stats(&mut w, metrics, &writes)?;
-    w.set_meta("offset", offset)?;
-    w.set_meta("time", time.max(0) as u64)?;
-    w.set_meta("next_id", next_id)?;
-    w.set_meta("profiles", profile_count)?;
+    w.set_meta("offset", offset);
+    w.set_meta("time", time.max(0) as u64);
+    w.set_meta("next_id", next_id);
+    w.set_meta("profiles", profile_count);
     w.commit()?;
     metrics.profiles.set(profile_count as i64);
     Ok(())

@@ -130,6 +130,11 @@ impl ProfileStore {
         Ok(ProfileStore { db, ks })
     }
 
+    /// The bytes the store takes on disk.
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.db.disk_space()?)
+    }
+
     /// Writes every keyspace's memtable out to its tables and waits, so that the journal holds
     /// nothing to replay at the next open (the profile generator ends with it).
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -305,44 +310,35 @@ pub struct Writer {
 
 impl Writer {
     /// Writes profiles encoded beforehand.
-    pub fn put_profiles(&mut self, profiles: &Encoded) -> Result<(), StoreError> {
+    pub fn put_profiles(&mut self, profiles: &Encoded) {
         for (id, bytes) in profiles.iter() {
             self.batch
                 .insert(&self.ks.profiles, id.to_be_bytes(), bytes);
         }
-        Ok(())
     }
 
-    pub fn delete_profile(&mut self, id: u64) -> Result<(), StoreError> {
+    pub fn delete_profile(&mut self, id: u64) {
         self.batch.remove(&self.ks.profiles, id.to_be_bytes());
-        Ok(())
     }
 
-    pub fn link(&mut self, identity: &str, id: u64) -> Result<(), StoreError> {
+    pub fn link(&mut self, identity: &str, id: u64) {
         self.batch
             .insert(&self.ks.identities, identity, id.to_be_bytes());
-        Ok(())
     }
 
-    pub fn set_member(&mut self, segment: &str, id: u64, member: bool) -> Result<(), StoreError> {
+    pub fn set_member(&mut self, segment: &str, id: u64, member: bool) {
         let key = member_key(segment, id);
         if member {
             self.batch.insert(&self.ks.members, key, []);
         } else {
             self.batch.remove(&self.ks.members, key);
         }
-        Ok(())
     }
 
     /// Moves a profile's timer from `old` to `new`.
-    pub fn move_timer(
-        &mut self,
-        id: u64,
-        old: Option<Millis>,
-        new: Option<Millis>,
-    ) -> Result<(), StoreError> {
+    pub fn move_timer(&mut self, id: u64, old: Option<Millis>, new: Option<Millis>) {
         if old == new {
-            return Ok(());
+            return;
         }
         if let Some(old) = old {
             self.batch.remove(&self.ks.timers, timer_key((old, id)));
@@ -350,7 +346,6 @@ impl Writer {
         if let Some(new) = new {
             self.batch.insert(&self.ks.timers, timer_key((new, id)), []);
         }
-        Ok(())
     }
 
     pub fn segment_stats(&self, key: &str) -> Result<SegmentStats, StoreError> {
@@ -363,9 +358,8 @@ impl Writer {
         Ok(())
     }
 
-    pub fn set_meta(&mut self, key: &str, value: u64) -> Result<(), StoreError> {
+    pub fn set_meta(&mut self, key: &str, value: u64) {
         self.batch.insert(&self.ks.meta, key, value.to_be_bytes());
-        Ok(())
     }
 
     /// Makes everything written visible and durable (synced) at once.
@@ -435,14 +429,14 @@ mod tests {
             p.user_id = Some("u1".into());
             let mut encoded = Encoded::default();
             encoded.push(&p);
-            w.put_profiles(&encoded).unwrap();
-            w.link("user:u1", 1).unwrap();
-            w.set_member("vip", 1, true).unwrap();
-            w.move_timer(1, None, Some(500)).unwrap();
-            w.set_meta("offset", 42).unwrap();
+            w.put_profiles(&encoded);
+            w.link("user:u1", 1);
+            w.set_member("vip", 1, true);
+            w.move_timer(1, None, Some(500));
+            w.set_meta("offset", 42);
             w.commit().unwrap();
             let mut w = store.write().unwrap();
-            w.set_meta("offset", 99).unwrap();
+            w.set_meta("offset", 99);
             drop(w); // never committed
         }
         let store = ProfileStore::open(dir.path(), 1 << 20).unwrap();
@@ -457,15 +451,15 @@ mod tests {
         assert_eq!(r.due(None, 499, 10).unwrap(), []);
         assert_eq!(r.due(None, 500, 10).unwrap(), [(500, 1)]);
         let mut w = store.write().unwrap();
-        w.move_timer(2, None, Some(500)).unwrap();
+        w.move_timer(2, None, Some(500));
         w.commit().unwrap();
         let r = store.read().unwrap();
         assert_eq!(r.due(Some((500, 1)), 500, 10).unwrap(), [(500, 2)]);
         assert_eq!(r.next_due(Some((500, 1))).unwrap(), Some(500));
         assert_eq!(r.next_due(Some((500, 2))).unwrap(), None);
         let mut w = store.write().unwrap();
-        w.move_timer(2, Some(500), None).unwrap();
-        w.move_timer(1, Some(500), Some(800)).unwrap();
+        w.move_timer(2, Some(500), None);
+        w.move_timer(1, Some(500), Some(800));
         w.commit().unwrap();
         assert_eq!(store.read().unwrap().due(None, 600, 10).unwrap(), []);
         // A reader keeps the view it began with (the profile stage reads so while a save commits).
@@ -479,13 +473,13 @@ mod tests {
         let store = ProfileStore::open(dir.path(), 1 << 20).unwrap();
         let mut w = store.write().unwrap();
         // One segment's key is a prefix of the other's: their members stay apart.
-        w.set_member("vip", 7, true).unwrap();
-        w.set_member("vip2", 3, true).unwrap();
-        w.set_member("vi", 5, true).unwrap();
+        w.set_member("vip", 7, true);
+        w.set_member("vip2", 3, true);
+        w.set_member("vi", 5, true);
         // Negative times sort before positive ones.
-        w.move_timer(9, None, Some(3)).unwrap();
-        w.move_timer(8, None, Some(-5)).unwrap();
-        w.move_timer(4, None, Some(1 << 40)).unwrap();
+        w.move_timer(9, None, Some(3));
+        w.move_timer(8, None, Some(-5));
+        w.move_timer(4, None, Some(1 << 40));
         w.commit().unwrap();
         let r = store.read().unwrap();
         assert_eq!(r.members("vip", None, 10).unwrap(), [7]);

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use sluice_loadgen::{mix, EVENTS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -168,24 +169,6 @@ fn message(out: &mut Vec<u8>, run: &str, conn: usize, n: u64, with_type: bool) {
     );
 }
 
-/// A small, fast generator (splitmix64) so that varied events cost the load generator little.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-const EVENTS: [&str; 8] = [
-    "Product Viewed",
-    "Product Added",
-    "Cart Viewed",
-    "Checkout Started",
-    "Order Completed",
-    "Signed Up",
-    "Search Performed",
-    "Video Played",
-];
 const PATHS: [&str; 12] = [
     "/",
     "/pricing",

@@ -23,20 +23,11 @@ use sluice::profiles::store::{Encoded, ProfileStore, SegmentStats};
 use sluice::segments::watch::Loader;
 use sluice::segments::Trigger;
 use sluice::vocabulary::MessageType;
+use sluice_loadgen::{mix, EVENTS};
 
 /// Profiles written per transaction.
 const CHUNK: u64 = 20_000;
 const DAY: Millis = 86_400_000;
-const EVENTS: [&str; 8] = [
-    "Product Viewed",
-    "Product Added",
-    "Cart Viewed",
-    "Checkout Started",
-    "Order Completed",
-    "Signed Up",
-    "Search Performed",
-    "Video Played",
-];
 const CATEGORIES: [&str; 4] = ["products", "docs", "blog", "pricing"];
 
 struct Options {
@@ -80,14 +71,6 @@ fn parse_options() -> Options {
         usage()
     }
     o
-}
-
-/// splitmix64: cheap and good enough for test data.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// A stream of random numbers for one user.
@@ -224,21 +207,20 @@ fn main() {
         // In key order: the store's sort of the batch has less to do.
         identities.sort_unstable();
         let mut w = store.write().expect("a write transaction");
-        w.put_profiles(&encoded).expect("profiles written");
+        w.put_profiles(&encoded);
         for (key, id) in &identities {
-            w.link(key, *id).expect("identity written");
+            w.link(key, *id);
         }
         for (place, id) in members {
-            w.set_member(&set.segments[place].key, id, true)
-                .expect("membership written");
+            w.set_member(&set.segments[place].key, id, true);
         }
         for (id, due) in timers {
-            w.move_timer(id, None, Some(due)).expect("timer written");
+            w.move_timer(id, None, Some(due));
         }
-        w.set_meta("next_id", end + 1).expect("meta written");
-        w.set_meta("profiles", end).expect("meta written");
-        w.set_meta("time", now as u64).expect("meta written");
-        w.set_meta("offset", 0).expect("meta written");
+        w.set_meta("next_id", end + 1);
+        w.set_meta("profiles", end);
+        w.set_meta("time", now as u64);
+        w.set_meta("offset", 0);
         for (place, segment) in set.segments.iter().enumerate() {
             let stats = SegmentStats {
                 size: sizes[place],
@@ -257,12 +239,13 @@ fn main() {
             );
         }
     }
-    store.flush().unwrap_or_else(|e| {
-        eprintln!("{e}");
-        std::process::exit(1)
-    });
-    drop(store);
-    let bytes = disk_bytes(&o.dir);
+    let bytes = store
+        .flush()
+        .and_then(|()| store.disk_bytes())
+        .unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(1)
+        });
     println!(
         "{} profiles, {} identities, {} memberships over {} segments; encoded {} bytes per profile \
          ({} of them history); store {} MB, {} bytes per profile; {:.0} s",
@@ -276,20 +259,6 @@ fn main() {
         bytes / o.profiles,
         started.elapsed().as_secs_f64()
     );
-}
-
-/// The bytes of every file under `dir`.
-fn disk_bytes(dir: &std::path::Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(meta) = entry.metadata() else { continue };
-        total += if meta.is_dir() {
-            disk_bytes(&entry.path())
-        } else {
-            meta.len()
-        };
-    }
-    total
 }
 
 /// The bytes of `p`'s encoding that its history takes (with the names it refers to).

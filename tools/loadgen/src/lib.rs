@@ -1,0 +1,23 @@
+//! What the load generator's traffic is made of, shared with the tools that must agree with it
+//! (`sluice-profilegen` fills a store with histories of the same events, so that the load's
+//! messages meet the rules the stored profiles were evaluated for).
+
+/// The tracks of the web mix (`--events web`), besides its page views.
+pub const EVENTS: [&str; 8] = [
+    "Product Viewed",
+    "Product Added",
+    "Cart Viewed",
+    "Checkout Started",
+    "Order Completed",
+    "Signed Up",
+    "Search Performed",
+    "Video Played",
+];
+
+/// A small, fast generator (splitmix64) so that varied events cost the generators little.
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
