@@ -5,7 +5,7 @@
 #   source "$(dirname "$0")/common.sh"
 #   write_config <<TOML   # $work/sluice.toml: listen on $port, the `bench` source, then stdin
 #   start_sluice          # serves $work/sluice.toml; sets $pid; returns once /healthz answers on $port
-#   metric; consumer_lag profiles; thread_id sluice-profiles; warm_up_profiles
+#   metric; consumer_lag profiles; thread_id sluice-profiles; warm_up_profiles; delays Message
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -55,4 +55,19 @@ warm_up_profiles() {
     waited=$((waited + 1))
   done
   echo "warm-up: 1,000,000 messages; the stage caught up $waited s after the load stopped"
+}
+
+# The segment changes' delays (from their cause to the change durable in the log).
+buckets() { metric | grep '^sluice_segment_change_delay_seconds_bucket{' || true; }
+# Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays since the
+# buckets were saved in $work/buckets (all of them when there is no such file).
+delays() {
+  buckets | awk -v cause="$1" -v before="$work/buckets" '
+    BEGIN { while ((getline line < before) > 0) { split(line, f, " "); was[f[1]] = f[2] } }
+    $0 ~ /^sluice_segment_change_delay_seconds_bucket\{/ && index($0, "cause=\"" cause "\"") {
+      match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[++k] = $2 - was[$1]; b[k] = le }
+    END { total = n[k]; if (total == 0) { print cause ": no changes"; exit }
+      for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i]
+        if (b[i] == "0.05") fast = n[i] }
+      printf "%s: %d changes, p50 <= %s s, p99 <= %s s, %.2f %% within 50 ms\n", cause, total, p50, p99, 100 * fast / total }'
 }

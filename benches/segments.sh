@@ -46,25 +46,12 @@ start() {
 }
 lag() { consumer_lag profiles; }
 stop() { kill -TERM "$pid"; wait "$pid" || true; }
-buckets() { metric | grep '^sluice_segment_change_delay_seconds_bucket{' || true; }
 changes() { metric | grep '^sluice_segment_changes_total{' || true; }
 # Saves so far: count, seconds in all, profiles written, and how many took 1 s or less.
 saves() {
   metric | awk '/^sluice_profile_save_seconds_count / {c = $2} /^sluice_profile_save_seconds_sum / {t = $2}
     /^sluice_profile_saved_profiles_total / {p = $2} /^sluice_profile_save_seconds_bucket\{le="1.0"\}/ {q = $2}
     END {print c, t, p, q}'
-}
-# Prints the bucket bounds holding the 50th and 99th percentiles of a cause's delays since the
-# buckets were saved in $work/buckets.
-delays() {
-  buckets | awk -v cause="$1" -v before="$work/buckets" '
-    BEGIN { while ((getline line < before) > 0) { split(line, f, " "); was[f[1]] = f[2] } }
-    $0 ~ /^sluice_segment_change_delay_seconds_bucket\{/ && index($0, "cause=\"" cause "\"") {
-      match($0, /le="[^"]+"/); le = substr($0, RSTART + 4, RLENGTH - 5); n[++k] = $2 - was[$1]; b[k] = le }
-    END { total = n[k]; if (total == 0) { print cause ": no changes"; exit }
-      for (i = 1; i <= k; i++) { if (!p50 && n[i] >= 0.5 * total) p50 = b[i]; if (!p99 && n[i] >= 0.99 * total) p99 = b[i]
-        if (b[i] == "0.05") fast = n[i] }
-      printf "%s: %d changes, p50 <= %s s, p99 <= %s s, %.2f %% within 50 ms\n", cause, total, p50, p99, 100 * fast / total }'
 }
 # The stage's pauses for saves at $1 (HandOff, Wait or Commit): count, seconds in all, how many within 50 ms.
 pauses() {

@@ -285,6 +285,10 @@ pub struct ProfileStageMetrics {
     pub batch_seconds: Histogram,
     /// Log records in one batch of the profile stage.
     pub batch_records: Histogram,
+    /// Profiles the stage holds in memory, decoded and cold (in their stored encoding), and
+    /// what they take (the decoded ones estimated).
+    pub cache_profiles: Family<CacheTierLabels, Gauge>,
+    pub cache_bytes: Family<CacheTierLabels, Gauge>,
 }
 
 /// What made a membership change.
@@ -306,6 +310,18 @@ pub enum SavePause {
     HandOff,
     Wait,
     Commit,
+}
+
+/// A tier of the profile stage's cache (see `crate::profile_stage`'s `cache.rs`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum CacheTier {
+    Decoded,
+    Cold,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheTierLabels {
+    pub tier: CacheTier,
 }
 
 /// What a profile's cap dropped (see `crate::profiles::profile::MAX_EVENT_NAMES`).
@@ -367,6 +383,8 @@ impl Default for ProfileStageMetrics {
             capped: Family::default(),
             batch_seconds: delays(),
             batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            cache_profiles: Family::default(),
+            cache_bytes: Family::default(),
         }
     }
 }
@@ -726,6 +744,16 @@ impl Metrics {
             "profile_stage_redos",
             "Times the profile stage went back to its last save after a failure and redid the log from there",
             g.redos.clone(),
+        );
+        r.register(
+            "profile_cache_profiles",
+            "Profiles the profile stage holds in memory: decoded, and cold (in their stored encoding, decoded on use)",
+            g.cache_profiles.clone(),
+        );
+        r.register(
+            "profile_cache_bytes",
+            "What the profiles in memory take: decoded (estimated) and cold; both within profiles.cache_memory",
+            g.cache_bytes.clone(),
         );
         r.register(
             "profile_capped",

@@ -126,9 +126,11 @@ pub struct QueryConfig {
 pub struct ProfilesConfig {
     /// Where the profile store lives.
     pub dir: PathBuf,
-    /// Profiles kept decoded in memory, at most; the rest are read from the store when needed.
+    /// Profiles kept decoded in memory, at most; the rest are kept cold (encoded) within
+    /// `cache_memory`, or read from the store when needed.
     pub cache_size: usize,
-    /// What those profiles may take, at most (estimated from their contents).
+    /// What profiles in memory may take, at most: the decoded ones (estimated from their
+    /// contents) and, in what they leave, more in their stored encoding.
     pub cache_memory: u64,
     /// The store's block cache.
     pub store_cache: u64,
@@ -457,7 +459,7 @@ fn read_config(r: &mut Reader, root: &mut Section, path: &Path, base: &Path) -> 
         ProfilesConfig {
             dir: dir.unwrap_or_else(|| resolve(base, "data/profiles")),
             cache_size: cache_size.unwrap_or(100_000),
-            cache_memory: cache_memory.unwrap_or(512 << 20),
+            cache_memory: cache_memory.unwrap_or(768 << 20),
             store_cache: store_cache.unwrap_or(64 << 20),
             save_interval: save_interval.unwrap_or(Duration::from_secs(5)),
         }

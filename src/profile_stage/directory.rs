@@ -67,11 +67,14 @@ impl Directory for Batch<'_> {
             if self.stage.deleted.contains(&id) {
                 return Err(StoreError::missing(id));
             }
-            let profile = self
-                .stage
-                .read
-                .profile(id)?
-                .ok_or_else(|| StoreError::missing(id))?;
+            let profile = match self.stage.cache.thaw(id) {
+                Some(profile) => profile,
+                None => self
+                    .stage
+                    .read
+                    .profile(id)?
+                    .ok_or_else(|| StoreError::missing(id))?,
+            };
             self.stage.cache.insert(id, Held::new(profile));
         }
         let stage = &mut self.stage;

@@ -94,8 +94,9 @@ use crate::clock::Clock;
 use crate::entry::{Entry, Status};
 use crate::intake_log::{message_key, AppendError, Appender, IntakeLog, LogReader, RecordBatch};
 use crate::metrics::{
-    CapLabels, Capped, Cause, CauseLabels, Direction, FailureClass, PauseLabels,
-    ProfileStageMetrics, RuleFailureLabels, SavePause, SegmentChangeLabels, SegmentLabels,
+    CacheTier, CacheTierLabels, CapLabels, Capped, Cause, CauseLabels, Direction, FailureClass,
+    PauseLabels, ProfileStageMetrics, RuleFailureLabels, SavePause, SegmentChangeLabels,
+    SegmentLabels,
 };
 use crate::profiles::identity::{self, Directory, Identifiers};
 use crate::profiles::profile::{
@@ -125,6 +126,11 @@ pub const CONSUMER: &str = "profiles";
 pub const BATCH: usize = 2_000;
 /// Failed batches in a row that the stage redoes itself before it gives up to its supervisor.
 const MAX_REDOS: u32 = 5;
+/// Identities kept in memory: two per decoded profile, or one per this many bytes of the
+/// cache's memory bound (about what a cold profile takes) when that is more, so that a user whose
+/// profile is cold is found without a read of the store. One takes about 40 bytes, outside the
+/// bound.
+const IDENTITY_MEMORY: usize = 512;
 /// How long the loop sleeps at most when there is nothing to do.
 const IDLE: Duration = Duration::from_millis(100);
 /// After this long with nothing to do, what is pending is saved without waiting for
@@ -172,7 +178,8 @@ pub struct Parts {
     pub metrics: Arc<ProfileStageMetrics>,
     pub clock: Clock,
     pub runtime: tokio::runtime::Handle,
-    /// Profiles kept decoded in memory between batches, at most, and their (estimated) bytes.
+    /// Profiles kept decoded in memory between batches, at most, and what those and the cold ones
+    /// (in their stored encoding) take, at most (`cache.rs`).
     pub cache_size: usize,
     pub cache_memory: usize,
     /// How often the store saves (commits, durably) what the stage has done.
@@ -347,7 +354,7 @@ impl Stage {
             deleted: HashSet::new(),
             identities: Identities {
                 map: hashbrown::HashMap::new(),
-                max: parts.cache_size.max(1) * 2,
+                max: (parts.cache_size.max(1) * 2).max(parts.cache_memory / IDENTITY_MEMORY),
             },
             removed: Vec::new(),
             next_id,
@@ -474,6 +481,22 @@ impl Stage {
         Ok(())
     }
 
+    /// Sets the cache's gauges.
+    fn count_cache(&self) {
+        let [decoded, cold] = self.cache.tiers();
+        for (tier, (profiles, bytes)) in [(CacheTier::Decoded, decoded), (CacheTier::Cold, cold)] {
+            let labels = CacheTierLabels { tier };
+            self.metrics
+                .cache_profiles
+                .get_or_create(&labels)
+                .set(profiles as i64);
+            self.metrics
+                .cache_bytes
+                .get_or_create(&labels)
+                .set(bytes as i64);
+        }
+    }
+
     /// Waits for new records or the next clock record, briefly.
     fn idle(&mut self) {
         let tick = self.next_tick().ok().flatten();
@@ -589,6 +612,7 @@ impl Stage {
         // waits for the save in flight. A save merely due does not wait: while one is in
         // flight, the next grows.
         self.cache.trim(self.saves.committed);
+        self.count_cache();
         let due =
             self.saves.last_saved.elapsed() >= self.saves.every || backfill_done == Some(true);
         if self.cache.over() || (due && self.saves.in_flight.is_none()) {

@@ -188,7 +188,7 @@ impl Batch<'_> {
     ) -> Result<(), StageError> {
         let stage = &mut self.stage;
         if stage.deleted.contains(&id)
-            || (!stage.cache.contains(id) && stage.read.profile(id)?.is_none())
+            || (!stage.cache.holds(id) && stage.read.profile(id)?.is_none())
         {
             // A stale timer of a profile merged away: drop it.
             stage.writes.timers.push((id, Some(due), None));

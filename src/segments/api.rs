@@ -177,7 +177,7 @@ impl Round {
     }
 
     /// Occurrences of `name` within `within` of now, oldest first.
-    fn within(&self, name: &str, within: Duration) -> impl Iterator<Item = Millis> + '_ {
+    fn within(&self, name: &str, within: Duration) -> impl DoubleEndedIterator<Item = Millis> + '_ {
         let place = self.profile.find(name);
         let horizon = self.now - within.millis;
         let start = self.profile.history.partition_point(|o| o.at < horizon);
@@ -188,7 +188,9 @@ impl Round {
     }
 
     pub fn did_within(&self, name: &str, within: Duration) -> bool {
-        let latest = self.within(name, within).last();
+        // From the newest back: a busy profile's history is thousands of entries long, and its
+        // latest of a name is near the end.
+        let latest = self.within(name, within).next_back();
         if let Some(at) = latest {
             note_flip(at + within.millis + 1, self.now);
         }
