@@ -930,16 +930,20 @@ mod caps {
         }
     }
 
-    /// Page views past the cap drop the oldest page views, not the order another rule sums.
-    #[test]
-    fn the_history_cap_is_per_event_name() {
-        let keep = Retention {
+    fn thirty_days_of_everything() -> Retention {
+        Retention {
             window: 30 * 86_400_000,
             history: Names::All,
             values: None,
             objects: Names::default(),
             read: Names::default(),
-        };
+        }
+    }
+
+    /// Page views past the cap drop the oldest page views, not the order another rule sums.
+    #[test]
+    fn the_history_cap_is_per_event_name() {
+        let keep = thirty_days_of_everything();
         let revenue = RawValue::from_string(r#"{"revenue": 600}"#.to_string()).unwrap();
         let mut p = Profile::new(1);
         let mut dropped = p.apply(
@@ -965,13 +969,7 @@ mod caps {
     /// name by the next prune.
     #[test]
     fn a_prune_caps_every_name() {
-        let keep = Retention {
-            window: 30 * 86_400_000,
-            history: Names::All,
-            values: None,
-            objects: Names::default(),
-            read: Names::default(),
-        };
+        let keep = thirty_days_of_everything();
         let mut p = Profile::new(1);
         for i in 0..MAX_HISTORY_PER_NAME + 100 {
             p.record("A", i as Millis, &[]);
