@@ -163,7 +163,8 @@ impl Cache {
         codec::decode(&bytes).ok()
     }
 
-    /// Whether the profile is in memory, decoded or cold (so the store holds it).
+    /// Whether the profile is in memory, decoded or cold.
+    #[cfg(test)]
     pub fn holds(&self, id: u64) -> bool {
         self.map.contains_key(&id) || self.cold.contains_key(&id)
     }

@@ -41,6 +41,24 @@ pub(super) fn identity_hash(key: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(key.as_bytes())
 }
 
+impl Stage {
+    /// Brings a profile not merged away into the cache, decoded: from the cold ones, or else from
+    /// the store. Returns whether there is such a profile.
+    pub(super) fn load(&mut self, id: u64) -> Result<bool, StoreError> {
+        if self.cache.contains(id) {
+            return Ok(true);
+        }
+        let profile = match self.cache.thaw(id) {
+            Some(profile) => Some(profile),
+            None => self.read.profile(id)?,
+        };
+        Ok(profile.is_some_and(|p| {
+            self.cache.insert(id, Held::new(p));
+            true
+        }))
+    }
+}
+
 impl Directory for Batch<'_> {
     fn lookup(&mut self, identity: &str) -> Result<Option<u64>, StoreError> {
         let stage = &mut self.stage;
@@ -63,19 +81,10 @@ impl Directory for Batch<'_> {
     }
 
     fn profile(&mut self, id: u64) -> Result<&mut Profile, StoreError> {
-        if !self.stage.cache.contains(id) {
-            if self.stage.deleted.contains(&id) {
-                return Err(StoreError::missing(id));
-            }
-            let profile = match self.stage.cache.thaw(id) {
-                Some(profile) => profile,
-                None => self
-                    .stage
-                    .read
-                    .profile(id)?
-                    .ok_or_else(|| StoreError::missing(id))?,
-            };
-            self.stage.cache.insert(id, Held::new(profile));
+        if !self.stage.cache.contains(id)
+            && (self.stage.deleted.contains(&id) || !self.stage.load(id)?)
+        {
+            return Err(StoreError::missing(id));
         }
         let stage = &mut self.stage;
         let held = stage.cache.get_mut(id).expect("inserted above");

@@ -187,9 +187,8 @@ impl Batch<'_> {
         due: Millis,
     ) -> Result<(), StageError> {
         let stage = &mut self.stage;
-        if stage.deleted.contains(&id)
-            || (!stage.cache.holds(id) && stage.read.profile(id)?.is_none())
-        {
+        // Loaded now, so the evaluation below does not read it again.
+        if stage.deleted.contains(&id) || !stage.load(id)? {
             // A stale timer of a profile merged away: drop it.
             stage.writes.timers.push((id, Some(due), None));
             return Ok(());
