@@ -14,26 +14,10 @@ use sluice::profiles::Profile;
 use sluice::segments::api;
 use sluice::segments::{SegmentSet, Trigger};
 use sluice::vocabulary::MessageType;
+use sluice_loadgen::{mix, EVENTS};
 
-const EVENTS: [&str; 8] = [
-    "Product Viewed",
-    "Product Added",
-    "Cart Viewed",
-    "Checkout Started",
-    "Order Completed",
-    "Signed Up",
-    "Search Performed",
-    "Video Played",
-];
 const USERS: u64 = 50_000;
 const T0: i64 = 1_767_225_600_000;
-
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
 
 struct Message {
     user: u64,

@@ -1,6 +1,7 @@
 //! What the load generator's traffic is made of, shared with the tools that must agree with it
 //! (`sluice-profilegen` fills a store with histories of the same events, so that the load's
-//! messages meet the rules the stored profiles were evaluated for).
+//! messages meet the rules the stored profiles were evaluated for; `benches/segments.rs` applies
+//! the same mix in memory).
 
 /// The tracks of the web mix (`--events web`), besides its page views.
 pub const EVENTS: [&str; 8] = [
