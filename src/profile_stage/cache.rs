@@ -117,7 +117,7 @@ fn estimate(p: &Profile) -> usize {
         + p.traits.len() * 128
         + p.events.len() * 120
         + p.names.len() * 16
-        + p.history.len() * 40
+        + p.history.footprint()
         + p.memberships.len() * 64
 }
 
@@ -310,7 +310,7 @@ mod tests {
     fn trimming_keeps_both_bounds_and_every_profile_not_yet_saved() {
         let mut cache = Cache::new(100, 200_000);
         for id in 0..50 {
-            let mut held = Held::new(with_history(id, 100));
+            let mut held = Held::new(with_history(id, 1_000));
             held.unsaved = id < 5;
             // In save 7, which has not committed yet.
             held.saved_in = if (5..10).contains(&id) { 7 } else { 6 };
@@ -404,7 +404,7 @@ mod tests {
         let empty = cache.bytes();
         *cache.get_mut(1).unwrap().profile_mut() = with_history(1, 1_000);
         cache.resize(1);
-        assert!(cache.bytes() >= empty + 30_000, "{}", cache.bytes());
+        assert!(cache.bytes() >= empty + 8_000, "{}", cache.bytes());
         cache.insert(1, Held::new(Profile::new(1)));
         assert_eq!(
             cache.bytes(),

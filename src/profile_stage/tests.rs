@@ -502,11 +502,13 @@ impl Fixture {
     fn order_history(&self, identity: &str) -> Vec<Option<f64>> {
         let p = self.stored(identity).unwrap();
         let (name, revenue) = (p.find("Order Completed"), p.find("revenue"));
-        p.history
-            .iter()
-            .filter(|o| Some(o.name) == name)
-            .map(|o| {
-                o.values
+        let Some(orders) = name.and_then(|name| p.history.get(name)) else {
+            return Vec::new();
+        };
+        (0..orders.len())
+            .map(|i| {
+                orders
+                    .values(i)
                     .iter()
                     .find(|(k, _)| Some(*k) == revenue)
                     .map(|v| v.1)

@@ -12,21 +12,30 @@
 //! FORMAT id user_id? [anonymous_id] traits-as-JSON first_seen last_seen
 //! [name count first last-first first_properties? last_properties?]      events
 //! [name]                                                               names
-//! [name-place time-step [property-place value]]                        history
+//! [name-place [time] values?]                                          history, per name
 //! [key flags changes since recheck_at?]                                memberships
 //! ```
 //!
-//! A list is its length, then its items; `x?` is a byte 0 or 1, then `x` if 1. History times are
-//! steps from the previous occurrence (a few bytes instead of eight). Event, property and segment
-//! names are interned as they are read. A decoding error names what it was reading; it never
-//! panics, whatever the bytes.
+//! A list is its length, then its items; `x?` is a byte 0 or 1, then `x` if 1. A history series
+//! is one event name's occurrences ([`super::history`]): the first time in full, each later one as
+//! its (unsigned) step from the one before, a few bytes instead of eight; `values`, when present,
+//! is one `[property-place value]` list per occurrence. Event, property and segment names are
+//! interned as they are read. A decoding error names what it was reading; it never panics,
+//! whatever the bytes.
+//!
+//! Format 1 kept one history list of every name in time order, `[name-place time-step
+//! [property-place value]]`; it is still read (a store written by an earlier build), and each
+//! profile is rewritten in format 2 when it next changes.
 
 use serde_json::Map;
 
-use super::profile::{intern, EventStats, Membership, Millis, Name, Occurrence, Profile, Values};
+use super::history::{History, Series};
+use super::profile::{intern, EventStats, Membership, Millis, Name, Profile, Values};
 
 /// The first byte of every encoded profile; a store written in another format does not decode.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
+/// The format before history was kept per name, still read.
+const FORMAT_ONE_LIST: u8 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("stored profile: {0}")]
@@ -56,15 +65,26 @@ pub fn encode(p: &Profile, out: &mut Vec<u8>) {
         w.option(s.last_properties.as_deref(), Writer::string);
     });
     w.list(&p.names, |w, n| w.string(n));
-    let mut previous: Millis = 0;
-    w.list(&p.history, |w, o| {
-        w.unsigned(u64::from(o.name));
-        w.signed(o.at.wrapping_sub(previous));
-        previous = o.at;
-        w.list(&o.values, |w, (place, value)| {
-            w.unsigned(u64::from(*place));
-            w.0.extend_from_slice(&value.to_le_bytes());
+    w.list(p.history.series(), |w, s| {
+        w.unsigned(u64::from(s.name));
+        let mut previous = None;
+        w.list(s.times(), |w, at| {
+            match previous {
+                None => w.signed(at),
+                Some(before) => w.unsigned(at.wrapping_sub(before) as u64),
+            }
+            previous = Some(at);
         });
+        let has_values = s.has_values();
+        w.byte(u8::from(has_values));
+        if has_values {
+            for i in 0..s.len() {
+                w.list(s.values(i), |w, (place, value)| {
+                    w.unsigned(u64::from(*place));
+                    w.0.extend_from_slice(&value.to_le_bytes());
+                });
+            }
+        }
     });
     w.unsigned(p.memberships.len() as u64);
     for (key, m) in p.memberships.iter() {
@@ -79,9 +99,9 @@ pub fn encode(p: &Profile, out: &mut Vec<u8>) {
 pub fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
     let mut r = Reader { bytes, at: 0 };
     let format = r.byte("format")?;
-    if format != FORMAT {
+    if format != FORMAT && format != FORMAT_ONE_LIST {
         return Err(CodecError(format!(
-            "format {format}, this build reads format {FORMAT}"
+            "format {format}, this build reads formats {FORMAT_ONE_LIST} and {FORMAT}"
         )));
     }
     let id = r.unsigned("id")?;
@@ -117,19 +137,11 @@ pub fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
         .into_iter()
         .collect();
     let names = r.list("names", |r| r.name("name"))?;
-    let mut at: Millis = 0;
-    let history = r.list("history", |r| {
-        let name = r.place("occurrence name")?;
-        at = at.wrapping_add(r.signed("occurrence time")?);
-        let count = r.count("occurrence values")?;
-        let mut values = Values::with_capacity(count);
-        for _ in 0..count {
-            let place = r.place("property name")?;
-            let value = f64::from_le_bytes(r.take(8, "property value")?.try_into().unwrap());
-            values.push((place, value));
-        }
-        Ok(Occurrence { name, at, values })
-    })?;
+    let history = if format == FORMAT {
+        History::from_series(r.list("history", Reader::series)?)
+    } else {
+        r.one_list_history()?
+    };
     let memberships = r
         .list("memberships", |r| {
             let key = r.name("segment key")?;
@@ -308,6 +320,57 @@ impl<'a> Reader<'a> {
         }
         Ok(items)
     }
+
+    /// One event name's occurrences (format 2).
+    fn series(&mut self) -> Result<Series, CodecError> {
+        let name = self.place("history name")?;
+        let count = self.count("occurrences")?;
+        let mut times: Vec<Millis> = Vec::with_capacity(count);
+        for i in 0..count {
+            let at = if i == 0 {
+                self.signed("occurrence time")?
+            } else {
+                let step = i64::try_from(self.unsigned("occurrence time")?).ok();
+                step.and_then(|step| times[i - 1].checked_add(step))
+                    .ok_or_else(|| CodecError("occurrence time past the last one".into()))?
+            };
+            times.push(at);
+        }
+        let values = match self.byte("occurrence values")? {
+            0 => Vec::new(),
+            1 => (0..count)
+                .map(|_| self.values())
+                .collect::<Result<_, _>>()?,
+            b => return Err(CodecError(format!("occurrence values: flag byte {b}"))),
+        };
+        Ok(Series::from_parts(name, times, values))
+    }
+
+    /// The numbers kept with one occurrence.
+    fn values(&mut self) -> Result<Values, CodecError> {
+        let count = self.count("occurrence values")?;
+        let mut values = Values::with_capacity(count);
+        for _ in 0..count {
+            let place = self.place("property name")?;
+            let value = f64::from_le_bytes(self.take(8, "property value")?.try_into().unwrap());
+            values.push((place, value));
+        }
+        Ok(values)
+    }
+
+    /// The history of format 1: one list of every name's occurrences in time order.
+    fn one_list_history(&mut self) -> Result<History, CodecError> {
+        let mut history = History::default();
+        let mut at: Millis = 0;
+        let count = self.count("history")?;
+        for _ in 0..count {
+            let name = self.place("occurrence name")?;
+            at = at.wrapping_add(self.signed("occurrence time")?);
+            let values = self.values()?;
+            history.record(name, at, values);
+        }
+        Ok(history)
+    }
 }
 
 #[cfg(test)]
@@ -404,6 +467,42 @@ mod tests {
         let mut huge = vec![FORMAT, 1, 0];
         huge.extend([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
         assert!(decode(&huge).is_err());
+    }
+
+    /// `rich()` as the build before history per name stored it.
+    const RICH_IN_FORMAT_ONE: &str = "01070104c3bc2d310206616e6f6e2d3106616e6f6e2d322a7b226e6573746564223a7b2261223a5b312c322e352c6e756c6c5d7d2c22706c616e223a2270726f227d0980a0d5edee66010f4f7264657220436f6d706c6574656403d00fc701010d7b22726576656e7565223a317d00030f4f7264657220436f6d706c6574656407726576656e75650b50616765205669657765640400c0f6cdedee660101ffffffffffffefff00c0a90701010000000000803e40020000000201010000000000000080020376697001ffffffff0f0a011104676f6e6500000000";
+
+    #[test]
+    fn format_one_is_still_read() {
+        let hex = RICH_IN_FORMAT_ONE.as_bytes();
+        let bytes: Vec<u8> = hex
+            .chunks(2)
+            .map(|b| u8::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap())
+            .collect();
+        assert_eq!(decode(&bytes).unwrap(), rich());
+        assert_eq!(
+            encoded(&rich())[0],
+            FORMAT,
+            "and written in the current one"
+        );
+    }
+
+    #[test]
+    fn out_of_order_times_are_damage() {
+        let mut p = Profile::new(1);
+        p.history.record(0, 5, Values::new());
+        p.history.record(0, 7, Values::new());
+        p.names.push(intern("A"));
+        let mut bytes = encoded(&p);
+        // The last step (7 - 5, one byte 0x04 before the values flag and the memberships) made
+        // larger than u64 allows as an i64.
+        let step = bytes.len() - 3;
+        assert_eq!(bytes[step], 2);
+        bytes.splice(step..=step, [0xff; 9].into_iter().chain([0x01]));
+        assert!(decode(&bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("occurrence time"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! Its block cache is bounded, so memory does not grow with the number of profiles.
 //!
 //! - [`profile`]: the profile itself, applying a message and merging two profiles (pure).
+//! - [`history`]: a profile's recent occurrences, per event name, for windowed rules.
 //! - [`identity`]: which profile a message belongs to, linking and merging identifiers.
 //! - [`memberships`]: a profile's segment memberships, laid out by the loaded segments.
 //! - [`codec`]: a profile's stored encoding.
@@ -17,6 +18,7 @@
 //! This module knows nothing of rules or the intake log: `crate::profile_stage` drives it.
 
 pub mod codec;
+pub mod history;
 pub mod identity;
 pub mod memberships;
 pub mod profile;

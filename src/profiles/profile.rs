@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::vocabulary::{JsonStr, MessageType};
 
+pub use super::history::History;
 pub use super::memberships::{Membership, Memberships};
 
 /// Times are milliseconds since the epoch.
@@ -93,8 +94,8 @@ pub struct Profile {
     /// The event and property names `history` refers to, each once, by place: a name is a
     /// string once per profile instead of once per occurrence, in memory and in the store.
     pub names: Vec<Name>,
-    /// Occurrences inside the retention window, oldest first.
-    pub history: Vec<Occurrence>,
+    /// Occurrences inside the retention window, per event name.
+    pub history: History,
     pub memberships: Memberships,
 }
 
@@ -135,17 +136,9 @@ pub struct EventStats {
     pub last_properties: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Occurrence {
-    /// The event's name, by place in [`Profile::names`].
-    pub name: u16,
-    pub at: Millis,
-    /// The numeric properties the rules sum, names by place in [`Profile::names`]. Rules sum
-    /// one property of an event, nearly always: one is kept in place, as an allocation of its
-    /// own per occurrence is a cache miss each time the history is read or written.
-    pub values: Values,
-}
-
+/// The numeric properties kept with an occurrence for the rules that sum them, names by place in
+/// [`Profile::names`]. Rules sum one property of an event, nearly always: one is kept in place,
+/// as an allocation of its own per occurrence is a cache miss each time it is read or written.
 pub type Values = smallvec::SmallVec<[(u16, f64); 1]>;
 
 /// Which event names a retention setting covers.
@@ -359,45 +352,45 @@ impl Profile {
         name_at(&self.names, place)
     }
 
-    /// Adds an occurrence to the history, in time order.
+    /// Adds an occurrence to the history, after those at the same time.
     /// Returns the name's place, or `None` when the name table is full (nothing is recorded).
     pub fn record(&mut self, name: &str, at: Millis, values: &[(String, f64)]) -> Option<u16> {
         let name = self.place(name)?;
-        let values = values
-            .iter()
-            .filter_map(|(k, v)| Some((self.place(k)?, *v)))
-            .collect();
-        let end = self.history.partition_point(|h| h.at <= at);
-        self.history.insert(end, Occurrence { name, at, values });
+        let values = self.places_of(values);
+        self.history.record(name, at, values);
         Some(name)
     }
 
-    /// The places in the history of the occurrences of `name` at `at`.
-    fn occurrences_at(&self, name: &str, at: Millis) -> impl Iterator<Item = usize> + '_ {
-        let place = self.find(name);
-        let start = self.history.partition_point(|h| h.at < at);
-        let end = self.history.partition_point(|h| h.at <= at);
-        (start..end).filter(move |&i| Some(self.history[i].name) == place)
+    /// `values` with their names as places (those the name table has no room for left out).
+    fn places_of(&mut self, values: &[(String, f64)]) -> Values {
+        values
+            .iter()
+            .filter_map(|(k, v)| Some((self.place(k)?, *v)))
+            .collect()
     }
 
     /// How many occurrences of `name` at `at` the history holds.
     pub fn count_at(&self, name: &str, at: Millis) -> usize {
-        self.occurrences_at(name, at).count()
+        let series = self.find(name).and_then(|place| self.history.get(place));
+        series.map_or(0, |s| s.between(at, at).len())
     }
 
     /// Adds to the `nth` occurrence of `name` at `at` the `values` it does not hold (an
     /// occurrence read back from the lake for a rule that sums what the profile did not keep).
     pub fn add_values(&mut self, name: &str, at: Millis, nth: usize, values: &[(String, f64)]) {
-        let Some(i) = self.occurrences_at(name, at).nth(nth) else {
+        let Some(place) = self.find(name) else {
+            return;
+        };
+        if self.count_at(name, at) <= nth {
+            return;
+        }
+        let values = self.places_of(values);
+        let Some(held) = self.history.values_at(place, at, nth) else {
             return;
         };
         for (key, value) in values {
-            let Some(key) = self.place(key) else {
-                continue;
-            };
-            let held = &mut self.history[i].values;
             if !held.iter().any(|(k, _)| *k == key) {
-                held.push((key, *value));
+                held.push((key, value));
             }
         }
     }
@@ -408,70 +401,22 @@ impl Profile {
         self.prune_past(retention, now, Over::Any)
     }
 
-    /// [`Profile::prune`], knowing which names may be past [`MAX_HISTORY_PER_NAME`]: a busy
-    /// profile's history is thousands of entries, and counting each name's on every message was
-    /// a tenth of the profile stage's time under Zipf traffic.
+    /// [`Profile::prune`], knowing which names may be past [`MAX_HISTORY_PER_NAME`] (after a
+    /// message, only the one it recorded).
     fn prune_past(&mut self, retention: &Retention, now: Millis, over_cap: Over) -> u64 {
-        let horizon = now - retention.window;
-        let old = self.history.partition_point(|o| o.at < horizon);
-        let over = self.history.len().saturating_sub(old + MAX_HISTORY);
-        // Entries of names no longer needed are not hunted down here (that would cost a lookup
-        // per entry per message): they leave with the window or the cap.
-        self.history.drain(..old + over);
-        let mut dropped = over as u64;
-        if self.history.len() > MAX_HISTORY_PER_NAME {
-            dropped += match over_cap {
-                Over::Any => self.cap_each_name(),
-                Over::Only(place) => self.cap_name(place),
-                Over::Nothing => 0,
-            };
-        }
+        // Occurrences of names no longer needed are not hunted down here (that would cost a
+        // lookup per name per message): they leave with the window or the caps.
+        self.history.drop_before(now - retention.window);
+        let mut dropped = self.history.cap_total(MAX_HISTORY);
+        dropped += match over_cap {
+            Over::Any => self.history.cap_each_name(MAX_HISTORY_PER_NAME),
+            Over::Only(place) => self.history.cap_name(place, MAX_HISTORY_PER_NAME),
+            Over::Nothing => 0,
+        };
         if self.names.len() > MAX_NAMES / 2 {
             self.compact_names();
         }
         dropped
-    }
-
-    /// Drops the oldest occurrences of the name at `place` past [`MAX_HISTORY_PER_NAME`].
-    fn cap_name(&mut self, place: u16) -> u64 {
-        let held = self.history.iter().filter(|o| o.name == place).count();
-        let mut excess = held.saturating_sub(MAX_HISTORY_PER_NAME);
-        let dropped = excess as u64;
-        if excess > 0 {
-            self.history.retain(|o| {
-                let drop = excess > 0 && o.name == place;
-                excess -= usize::from(drop);
-                !drop
-            });
-        }
-        dropped
-    }
-
-    /// Drops the oldest occurrences of each name past [`MAX_HISTORY_PER_NAME`].
-    fn cap_each_name(&mut self) -> u64 {
-        let mut counts = vec![0usize; self.names.len()];
-        for o in &self.history {
-            if let Some(c) = counts.get_mut(usize::from(o.name)) {
-                *c += 1;
-            }
-        }
-        // Now the number to drop of each name, oldest first.
-        let mut excess: Vec<usize> = counts
-            .iter()
-            .map(|c| c.saturating_sub(MAX_HISTORY_PER_NAME))
-            .collect();
-        let dropped: usize = excess.iter().sum();
-        if dropped > 0 {
-            self.history
-                .retain(|o| match excess.get_mut(usize::from(o.name)) {
-                    Some(e) if *e > 0 => {
-                        *e -= 1;
-                        false
-                    }
-                    _ => true,
-                });
-        }
-        dropped as u64
     }
 
     /// Drops the names no occurrence refers to any more.
@@ -479,14 +424,10 @@ impl Profile {
         // A place past the table (a damaged record could hold one) stays past it: `name` gives "".
         const PAST: u16 = u16::MAX;
         let mut used = vec![false; self.names.len()];
-        let mut mark = |place: u16| {
+        for place in self.history.places() {
             if let Some(u) = used.get_mut(usize::from(place)) {
                 *u = true;
             }
-        };
-        for o in &self.history {
-            mark(o.name);
-            o.values.iter().for_each(|(k, _)| mark(*k));
         }
         let mut moved = Vec::with_capacity(self.names.len());
         for (name, used) in std::mem::take(&mut self.names).into_iter().zip(used) {
@@ -495,11 +436,8 @@ impl Profile {
                 self.names.push(name);
             }
         }
-        let new_place = |place: u16| moved.get(usize::from(place)).copied().unwrap_or(PAST);
-        for o in &mut self.history {
-            o.name = new_place(o.name);
-            o.values.iter_mut().for_each(|(k, _)| *k = new_place(*k));
-        }
+        self.history
+            .renumber(|place| moved.get(usize::from(place)).copied().unwrap_or(PAST));
     }
 
     /// Takes in everything `other` knows (its messages are disjoint from ours, so counts add).
@@ -548,30 +486,24 @@ impl Profile {
                 None => dropped.event_names += 1,
             }
         }
-        let mut history = std::mem::take(&mut self.history);
-        for o in &other.history {
-            let Some(name) = self.place(name_at(&other.names, o.name)) else {
+        for theirs in other.history.series() {
+            let Some(name) = self.place(name_at(&other.names, theirs.name)) else {
                 continue;
             };
-            let values = o
-                .values
-                .iter()
-                .filter_map(|(k, v)| Some((self.place(name_at(&other.names, *k))?, *v)))
+            let occurrences: Vec<(Millis, Values)> = (0..theirs.len())
+                .map(|i| {
+                    let values = theirs
+                        .values(i)
+                        .iter()
+                        .filter_map(|(k, v)| Some((self.place(name_at(&other.names, *k))?, *v)))
+                        .collect();
+                    (theirs.time(i), values)
+                })
                 .collect();
-            history.push(Occurrence {
-                name,
-                at: o.at,
-                values,
-            });
+            self.history.merge(name, occurrences);
         }
-        history.sort_by_key(|o| o.at);
-        let over = history.len().saturating_sub(MAX_HISTORY);
-        history.drain(..over);
-        self.history = history;
-        dropped.history += over as u64;
-        if self.history.len() > MAX_HISTORY_PER_NAME {
-            dropped.history += self.cap_each_name();
-        }
+        dropped.history += self.history.cap_total(MAX_HISTORY);
+        dropped.history += self.history.cap_each_name(MAX_HISTORY_PER_NAME);
         for (key, theirs) in other.memberships.into_pairs() {
             let ours = self.memberships.entry(&key);
             ours.member |= theirs.member;
@@ -780,11 +712,12 @@ mod tests {
         assert_eq!(p.first_seen, 500);
         assert_eq!(p.last_seen, 3_000);
         assert_eq!(p.traits["plan"], "pro");
-        let times: Vec<_> = p.history.iter().map(|o| o.at).collect();
+        let history = p.history.occurrences();
+        let times: Vec<_> = history.iter().map(|o| o.at).collect();
         assert_eq!(times, [1_000, 2_000, 3_000]);
-        let (property, value) = p.history[0].values[0];
+        let (property, value) = history[0].values[0];
         assert_eq!((p.name(property), value), ("revenue", 30.0));
-        assert_eq!(p.name(p.history[0].name), "Order Completed");
+        assert_eq!(p.name(history[0].name), "Order Completed");
     }
 
     #[test]
@@ -812,7 +745,7 @@ mod tests {
             1,
             "B is not needed and A at 100 is outside the window"
         );
-        assert_eq!(p.history[0].at, 5_000);
+        assert_eq!(p.history.occurrences()[0].at, 5_000);
         assert_eq!(p.events["B"].count, 1, "counters keep every name");
         assert_eq!(p.events["A"].last_properties, None);
     }
@@ -843,7 +776,7 @@ mod tests {
         assert_eq!(a.anonymous_ids, ["anon-1"]);
         assert_eq!(a.traits["plan"], "pro", "the survivor's traits win");
         assert_eq!(a.traits["utm"], "ad");
-        let times: Vec<_> = a.history.iter().map(|o| o.at).collect();
+        let times: Vec<_> = a.history.occurrences().iter().map(|o| o.at).collect();
         assert_eq!(times, [1_000, 2_000, 3_000]);
         assert_eq!(a.identity_keys(), ["user:u1", "anon:anon-1"]);
     }
@@ -860,16 +793,13 @@ mod tests {
         assert_eq!(p.count_at("A", 4), 0);
         assert_eq!(p.count_at("C", 2), 0);
         p.add_values("A", 2, 1, &[("revenue".into(), 9.0), ("tax".into(), 2.0)]);
+        let a = p.history.get(p.find("A").unwrap()).unwrap();
         let values = |i: usize| -> Vec<(&str, f64)> {
-            p.history[i]
-                .values
-                .iter()
-                .map(|(k, v)| (p.name(*k), *v))
-                .collect()
+            a.values(i).iter().map(|(k, v)| (p.name(*k), *v)).collect()
         };
-        assert_eq!(values(2), [("revenue", 1.0)], "the first is untouched");
+        assert_eq!(values(1), [("revenue", 1.0)], "the first at 2 is untouched");
         assert_eq!(
-            values(3),
+            values(2),
             [("revenue", 1.0), ("tax", 2.0)],
             "what it holds stays; what it lacks is added"
         );
@@ -888,17 +818,20 @@ mod tests {
         p.record("new", 5_000, &[("price".to_string(), 2.0)]);
         p.prune(&keep, 5_000);
         assert_eq!(p.names, [intern("new"), intern("price")]);
-        let o = &p.history[0];
+        let o = p.history.occurrences()[0];
         assert_eq!((p.name(o.name), p.name(o.values[0].0)), ("new", "price"));
 
         // A place past the table (a damaged record) neither panics nor takes a name.
-        p.history[0].values.push((60_000, 1.0));
+        p.history
+            .values_at(0, 5_000, 0)
+            .unwrap()
+            .push((60_000, 1.0));
         for i in 0..MAX_NAMES / 2 {
             p.record(&format!("more {i}"), 0, &[]);
         }
         p.prune(&keep, 5_000);
         assert_eq!(p.names, [intern("new"), intern("price")]);
-        assert_eq!(p.name(p.history[0].values[1].0), "");
+        assert_eq!(p.name(p.history.occurrences()[0].values[1].0), "");
     }
 
     #[test]
@@ -910,9 +843,10 @@ mod tests {
         b.record("A", 3, &[]);
         a.merge(b, &r);
         a.prune(&r, 10);
-        let got: Vec<(&str, Millis)> = a.history.iter().map(|o| (a.name(o.name), o.at)).collect();
+        let history = a.history.occurrences();
+        let got: Vec<(&str, Millis)> = history.iter().map(|o| (a.name(o.name), o.at)).collect();
         assert_eq!(got, [("A", 1), ("B", 2), ("A", 3)]);
-        assert_eq!(a.name(a.history[1].values[0].0), "price");
+        assert_eq!(a.name(history[1].values[0].0), "price");
     }
 }
 
@@ -956,12 +890,15 @@ mod caps {
             let at = 2_000 + i as Millis;
             dropped.add(p.apply(&track("Page Viewed", at, None), &keep, at));
         }
-        let order = p.find("Order Completed");
-        let orders: Vec<&Occurrence> = p.history.iter().filter(|o| Some(o.name) == order).collect();
+        let orders = p.history.get(p.find("Order Completed").unwrap()).unwrap();
         assert_eq!(orders.len(), 1, "the order stays");
-        assert_eq!(orders[0].values.len(), 1);
+        assert_eq!(orders.values(0).len(), 1);
         assert_eq!(p.history.len(), 1 + MAX_HISTORY_PER_NAME);
-        assert_eq!(p.history[1].at, 2_500, "the oldest page views went");
+        assert_eq!(
+            p.history.occurrences()[1].at,
+            2_500,
+            "the oldest page views went"
+        );
         assert_eq!(dropped.history, 500, "and every one is counted");
     }
 
@@ -977,12 +914,11 @@ mod caps {
         }
         assert_eq!(p.prune(&keep, 10_000), 200);
         for name in ["A", "B"] {
-            let place = p.find(name);
             let held: Vec<Millis> = p
                 .history
-                .iter()
-                .filter(|o| Some(o.name) == place)
-                .map(|o| o.at)
+                .get(p.find(name).unwrap())
+                .unwrap()
+                .times()
                 .collect();
             assert_eq!(held.len(), MAX_HISTORY_PER_NAME, "{name}");
             assert_eq!(held[0], 100, "{name}: the oldest went");

@@ -7,10 +7,12 @@
 //! earliest, and a timer wakes the profile then.
 
 use std::cell::Cell;
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use rhai::{Dynamic, Engine, ImmutableString};
 
+use crate::profiles::history::Series;
 use crate::profiles::profile::{Millis, Profile};
 use crate::script::json_to_dynamic;
 
@@ -176,25 +178,19 @@ impl Round {
         self.profile.events.contains_key(name)
     }
 
-    /// Occurrences of `name` within `within` of now, oldest first.
-    fn within(&self, name: &str, within: Duration) -> impl DoubleEndedIterator<Item = Millis> + '_ {
-        let place = self.profile.find(name);
-        let horizon = self.now - within.millis;
-        let start = self.profile.history.partition_point(|o| o.at < horizon);
-        self.profile.history[start..]
-            .iter()
-            .filter(move |o| Some(o.name) == place && o.at <= self.now)
-            .map(|o| o.at)
+    /// The occurrences of `name` within `within` of now: its series, and their positions in it.
+    fn within(&self, name: &str, within: Duration) -> Option<(&Series, Range<usize>)> {
+        let series = self.profile.history.get(self.profile.find(name)?)?;
+        let range = series.between(self.now - within.millis, self.now);
+        (!range.is_empty()).then_some((series, range))
     }
 
     pub fn did_within(&self, name: &str, within: Duration) -> bool {
-        // From the newest back: a busy profile's history is thousands of entries long, and its
-        // latest of a name is near the end.
-        let latest = self.within(name, within).next_back();
-        if let Some(at) = latest {
-            note_flip(at + within.millis + 1, self.now);
-        }
-        latest.is_some()
+        let Some((series, range)) = self.within(name, within) else {
+            return false;
+        };
+        note_flip(series.time(range.end - 1) + within.millis + 1, self.now);
+        true
     }
 
     pub fn count(&self, name: &str) -> i64 {
@@ -202,34 +198,26 @@ impl Round {
     }
 
     pub fn count_within(&self, name: &str, within: Duration) -> i64 {
-        let mut times = self.within(name, within);
-        let Some(oldest) = times.next() else {
+        let Some((series, range)) = self.within(name, within) else {
             return 0;
         };
-        note_flip(oldest + within.millis + 1, self.now);
-        1 + times.count() as i64
+        note_flip(series.time(range.start) + within.millis + 1, self.now);
+        range.len() as i64
     }
 
     pub fn sum(&self, name: &str, property: &str, within: Duration) -> f64 {
-        let (place, property) = (self.profile.find(name), self.profile.find(property));
-        let horizon = self.now - within.millis;
-        let start = self.profile.history.partition_point(|o| o.at < horizon);
-        let mut total = 0.0;
-        let mut oldest = None;
-        for o in &self.profile.history[start..] {
-            if Some(o.name) == place && o.at <= self.now {
-                oldest.get_or_insert(o.at);
-                total += o
-                    .values
-                    .iter()
-                    .find(|(k, _)| Some(*k) == property)
-                    .map_or(0.0, |(_, v)| *v);
-            }
-        }
-        if let Some(at) = oldest {
-            note_flip(at + within.millis + 1, self.now);
-        }
-        total
+        let Some((series, range)) = self.within(name, within) else {
+            return 0.0;
+        };
+        note_flip(series.time(range.start) + within.millis + 1, self.now);
+        let property = self.profile.find(property);
+        range
+            .map(|i| {
+                let values = series.values(i);
+                let value = values.iter().find(|(k, _)| Some(*k) == property);
+                value.map_or(0.0, |(_, v)| *v)
+            })
+            .sum()
     }
 
     pub fn in_segment(&self, key: &str) -> bool {

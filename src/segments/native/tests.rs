@@ -173,8 +173,10 @@ fn profiles() -> impl Strategy<Value = (Profile, Millis)> {
                     let values = [("price".to_string(), f64::from(price) / 2.0)];
                     p.record(name, at, &values);
                 }
-                p.first_seen = p.history.first().map_or(now - seen_ago, |o| o.at);
-                p.last_seen = p.history.last().map_or(now - seen_ago, |o| o.at);
+                let history = p.history.occurrences();
+                let (first, last) = (history.first().map(|o| o.at), history.last().map(|o| o.at));
+                p.first_seen = first.unwrap_or(now - seen_ago);
+                p.last_seen = last.unwrap_or(now - seen_ago);
                 for (name, value) in traits {
                     p.traits.insert(name.to_string(), value);
                 }
