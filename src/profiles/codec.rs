@@ -358,18 +358,35 @@ impl<'a> Reader<'a> {
         Ok(values)
     }
 
-    /// The history of format 1: one list of every name's occurrences in time order.
+    /// The history of format 1: one list of every name's occurrences in time order, split into
+    /// series (each allocated once, to its length).
     fn one_list_history(&mut self) -> Result<History, CodecError> {
-        let mut history = History::default();
-        let mut at: Millis = 0;
         let count = self.count("history")?;
+        let mut occurrences = Vec::with_capacity(count);
+        let mut at: Millis = 0;
         for _ in 0..count {
             let name = self.place("occurrence name")?;
             at = at.wrapping_add(self.signed("occurrence time")?);
-            let values = self.values()?;
-            history.record(name, at, values);
+            occurrences.push((name, at, self.values()?));
         }
-        Ok(history)
+        // Stable: each name's occurrences stay in the order written, which was time order (a
+        // damaged record's are sorted, as a series must be).
+        occurrences.sort_by_key(|(name, at, _)| (*name, *at));
+        let mut series = Vec::new();
+        for run in occurrences.chunk_by(|a, b| a.0 == b.0) {
+            let times = run.iter().map(|o| o.1).collect();
+            let values = if run.iter().any(|o| !o.2.is_empty()) {
+                run.iter().map(|o| o.2.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            series.push((run[0].1, Series::from_parts(run[0].0, times, values)));
+        }
+        // Series in the order their names first came, as recording them would give.
+        series.sort_by_key(|(first, _)| *first);
+        Ok(History::from_series(
+            series.into_iter().map(|(_, s)| s).collect(),
+        ))
     }
 }
 

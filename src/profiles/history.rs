@@ -241,11 +241,18 @@ impl History {
 
     /// Drops every occurrence older than `horizon` (leaving with the window is not a drop).
     pub fn drop_before(&mut self, horizon: Millis) {
+        let mut emptied = false;
         for s in &mut self.series {
-            let old = s.times.partition_point(|&t| t < horizon);
-            s.drop_oldest(old);
+            // Called on every message: most series have nothing to drop, which their oldest says.
+            if s.times.front().is_some_and(|&t| t < horizon) {
+                let old = s.times.partition_point(|&t| t < horizon);
+                s.drop_oldest(old);
+                emptied |= s.is_empty();
+            }
         }
-        self.series.retain(|s| !s.is_empty());
+        if emptied {
+            self.series.retain(|s| !s.is_empty());
+        }
     }
 
     /// Drops the oldest occurrences of the name at `place` past `cap`. Returns how many.
