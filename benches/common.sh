@@ -41,6 +41,23 @@ consumer_lag() {
 # The id of the server's thread named $1.
 thread_id() { grep -l "^$1\$" /proc/"$pid"/task/*/comm | head -1 | cut -d/ -f5; }
 
+# The server's CPU over $1 seconds, thread by thread (threads of one name added up), in % of one
+# core, busiest first: where a saturated core's time goes. From /proc's utime + stime, in ticks.
+thread_cpu() {
+  local seconds="$1" hz; hz="$(getconf CLK_TCK)"
+  ticks() {
+    for task in /proc/"$pid"/task/*; do
+      # comm may hold spaces; the counters are fields 14 and 15 after the ")" that ends it.
+      printf '%s %s\n' "$(tr ' ' _ < "$task/comm")" \
+        "$(sed 's/.*) //' "$task/stat" | awk '{print $12 + $13}')"
+    done 2>/dev/null | awk '{t[$1] += $2} END {for (n in t) print n, t[n]}' | sort
+  }
+  ticks > "$work/ticks-before"; sleep "$seconds"; ticks > "$work/ticks-after"
+  join "$work/ticks-before" "$work/ticks-after" | awk -v s="$seconds" -v hz="$hz" '
+    {d = ($3 - $2) / hz / s * 100; all += d; if (d >= 0.1) printf "%s %.1f\n", $1, d}
+    END {printf "all %.1f\n", all}' | sort -k2 -n -r | tr '\n' ' '
+}
+
 # The profile benches' warm-up: each of the 50,000 users of the web mix gets a profile and enters
 # most of its segments (a one-off of about 20 changes per user, each emitted as two messages),
 # then the stage catches up, so that what is measured after is the steady state of a running

@@ -16,7 +16,9 @@
 # stage applied in each 5 s against those offered (equal = it keeps up), its lag, the server's RSS
 # every 5 s, the segment changes' delays (from their cause to the change in the log; at half the
 # rates, the target's measure), the profile cache's tiers, and the profile store's size. Also the
-# profile store's saves (count, seconds in all) and how long the stage waited for them.
+# profile store's saves (count, seconds in all) and how long the stage waited for them, every
+# log consumer's lag when the load ends, and the server's CPU thread by thread over the middle
+# third of the load (where one core's time goes).
 # Knobs: SLUICE_SCALE_ZIPF_RATE, SLUICE_SCALE_UNIFORM_RATE (messages/s); SLUICE_SCALE_PROFILES
 # (10000000) sizes the store; SLUICE_SCALE_STORE_CACHE sets profiles.store_cache (e.g. 512MiB),
 # SLUICE_SCALE_CACHE_MEMORY profiles.cache_memory; SLUICE_BENCH_SAVER_NICE renices the profile
@@ -79,6 +81,9 @@ load() { # RATE SECONDS -- loadgen user options
     --users 1000000 --user-space "$profiles" "$@"
 }
 
+# Every consumer's lag, as "name=records ...".
+lags() { metric | sed -n 's/^sluice_log_consumer_lag_records{consumer="\([^"]*\)"} \(.*\)/\1=\2/p' | tr '\n' ' '; }
+
 run() { # NAME RATE -- loadgen user options
   local name="$1" rate="$2"; shift 2
   echo "--- $name: $rate messages/s for $seconds s over $profiles stored profiles"
@@ -96,8 +101,13 @@ run() { # NAME RATE -- loadgen user options
       printf '%s ' "$(rss_mb)" >> "$work/rss"
     done ) &
   local sampler=$!
+  # Over the middle third of the load, when the first touches of the run have thinned out.
+  ( sleep $((seconds / 3)); thread_cpu $((seconds / 3)) > "$work/cpu" ) &
+  local cpu=$!
   load "$rate" "$seconds" "$@"
-  wait "$sampler" || true
+  wait "$sampler" "$cpu" || true
+  echo "every consumer's lag at the end of the load: $(lags)"
+  echo "server CPU by thread, % of the core, over the middle third: $(cat "$work/cpu")"
   echo "messages the stage applied in each 5 s ($((rate * 5)) offered; equal = it keeps up): $(
     awk -v b="$before" '{for (i = 1; i <= NF; i++) {printf "%d ", $i - b; b = $i}}' "$work/applied")"
   echo "profile stage lag, records, every 5 s: $(cat "$work/lag")"
@@ -111,9 +121,6 @@ run() { # NAME RATE -- loadgen user options
   wait || true
   du -sh "$work/data/profiles" "$work/data/lake" "$work/data/log"
 }
-
-# Every consumer's lag, as "name=records ...".
-lags() { metric | sed -n 's/^sluice_log_consumer_lag_records{consumer="\([^"]*\)"} \(.*\)/\1=\2/p' | tr '\n' ' '; }
 
 restart() { # RATE
   local rate="$1"
