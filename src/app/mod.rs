@@ -89,13 +89,23 @@ async fn start(
     let (log, dedup, dedup_consumer) = open_log(&config, &metrics).await?;
     // The one way anything enters the log.
     let appender = Arc::new(Appender::new(log.clone(), dedup.clone()));
+    // The profile stage's records (segment changes, clock records) may use the log's reserve: a
+    // full log must not stop the stage whose progress frees it.
+    let own_records = Arc::new(appender.for_own_records());
     let (plan, schema_watch) = load_plan(&config, &metrics)?;
     // Every consumer of the log runs under a supervisor, and shows on /readyz. Each registers its
     // log consumer as it starts, before anything can trim the log.
     let stages = Arc::new(Stages::default());
     let (lake, compaction, query) = start_lake(&config, &metrics, &log, &plan, &stages, &clock)?;
-    let audiences =
-        start_profile_stage(&config, &metrics, &log, &appender, &query, &stages, &clock)?;
+    let audiences = start_profile_stage(
+        &config,
+        &metrics,
+        &log,
+        &own_records,
+        &query,
+        &stages,
+        &clock,
+    )?;
     let destinations = start_destinations(&config, &metrics, &log, &stages)?;
     let query_runtime = QueryRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()

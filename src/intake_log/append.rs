@@ -18,7 +18,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::dedup::{self, Dedup, Reservation};
-use super::{AppendError, IntakeLog, RecordBatch};
+use super::{AppendError, IntakeLog, RecordBatch, Room};
 
 pub use dedup::key as message_key;
 
@@ -32,18 +32,35 @@ pub fn readmission_key(source: &str, message_id: &str) -> u128 {
 pub struct Appender {
     log: Arc<IntakeLog>,
     dedup: Arc<Dedup>,
+    room: Room,
 }
 
 /// One append between its two steps: its keys reserved, its records not yet written.
 pub struct Pending<'a> {
     log: &'a IntakeLog,
+    room: Room,
     reservation: Reservation<'a>,
     duplicate: Vec<bool>,
 }
 
 impl Appender {
+    /// An appender for what clients send: refused past the log's `max_size`.
     pub fn new(log: Arc<IntakeLog>, dedup: Arc<Dedup>) -> Self {
-        Appender { log, dedup }
+        Appender {
+            log,
+            dedup,
+            room: Room::Limit,
+        }
+    }
+
+    /// An appender on the same log and dedup for Sluice's own records, which may use the log's
+    /// reserve (see [`Room::Reserve`]).
+    pub fn for_own_records(&self) -> Appender {
+        Appender {
+            log: self.log.clone(),
+            dedup: self.dedup.clone(),
+            room: Room::Reserve,
+        }
     }
 
     /// Reserves `keys` and marks which are duplicates. When another append in flight holds one of
@@ -53,6 +70,7 @@ impl Appender {
         let (reservation, duplicate) = self.dedup.reserve(keys, || self.log.end()).await;
         Pending {
             log: &self.log,
+            room: self.room,
             reservation,
             duplicate,
         }
@@ -60,7 +78,7 @@ impl Appender {
 
     /// Appends records that are never duplicates (clock records): nothing to reserve.
     pub async fn append_unkeyed(&self, records: RecordBatch) -> Result<Range<u64>, AppendError> {
-        self.log.append(records).await
+        self.log.append_in(self.room, records).await
     }
 
     pub fn log(&self) -> &Arc<IntakeLog> {
@@ -85,7 +103,7 @@ impl Pending<'_> {
             let end = self.log.end();
             end..end
         } else {
-            self.log.append(records).await?
+            self.log.append_in(self.room, records).await?
         };
         self.reservation.commit(at);
         Ok(appended)

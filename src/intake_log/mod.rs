@@ -39,7 +39,11 @@
 //! the dedup state from it.
 //!
 //! ## Failure
-//! When the log holds more than `max_size`, appends fail with [`AppendError::Full`]. A failed
+//! When the log holds more than `max_size`, appends fail with [`AppendError::Full`], except
+//! Sluice's own records ([`Room::Reserve`]: segment changes, clock records), which may use a
+//! reserve of a sixteenth more. The profile stage appends those as it reads, and when it is the
+//! log's slowest consumer only its own progress frees space: refused, it could never move again
+//! (a full log at 50,000 msg/s over a stage far behind did just that, batch after batch). A failed
 //! write or fsync cuts the file back to its last durable length, so nothing half-written is ever
 //! read, and fails that group's appends; what was acknowledged before is untouched. If even the
 //! cut fails, the log refuses all appends ([`AppendError::Failed`]) until a restart recovers it.
@@ -203,7 +207,24 @@ impl LogStats {
 
 struct Command {
     batch: RecordBatch,
+    room: Room,
     reply: oneshot::Sender<Result<Range<u64>, AppendError>>,
+}
+
+/// How much of the disk an append may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Up to `max_size`: what clients send.
+    Limit,
+    /// Up to `max_size` and the reserve ([`LogOptions::reserve`]): Sluice's own records.
+    Reserve,
+}
+
+impl LogOptions {
+    /// What [`Room::Reserve`] may take past `max_size`.
+    pub fn reserve(&self) -> u64 {
+        self.max_size / 16
+    }
 }
 
 /// The intake log. Cheap to share behind an `Arc`; appends from many tasks are group-committed.
@@ -284,6 +305,15 @@ impl IntakeLog {
 
     /// Appends the batch and resolves once it is durable, with the offsets it got.
     pub async fn append(&self, batch: RecordBatch) -> Result<Range<u64>, AppendError> {
+        self.append_in(Room::Limit, batch).await
+    }
+
+    /// [`IntakeLog::append`], within `room`.
+    pub async fn append_in(
+        &self,
+        room: Room,
+        batch: RecordBatch,
+    ) -> Result<Range<u64>, AppendError> {
         if self.shared.failed.load(Ordering::Relaxed) {
             return Err(AppendError::Failed);
         }
@@ -295,7 +325,7 @@ impl IntakeLog {
             .ok_or(AppendError::Closed)?;
         let (reply, answer) = oneshot::channel();
         sender
-            .send(Command { batch, reply })
+            .send(Command { batch, room, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
         answer.await.unwrap_or(Err(AppendError::Closed))

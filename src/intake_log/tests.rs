@@ -174,6 +174,45 @@ async fn full_log_refuses_appends_without_harming_what_it_holds() {
     assert_eq!(log.reader(0).read(10_000).unwrap().len(), accepted as usize);
 }
 
+/// Sluice's own records (segment changes, clock records) go on past `max_size`, into a reserve
+/// of a sixteenth more, and no further.
+#[tokio::test]
+async fn own_records_may_use_the_reserve_and_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        dir: dir.path().to_path_buf(),
+        segment_size: 64 * 1024,
+        max_size: 16 * 1024,
+    };
+    let log = IntakeLog::open(options.clone(), Arc::new(LogMetrics::default())).unwrap();
+    let one = || batch(&payloads(0..1));
+    let mut clients = 0;
+    while log.append(one()).await.is_ok() {
+        clients += 1;
+    }
+    let full = log.stats().bytes;
+    assert!(full <= options.max_size, "{full}");
+    let mut own = 0;
+    loop {
+        match log.append_in(Room::Reserve, one()).await {
+            Ok(_) => own += 1,
+            Err(AppendError::Full { max, .. }) => {
+                assert_eq!(max, options.max_size + options.reserve());
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(own > 0, "the full log still took Sluice's own records");
+    let held = log.stats().bytes;
+    assert!(held > options.max_size && held <= options.max_size + options.reserve());
+    assert!(
+        log.append(one()).await.is_err(),
+        "and clients are still refused"
+    );
+    assert_eq!(log.reader(0).read(10_000).unwrap().len(), clients + own);
+}
+
 #[tokio::test]
 async fn consumers_resume_at_their_cursor_and_release_segments() {
     let dir = tempfile::tempdir().unwrap();

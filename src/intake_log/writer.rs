@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::segment::{self, SegmentFile, HEADER_LEN};
-use super::{AppendError, Command, LogOptions, Shared};
+use super::{AppendError, Command, LogOptions, Room, Shared};
 use crate::metrics::LogMetrics;
 
 const MAX_GROUP_BYTES: usize = 8 << 20;
@@ -91,11 +91,12 @@ impl Writer {
             }
             let len = command.batch.byte_len() as u64;
             let held = self.shared.state.lock().unwrap().total_bytes + pending.bytes;
-            if held + len > self.options.max_size {
-                let _ = command.reply.send(Err(AppendError::Full {
-                    held,
-                    max: self.options.max_size,
-                }));
+            let max = match command.room {
+                Room::Limit => self.options.max_size,
+                Room::Reserve => self.options.max_size + self.options.reserve(),
+            };
+            if held + len > max {
+                let _ = command.reply.send(Err(AppendError::Full { held, max }));
                 continue;
             }
             let active_len = self.active.size + pending.bytes;

@@ -40,11 +40,12 @@ fn parts(
     dir: &std::path::Path,
     runtime: &tokio::runtime::Runtime,
     cache_size: usize,
+    log_max_size: u64,
 ) -> (Parts, Arc<AtomicI64>) {
     let options = LogOptions {
         dir: dir.join("log"),
         segment_size: 64 << 20,
-        max_size: 1 << 30,
+        max_size: log_max_size,
     };
     let log = Arc::new(IntakeLog::open(options, Default::default()).unwrap());
     let store = Arc::new(ProfileStore::open(&dir.join("profiles"), 1 << 20).unwrap());
@@ -65,7 +66,8 @@ fn parts(
     };
     let parts = Parts {
         store,
-        appender: Arc::new(Appender::new(log.clone(), Arc::new(dedup))),
+        // As the server gives it: the stage's own records may use the log's reserve.
+        appender: Arc::new(Appender::new(log.clone(), Arc::new(dedup)).for_own_records()),
         log,
         metrics: Default::default(),
         clock,
@@ -102,9 +104,18 @@ impl Fixture {
     }
 
     fn build(cache_size: usize, segments: Arc<SegmentSet>, with_lake: bool) -> Fixture {
+        Fixture::build_with_log(cache_size, segments, with_lake, 1 << 30)
+    }
+
+    fn build_with_log(
+        cache_size: usize,
+        segments: Arc<SegmentSet>,
+        with_lake: bool,
+        log_max_size: u64,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let runtime = runtime();
-        let (mut parts, now) = parts(dir.path(), &runtime, cache_size);
+        let (mut parts, now) = parts(dir.path(), &runtime, cache_size, log_max_size);
         let lake = with_lake.then(|| {
             let store = crate::lake::LakeStore::in_memory();
             std::fs::create_dir_all(dir.path().join("lake-state")).unwrap();
@@ -180,7 +191,8 @@ impl Fixture {
                 max_ids: 10_000,
             };
             let dedup = Arc::new(Dedup::new(&config, dir, Default::default()));
-            self.parts.appender = Arc::new(Appender::new(self.parts.log.clone(), dedup));
+            let appender = Appender::new(self.parts.log.clone(), dedup);
+            self.parts.appender = Arc::new(appender.for_own_records());
         }
         // A save in flight is written first (the saver finishes it): the process died right
         // after it committed. Nothing else the old stage holds is written.
@@ -255,6 +267,40 @@ fn page(who: Value) -> Value {
         .unwrap()
         .extend(who.as_object().unwrap().clone());
     m
+}
+
+/// Clients fill the log to its limit while the stage is behind: the stage still applies what it
+/// reads and emits its segment changes, into the log's reserve. Refused, it failed every batch,
+/// and never moved again when it was the log's slowest consumer (only its progress frees space).
+#[test]
+fn a_log_full_of_client_messages_does_not_stop_the_stage() {
+    let rules = set(&[("viewers", r#"user.did("Page Viewed")"#)]);
+    let mut f = Fixture::build_with_log(100, rules, false, 128 * 1024);
+    let users: Vec<Value> = (0..5)
+        .map(|i| page(json!({"userId": format!("u{i}")})))
+        .collect();
+    f.append(&users);
+    let mut filler = 0;
+    loop {
+        let received = (f.stage.clock)();
+        let mut records = RecordBatch::default();
+        let id = format!("filler-{filler}");
+        push_as_the_edge(&mut records, &id, &users[filler % 5], received);
+        if f.runtime.block_on(f.log.append(records)).is_err() {
+            break;
+        }
+        filler += 1;
+    }
+    assert!(
+        filler > 100,
+        "the log took {filler} messages before it was full"
+    );
+    f.settle();
+    assert_eq!(f.changes_of("viewers").len(), 5, "each user entered once");
+    assert!(
+        f.log.stats().bytes > 128 * 1024,
+        "the changes went into the reserve"
+    );
 }
 
 /// A profile a save in flight holds is older in the store until that save commits: the cache
@@ -333,7 +379,7 @@ fn a_profile_merged_away_is_not_woken_or_backfilled_back() {
 fn a_message_the_stage_keeps_failing_on_is_set_aside_and_the_stage_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime();
-    let (parts, _) = parts(dir.path(), &runtime, 100);
+    let (parts, _) = parts(dir.path(), &runtime, 100, 1 << 30);
     let (log, store, health) = (parts.log.clone(), parts.store.clone(), parts.health.clone());
     let segments = set(&[("seen", r#"user.did("Page Viewed")"#)]);
     let live = Arc::new(LiveSegments::new(segments.clone()));

@@ -110,13 +110,12 @@ impl Series {
     /// Adds an occurrence after those at the same time or earlier.
     pub fn push(&mut self, at: Millis, values: Values) {
         let i = self.times.partition_point(|&t| t <= at);
-        let laid_out = self.values.len() == self.times.len() && !self.times.is_empty();
+        let laid_out = !self.values.is_empty();
         if !values.is_empty() && !laid_out {
             self.values.resize(self.times.len(), Values::new());
         }
-        let keep_values = laid_out || !values.is_empty();
         self.times.insert(i, at);
-        if keep_values {
+        if laid_out || !values.is_empty() {
             self.values.insert(i, values);
         }
     }
