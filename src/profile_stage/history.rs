@@ -64,21 +64,24 @@ fn sql(needed: &Retention, since: Millis, from: Millis, to: Option<Millis>) -> S
         }
     };
     let time = |ms: Millis| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    // An event whose device clock ran ahead arrived before its timestamp: the partitions are
-    // those of the whole window, and the timestamp picks the day.
-    let until = to.map_or(String::new(), |to| {
-        format!(
-            "AND timestamp < TIMESTAMP '{}' ",
-            crate::vocabulary::format_time(time(to))
-        )
-    });
+    let at = |ms: Millis| format!("TIMESTAMP '{}'", crate::vocabulary::format_time(time(ms)));
+    // A row's moment is `min(timestamp, received_at)` (a device clock ahead counts as of its
+    // arrival): the range is on the moment, so that each row is in exactly one day's read (the
+    // backfill matches rows to what a profile holds per moment, a day at a time). Written as two
+    // ranges on the columns, not on the least of them, so that files and row groups out of both
+    // are skipped by their statistics.
+    let within = |column: &str| match to {
+        Some(to) => format!("{column} >= {} AND {column} < {}", at(from), at(to)),
+        None => format!("{column} >= {}", at(from)),
+    };
     format!(
         "SELECT source, message_id, user_id, anonymous_id, type, event, timestamp, received_at, \
          properties FROM events WHERE source <> '{}' AND date >= DATE '{}' \
-         AND timestamp >= TIMESTAMP '{}' {until}AND {kinds}",
+         AND (({} AND timestamp <= received_at) OR ({} AND timestamp > received_at)) AND {kinds}",
         super::SOURCE,
         time(since).format("%Y-%m-%d"),
-        crate::vocabulary::format_time(time(from)),
+        within("timestamp"),
+        within("received_at"),
     )
 }
 
@@ -164,10 +167,16 @@ mod tests {
             sql.contains("timestamp < TIMESTAMP '2026-01-02T00:00:00Z'"),
             "{sql}"
         );
+        assert!(
+            sql.contains(
+                "received_at < TIMESTAMP '2026-01-02T00:00:00Z' AND timestamp > received_at"
+            ),
+            "an order from a clock ahead is read on the day it arrived: {sql}"
+        );
         assert!(sql.contains("source <> 'sluice'"), "{sql}");
         let nothing = Retention::default();
         assert_eq!(super::sql(&nothing, 0, 0, Some(1)), "");
         let open_ended = super::sql(&needed, 0, 1_767_225_600_000, None);
-        assert!(!open_ended.contains("timestamp <"), "{open_ended}");
+        assert!(!open_ended.contains(" < TIMESTAMP"), "{open_ended}");
     }
 }
