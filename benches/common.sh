@@ -5,7 +5,8 @@
 #   source "$(dirname "$0")/common.sh"
 #   write_config <<TOML   # $work/sluice.toml: listen on $port, the `bench` source, then stdin
 #   start_sluice          # serves $work/sluice.toml; sets $pid; returns once /healthz answers on $port
-#   metric; consumer_lag profiles; thread_id sluice-profiles; warm_up_profiles; delays Message
+#   metric; consumer_lag profiles; thread_id sluice-profiles; thread_cpu 20; warm_up_profiles;
+#   delays Message
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"

@@ -158,9 +158,15 @@ impl Cache {
     /// A cold profile, decoded and taken out of the cold tier (to be [`Cache::insert`]ed).
     /// `None` when it is not cold, or when its encoding does not decode (then the store is read).
     pub fn thaw(&mut self, id: u64) -> Option<Profile> {
+        let bytes = self.take_cold(id)?;
+        codec::decode(&bytes).ok()
+    }
+
+    /// Takes a profile's encoding out of the cold tier.
+    fn take_cold(&mut self, id: u64) -> Option<Box<[u8]>> {
         let bytes = self.cold.remove(&id)?;
         self.cold_bytes -= bytes.len() + COLD_ENTRY;
-        codec::decode(&bytes).ok()
+        Some(bytes)
     }
 
     /// Whether the profile is in memory, decoded or cold.
@@ -182,9 +188,7 @@ impl Cache {
     }
 
     pub fn insert(&mut self, id: u64, held: Held) {
-        if let Some(bytes) = self.cold.remove(&id) {
-            self.cold_bytes -= bytes.len() + COLD_ENTRY;
-        }
+        self.take_cold(id);
         self.bytes += held.bytes;
         if let Some(old) = self.map.insert(id, held) {
             self.bytes -= old.bytes;
@@ -287,9 +291,7 @@ impl Cache {
             excess = excess.saturating_sub(bytes.len() + COLD_ENTRY);
         }
         for id in gone {
-            if let Some(bytes) = self.cold.remove(&id) {
-                self.cold_bytes -= bytes.len() + COLD_ENTRY;
-            }
+            self.take_cold(id);
         }
     }
 }

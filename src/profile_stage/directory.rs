@@ -52,10 +52,11 @@ impl Stage {
             Some(profile) => Some(profile),
             None => self.read.profile(id)?,
         };
-        Ok(profile.is_some_and(|p| {
-            self.cache.insert(id, Held::new(p));
-            true
-        }))
+        let Some(profile) = profile else {
+            return Ok(false);
+        };
+        self.cache.insert(id, Held::new(profile));
+        Ok(true)
     }
 }
 
