@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One node at scale: a profile store pre-filled with 10,000,000 profiles (tools/profilegen, made
-# once and kept in $SLUICE_SCALE_STORE, copied for each run; made again once it is 12 hours old,
-# as its histories and timers are relative to when it was made), the 50 segments of
+# once and kept in $SLUICE_SCALE_STORE, copied for each run; made again once it is 3 hours old,
+# as its histories and timers are relative to when it was made), of which the 1,000,000 the load
+# sends as are daily-active (last seen within the last day), the 50 segments of
 # benches/fifty-segments (windowed ones included), the lake on file://, and one webhook
 # destination receiving every message (tools/loadgen's sluice-receiver).
 #
@@ -29,14 +30,15 @@ seconds="${1:-120}"
 port=18092
 receiver_port=19092
 profiles="${SLUICE_SCALE_PROFILES:-10000000}"
-store="${SLUICE_SCALE_STORE:-$HOME/.cache/sluice/scale-store-$profiles}"
+active=$((profiles < 1000000 ? profiles : 1000000))
+store="${SLUICE_SCALE_STORE:-$HOME/.cache/sluice/scale-store-$profiles-active-$active}"
 trap 'pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true; bench_cleanup' EXIT
 
-if [ ! -d "$store/store" ] || [ -n "$(find "$store" -maxdepth 0 -mmin +720)" ]; then
+if [ ! -d "$store/store" ] || [ -n "$(find "$store" -maxdepth 0 -mmin +180)" ]; then
   echo "--- making the store: $profiles profiles in $store (once; it is kept)"
   rm -rf "$store"
   taskset -c 1 "$bin/sluice-profilegen" --segments benches/fifty-segments --dir "$store" \
-    --profiles "$profiles"
+    --profiles "$profiles" --daily-active "$active"
 fi
 
 cp -r benches/fifty-segments "$work/segments"
@@ -78,7 +80,7 @@ load() { # RATE SECONDS -- loadgen user options
   local rate="$1" duration="$2"; shift 2
   taskset -c 0 "$bin/sluice-loadgen" --addr "127.0.0.1:$port" --events web --mode batch --batch 100 \
     --connections 32 --rate "$((rate / 100))" --duration "$duration" --warmup 0 --pid "$pid" \
-    --users 1000000 --user-space "$profiles" "$@"
+    --users "$active" --user-space "$profiles" "$@"
 }
 
 # Every consumer's lag, as "name=records ...".

@@ -22,3 +22,13 @@ pub fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
 }
+
+/// The user of the load's `rank`-th user among `user-0` … `user-{space - 1}`: ranks are spread
+/// over the stored users (so the active ones are scattered among them, not the first of them) by
+/// multiplying by a prime that divides no `space` made of 2s and 5s (10^n, 50,000), a bijection
+/// modulo `space`, so distinct ranks are distinct users. `rank < space`, so the product fits in
+/// 64 bits.
+pub fn scatter(rank: u64, space: u64) -> u64 {
+    const SCATTER: u64 = 1_000_003;
+    rank.wrapping_mul(SCATTER % space) % space
+}

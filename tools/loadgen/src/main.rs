@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use sluice_loadgen::{mix, EVENTS};
+use sluice_loadgen::{mix, scatter, EVENTS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -40,8 +40,7 @@ struct Options {
 
 /// The users of the web mix: `count` of them, drawn uniformly or by a Zipf law (rank k sends in
 /// proportion to 1/k^s, as in real products: a few users are very active, most are quiet), and
-/// spread over `user-0` … `user-{space - 1}` (the users `sluice-profilegen` stored), so that the
-/// active ones are scattered among the stored ones, not the first of them.
+/// spread over `user-0` … `user-{space - 1}` (the users `sluice-profilegen` stored) by [`scatter`].
 struct Users {
     count: u64,
     space: u64,
@@ -50,11 +49,7 @@ struct Users {
 }
 
 impl Users {
-    /// A prime that divides no `space` made of 2s and 5s (10^n, 50,000): multiplying by it modulo
-    /// `space` is a bijection, so distinct ranks are distinct users.
-    const SCATTER: u64 = 1_000_003;
-
-    /// The user of the random draw `r` (`rank < count <= space`, so the product fits in 64 bits).
+    /// The user of the random draw `r`.
     fn pick(&self, r: u64) -> u64 {
         let rank = match &self.zipf {
             None => r % self.count,
@@ -63,7 +58,7 @@ impl Users {
                 (cdf.partition_point(|&c| c < u) as u64).min(self.count - 1)
             }
         };
-        rank.wrapping_mul(Self::SCATTER % self.space) % self.space
+        scatter(rank, self.space)
     }
 
     fn zipf(count: u64, s: f64) -> Vec<f64> {

@@ -2,13 +2,17 @@
 //! web traffic, for the scale benchmark (`benches/scale.sh`): `user-{i}` with `anon-{i}`, for i
 //! from 0, each with an identify (traits, a fifth of them on the pro plan) and a random number of
 //! the web mix's page views and tracks (those of `sluice-loadgen --events web`) spread over the
-//! days before the user was last seen, which is up to 60 days ago. Each profile is evaluated for
+//! days before the user was last seen. The users the load will send as (`--daily-active N`: the
+//! first N of `sluice-loadgen --user-space` with the same count, by its `scatter`) were last seen
+//! within the last day, as a product's daily-active users are; the others up to 60 days ago.
+//! Each profile is evaluated for
 //! every segment of `--segments` and stored with its memberships, its timer and the segments'
 //! sizes, marked as backfilled for those rules: a server started on the store carries on from
 //! there, with no backfill.
 //!
 //! ```text
-//! sluice-profilegen --segments benches/fifty-segments --dir data/profiles --profiles 10000000
+//! sluice-profilegen --segments benches/fifty-segments --dir data/profiles --profiles 10000000 \
+//!     --daily-active 1000000
 //! ```
 //!
 //! The store must not exist yet. Deterministic for a given `--seed` and start time but for the
@@ -23,7 +27,7 @@ use sluice::profiles::store::{Encoded, ProfileStore, SegmentStats};
 use sluice::segments::watch::Loader;
 use sluice::segments::Trigger;
 use sluice::vocabulary::MessageType;
-use sluice_loadgen::{mix, EVENTS};
+use sluice_loadgen::{mix, scatter, EVENTS};
 
 /// Profiles written per transaction.
 const CHUNK: u64 = 20_000;
@@ -36,11 +40,12 @@ struct Options {
     profiles: u64,
     seed: u64,
     cache_bytes: usize,
+    daily_active: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: sluice-profilegen --segments DIR --dir PROFILE_DIR --profiles N [--seed N] [--cache-mb 1024]"
+        "usage: sluice-profilegen --segments DIR --dir PROFILE_DIR --profiles N [--daily-active N] [--seed N] [--cache-mb 1024]"
     );
     std::process::exit(2)
 }
@@ -52,6 +57,7 @@ fn parse_options() -> Options {
         profiles: 0,
         seed: 1,
         cache_bytes: 1 << 30,
+        daily_active: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -61,13 +67,14 @@ fn parse_options() -> Options {
             "--dir" => o.dir = value.into(),
             "--profiles" => o.profiles = value.parse().unwrap_or_else(|_| usage()),
             "--seed" => o.seed = value.parse().unwrap_or_else(|_| usage()),
+            "--daily-active" => o.daily_active = value.parse().unwrap_or_else(|_| usage()),
             "--cache-mb" => {
                 o.cache_bytes = value.parse::<usize>().unwrap_or_else(|_| usage()) << 20
             }
             _ => usage(),
         }
     }
-    if o.dir.as_os_str().is_empty() || o.profiles == 0 {
+    if o.dir.as_os_str().is_empty() || o.profiles == 0 || o.daily_active > o.profiles {
         usage()
     }
     o
@@ -91,14 +98,25 @@ fn raw(json: String) -> Box<RawValue> {
     RawValue::from_string(json).expect("the generator writes valid JSON")
 }
 
-/// The profile of `user-{i}`, built by applying its history of messages.
-fn profile(i: u64, seed: u64, retention: &Retention, now: Millis) -> Profile {
+/// Which of `profiles` users the load sends as: the first `count` ranks, scattered as
+/// `sluice-loadgen` scatters them.
+fn daily_active(count: u64, profiles: u64) -> Vec<bool> {
+    let mut active = vec![false; profiles as usize];
+    for rank in 0..count {
+        active[scatter(rank, profiles) as usize] = true;
+    }
+    active
+}
+
+/// The profile of `user-{i}`, built by applying its history of messages; last seen within the
+/// last day if it is `active`.
+fn profile(i: u64, active: bool, seed: u64, retention: &Retention, now: Millis) -> Profile {
     let mut draws = Draws(mix(seed ^ i.wrapping_mul(0x2545_f491_4f6c_dd1d)));
     let mut p = Profile::new(i + 1);
     p.user_id = Some(format!("user-{i}"));
     p.add_anonymous_id(&format!("anon-{i}"));
-    // Last seen up to 60 days ago; active over up to 14 days before that.
-    let last = now - draws.below(60 * DAY as u64) as Millis;
+    // Last seen within the last day or up to 60 days ago; active over up to 14 days before that.
+    let last = now - draws.below(if active { DAY } else { 60 * DAY } as u64) as Millis;
     let span = 1 + draws.below(14 * DAY as u64) as Millis;
     let first = last - span;
     let plan = if draws.below(5) == 0 { "pro" } else { "free" };
@@ -177,6 +195,7 @@ fn main() {
         .unwrap()
         .as_millis() as Millis;
     let started = Instant::now();
+    let active = daily_active(o.daily_active, o.profiles);
     let mut sizes = vec![0u64; set.segments.len()];
     let mut encoded_bytes = 0;
     let mut history_bytes = 0;
@@ -188,7 +207,7 @@ fn main() {
         let mut members = Vec::new();
         let mut timers = Vec::new();
         for i in start..end {
-            let mut p = profile(i, o.seed, &set.retention, now);
+            let mut p = profile(i, active[i as usize], o.seed, &set.retention, now);
             set.evaluate(&mut p, Trigger::All(None), now);
             for (place, segment) in set.segments.iter().enumerate() {
                 if p.memberships.get(&segment.key).is_some_and(|m| m.member) {
