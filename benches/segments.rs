@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::value::RawValue;
+use sluice::profiles::dictionary::Dictionary;
 use sluice::profiles::profile::{event_name, Observed};
 use sluice::profiles::Profile;
 use sluice::segments::api;
@@ -189,11 +190,12 @@ fn profile_encoding(c: &mut Criterion) {
     }
     let profiles: Vec<Profile> = profiles.into_values().collect();
     let mut buffer = Vec::new();
+    let words = Dictionary::default();
     let encoded: Vec<Vec<u8>> = profiles
         .iter()
         .map(|p| {
             let mut out = Vec::new();
-            codec::encode(p, &mut out);
+            codec::encode(p, &words, &mut out);
             out
         })
         .collect();
@@ -208,7 +210,7 @@ fn profile_encoding(c: &mut Criterion) {
         b.iter(|| {
             for p in &profiles {
                 buffer.clear();
-                codec::encode(p, &mut buffer);
+                codec::encode(p, &words, &mut buffer);
             }
             buffer.len()
         })
@@ -217,7 +219,7 @@ fn profile_encoding(c: &mut Criterion) {
         b.iter(|| {
             encoded
                 .iter()
-                .map(|e| codec::decode(e).unwrap().history.len())
+                .map(|e| codec::decode(e, &words).unwrap().history.len())
                 .sum::<usize>()
         })
     });

@@ -176,14 +176,24 @@ pub fn log_record(data: &[u8]) {
 /// profiles: a corrupt store can hold a NaN, which is not equal to itself.)
 pub fn stored_profile(data: &[u8]) {
     use crate::profiles::codec;
-    if let Ok(profile) = codec::decode(data) {
+    let words = stored_words();
+    if let Ok(profile) = codec::decode(data, words) {
         let mut again = Vec::new();
-        codec::encode(&profile, &mut again);
-        let decoded = codec::decode(&again).expect("an encoded profile decodes");
+        codec::encode(&profile, words, &mut again);
+        let decoded = codec::decode(&again, words).expect("an encoded profile decodes");
         let mut third = Vec::new();
-        codec::encode(&decoded, &mut third);
+        codec::encode(&decoded, words, &mut third);
         assert_eq!(third, again, "encode(decode(x)) round trips");
     }
+}
+
+/// The names [`stored_profile`]'s inputs may refer to by number.
+fn stored_words() -> &'static crate::profiles::dictionary::Dictionary {
+    static WORDS: std::sync::OnceLock<crate::profiles::dictionary::Dictionary> =
+        std::sync::OnceLock::new();
+    WORDS.get_or_init(|| {
+        crate::profiles::dictionary::Dictionary::with_saved(vec!["plan".into(), "vip".into()])
+    })
 }
 
 /// A destination queue's entries: a parked message, a dead letter, a user's retry state.
@@ -444,8 +454,9 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "stored_profile" => {
             let mut p = Profile::new(7);
             p.traits.insert("plan".into(), "pro".into());
+            p.memberships.insert("vip", Default::default());
             let mut stored = Vec::new();
-            crate::profiles::codec::encode(&p, &mut stored);
+            crate::profiles::codec::encode(&p, stored_words(), &mut stored);
             vec![stored]
         }
         "queue_entry" => {

@@ -324,6 +324,7 @@ impl Stage {
         let saver = Saver::start(parts.store.clone(), parts.metrics.clone(), consumer)
             .map_err(StageError::Saver)?;
         let set = live.current();
+        let words = parts.store.dictionary().clone();
         let mut stage = Stage {
             reader: parts.log.reader(offset),
             store: parts.store,
@@ -347,7 +348,7 @@ impl Stage {
             lake: parts.lake,
             live,
             set,
-            cache: Cache::new(parts.cache_size, parts.cache_memory),
+            cache: Cache::new(parts.cache_size, parts.cache_memory, words),
             touched: Vec::new(),
             unsaved: Vec::new(),
             writes: Writes::default(),

@@ -23,7 +23,7 @@ use std::time::Instant;
 use crate::intake_log::Consumer;
 use crate::metrics::{ProfileStageMetrics, SegmentLabels};
 use crate::profiles::profile::{Millis, Name, Profile};
-use crate::profiles::store::{Encoded, ProfileStore, StoreError, Writer};
+use crate::profiles::store::{ProfileStore, StoreError, Writer};
 
 /// Everything written besides the profiles themselves, gathered since the last hand-off.
 #[derive(Default)]
@@ -197,7 +197,7 @@ fn write(
     // Encoded first, and each profile let go of once it is: until then the stage copies one it
     // changes (`Arc::make_mut`). Held while the whole save was written, nearly every profile was
     // copied once per save.
-    let mut encoded = Encoded::default();
+    let mut encoded = store.encoded();
     for profile in profiles {
         encoded.push(&profile);
     }

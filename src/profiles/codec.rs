@@ -16,24 +16,29 @@
 //! [key flags changes since recheck_at?]                                memberships
 //! ```
 //!
-//! A list is its length, then its items; `x?` is a byte 0 or 1, then `x` if 1. A history series
+//! A list is its length, then its items; `x?` is a byte 0 or 1, then `x` if 1. A `name` (an event,
+//! property or segment name) is its number in the store's [`Dictionary`] plus one, or 0 and the
+//! name in full when it has no number. A history series
 //! is one event name's occurrences ([`super::history`]): the first time in full, each later one as
 //! its (unsigned) step from the one before, a few bytes instead of eight; `values`, when present,
-//! is one `[property-place value]` list per occurrence. Event, property and segment names are
-//! interned as they are read. A decoding error names what it was reading; it never panics,
+//! is one `[property-place value]` list per occurrence. Names read in full are interned as they
+//! are read; numbered ones are the dictionary's, shared alike. A decoding error names what it was reading; it never panics,
 //! whatever the bytes.
 //!
-//! Format 1 kept one history list of every name in time order, `[name-place time-step
-//! [property-place value]]`; it is still read (a store written by an earlier build), and each
-//! profile is rewritten in format 2 when it next changes.
+//! Formats 1 and 2 wrote every name in full (1 also kept one history list of every name in time
+//! order, `[name-place time-step [property-place value]]`); both are still read (a store written
+//! by an earlier build), and each profile is rewritten in format 3 when it next changes.
 
 use serde_json::Map;
 
+use super::dictionary::Dictionary;
 use super::history::{History, Series};
 use super::profile::{intern, EventStats, Membership, Millis, Name, Profile, Values};
 
 /// The first byte of every encoded profile; a store written in another format does not decode.
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
+/// The format before names were numbered, still read.
+const FORMAT_NAMES_IN_FULL: u8 = 2;
 /// The format before history was kept per name, still read.
 const FORMAT_ONE_LIST: u8 = 1;
 
@@ -41,9 +46,9 @@ const FORMAT_ONE_LIST: u8 = 1;
 #[error("stored profile: {0}")]
 pub struct CodecError(String);
 
-/// Appends `p`'s encoding to `out`.
-pub fn encode(p: &Profile, out: &mut Vec<u8>) {
-    let mut w = Writer(out);
+/// Appends `p`'s encoding to `out`, numbering in `words` the names that have no number yet.
+pub fn encode(p: &Profile, words: &Dictionary, out: &mut Vec<u8>) {
+    let mut w = Writer { out, words };
     w.byte(FORMAT);
     w.unsigned(p.id);
     w.option(p.user_id.as_deref(), Writer::string);
@@ -57,14 +62,14 @@ pub fn encode(p: &Profile, out: &mut Vec<u8>) {
     w.signed(p.first_seen);
     w.signed(p.last_seen);
     w.list(&p.events, |w, (name, s)| {
-        w.string(name);
+        w.name(name);
         w.unsigned(s.count);
         w.signed(s.first);
         w.signed(s.last.wrapping_sub(s.first));
         w.option(s.first_properties.as_deref(), Writer::string);
         w.option(s.last_properties.as_deref(), Writer::string);
     });
-    w.list(&p.names, |w, n| w.string(n));
+    w.list(&p.names, |w, n| w.name(n));
     w.list(p.history.series(), |w, s| {
         w.unsigned(u64::from(s.name));
         let mut previous = None;
@@ -81,14 +86,14 @@ pub fn encode(p: &Profile, out: &mut Vec<u8>) {
             for i in 0..s.len() {
                 w.list(s.values(i), |w, (place, value)| {
                     w.unsigned(u64::from(*place));
-                    w.0.extend_from_slice(&value.to_le_bytes());
+                    w.out.extend_from_slice(&value.to_le_bytes());
                 });
             }
         }
     });
     w.unsigned(p.memberships.len() as u64);
     for (key, m) in p.memberships.iter() {
-        w.string(key);
+        w.name(key);
         w.byte(u8::from(m.member));
         w.unsigned(u64::from(m.changes));
         w.signed(m.since);
@@ -96,13 +101,26 @@ pub fn encode(p: &Profile, out: &mut Vec<u8>) {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
-    let mut r = Reader { bytes, at: 0 };
+/// The profile `bytes` encode, its numbered names read from `words`.
+pub fn decode(bytes: &[u8], words: &Dictionary) -> Result<Profile, CodecError> {
+    words.names(|words| decode_with(bytes, words))
+}
+
+fn decode_with(bytes: &[u8], words: &[Name]) -> Result<Profile, CodecError> {
+    let mut r = Reader {
+        bytes,
+        at: 0,
+        words: None,
+    };
     let format = r.byte("format")?;
-    if format != FORMAT && format != FORMAT_ONE_LIST {
-        return Err(CodecError(format!(
-            "format {format}, this build reads formats {FORMAT_ONE_LIST} and {FORMAT}"
-        )));
+    match format {
+        FORMAT => r.words = Some(words),
+        FORMAT_NAMES_IN_FULL | FORMAT_ONE_LIST => {}
+        _ => {
+            return Err(CodecError(format!(
+                "format {format}, this build reads formats {FORMAT_ONE_LIST} to {FORMAT}"
+            )))
+        }
     }
     let id = r.unsigned("id")?;
     let user_id = r.option("userId", |r| r.string("userId"))?;
@@ -137,10 +155,10 @@ pub fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
         .into_iter()
         .collect();
     let names = r.list("names", |r| r.name("name"))?;
-    let history = if format == FORMAT {
-        History::from_series(r.list("history", Reader::series)?)
-    } else {
+    let history = if format == FORMAT_ONE_LIST {
         r.one_list_history()?
+    } else {
+        History::from_series(r.list("history", Reader::series)?)
     };
     let memberships = r
         .list("memberships", |r| {
@@ -182,19 +200,22 @@ pub fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
     })
 }
 
-struct Writer<'a>(&'a mut Vec<u8>);
+struct Writer<'a> {
+    out: &'a mut Vec<u8>,
+    words: &'a Dictionary,
+}
 
 impl Writer<'_> {
     fn byte(&mut self, b: u8) {
-        self.0.push(b);
+        self.out.push(b);
     }
 
     fn unsigned(&mut self, mut v: u64) {
         while v >= 0x80 {
-            self.0.push(v as u8 | 0x80);
+            self.out.push(v as u8 | 0x80);
             v >>= 7;
         }
-        self.0.push(v as u8);
+        self.out.push(v as u8);
     }
 
     fn signed(&mut self, v: i64) {
@@ -203,7 +224,17 @@ impl Writer<'_> {
 
     fn string(&mut self, s: &str) {
         self.unsigned(s.len() as u64);
-        self.0.extend_from_slice(s.as_bytes());
+        self.out.extend_from_slice(s.as_bytes());
+    }
+
+    fn name(&mut self, name: &str) {
+        match self.words.number(name) {
+            Some(id) => self.unsigned(u64::from(id) + 1),
+            None => {
+                self.unsigned(0);
+                self.string(name);
+            }
+        }
     }
 
     fn option<T>(&mut self, v: Option<T>, write: impl FnOnce(&mut Self, T)) {
@@ -231,6 +262,8 @@ impl Writer<'_> {
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// The dictionary's names by number, for a format that numbers names.
+    words: Option<&'a [Name]>,
 }
 
 impl<'a> Reader<'a> {
@@ -282,7 +315,17 @@ impl<'a> Reader<'a> {
     }
 
     fn name(&mut self, what: &str) -> Result<Name, CodecError> {
-        self.str(what).map(intern)
+        let Some(words) = self.words else {
+            return self.str(what).map(intern);
+        };
+        match self.unsigned(what)? {
+            0 => self.str(what).map(intern),
+            n => usize::try_from(n - 1)
+                .ok()
+                .and_then(|id| words.get(id))
+                .cloned()
+                .ok_or_else(|| CodecError(format!("{what}: name number {} is unknown", n - 1))),
+        }
     }
 
     fn option<T>(
@@ -433,10 +476,27 @@ mod tests {
         p
     }
 
+    /// The dictionary these tests share (names keep their numbers across tests, as in a store).
+    fn words() -> &'static Dictionary {
+        static WORDS: std::sync::OnceLock<Dictionary> = std::sync::OnceLock::new();
+        WORDS.get_or_init(Dictionary::default)
+    }
+
     fn encoded(p: &Profile) -> Vec<u8> {
         let mut out = Vec::new();
-        encode(p, &mut out);
+        encode(p, words(), &mut out);
         out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Profile, CodecError> {
+        super::decode(bytes, words())
+    }
+
+    fn from_hex(hex: &str) -> Vec<u8> {
+        hex.as_bytes()
+            .chunks(2)
+            .map(|b| u8::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap())
+            .collect()
     }
 
     #[test]
@@ -447,20 +507,47 @@ mod tests {
     }
 
     #[test]
-    fn names_are_read_interned() {
-        let p = decode(&encoded(&rich())).unwrap();
-        let (event, _) = p.events.first_key_value().unwrap();
-        let (segment, _) = p.memberships.iter().next().unwrap();
-        for name in [event, segment, &p.names[0]] {
-            assert!(std::sync::Arc::ptr_eq(name, &intern(name)), "{name}");
+    fn names_are_read_shared() {
+        let bytes = encoded(&rich());
+        let (p, q) = (decode(&bytes).unwrap(), decode(&bytes).unwrap());
+        let names = |p: &Profile| {
+            let (event, _) = p.events.first_key_value().unwrap();
+            let (segment, _) = p.memberships.iter().next().unwrap();
+            [event.clone(), segment.clone(), p.names[0].clone()]
+        };
+        for (a, b) in names(&p).iter().zip(&names(&q)) {
+            assert!(std::sync::Arc::ptr_eq(a, b), "{a}");
         }
+    }
+
+    #[test]
+    fn numbered_names_take_a_byte_and_need_their_dictionary() {
+        let p = rich();
+        let numbered = encoded(&p);
+        let full = Dictionary::with_saved(Vec::new());
+        for i in 0..super::super::dictionary::MAX_WORDS {
+            full.number(&format!("{i}"));
+        }
+        let mut in_full = Vec::new();
+        encode(&p, &full, &mut in_full);
+        assert_eq!(
+            super::decode(&in_full, &full).unwrap(),
+            p,
+            "a full dictionary"
+        );
+        // "Order Completed" (an event, and a name of the history), "revenue", "Page Viewed",
+        // "vip", "gone": each a byte (a number below 127), not 0, its length and its text.
+        let names: usize = [15, 15, 7, 11, 3, 4].iter().map(|len| 1 + len).sum();
+        assert_eq!(in_full.len() - numbered.len(), names);
+        let error = super::decode(&numbered, &Dictionary::default()).unwrap_err();
+        assert!(error.to_string().contains("is unknown"), "{error}");
     }
 
     #[test]
     fn appends_to_what_the_buffer_holds() {
         let p = rich();
         let mut out = vec![9, 9];
-        encode(&p, &mut out);
+        encode(&p, words(), &mut out);
         assert_eq!(decode(&out[2..]).unwrap(), p);
     }
 
@@ -489,14 +576,17 @@ mod tests {
     /// `rich()` as the build before history per name stored it.
     const RICH_IN_FORMAT_ONE: &str = "01070104c3bc2d310206616e6f6e2d3106616e6f6e2d322a7b226e6573746564223a7b2261223a5b312c322e352c6e756c6c5d7d2c22706c616e223a2270726f227d0980a0d5edee66010f4f7264657220436f6d706c6574656403d00fc701010d7b22726576656e7565223a317d00030f4f7264657220436f6d706c6574656407726576656e75650b50616765205669657765640400c0f6cdedee660101ffffffffffffefff00c0a90701010000000000803e40020000000201010000000000000080020376697001ffffffff0f0a011104676f6e6500000000";
 
+    /// `rich()` as the build before numbered names stored it.
+    const RICH_IN_FORMAT_TWO: &str = "02070104c3bc2d310206616e6f6e2d3106616e6f6e2d322a7b226e6573746564223a7b2261223a5b312c322e352c6e756c6c5d7d2c22706c616e223a2270726f227d0980a0d5edee66010f4f7264657220436f6d706c6574656403d00fc701010d7b22726576656e7565223a317d00030f4f7264657220436f6d706c6574656407726576656e75650b5061676520566965776564020003c0f6cdedee66e0d40301010101ffffffffffffefff01010000000000803e4001010000000000000080020180a0d5edee6600020376697001ffffffff0f0a011104676f6e6500000000";
+
+    #[test]
+    fn format_two_is_still_read() {
+        assert_eq!(decode(&from_hex(RICH_IN_FORMAT_TWO)).unwrap(), rich());
+    }
+
     #[test]
     fn format_one_is_still_read() {
-        let hex = RICH_IN_FORMAT_ONE.as_bytes();
-        let bytes: Vec<u8> = hex
-            .chunks(2)
-            .map(|b| u8::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap())
-            .collect();
-        assert_eq!(decode(&bytes).unwrap(), rich());
+        assert_eq!(decode(&from_hex(RICH_IN_FORMAT_ONE)).unwrap(), rich());
         assert_eq!(
             encoded(&rich())[0],
             FORMAT,

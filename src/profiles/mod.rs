@@ -12,12 +12,13 @@
 //! - [`history`]: a profile's recent occurrences, per event name, for windowed rules.
 //! - [`identity`]: which profile a message belongs to, linking and merging identifiers.
 //! - [`memberships`]: a profile's segment memberships, laid out by the loaded segments.
-//! - [`codec`]: a profile's stored encoding.
+//! - [`codec`]: a profile's stored encoding; [`dictionary`]: the names it writes by number.
 //! - [`store`]: the keyspaces.
 //!
 //! This module knows nothing of rules or the intake log: `crate::profile_stage` drives it.
 
 pub mod codec;
+pub mod dictionary;
 pub mod history;
 pub mod identity;
 pub mod memberships;

@@ -7,6 +7,7 @@
 //! - `timers`: (due millis, profile id) → (): the timer index. Due entries are read in time order
 //!   with a range scan, so waking a profile never scans the others.
 //! - `segments`: segment key → its stats (size, last change, the rule version backfilled).
+//! - `names`: number (u32) → name, the [`Dictionary`] stored profiles write names by.
 //! - `meta`: `offset` (the intake-log offset every keyspace reflects), `next_id`, …
 //!
 //! Everything the profile stage did since its last save, the log offset included, is written as
@@ -33,11 +34,13 @@
 //! keyspaces and consistent snapshots, which is what the save protocol needs.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{self, CodecError};
+use super::dictionary::Dictionary;
 use super::profile::{Millis, Profile};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,11 +82,13 @@ struct Keyspaces {
     timers: Keyspace,
     segments: Keyspace,
     meta: Keyspace,
+    names: Keyspace,
 }
 
 pub struct ProfileStore {
     db: Database,
     ks: Keyspaces,
+    words: Arc<Dictionary>,
 }
 
 impl ProfileStore {
@@ -126,8 +131,25 @@ impl ProfileStore {
             timers: keyspace("timers")?,
             segments: keyspace("segments")?,
             meta: keyspace("meta")?,
+            names: keyspace("names")?,
         };
-        Ok(ProfileStore { db, ks })
+        let words = Arc::new(read_dictionary(&ks.names)?);
+        Ok(ProfileStore { db, ks, words })
+    }
+
+    /// The names stored profiles refer to by number; whoever encodes or decodes profiles outside
+    /// the store (the profile cache's cold tier) uses this one.
+    pub fn dictionary(&self) -> &Arc<Dictionary> {
+        &self.words
+    }
+
+    /// An empty buffer of profiles to [`Writer::put_profiles`], encoded with this store's names.
+    pub fn encoded(&self) -> Encoded {
+        Encoded {
+            words: self.words.clone(),
+            bytes: Vec::new(),
+            ends: Vec::new(),
+        }
     }
 
     /// The bytes the store takes on disk.
@@ -146,6 +168,7 @@ impl ProfileStore {
             &ks.timers,
             &ks.segments,
             &ks.meta,
+            &ks.names,
         ] {
             keyspace.rotate_memtable_and_wait()?;
         }
@@ -156,6 +179,7 @@ impl ProfileStore {
         Ok(Reader {
             view: self.db.snapshot(),
             ks: self.ks.clone(),
+            words: self.words.clone(),
         })
     }
 
@@ -163,6 +187,8 @@ impl ProfileStore {
         Ok(Writer {
             batch: self.db.batch().durability(Some(PersistMode::SyncAll)),
             ks: self.ks.clone(),
+            words: self.words.clone(),
+            words_written: None,
         })
     }
 }
@@ -171,12 +197,13 @@ impl ProfileStore {
 pub struct Reader {
     view: Snapshot,
     ks: Keyspaces,
+    words: Arc<Dictionary>,
 }
 
 impl Reader {
     pub fn profile(&self, id: u64) -> Result<Option<Profile>, StoreError> {
         Ok(match self.view.get(&self.ks.profiles, id.to_be_bytes())? {
-            Some(bytes) => Some(codec::decode(&bytes)?),
+            Some(bytes) => Some(codec::decode(&bytes, &self.words)?),
             None => None,
         })
     }
@@ -274,8 +301,9 @@ impl Reader {
 
 /// Profiles in their stored encoding, one after another in one buffer, ready for
 /// [`Writer::put_profiles`]: whoever holds the profiles can let each go once it is encoded.
-#[derive(Default)]
+/// Made by [`ProfileStore::encoded`].
 pub struct Encoded {
+    words: Arc<Dictionary>,
     bytes: Vec<u8>,
     /// Each profile's id and where its encoding ends in `bytes`.
     ends: Vec<(u64, usize)>,
@@ -283,7 +311,7 @@ pub struct Encoded {
 
 impl Encoded {
     pub fn push(&mut self, profile: &Profile) {
-        codec::encode(profile, &mut self.bytes);
+        codec::encode(profile, &self.words, &mut self.bytes);
         self.ends.push((profile.id, self.bytes.len()));
     }
 
@@ -306,15 +334,25 @@ impl Encoded {
 pub struct Writer {
     batch: fjall::OwnedWriteBatch,
     ks: Keyspaces,
+    words: Arc<Dictionary>,
+    /// Where the names this batch writes end (their numbers are below it).
+    words_written: Option<u32>,
 }
 
 impl Writer {
-    /// Writes profiles encoded beforehand.
+    /// Writes profiles encoded beforehand, with every name numbered and not yet durable (those
+    /// the profiles use among them).
     pub fn put_profiles(&mut self, profiles: &Encoded) {
         for (id, bytes) in profiles.iter() {
             self.batch
                 .insert(&self.ks.profiles, id.to_be_bytes(), bytes);
         }
+        let (first, names) = self.words.unsaved();
+        for (id, name) in (first..).zip(&names) {
+            self.batch
+                .insert(&self.ks.names, id.to_be_bytes(), name.as_bytes());
+        }
+        self.words_written = Some(first + names.len() as u32);
     }
 
     pub fn delete_profile(&mut self, id: u64) {
@@ -364,8 +402,29 @@ impl Writer {
 
     /// Makes everything written visible and durable (synced) at once.
     pub fn commit(self) -> Result<(), StoreError> {
-        Ok(self.batch.commit()?)
+        self.batch.commit()?;
+        if let Some(end) = self.words_written {
+            self.words.saved(end);
+        }
+        Ok(())
     }
+}
+
+/// The dictionary as stored: numbers from 0 with no gap (batches write them as a prefix).
+fn read_dictionary(names: &Keyspace) -> Result<Dictionary, StoreError> {
+    let mut words = Vec::new();
+    for row in names.iter() {
+        let (key, value) = row.into_inner()?;
+        let id = <[u8; 4]>::try_from(&key[..])
+            .map(u32::from_be_bytes)
+            .map_err(|_| StoreError::corrupt("name number"))?;
+        if id as usize != words.len() {
+            return Err(StoreError::corrupt("dictionary (a number is missing)"));
+        }
+        let name = std::str::from_utf8(&value).map_err(|_| StoreError::corrupt("name"))?;
+        words.push(name.into());
+    }
+    Ok(Dictionary::with_saved(words))
 }
 
 /// A member's key: the segment key's length (so one key is never a prefix of another's rows), the
@@ -427,7 +486,7 @@ mod tests {
             let mut w = store.write().unwrap();
             let mut p = Profile::new(1);
             p.user_id = Some("u1".into());
-            let mut encoded = Encoded::default();
+            let mut encoded = store.encoded();
             encoded.push(&p);
             w.put_profiles(&encoded);
             w.link("user:u1", 1);
@@ -465,6 +524,43 @@ mod tests {
         // A reader keeps the view it began with (the profile stage reads so while a save commits).
         assert_eq!(r.due(None, 600, 10).unwrap(), [(500, 1), (500, 2)]);
         assert_eq!(store.read().unwrap().next_due(None).unwrap(), Some(800));
+    }
+
+    #[test]
+    fn a_name_is_durable_with_the_first_committed_profile_that_uses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |id: u64, segment: &str| {
+            let mut p = Profile::new(id);
+            p.memberships
+                .insert(segment, super::super::profile::Membership::default());
+            p
+        };
+        let save = |store: &ProfileStore, p: &Profile, commit: bool| {
+            let mut encoded = store.encoded();
+            encoded.push(p);
+            let mut w = store.write().unwrap();
+            w.put_profiles(&encoded);
+            if commit {
+                w.commit().unwrap();
+            }
+        };
+        {
+            let store = ProfileStore::open(dir.path(), 1 << 20).unwrap();
+            save(&store, &with(1, "vip"), true);
+            // Numbered, but its batch never commits: the next batch carries it.
+            save(&store, &with(2, "gone"), false);
+            save(&store, &with(3, "late"), true);
+            // Numbered by an encoding outside the store (the cache's cold tier): never written.
+            store.dictionary().number("cold");
+        }
+        let store = ProfileStore::open(dir.path(), 1 << 20).unwrap();
+        let r = store.read().unwrap();
+        assert_eq!(r.profile(1).unwrap().unwrap(), with(1, "vip"));
+        assert_eq!(r.profile(2).unwrap(), None);
+        assert_eq!(r.profile(3).unwrap().unwrap(), with(3, "late"));
+        assert_eq!(store.dictionary().unsaved(), (3, vec![]), "vip, gone, late");
+        // Numbers go on from there.
+        assert_eq!(store.dictionary().number("next"), Some(3));
     }
 
     #[test]

@@ -22,8 +22,9 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
+use sluice::profiles::dictionary::Dictionary;
 use sluice::profiles::profile::{Millis, Observed, Profile, Retention};
-use sluice::profiles::store::{Encoded, ProfileStore, SegmentStats};
+use sluice::profiles::store::{ProfileStore, SegmentStats};
 use sluice::segments::watch::Loader;
 use sluice::segments::Trigger;
 use sluice::vocabulary::MessageType;
@@ -202,7 +203,7 @@ fn main() {
     let mut start = 0;
     while start < o.profiles {
         let end = (start + CHUNK).min(o.profiles);
-        let mut encoded = Encoded::default();
+        let mut encoded = store.encoded();
         let mut identities = Vec::new();
         let mut members = Vec::new();
         let mut timers = Vec::new();
@@ -220,7 +221,7 @@ fn main() {
             }
             identities.extend(p.identity_keys().into_iter().map(|k| (k, p.id)));
             encoded.push(&p);
-            history_bytes += history_bytes_of(&p);
+            history_bytes += history_bytes_of(&p, store.dictionary());
         }
         encoded_bytes += encoded.bytes();
         // In key order: the store's sort of the batch has less to do.
@@ -281,12 +282,12 @@ fn main() {
 }
 
 /// The bytes of `p`'s encoding that its history takes (with the names it refers to).
-fn history_bytes_of(p: &sluice::profiles::Profile) -> usize {
+fn history_bytes_of(p: &sluice::profiles::Profile, words: &Dictionary) -> usize {
     let mut without = p.clone();
     without.history.clear();
     without.names.clear();
     let (mut all, mut rest) = (Vec::new(), Vec::new());
-    sluice::profiles::codec::encode(p, &mut all);
-    sluice::profiles::codec::encode(&without, &mut rest);
+    sluice::profiles::codec::encode(p, words, &mut all);
+    sluice::profiles::codec::encode(&without, words, &mut rest);
     all.len() - rest.len()
 }
