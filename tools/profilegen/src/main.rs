@@ -279,6 +279,12 @@ fn main() {
         bytes / o.profiles,
         started.elapsed().as_secs_f64()
     );
+    let by_keyspace: Vec<String> = store
+        .keyspace_bytes()
+        .into_iter()
+        .map(|(name, bytes)| format!("{name} {}", bytes / o.profiles))
+        .collect();
+    println!("bytes per profile by keyspace: {}", by_keyspace.join(", "));
 }
 
 /// The bytes of `p`'s encoding that its history takes (with the names it refers to).
