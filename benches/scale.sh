@@ -19,7 +19,7 @@
 # rates, the target's measure), the profile cache's tiers, and the profile store's size. Also the
 # profile store's saves (count, seconds in all) and how long the stage waited for them, every
 # log consumer's lag when the load ends, and the server's CPU thread by thread over the middle
-# third of the load (where one core's time goes).
+# third of the load (where one core's time goes), and the segment changes per message applied.
 # Knobs: SLUICE_SCALE_ZIPF_RATE, SLUICE_SCALE_UNIFORM_RATE (messages/s); SLUICE_SCALE_PROFILES
 # (10000000) sizes the store; SLUICE_SCALE_STORE_CACHE sets profiles.store_cache (e.g. 512MiB),
 # SLUICE_SCALE_CACHE_MEMORY profiles.cache_memory; SLUICE_BENCH_SAVER_NICE renices the profile
@@ -118,6 +118,8 @@ run() { # NAME RATE -- loadgen user options
   delays Timer
   metric | grep -E '^sluice_(profiles|profile_messages_total|segment_timer_wakeups_total) |^sluice_profile_cache_' || true
   metric | grep -E '^sluice_profile_save(_pause)?_seconds_(sum|count)' || true
+  metric | awk '/^sluice_segment_changes_total/ {c += $2} /^sluice_profile_messages_total / {m = $2}
+    END {if (m) printf "segment changes: %d, %.2f per message applied\n", c, c / m}'
   kill -TERM "$pid"; wait "$pid" || true
   pkill -f "sluice-receiver --listen 127.0.0.1:$receiver_port" || true
   wait || true

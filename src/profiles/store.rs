@@ -28,14 +28,16 @@
 //! | redb, 10,000,000     | 73.1 µs           | 15.3 µs    | 10.7 GB  |
 //! | fjall, 10,000,000    | 11.6 µs           | 12.1 µs    | 5.1 GB   |
 //!
-//! (fjall's figures include its flushes and compactions.) Profiles' blocks are compressed (lz4) at
-//! every level, not only the deeper ones as fjall does by default: 35 % fewer bytes (602 → 393 per
-//! profile in the scale benchmark's store, traits as JSON text being most of the gain) for a
-//! decompression of a 4 KiB block per read from disk (about a microsecond, against the read's
-//! 10–25). A keyspace keeps the policy it was made with, so a store made before keeps its own. With redb the saver was what kept the
+//! (fjall's figures include its flushes and compactions.) With redb the saver was what kept the
 //! profile stage behind at a million users (docs/performance.md). fjall is pure Rust like redb (no
 //! C++ build, unlike RocksDB), keeps a bounded block cache, and has atomic batches across
 //! keyspaces and consistent snapshots, which is what the save protocol needs.
+//!
+//! Profiles' blocks are compressed (lz4) at every level, not only from the third as fjall does by
+//! default: 393 instead of 602 bytes per profile in the scale benchmark's store. Uniform traffic
+//! over a million users, nearly every message a read from the store, applied as many messages
+//! with it as without (docs/performance.md, "Names by number"). A keyspace keeps the policy it
+//! was made with, so a store made before keeps its own.
 
 use std::path::Path;
 use std::sync::Arc;
