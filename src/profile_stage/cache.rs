@@ -9,8 +9,9 @@
 //! a few in ten of those stored, spread over the whole store, so the store's blocks (a few
 //! profiles each, most of them quiet) would need nearly the whole store in memory to hold them.
 //! A cold profile takes its encoding (about 590 bytes in the benchmark, names written by their
-//! numbers in the store's dictionary, against some 4 kB decoded) and costs a decode (about 1 µs) instead of an identity and a profile read from the
-//! store (about 25 µs over 10,000,000 profiles).
+//! numbers in the store's dictionary, against some 4 kB decoded) and costs a decode (about 1 µs)
+//! instead of an identity and a profile read from the store (about 25 µs over 10,000,000
+//! profiles).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

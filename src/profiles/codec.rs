@@ -18,12 +18,12 @@
 //!
 //! A list is its length, then its items; `x?` is a byte 0 or 1, then `x` if 1. A `name` (an event,
 //! property or segment name) is its number in the store's [`Dictionary`] plus one, or 0 and the
-//! name in full when it has no number. A history series
-//! is one event name's occurrences ([`super::history`]): the first time in full, each later one as
-//! its (unsigned) step from the one before, a few bytes instead of eight; `values`, when present,
-//! is one `[property-place value]` list per occurrence. Names read in full are interned as they
-//! are read; numbered ones are the dictionary's, shared alike. A decoding error names what it was reading; it never panics,
-//! whatever the bytes.
+//! name in full when it has no number. A history series is one event name's occurrences
+//! ([`super::history`]): the first time in full, each later one as its (unsigned) step from the
+//! one before, a few bytes instead of eight; `values`, when present, is one `[property-place
+//! value]` list per occurrence. Names read in full are interned as they are read; numbered ones
+//! are the dictionary's, shared alike. A decoding error names what it was reading; it never
+//! panics, whatever the bytes.
 //!
 //! Formats 1 and 2 wrote every name in full (1 also kept one history list of every name in time
 //! order, `[name-place time-step [property-place value]]`); both are still read (a store written

@@ -89,14 +89,6 @@ impl Dictionary {
         inner.saved = inner.saved.max(end as usize).min(inner.names.len());
     }
 
-    pub fn len(&self) -> usize {
-        self.read().names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -143,6 +135,6 @@ mod tests {
         }
         assert_eq!(d.number("one more"), None);
         assert_eq!(d.number("event 7"), Some(7));
-        assert_eq!(d.len(), MAX_WORDS);
+        assert_eq!(d.unsaved().1.len(), MAX_WORDS);
     }
 }

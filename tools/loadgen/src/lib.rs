@@ -23,7 +23,7 @@ pub fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// The user of the load's `rank`-th user among `user-0` … `user-{space - 1}`: ranks are spread
+/// Which of `user-0` … `user-{space - 1}` the load's `rank`-th user is: ranks are spread
 /// over the stored users (so the active ones are scattered among them, not the first of them) by
 /// multiplying by a prime that divides no `space` made of 2s and 5s (10^n, 50,000), a bijection
 /// modulo `space`, so distinct ranks are distinct users. `rank < space`, so the product fits in

@@ -5,10 +5,9 @@
 //! days before the user was last seen. The users the load will send as (`--daily-active N`: the
 //! first N of `sluice-loadgen --user-space` with the same count, by its `scatter`) were last seen
 //! within the last day, as a product's daily-active users are; the others up to 60 days ago.
-//! Each profile is evaluated for
-//! every segment of `--segments` and stored with its memberships, its timer and the segments'
-//! sizes, marked as backfilled for those rules: a server started on the store carries on from
-//! there, with no backfill.
+//! Each profile is evaluated for every segment of `--segments` and stored with its memberships,
+//! its timer and the segments' sizes, marked as backfilled for those rules: a server started on
+//! the store carries on from there, with no backfill.
 //!
 //! ```text
 //! sluice-profilegen --segments benches/fifty-segments --dir data/profiles --profiles 10000000 \
